@@ -1,0 +1,1 @@
+"""How the pieces start: the CLI, the local stack launcher and deployment files."""

@@ -1,0 +1,146 @@
+"""The `switchyard` command: run the local stack, each process, and the admin chores."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from topics.settings import Settings
+
+FAKE_UPSTREAM_PORT = 9100
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="switchyard", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    up = sub.add_parser("up", help="run Kafka, Redis, PostgreSQL and the gateway locally")
+    up.add_argument("--data-dir", type=Path, default=Path(".stack"),
+                    help="where the services keep their data and logs (wiped at start)")
+    up.add_argument("--routers", type=int, default=1, help="router worker processes")
+    sub.add_parser("ingress", help="run the HTTP ingress")
+    sub.add_parser("router", help="run a router worker")
+    sub.add_parser("usage", help="run the usage worker")
+    sub.add_parser("migrate", help="apply the PostgreSQL migrations")
+    keys = sub.add_parser("keys", help="manage API keys")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    create = keys_sub.add_parser("create", help="create a key and print it (shown only once)")
+    create.add_argument("--tenant", required=True, help="tenant name (created if missing)")
+    sub.add_parser("fake-upstream", help="run the fake OpenAI-compatible upstream",
+                   add_help=False)
+
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "fake-upstream":
+        from compose.fake_upstream import main as fake_main
+
+        fake_main(rest)
+        return
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    settings = Settings()
+    if args.command == "up":
+        _up(settings, args.data_dir, args.routers)
+    elif args.command == "ingress":
+        _ingress(settings)
+    elif args.command == "router":
+        from workers.router.main import main as router_main
+
+        router_main()
+    elif args.command == "usage":
+        from workers.usage.main import main as usage_main
+
+        usage_main()
+    elif args.command == "migrate":
+        from state.migrations import apply_migrations
+
+        applied = asyncio.run(apply_migrations(settings.postgres.dsn))
+        print(f"applied: {', '.join(applied) or 'nothing (up to date)'}")
+    elif args.command == "keys":
+        key_id, api_key = asyncio.run(_create_key(settings, args.tenant))
+        print(f"key id: {key_id}\napi key (shown once, store it now): {api_key}")
+
+
+def _ingress(settings: Settings) -> None:
+    import uvicorn
+
+    uvicorn.run("ingress.app:create_app", factory=True, host=settings.ingress.host,
+                port=settings.ingress.port, workers=settings.ingress.workers, loop="uvloop",
+                http="httptools", log_level=settings.log_level.lower(), access_log=False,
+                timeout_graceful_shutdown=10)
+
+
+async def _create_key(settings: Settings, tenant: str) -> tuple[str, str]:
+    import asyncpg
+
+    from state.keys import create_key
+
+    conn = await asyncpg.connect(settings.postgres.dsn)
+    try:
+        return await create_key(conn, tenant)
+    finally:
+        await conn.close()
+
+
+async def _seed_dev_key(settings: Settings) -> tuple[str, bool]:
+    """The dev tenant's key: SWITCHYARD_DEV_API_KEY if set, else a new one."""
+    import asyncpg
+
+    from state.keys import ensure_tenant, new_api_key, store_key
+
+    conn = await asyncpg.connect(settings.postgres.dsn)
+    try:
+        tenant_id = await ensure_tenant(conn, "dev")
+        api_key = settings.dev_api_key or new_api_key()
+        await store_key(conn, tenant_id, api_key)
+        return api_key, settings.dev_api_key is None
+    finally:
+        await conn.close()
+
+
+def _up(settings: Settings, data_dir: Path, routers: int) -> None:
+    from compose.gateway import Gateway
+    from compose.stack import LocalStack
+    from topics.catalog import load_catalog
+
+    catalog = load_catalog(settings.catalog_path)
+    configured = [p.api_key_env for p in catalog.providers.values()
+                  if os.environ.get(p.api_key_env)]
+    fake_port = None
+    if settings.fallback_upstream_url is None:
+        fake_port = FAKE_UPSTREAM_PORT
+        settings = settings.model_copy(
+            update={"fallback_upstream_url": f"http://127.0.0.1:{fake_port}/v1"})
+    print(f"providers with keys: {', '.join(configured) or 'none'}; models without a key go to "
+          f"{settings.fallback_upstream_url}" + (" (fake upstream)" if fake_port else ""))
+
+    shutil.rmtree(data_dir, ignore_errors=True)
+    data_dir.mkdir(parents=True)
+    stopping = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stopping.set())
+    with LocalStack(settings, data_dir / "services") as _stack:
+        api_key, generated = asyncio.run(_seed_dev_key(settings))
+        with Gateway(settings, data_dir / "logs", routers=routers,
+                     fake_upstream_port=fake_port) as gateway:
+            print(f"\nSwitchyard is up at {gateway.url}"
+                  f"\n  dev API key{' (generated)' if generated else ''}: {api_key}"
+                  f"\n  try: curl {gateway.url}/v1/chat/completions -H 'Authorization: Bearer "
+                  f"{api_key}' -H 'Content-Type: application/json' -d '{{\"model\": "
+                  f"\"gpt-4o-mini\", \"messages\": [{{\"role\": \"user\", \"content\": "
+                  f"\"hello\"}}]}}'\n  Ctrl-C stops everything.", flush=True)
+            while not stopping.wait(0.5):
+                dead = [n for n, p in gateway.processes.items() if p.poll() is not None]
+                if dead:
+                    print(f"stopping: {', '.join(dead)} exited; see {data_dir / 'logs'}",
+                          file=sys.stderr)
+                    break
+            print("stopping…", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,467 @@
+"""A fake OpenAI Chat Completions upstream for tests, benchmarks and the offline dev stack.
+
+It speaks the real wire format (``chat.completion`` objects and ``chat.completion.chunk``
+SSE events ending with ``data: [DONE]``) so the official ``openai`` SDK parses it, and its
+answers are a pure function of the request (see :func:`expected_content`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import orjson
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+DEFAULT_MODELS = ("gpt-4o-mini", "gpt-4o", "gpt-4.1-mini", "o3-mini")
+CONFIG_HEADER = "x-fake-config"
+REQUEST_ID_HEADER = "X-Client-Request-Id"
+_FINGERPRINT = "fp_switchyard_fake"
+_SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"}
+_DONE = b"data: [DONE]\n\n"
+# Bounds how late a disconnect is noticed when the runner does not cancel handlers.
+_POLL_S = 0.1
+
+
+class FakeConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    ttft_ms: float = Field(0, ge=0)
+    inter_token_ms: float = Field(0, ge=0)
+    tokens: int = Field(16, ge=0)
+    error_rate: float = Field(0, ge=0, le=1)
+    error_status: int = Field(500, ge=400, le=599)
+    outage: bool = False
+    cut_after_tokens: int | None = Field(None, ge=0)
+    prompt_tokens_override: int | None = Field(None, ge=0)
+    cached_tokens: int = Field(0, ge=0)
+    seed: int = 0
+    models: list[str] = Field(default_factory=lambda: list(DEFAULT_MODELS))
+
+    def merged(self, patch: dict[str, Any]) -> FakeConfig:
+        """Return a validated copy with ``patch`` applied (raises ``ValidationError``)."""
+        return FakeConfig.model_validate({**self.model_dump(), **patch})
+
+
+@dataclass
+class FakeStats:
+    requests_total: int = 0
+    calls_by_request_id: dict[str, int] = field(default_factory=dict)
+    open_streams: int = 0
+    completed_streams: int = 0
+    disconnects: int = 0
+    cut_streams: int = 0
+    errors_sent: int = 0
+    last_authorization: str | None = None
+
+    def reset(self) -> None:
+        # open_streams is live state, not a counter: zeroing it would drive it negative.
+        self.__dict__.update(FakeStats(open_streams=self.open_streams).__dict__)
+
+
+@dataclass
+class _State:
+    initial: FakeConfig
+    config: FakeConfig
+    rng: random.Random
+    stats: FakeStats = field(default_factory=FakeStats)
+
+    def reset(self) -> None:
+        # A shared fake must not leak one test's knobs into the next, so knobs go back too.
+        self.stats.reset()
+        self.config = self.initial
+        self.rng.seed(self.config.seed)
+
+
+STATE_KEY = web.AppKey("fake_upstream_state", _State)
+
+
+def _text_of(content: object) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(
+            p["text"]
+            for p in content
+            if isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+        )
+    return ""
+
+
+def _answer_tokens(messages: Sequence[Mapping[str, object]], tokens: int) -> list[str]:
+    word = "empty"
+    for msg in reversed(messages):
+        if isinstance(msg, Mapping) and msg.get("role") == "user":
+            words = _text_of(msg.get("content")).split(maxsplit=1)
+            word = words[0] if words else "empty"
+            break
+    return [f"{word}-{i} " for i in range(tokens)]
+
+
+def expected_content(messages: Sequence[Mapping[str, object]], tokens: int) -> str:
+    """The exact answer the fake gives to ``messages`` when it emits ``tokens`` tokens."""
+    return "".join(_answer_tokens(messages, tokens))
+
+
+def _prompt_tokens(messages: list[dict[str, Any]]) -> int:
+    return sum(len(_text_of(m.get("content")).split()) + 4 for m in messages if isinstance(m, dict))
+
+
+def _error(status: int, message: str, etype: str, stats: FakeStats | None = None) -> web.Response:
+    if stats is not None:
+        stats.errors_sent += 1
+    body = {"error": {"message": message, "type": etype, "param": None, "code": None}}
+    return web.Response(status=status, body=orjson.dumps(body), content_type="application/json")
+
+
+async def _pause(request: web.Request, ms: float) -> None:
+    """Sleep, but notice a vanished client even if the runner does not cancel handlers."""
+    if ms <= 0:
+        return
+    deadline = time.monotonic() + ms / 1000
+    while (left := deadline - time.monotonic()) > 0:
+        await asyncio.sleep(min(left, _POLL_S))
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("client went away")
+
+
+def _usage(cfg: FakeConfig, messages: list[dict[str, Any]], completion: int) -> dict[str, Any]:
+    prompt = cfg.prompt_tokens_override
+    if prompt is None:
+        prompt = _prompt_tokens(messages)
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": cfg.cached_tokens, "audio_tokens": 0},
+        "completion_tokens_details": {
+            "reasoning_tokens": 0,
+            "audio_tokens": 0,
+            "accepted_prediction_tokens": 0,
+            "rejected_prediction_tokens": 0,
+        },
+    }
+
+
+async def _chat(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE_KEY]
+    stats = state.stats
+    stats.requests_total += 1
+    headers = request.headers
+    if (rid := headers.get(REQUEST_ID_HEADER)) is not None:
+        stats.calls_by_request_id[rid] = stats.calls_by_request_id.get(rid, 0) + 1
+    if (auth := headers.get("Authorization")) is not None:
+        stats.last_authorization = auth
+
+    cfg = state.config
+    if (raw_override := headers.get(CONFIG_HEADER)) is not None:
+        try:
+            override = orjson.loads(raw_override)
+            if not isinstance(override, dict):
+                raise ValueError(f"{CONFIG_HEADER} must be a JSON object")
+            cfg = cfg.merged(override)
+        except (ValueError, ValidationError) as exc:
+            return _error(400, f"bad {CONFIG_HEADER}: {exc}", "invalid_request_error", stats)
+
+    if cfg.outage:
+        msg = "The engine is currently overloaded, please try again later."
+        return _error(503, msg, "server_error", stats)
+    if cfg.error_rate > 0 and state.rng.random() < cfg.error_rate:
+        msg = "The server had an error while processing your request. Sorry about that!"
+        return _error(cfg.error_status, msg, "server_error", stats)
+
+    try:
+        body = orjson.loads(await request.read())
+        messages, model = body["messages"], body["model"]
+        if not isinstance(messages, list) or not messages or not isinstance(model, str):
+            raise TypeError
+    except (ValueError, TypeError, KeyError):
+        msg = "Expected a JSON object with 'model' (string) and 'messages' (non-empty array)."
+        return _error(400, msg, "invalid_request_error", stats)
+
+    n_tokens, finish = cfg.tokens, "stop"
+    limit = body.get("max_completion_tokens") or body.get("max_tokens")
+    if isinstance(limit, int) and 0 <= limit < n_tokens:
+        n_tokens, finish = limit, "length"
+    toks = _answer_tokens(messages, n_tokens)
+    cid = f"chatcmpl-{uuid.uuid4().hex}"
+    created = int(time.time())
+
+    if body.get("stream"):
+        opts = body.get("stream_options")
+        with_usage = isinstance(opts, dict) and bool(opts.get("include_usage"))
+        meta = (cid, created, model, messages, with_usage)
+        return await _stream(request, stats, cfg, toks, finish, meta)
+    try:
+        await _pause(request, cfg.ttft_ms)
+    except ConnectionResetError:
+        stats.disconnects += 1
+        # Returning lets aiohttp drop the dead connection quietly; raising would log a 500.
+        return web.Response(status=499)
+    except asyncio.CancelledError:
+        stats.disconnects += 1
+        raise
+    payload = {
+        "id": cid,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "system_fingerprint": _FINGERPRINT,
+        "service_tier": "default",
+        "choices": [
+            {
+                "index": 0,
+                "logprobs": None,
+                "finish_reason": finish,
+                "message": {
+                    "role": "assistant",
+                    "content": "".join(toks),
+                    "refusal": None,
+                    "annotations": [],
+                },
+            }
+        ],
+        "usage": _usage(cfg, messages, len(toks)),
+    }
+    return web.Response(body=orjson.dumps(payload), content_type="application/json")
+
+
+async def _stream(
+    request: web.Request,
+    stats: FakeStats,
+    cfg: FakeConfig,
+    toks: list[str],
+    finish: str,
+    meta: tuple[str, int, str, list[dict[str, Any]], bool],
+) -> web.StreamResponse:
+    cid, created, model, messages, with_usage = meta
+    # Every chunk shares this envelope, so encode it once and splice the choice in.
+    head = (
+        b"data: "
+        + orjson.dumps(
+            {
+                "id": cid,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": model,
+                "system_fingerprint": _FINGERPRINT,
+                "service_tier": "default",
+            }
+        )[:-1]
+        + b',"choices":['
+    )
+    tail = b'],"usage":null}\n\n' if with_usage else b"]}\n\n"
+    tok_pre = b'{"index":0,"delta":{"content":'
+    tok_post = b'},"logprobs":null,"finish_reason":null}'
+    pending = [
+        head + b'{"index":0,"delta":{"role":"assistant","content":"","refusal":null},'
+        b'"logprobs":null,"finish_reason":null}' + tail
+    ]
+    cut = cfg.cut_after_tokens
+    resp = web.StreamResponse(headers=_SSE_HEADERS)
+    stats.open_streams += 1
+    try:
+        await _pause(request, cfg.ttft_ms)
+        await resp.prepare(request)
+        for i, tok in enumerate(toks):
+            if i == cut:
+                break
+            if i > 0 and cfg.inter_token_ms > 0:
+                await resp.write(b"".join(pending))
+                pending.clear()
+                await _pause(request, cfg.inter_token_ms)
+            pending.append(b"".join((head, tok_pre, orjson.dumps(tok), tok_post, tail)))
+        if cut is not None:
+            await resp.write(b"".join(pending))
+            # Abort (not close) so the client sees a truncated chunked body, like a crash.
+            if request.transport is not None:
+                request.transport.abort()
+            stats.cut_streams += 1
+            return resp
+        pending.append(
+            head
+            + b'{"index":0,"delta":{},"logprobs":null,"finish_reason":'
+            + orjson.dumps(finish)
+            + b"}"
+            + tail
+        )
+        if with_usage:
+            usage = orjson.dumps(_usage(cfg, messages, len(toks)))
+            pending.append(head + b'],"usage":' + usage + b"}\n\n")
+        pending.append(_DONE)
+        await resp.write(b"".join(pending))
+        await resp.write_eof()
+        stats.completed_streams += 1
+        return resp
+    except ConnectionResetError:
+        stats.disconnects += 1
+        return resp
+    except asyncio.CancelledError:
+        stats.disconnects += 1
+        raise
+    finally:
+        stats.open_streams -= 1
+
+
+async def _models(request: web.Request) -> web.Response:
+    cfg = request.app[STATE_KEY].config
+    data = [
+        {"id": m, "object": "model", "created": 1700000000, "owned_by": "switchyard-fake"}
+        for m in cfg.models
+    ]
+    return web.Response(
+        body=orjson.dumps({"object": "list", "data": data}), content_type="application/json"
+    )
+
+
+async def _config(request: web.Request) -> web.Response:
+    state = request.app[STATE_KEY]
+    if request.method == "PUT":
+        try:
+            patch = orjson.loads(await request.read())
+            if not isinstance(patch, dict):
+                raise ValueError("config must be a JSON object")
+            state.config = state.config.merged(patch)
+        except (ValueError, ValidationError) as exc:
+            return _error(400, f"invalid config: {exc}", "invalid_request_error")
+        if "seed" in patch:
+            state.rng.seed(state.config.seed)
+    return web.json_response(state.config.model_dump())
+
+
+async def _stats(request: web.Request) -> web.Response:
+    state = request.app[STATE_KEY]
+    if request.method == "POST":
+        state.reset()
+    return web.json_response(asdict(state.stats))
+
+
+def make_app(config: FakeConfig | None = None) -> web.Application:
+    """Build the fake's app. Run it with ``handler_cancellation=True`` for instant disconnects."""
+    app = web.Application()
+    config = config or FakeConfig()
+    app[STATE_KEY] = _State(initial=config, config=config, rng=random.Random(config.seed))
+    app.add_routes(
+        [
+            web.post("/v1/chat/completions", _chat),
+            web.get("/v1/models", _models),
+            web.get("/_fake/config", _config),
+            web.put("/_fake/config", _config),
+            web.get("/_fake/stats", _stats),
+            web.post("/_fake/reset", _stats),
+        ]
+    )
+    return app
+
+
+class FakeUpstream:
+    """Runs the fake inside the current event loop; ``async with FakeUpstream() as fake:``."""
+
+    def __init__(
+        self, config: FakeConfig | None = None, host: str = "127.0.0.1", port: int = 0
+    ) -> None:
+        self.app = make_app(config)
+        self._host, self._port = host, port
+        self._runner: web.AppRunner | None = None
+
+    @property
+    def config(self) -> FakeConfig:
+        return self.app[STATE_KEY].config
+
+    @config.setter
+    def config(self, config: FakeConfig) -> None:
+        self.app[STATE_KEY].config = config
+        self.app[STATE_KEY].rng.seed(config.seed)
+
+    def configure(self, **knobs: Any) -> FakeConfig:
+        """Apply knobs on top of the current config (validated), like ``PUT /_fake/config``."""
+        self.config = self.config.merged(knobs)
+        return self.config
+
+    @property
+    def stats(self) -> FakeStats:
+        return self.app[STATE_KEY].stats
+
+    def reset(self) -> None:
+        """Zero the stats and restore the startup config, like ``POST /_fake/reset``."""
+        self.app[STATE_KEY].reset()
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self._host}:{self._port}"
+
+    @property
+    def url(self) -> str:
+        return f"{self.base_url}/v1"
+
+    async def start(self) -> None:
+        # A short shutdown timeout keeps stop() from waiting on half-finished slow streams.
+        runner = web.AppRunner(
+            self.app, handler_cancellation=True, access_log=None, shutdown_timeout=0.5
+        )
+        await runner.setup()
+        site = web.TCPSite(runner, self._host, self._port)
+        await site.start()
+        self._port = int(runner.addresses[0][1])
+        self._runner = runner
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            runner, self._runner = self._runner, None
+            await runner.cleanup()
+
+    async def __aenter__(self) -> FakeUpstream:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="Fake OpenAI Chat Completions upstream.")
+    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--port", type=int, default=9100)
+    # Flags mirror FakeConfig so a new knob is reachable from the CLI without extra code.
+    for name, info in FakeConfig.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        if name == "models":
+            p.add_argument(flag, default=",".join(DEFAULT_MODELS), help="comma-separated ids")
+        elif info.annotation is bool:
+            p.add_argument(flag, action="store_true")
+        else:
+            p.add_argument(
+                flag, type=float if info.annotation is float else int, default=info.default
+            )
+    args = vars(p.parse_args(argv))
+    host, port = args.pop("host"), args.pop("port")
+    args["models"] = [m for m in args["models"].split(",") if m]
+    config = FakeConfig(**args)
+    loop: asyncio.AbstractEventLoop
+    try:
+        import uvloop
+
+        loop = uvloop.new_event_loop()
+    except ImportError:
+        loop = asyncio.new_event_loop()
+    web.run_app(
+        make_app(config),
+        host=host,
+        port=port,
+        access_log=None,
+        handler_cancellation=True,
+        loop=loop,
+        print=None,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""The HTTP edge: OpenAI-compatible routes, auth, the SSE relay, error mapping."""

@@ -1,0 +1,108 @@
+"""The ingress application: one lifespan owns every resource of the process."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+from prometheus_client import CollectorRegistry
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from ingress.auth import Authenticator
+from ingress.chat import ChatCompletions, ChatDeps
+from ingress.errors import on_http_exception, on_switchyard_error, on_unexpected
+from ingress.metrics import IngressMetrics
+from ingress.middleware import RequestIdentity
+from ingress.ops import OpsDeps, health_route, metrics_route, models_route
+from ingress.replies import ReplyRouter
+from state.keys import find_key
+from state.redis_client import make_redis
+from topics import names
+from topics.catalog import load_catalog
+from topics.errors import SwitchyardError
+from topics.kafka import make_producer
+from topics.settings import Settings
+
+log = logging.getLogger(__name__)
+
+ROUTES = frozenset({"/v1/chat/completions", "/v1/models", "/v1/health", "/metrics"})
+
+
+def create_app(settings: Settings | None = None) -> Starlette:
+    settings = settings or Settings()
+    catalog = load_catalog(settings.catalog_path)
+    metrics = IngressMetrics(CollectorRegistry())
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: Starlette) -> AsyncIterator[dict[str, Any]]:
+        async with contextlib.AsyncExitStack() as resources:
+            producer = make_producer(settings.kafka)
+            await producer.start()
+            resources.push_async_callback(producer.stop)
+            client = make_redis(settings.redis)
+            resources.push_async_callback(client.aclose)
+            pool = await asyncpg.create_pool(settings.postgres.dsn,
+                                             min_size=settings.postgres.pool_min,
+                                             max_size=settings.postgres.pool_max)
+            resources.push_async_callback(pool.close)
+
+            replies = ReplyRouter(client, names.reply_channel(uuid.uuid4().hex))
+            subscribed = asyncio.Event()
+            reader = asyncio.create_task(replies.run(subscribed))
+            resources.push_async_callback(_cancel, reader)
+            await asyncio.wait_for(subscribed.wait(), timeout=10)
+
+            async def lookup(key: str) -> Any:
+                return await find_key(pool, key)
+
+            auth = Authenticator(lookup, ttl_s=settings.ingress.auth_cache_ttl_s,
+                                 negative_ttl_s=settings.ingress.auth_negative_cache_ttl_s)
+            ops = OpsDeps(auth=auth, catalog=catalog, producer=producer, redis=client,
+                          pool=pool, metrics=metrics,
+                          health_timeout_s=settings.ingress.health_timeout_s)
+            log.info("ingress ready; replies on %s", replies.channel)
+            yield {
+                "chat": ChatCompletions(ChatDeps(
+                    settings=settings.ingress, auth=auth, catalog=catalog, producer=producer,
+                    redis=client, replies=replies, metrics=metrics)),
+                "models": models_route(ops),
+                "health": health_route(ops),
+                "metrics": metrics_route(ops),
+            }
+
+    def handler(name: str) -> Any:
+        async def endpoint(request: Request) -> Response:
+            route: Any = getattr(request.state, name)
+            response: Response = await route(request)
+            return response
+
+        return endpoint
+
+    return Starlette(
+        routes=[
+            Route("/v1/chat/completions", handler("chat"), methods=["POST"]),
+            Route("/v1/models", handler("models"), methods=["GET"]),
+            Route("/v1/health", handler("health"), methods=["GET"]),
+            Route("/metrics", handler("metrics"), methods=["GET"]),
+        ],
+        middleware=[Middleware(RequestIdentity, metrics=metrics, routes=ROUTES)],
+        exception_handlers={SwitchyardError: on_switchyard_error,
+                            HTTPException: on_http_exception, Exception: on_unexpected},
+        lifespan=lifespan,
+    )
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task

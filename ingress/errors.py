@@ -1,0 +1,60 @@
+"""The one place exceptions become HTTP responses and SSE error events."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import orjson
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+
+from topics.errors import (
+    InvalidRequest,
+    NotFound,
+    PayloadTooLarge,
+    SwitchyardError,
+    Unauthorized,
+)
+
+log = logging.getLogger(__name__)
+
+_HTTP_TO_ERROR: dict[int, type[SwitchyardError]] = {
+    400: InvalidRequest, 401: Unauthorized, 404: NotFound, 413: PayloadTooLarge,
+}
+
+
+def error_body(exc: SwitchyardError) -> bytes:
+    return orjson.dumps({"error": exc.to_dict()})
+
+
+def error_response(exc: SwitchyardError, headers: dict[str, str] | None = None) -> Response:
+    return Response(error_body(exc), status_code=exc.status, headers=headers,
+                    media_type="application/json")
+
+
+def sse_error_event(exc: SwitchyardError) -> dict[str, Any]:
+    """The final event of a stream that failed after it started: never a clean end."""
+    return {"event": "error", "data": error_body(exc).decode()}
+
+
+async def on_switchyard_error(_request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, SwitchyardError)
+    return error_response(exc)
+
+
+async def on_http_exception(_request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 405:
+        return error_response(InvalidRequest("method not allowed", code="method_not_allowed"))
+    cls = _HTTP_TO_ERROR.get(exc.status_code, SwitchyardError)
+    error = cls(str(exc.detail), code="not_found" if exc.status_code == 404 else None)
+    return Response(error_body(error), status_code=exc.status_code,
+                    media_type="application/json")
+
+
+async def on_unexpected(_request: Request, exc: Exception) -> Response:
+    log.exception("unhandled error", exc_info=exc)
+    return error_response(SwitchyardError("internal error; see the gateway logs",
+                                          code="internal_error"))

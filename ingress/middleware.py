@@ -1,0 +1,46 @@
+"""Pure ASGI middleware (no BaseHTTPMiddleware: it buffers streams and costs CPU)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from ingress.metrics import IngressMetrics
+
+
+class RequestIdentity:
+    """Gives every request an id (`x-request-id` on every response, errors included) and
+    records its status and time to response head."""
+
+    def __init__(self, app: ASGIApp, metrics: IngressMetrics, routes: frozenset[str]) -> None:
+        self._app = app
+        self._metrics = metrics
+        self._routes = routes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+        # Ours, never the client's: a reused id would collide with an earlier request's claim.
+        request_id = f"req_{uuid.uuid4().hex}"
+        scope.setdefault("state", {})["request_id"] = request_id
+        header = (b"x-request-id", request_id.encode())
+        route = scope["path"] if scope["path"] in self._routes else "other"  # bounded labels
+        started = time.perf_counter()
+        metrics = self._metrics
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = [h for h in message.get("headers", []) if h[0] != b"x-request-id"]
+                message["headers"] = [*headers, header]
+                metrics.requests.labels(route, str(message["status"])).inc()
+                metrics.latency.labels(route).observe(time.perf_counter() - started)
+            await send(message)
+
+        metrics.in_flight.inc()
+        try:
+            await self._app(scope, receive, send_with_id)
+        finally:
+            metrics.in_flight.dec()

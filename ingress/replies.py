@@ -1,0 +1,89 @@
+"""One Redis pub/sub reader per ingress process, on its own channel; frames are handed to
+per-request queues. Nothing subscribes per request."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import redis.asyncio as redis
+
+from topics.errors import GatewayTimeout, UpstreamError
+from topics.messages import ReplyFrame
+
+log = logging.getLogger(__name__)
+
+
+class ReplyRouter:
+    def __init__(self, client: redis.Redis, channel: str) -> None:
+        self._redis = client
+        self.channel = channel
+        self._queues: dict[str, asyncio.Queue[ReplyFrame]] = {}
+
+    def open(self, request_id: str) -> asyncio.Queue[ReplyFrame]:
+        queue: asyncio.Queue[ReplyFrame] = asyncio.Queue()
+        self._queues[request_id] = queue
+        return queue
+
+    def close(self, request_id: str) -> None:
+        self._queues.pop(request_id, None)
+
+    async def run(self, ready: asyncio.Event) -> None:
+        """Read frames until cancelled; reconnect after Redis errors (frames lost meanwhile
+        show up as sequence gaps, which fail their requests loudly)."""
+        delay_s = 0.1
+        while True:
+            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(self.channel)
+                ready.set()
+                delay_s = 0.1
+                async for message in pubsub.listen():
+                    self._dispatch(message["data"])
+            except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+                log.warning("reply channel lost (%s); resubscribing in %.1fs", exc, delay_s)
+                await asyncio.sleep(delay_s)
+                delay_s = min(delay_s * 2, 2.0)
+            finally:
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    def _dispatch(self, raw: bytes) -> None:
+        try:
+            frame = ReplyFrame.model_validate_json(raw)
+        except ValueError:
+            log.warning("dropped a malformed reply frame")
+            return
+        queue = self._queues.get(frame.request_id)
+        if queue is not None:  # absent: the client has gone and the request was cancelled
+            queue.put_nowait(frame)
+
+
+class FrameStream:
+    """The frames of one request, in order. A gap in `seq` or silence past `deadline` (loop
+    time) raises instead of ending quietly."""
+
+    def __init__(self, queue: asyncio.Queue[ReplyFrame], deadline: float) -> None:
+        self._queue = queue
+        self._deadline = deadline
+        self._expected = 0
+
+    async def next(self) -> ReplyFrame:
+        try:
+            async with asyncio.timeout_at(self._deadline):
+                frame = await self._queue.get()
+        except TimeoutError:
+            raise GatewayTimeout("no answer before the request's deadline",
+                                 code="deadline_exceeded") from None
+        if frame.seq != self._expected:
+            raise UpstreamError(f"reply frames lost (expected #{self._expected}, got "
+                                f"#{frame.seq}); the answer would be incomplete",
+                                code="reply_gap")
+        self._expected += 1
+        return frame
+
+    async def first_answer(self) -> ReplyFrame:
+        """The first frame past `meta`: an error, a done, or the first chunk."""
+        frame = await self.next()
+        while frame.kind == "meta":
+            frame = await self.next()
+        return frame

@@ -1,0 +1,1 @@
+"""Shared state: Redis (claims, reply channels, liveness) and PostgreSQL (keys, usage)."""

@@ -1,0 +1,69 @@
+"""Tenants and API keys. A key is shown once at creation; only its SHA-256 is stored."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import uuid
+from dataclasses import dataclass
+
+import asyncpg
+
+KEY_PREFIX = "sy-"
+
+
+@dataclass(frozen=True, slots=True)
+class KeyOwner:
+    key_id: str
+    tenant_id: str
+
+
+def hash_key(api_key: str) -> bytes:
+    return hashlib.sha256(api_key.encode()).digest()
+
+
+def new_api_key() -> str:
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+async def ensure_tenant(conn: asyncpg.Connection | asyncpg.Pool, name: str) -> str:
+    """The id of the tenant called `name`, created if missing."""
+    row = await conn.fetchrow(
+        "INSERT INTO tenants (id, name) VALUES ($1, $2)"
+        " ON CONFLICT (name) DO UPDATE SET name = EXCLUDED.name RETURNING id",
+        f"t_{uuid.uuid4().hex[:16]}",
+        name,
+    )
+    assert row is not None
+    return str(row["id"])
+
+
+async def store_key(conn: asyncpg.Connection | asyncpg.Pool, tenant_id: str, api_key: str) -> str:
+    """Store the hash of `api_key` for the tenant (idempotent); returns the key id."""
+    row = await conn.fetchrow(
+        "INSERT INTO api_keys (id, tenant_id, key_sha256, prefix) VALUES ($1, $2, $3, $4)"
+        " ON CONFLICT (key_sha256) DO UPDATE SET revoked_at = NULL RETURNING id, tenant_id",
+        f"k_{uuid.uuid4().hex[:16]}",
+        tenant_id,
+        hash_key(api_key),
+        api_key[:8],
+    )
+    assert row is not None
+    if row["tenant_id"] != tenant_id:
+        raise ValueError("that API key already belongs to another tenant")
+    return str(row["id"])
+
+
+async def create_key(conn: asyncpg.Connection | asyncpg.Pool, tenant_name: str) -> tuple[str, str]:
+    """A new key for the tenant (created if missing). Returns (key id, the key itself)."""
+    tenant_id = await ensure_tenant(conn, tenant_name)
+    api_key = new_api_key()
+    return await store_key(conn, tenant_id, api_key), api_key
+
+
+async def find_key(pool: asyncpg.Pool, api_key: str) -> KeyOwner | None:
+    row = await pool.fetchrow(
+        "SELECT id, tenant_id FROM api_keys WHERE key_sha256 = $1 AND revoked_at IS NULL",
+        hash_key(api_key),
+    )
+    return None if row is None else KeyOwner(key_id=row["id"], tenant_id=row["tenant_id"])

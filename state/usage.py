@@ -1,0 +1,69 @@
+"""The usage ledger: one row per attempt, written once, with its daily rollup."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, datetime
+
+import asyncpg
+
+from topics.messages import UsageEvent
+
+_COLUMNS = (
+    "event_id", "request_id", "tenant_id", "key_id", "provider", "model", "category", "mode",
+    "status", "error_code", "prompt_tokens", "completion_tokens", "cached_tokens", "estimated",
+    "cost_usd", "latency_ms", "ttft_ms", "attempt", "started_at", "finished_at",
+)
+_TYPES = (
+    "uuid", "text", "text", "text", "text", "text", "text", "text", "text", "text", "int4",
+    "int4", "int4", "bool", "numeric", "float8", "float8", "int4", "timestamptz", "timestamptz",
+)
+
+# One statement: the rollup is fed only by the rows this statement really inserted, so a
+# replayed event changes neither the ledger nor the rollup, and the two always agree.
+_INSERT = f"""
+WITH incoming AS (
+    SELECT * FROM unnest({", ".join(f"${i}::{t}[]" for i, t in enumerate(_TYPES, 1))})
+        AS r({", ".join(_COLUMNS)})
+), inserted AS (
+    INSERT INTO usage_events ({", ".join(_COLUMNS)})
+    SELECT {", ".join(_COLUMNS)} FROM incoming
+    ON CONFLICT (event_id) DO NOTHING
+    RETURNING tenant_id, (started_at AT TIME ZONE 'UTC')::date AS day, model, attempt,
+              prompt_tokens, completion_tokens, cached_tokens, cost_usd
+)
+INSERT INTO usage_daily AS d (tenant_id, day, model, requests, attempts, prompt_tokens,
+                              completion_tokens, cached_tokens, cost_usd)
+SELECT tenant_id, day, model, count(*) FILTER (WHERE attempt = 1), count(*),
+       sum(prompt_tokens), sum(completion_tokens), sum(cached_tokens), sum(cost_usd)
+FROM inserted GROUP BY tenant_id, day, model
+ON CONFLICT (tenant_id, day, model) DO UPDATE SET
+    requests = d.requests + EXCLUDED.requests,
+    attempts = d.attempts + EXCLUDED.attempts,
+    prompt_tokens = d.prompt_tokens + EXCLUDED.prompt_tokens,
+    completion_tokens = d.completion_tokens + EXCLUDED.completion_tokens,
+    cached_tokens = d.cached_tokens + EXCLUDED.cached_tokens,
+    cost_usd = d.cost_usd + EXCLUDED.cost_usd
+"""
+
+
+def _ts(ms: int) -> datetime:
+    return datetime.fromtimestamp(ms / 1000, tz=UTC)
+
+
+async def record_usage(pool: asyncpg.Pool, events: Sequence[UsageEvent]) -> None:
+    """Write the events that are not yet in the ledger and fold them into the rollup."""
+    unique = list({e.event_id: e for e in events}.values())
+    if not unique:
+        return
+    columns: list[list[object]] = [[] for _ in _COLUMNS]
+    for e in unique:
+        row = (
+            e.event_id, e.request_id, e.tenant_id, e.key_id, e.provider, e.model, e.category,
+            e.mode, e.status, e.error_code, e.prompt_tokens, e.completion_tokens,
+            e.cached_tokens, e.estimated, e.cost_usd, e.latency_ms, e.ttft_ms, e.attempt,
+            _ts(e.started_at_ms), _ts(e.finished_at_ms),
+        )
+        for column, value in zip(columns, row, strict=True):
+            column.append(value)
+    await pool.execute(_INSERT, *columns)

@@ -1,0 +1,125 @@
+"""Session fixtures: one real stack (Kafka KRaft, Redis, PostgreSQL) and one gateway (ingress,
+router, usage worker, fake upstream as child processes) shared by the suite. Each fixture
+stops what it starts."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import openai
+import pytest
+
+from compose.gateway import Gateway
+from compose.stack import LocalStack, free_port
+from state.keys import create_key
+from topics.settings import RouterSettings, Settings
+
+
+class FakeAdmin:
+    """The fake upstream's admin API (knobs and counters)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._http = httpx.AsyncClient(base_url=url.removesuffix("/v1"), timeout=10)
+
+    async def configure(self, **knobs: Any) -> None:
+        (await self._http.put("/_fake/config", json=knobs)).raise_for_status()
+
+    async def stats(self) -> dict[str, Any]:
+        response = await self._http.get("/_fake/stats")
+        response.raise_for_status()
+        stats: dict[str, Any] = response.json()
+        return stats
+
+    async def reset(self) -> None:
+        (await self._http.post("/_fake/reset")).raise_for_status()
+        await self.configure(ttft_ms=0, inter_token_ms=0, tokens=16, error_rate=0,
+                             outage=False, cut_after_tokens=None, prompt_tokens_override=None,
+                             cached_tokens=0)
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+
+@pytest.fixture(scope="session")
+def stack() -> Iterator[LocalStack]:
+    # Short session timeout: a killed router's partitions move to the survivor quickly.
+    base = Settings(router=RouterSettings(shutdown_grace_s=5))
+    with LocalStack.ephemeral(base) as local:
+        yield local
+
+
+@pytest.fixture(scope="session")
+def gateway(stack: LocalStack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    fake_port = free_port()
+    settings = stack.settings.model_copy(update={
+        "ingress": stack.settings.ingress.model_copy(update={"port": free_port()}),
+        "fallback_upstream_url": f"http://127.0.0.1:{fake_port}/v1",
+    })
+    logs: Path = tmp_path_factory.mktemp("gateway-logs")
+    with Gateway(settings, logs, fake_upstream_port=fake_port) as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+async def pg(stack: LocalStack) -> AsyncIterator[asyncpg.Pool]:
+    pool = await asyncpg.create_pool(stack.settings.postgres.dsn, min_size=1, max_size=4)
+    yield pool
+    await pool.close()
+
+
+@pytest.fixture(scope="session")
+async def api_key(pg: asyncpg.Pool) -> str:
+    _, key = await create_key(pg, "tests")
+    return key
+
+
+@pytest.fixture(scope="session")
+async def fake_admin(gateway: Gateway) -> AsyncIterator[FakeAdmin]:
+    assert gateway.settings.fallback_upstream_url is not None
+    admin = FakeAdmin(gateway.settings.fallback_upstream_url)
+    yield admin
+    await admin.aclose()
+
+
+@pytest.fixture
+async def fake(fake_admin: FakeAdmin) -> AsyncIterator[FakeAdmin]:
+    """The fake upstream, reset to its defaults before and after the test."""
+    await fake_admin.reset()
+    yield fake_admin
+    await fake_admin.reset()
+
+
+@pytest.fixture
+async def client(gateway: Gateway, api_key: str) -> AsyncIterator[openai.AsyncOpenAI]:
+    """The official OpenAI SDK, pointed at the gateway. No retries: we test what it sees."""
+    sdk = openai.AsyncOpenAI(base_url=f"{gateway.url}/v1", api_key=api_key, max_retries=0,
+                             timeout=60)
+    yield sdk
+    await sdk.close()
+
+
+@pytest.fixture
+async def http(gateway: Gateway, api_key: str) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=gateway.url, timeout=60,
+                                 headers={"Authorization": f"Bearer {api_key}"}) as raw:
+        yield raw
+
+
+async def eventually(check: Any, timeout_s: float = 15.0, every_s: float = 0.1) -> Any:
+    """Poll `check()` (sync or async) until it returns a truthy value; return that value."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        result = check()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return result
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"condition not met within {timeout_s}s")
+        await asyncio.sleep(every_s)

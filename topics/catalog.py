@@ -1,0 +1,69 @@
+"""The model catalog: a TOML data file, validated once at start, shared by ingress and router."""
+
+from __future__ import annotations
+
+import tomllib
+from decimal import Decimal
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
+
+_MTOK = Decimal(1_000_000)
+
+
+class Provider(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    dialect: Literal["openai"]
+    base_url: str
+    api_key_env: str
+
+
+class Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str
+    provider: str
+    upstream_model: str
+    context_window: int = Field(gt=0)
+    input_per_mtok: Decimal = Field(ge=0)
+    cached_input_per_mtok: Decimal = Field(ge=0)
+    output_per_mtok: Decimal = Field(ge=0)
+
+    def cost_usd(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> Decimal:
+        """Exact cost of one attempt; cached prompt tokens are billed at their own price."""
+        uncached = max(prompt_tokens - cached_tokens, 0)
+        return (
+            uncached * self.input_per_mtok
+            + min(cached_tokens, prompt_tokens) * self.cached_input_per_mtok
+            + completion_tokens * self.output_per_mtok
+        ) / _MTOK
+
+
+class Catalog(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    providers: dict[str, Provider]
+    models: list[Model]
+    _by_id: dict[str, Model] = PrivateAttr(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Catalog:
+        seen: set[str] = set()
+        for model in self.models:
+            if model.provider not in self.providers:
+                raise ValueError(f"model {model.id!r} names unknown provider {model.provider!r}")
+            if model.id in seen:
+                raise ValueError(f"model {model.id!r} is listed twice")
+            seen.add(model.id)
+        self._by_id = {m.id: m for m in self.models}
+        return self
+
+    def model(self, model_id: str) -> Model | None:
+        return self._by_id.get(model_id)
+
+
+def load_catalog(path: Path) -> Catalog:
+    with path.open("rb") as f:
+        return Catalog.model_validate(tomllib.load(f))

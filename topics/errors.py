@@ -1,0 +1,101 @@
+"""The one exception tree. Library errors are translated into these at the boundary; the
+ingress maps them to HTTP/SSE in one place; error frames carry them across Kafka and Redis."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class SwitchyardError(Exception):
+    """An error a client may see, OpenAI-shaped: {"error": {message, type, code, param}}."""
+
+    status: ClassVar[int] = 500
+    type: ClassVar[str] = "server_error"
+    default_code: ClassVar[str] = "internal_error"
+    retryable: ClassVar[bool] = False
+
+    def __init__(self, message: str, *, code: str | None = None, param: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.code = code or self.default_code
+        self.param = param
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"message": self.message, "type": self.type, "code": self.code,
+                "param": self.param}
+
+    def to_frame_data(self) -> dict[str, Any]:
+        return {"status": self.status, **self.to_dict()}
+
+    @staticmethod
+    def from_frame_data(data: dict[str, Any]) -> SwitchyardError:
+        cls = _BY_STATUS.get(int(data.get("status", 500)), SwitchyardError)
+        return cls(str(data.get("message", "error")), code=data.get("code"),
+                   param=data.get("param"))
+
+
+class InvalidRequest(SwitchyardError):
+    status = 400
+    type = "invalid_request_error"
+    default_code = "invalid_request"
+
+
+class Unauthorized(SwitchyardError):
+    status = 401
+    type = "authentication_error"
+    default_code = "invalid_api_key"
+
+
+class NotFound(SwitchyardError):
+    status = 404
+    type = "invalid_request_error"
+    default_code = "not_found"
+
+
+class PayloadTooLarge(SwitchyardError):
+    status = 413
+    type = "invalid_request_error"
+    default_code = "request_too_large"
+
+
+class Unprocessable(SwitchyardError):
+    status = 422
+    type = "invalid_request_error"
+    default_code = "invalid_value"
+
+
+class RateLimited(SwitchyardError):
+    status = 429
+    type = "rate_limit_error"
+    default_code = "rate_limited"
+    retryable = True
+
+
+class UpstreamError(SwitchyardError):
+    """The provider failed; its own message is kept in `message`."""
+
+    status = 502
+    type = "upstream_error"
+    default_code = "upstream_error"
+    retryable = True
+
+
+class Unavailable(SwitchyardError):
+    status = 503
+    type = "server_error"
+    default_code = "unavailable"
+    retryable = True
+
+
+class GatewayTimeout(SwitchyardError):
+    status = 504
+    type = "timeout_error"
+    default_code = "timeout"
+    retryable = True
+
+
+_BY_STATUS: dict[int, type[SwitchyardError]] = {
+    cls.status: cls
+    for cls in (InvalidRequest, Unauthorized, NotFound, PayloadTooLarge, Unprocessable,
+                RateLimited, UpstreamError, Unavailable, GatewayTimeout)
+}

@@ -1,0 +1,70 @@
+"""Kafka factories and the topic layout. The only place that knows aiokafka's knobs."""
+
+from __future__ import annotations
+
+import contextlib
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+
+from topics import names
+from topics.settings import KafkaSettings
+
+
+def topic_partitions(settings: KafkaSettings) -> dict[str, int]:
+    """Every topic the system uses, with its partition count. DLQs have one partition."""
+    main = {
+        names.REQUESTS: settings.request_partitions,
+        names.CLASSIFIED: settings.request_partitions,
+        names.USAGE: settings.usage_partitions,
+        names.AUDIT: settings.usage_partitions,
+        names.REPLIES: settings.reply_partitions,
+    }
+    return main | {names.dlq(topic): 1 for topic in main}
+
+
+async def ensure_topics(settings: KafkaSettings) -> list[str]:
+    """Create the missing topics; returns the names created."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap_servers)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        missing = [
+            NewTopic(name=name, num_partitions=parts, replication_factor=1)
+            for name, parts in topic_partitions(settings).items()
+            if name not in existing
+        ]
+        if missing:
+            # another launcher may win the race; the topics exist either way
+            with contextlib.suppress(TopicAlreadyExistsError):
+                await admin.create_topics(missing)
+        return [t.name for t in missing]
+    finally:
+        await admin.close()
+
+
+def make_producer(settings: KafkaSettings) -> AIOKafkaProducer:
+    # acks=all + idempotence: an accepted request is durable before the client hears "accepted".
+    return AIOKafkaProducer(
+        bootstrap_servers=settings.bootstrap_servers,
+        acks="all",
+        enable_idempotence=True,
+        linger_ms=settings.linger_ms,
+        request_timeout_ms=10_000,
+    )
+
+
+def make_consumer(settings: KafkaSettings, group_id: str) -> AIOKafkaConsumer:
+    # Offsets are committed by hand, per partition, only past finished work. Not subscribed
+    # yet: the consumer loop subscribes with its rebalance listener.
+    return AIOKafkaConsumer(
+        bootstrap_servers=settings.bootstrap_servers,
+        group_id=group_id,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        session_timeout_ms=settings.session_timeout_ms,
+        heartbeat_interval_ms=settings.heartbeat_interval_ms,
+        max_poll_records=500,
+        fetch_max_wait_ms=5,
+    )

@@ -1,0 +1,122 @@
+"""Message schemas of every topic and channel, validated with pydantic, encoded with orjson.
+
+Each message carries `schema_version`; readers reject versions they do not know (to the DLQ)
+rather than guess.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Any, Literal
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+SCHEMA_VERSION: Literal[1] = 1
+
+Mode = Literal["auto", "fixed", "speculative", "council"]
+FrameKind = Literal["meta", "chunk", "done", "error"]
+Endpoint = Literal["chat.completions"]
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(self.model_dump(mode="json", exclude_none=True))
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> Any:
+        return cls.model_validate_json(raw)
+
+
+class ObjectiveWeights(_Message):
+    cost: float = Field(default=1.0, ge=0)
+    latency: float = Field(default=1.0, ge=0)
+    quality: float = Field(default=1.0, ge=0)
+
+
+class RoutingOptions(_Message):
+    mode: Mode = "auto"
+    weights: ObjectiveWeights = ObjectiveWeights()
+    allowed_providers: list[str] | None = None
+    price_ceiling_per_mtok: Decimal | None = None
+
+
+class ReplyTarget(_Message):
+    """Exactly one of: a Redis channel (interactive) or a Kafka topic (batch)."""
+
+    channel: str | None = None
+    topic: str | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> ReplyTarget:
+        if (self.channel is None) == (self.topic is None):
+            raise ValueError("reply needs exactly one of channel or topic")
+        return self
+
+
+class RequestEnvelope(_Message):
+    """`llm.requests` (and, with classification fields, `llm.classified`)."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    request_id: str = Field(min_length=1, max_length=128)
+    tenant_id: str = Field(min_length=1)
+    key_id: str = Field(min_length=1)
+    received_at_ms: int
+    deadline_ms: int
+    endpoint: Endpoint = "chat.completions"
+    # The OpenAI request body exactly as the client sent it, unknown fields included.
+    body: dict[str, Any]
+    routing: RoutingOptions = RoutingOptions()
+    reply: ReplyTarget
+    category: str | None = None
+    confidence: float | None = None
+    classifier_version: str | None = None
+
+
+class ReplyFrame(_Message):
+    """One step of a reply. `seq` starts at 0 and has no gaps; a gap means lost frames."""
+
+    request_id: str
+    seq: int = Field(ge=0)
+    kind: FrameKind
+    data: dict[str, Any] = Field(default_factory=dict)
+
+
+class CancelRequest(_Message):
+    """Published by an ingress whose client went away; every router listens."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    request_id: str
+    reason: str = "client_disconnected"
+
+
+UsageStatus = Literal["ok", "error", "cancelled", "timeout"]
+
+
+class UsageEvent(_Message):
+    """`llm.usage`: one event per attempt that reached a provider. JSON Schema published in
+    `topics/schemas/usage.v1.json` for analytics consumers."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    event_id: str
+    request_id: str
+    tenant_id: str
+    key_id: str
+    provider: str
+    model: str
+    category: str | None = None
+    mode: Mode = "auto"
+    status: UsageStatus
+    error_code: str | None = None
+    prompt_tokens: int = Field(default=0, ge=0)
+    completion_tokens: int = Field(default=0, ge=0)
+    cached_tokens: int = Field(default=0, ge=0)
+    estimated: bool = False
+    cost_usd: Decimal = Field(ge=0)
+    latency_ms: float = Field(ge=0)
+    ttft_ms: float | None = None
+    attempt: int = Field(default=1, ge=1)
+    started_at_ms: int
+    finished_at_ms: int

@@ -1,0 +1,99 @@
+"""Typed configuration, read from the environment once per process.
+
+Every variable is `SWITCHYARD_<SECTION>__<FIELD>` (e.g. `SWITCHYARD_KAFKA__BOOTSTRAP_SERVERS`);
+top-level fields are `SWITCHYARD_<FIELD>`. The README's configuration reference lists them all.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class KafkaSettings(BaseModel):
+    bootstrap_servers: str = "127.0.0.1:19092"
+    request_partitions: int = Field(default=6, ge=1)
+    usage_partitions: int = Field(default=3, ge=1)
+    reply_partitions: int = Field(default=3, ge=1)
+    linger_ms: int = Field(default=1, ge=0)
+    # A killed consumer's partitions move after this long; short on a single box.
+    session_timeout_ms: int = Field(default=6000, ge=1000)
+    heartbeat_interval_ms: int = Field(default=1000, ge=100)
+
+
+class RedisSettings(BaseModel):
+    url: str = "redis://127.0.0.1:16379/0"
+    max_connections: int = Field(default=64, ge=4)
+    pool_timeout_s: float = Field(default=5.0, gt=0)
+
+
+class PostgresSettings(BaseModel):
+    dsn: str = "postgresql://switchyard@127.0.0.1:15432/switchyard"
+    pool_min: int = Field(default=1, ge=1)
+    pool_max: int = Field(default=8, ge=1)
+
+
+class IngressSettings(BaseModel):
+    host: str = "127.0.0.1"
+    port: int = 8080
+    workers: int = Field(default=1, ge=1)
+    max_body_bytes: int = Field(default=1_048_576, ge=1024)
+    auth_cache_ttl_s: float = Field(default=30.0, ge=0)
+    auth_negative_cache_ttl_s: float = Field(default=2.0, ge=0)
+    # How long a request may wait in the pipeline before it is answered with a timeout.
+    default_deadline_s: float = Field(default=120.0, gt=0)
+    max_deadline_s: float = Field(default=600.0, gt=0)
+    health_timeout_s: float = Field(default=2.0, gt=0)
+
+
+class RouterSettings(BaseModel):
+    max_in_flight: int = Field(default=512, ge=1)
+    # How long a claim on a request id survives; longer than any request may run.
+    claim_ttl_s: int = Field(default=3600, ge=60)
+    # A worker's liveness key expires this long after its last refresh.
+    heartbeat_ttl_ms: int = Field(default=3000, ge=500)
+    shutdown_grace_s: float = Field(default=20.0, ge=0)
+    upstream_connect_timeout_s: float = Field(default=5.0, gt=0)
+    upstream_total_timeout_s: float = Field(default=300.0, gt=0)
+    upstream_pool_size: int = Field(default=512, ge=1)
+    metrics_port: int = 0  # 0: no metrics endpoint
+
+
+class UsageSettings(BaseModel):
+    max_in_flight: int = Field(default=2048, ge=1)
+    batch_max: int = Field(default=500, ge=1)
+    batch_linger_ms: float = Field(default=5.0, ge=0)
+    shutdown_grace_s: float = Field(default=10.0, ge=0)
+    metrics_port: int = 0
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="SWITCHYARD_", env_nested_delimiter="__", extra="ignore"
+    )
+
+    kafka: KafkaSettings = KafkaSettings()
+    redis: RedisSettings = RedisSettings()
+    postgres: PostgresSettings = PostgresSettings()
+    ingress: IngressSettings = IngressSettings()
+    router: RouterSettings = RouterSettings()
+    usage: UsageSettings = UsageSettings()
+    catalog_path: Path = Path(__file__).with_name("catalog.toml")
+    # When set, routes whose provider key is not configured go to this OpenAI-compatible
+    # server instead (the fake upstream of the local stack), so the stack works offline.
+    fallback_upstream_url: str | None = None
+    dev_api_key: str | None = None
+    log_level: str = "INFO"
+
+    def to_env(self) -> dict[str, str]:
+        """The environment that reproduces these settings in a child process."""
+        env: dict[str, str] = {}
+        for name, value in self.model_dump(mode="json").items():
+            if isinstance(value, dict):
+                for sub, subval in value.items():
+                    env[f"SWITCHYARD_{name.upper()}__{sub.upper()}"] = str(subval)
+            elif value is not None:
+                env[f"SWITCHYARD_{name.upper()}"] = str(value)
+        return env

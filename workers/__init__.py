@@ -1,0 +1,1 @@
+"""Kafka consumers: the router (provider calls) and the usage ledger writer."""

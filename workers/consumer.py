@@ -1,0 +1,197 @@
+"""The consume loop every worker runs: many messages in flight, bounded by a semaphore;
+offsets committed per partition only up to the first unfinished message; undecodable
+messages sent to `<topic>.dlq` with the reason; graceful drain on shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, Generic, TypeVar
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import CommitFailedError, KafkaError
+from pydantic import ValidationError
+
+from topics import names
+
+log = logging.getLogger(__name__)
+
+M = TypeVar("M")
+Handler = Callable[[M, Any], Awaitable[None]]
+
+
+class OffsetTracker:
+    """Per partition, the offsets in flight in arrival order and whether each is finished.
+    The commit point is just past the longest finished prefix."""
+
+    def __init__(self) -> None:
+        self._inflight: dict[TopicPartition, dict[int, bool]] = {}
+        self._committed: dict[TopicPartition, int] = {}
+
+    def start(self, tp: TopicPartition, offset: int) -> None:
+        self._inflight.setdefault(tp, {})[offset] = False
+
+    def finish(self, tp: TopicPartition, offset: int) -> None:
+        offsets = self._inflight.get(tp)
+        if offsets is not None and offset in offsets:  # absent: partition was revoked
+            offsets[offset] = True
+
+    def committable(self) -> dict[TopicPartition, int]:
+        """Next offsets to commit for partitions whose finished prefix advanced."""
+        out: dict[TopicPartition, int] = {}
+        for tp, offsets in self._inflight.items():
+            position = None
+            # dicts keep insertion order, and a partition's records arrive in offset order
+            for offset, done in list(offsets.items()):
+                if not done:
+                    break
+                del offsets[offset]
+                position = offset + 1
+            if position is not None and position > self._committed.get(tp, -1):
+                out[tp] = position
+        return out
+
+    def committed(self, positions: dict[TopicPartition, int]) -> None:
+        self._committed.update(positions)
+
+    def forget(self, partitions: set[TopicPartition]) -> None:
+        for tp in partitions:
+            self._inflight.pop(tp, None)
+            self._committed.pop(tp, None)
+
+    def pending(self) -> int:
+        return sum(1 for offsets in self._inflight.values() for done in offsets.values()
+                   if not done)
+
+
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, loop: ConsumerLoop[Any]) -> None:
+        self._loop = loop
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        # Commit what is finished while we still own it; unfinished work on a revoked
+        # partition goes on, and its redelivery to the new owner is stopped by the claim.
+        await self._loop.commit()
+        self._loop.tracker.forget(set(revoked))
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        log.info("assigned %s", sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned))
+
+
+class ConsumerLoop(Generic[M]):
+    def __init__(
+        self,
+        *,
+        consumer: AIOKafkaConsumer,
+        producer: AIOKafkaProducer,
+        topic: str,
+        decode: Callable[[bytes], M],
+        handler: Handler[M],
+        max_in_flight: int,
+        shutdown_grace_s: float,
+        commit_interval_s: float = 0.05,
+    ) -> None:
+        self._consumer = consumer
+        self._producer = producer
+        self._topic = topic
+        self._decode = decode
+        self._handler = handler
+        self._slots = asyncio.Semaphore(max_in_flight)
+        self._max_in_flight = max_in_flight
+        self._grace_s = shutdown_grace_s
+        self._commit_interval_s = commit_interval_s
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.tracker = OffsetTracker()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Consume until `stop` is set, then drain in-flight work and commit."""
+        self._consumer.subscribe([self._topic], listener=_Rebalance(self))
+        loop = asyncio.get_running_loop()
+        next_commit = loop.time() + self._commit_interval_s
+        stopping = asyncio.ensure_future(stop.wait())
+        try:
+            while not stop.is_set():
+                fetch = asyncio.ensure_future(
+                    self._consumer.getmany(timeout_ms=100, max_records=self._max_in_flight))
+                await asyncio.wait({fetch, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                if not fetch.done():
+                    fetch.cancel()
+                    break
+                for tp, records in fetch.result().items():
+                    for record in records:
+                        await self._slots.acquire()
+                        self.tracker.start(tp, record.offset)
+                        task = asyncio.create_task(self._process(tp, record))
+                        self._tasks.add(task)
+                        task.add_done_callback(self._tasks.discard)
+                if loop.time() >= next_commit:
+                    await self.commit()
+                    next_commit = loop.time() + self._commit_interval_s
+        finally:
+            stopping.cancel()
+            await self._drain()
+
+    async def _process(self, tp: TopicPartition, record: Any) -> None:
+        try:
+            await self._settle(record)
+        except asyncio.CancelledError:
+            # Unfinished: its offset stays uncommitted and the message is redelivered.
+            self._slots.release()
+            raise
+        except Exception:
+            # Not even the DLQ took it (Kafka down?): leave the offset uncommitted, so the
+            # partition stops committing here and the message is redelivered after restart.
+            log.exception("message %s[%d]@%d left unsettled", record.topic, record.partition,
+                          record.offset)
+            self._slots.release()
+            return
+        self.tracker.finish(tp, record.offset)
+        self._slots.release()
+
+    async def _settle(self, record: Any) -> None:
+        try:
+            message = self._decode(record.value)
+        except (ValidationError, ValueError, TypeError) as exc:
+            await self.dead_letter(record, f"undecodable: {exc}")
+            return
+        try:
+            await self._handler(message, record)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug must not lose the message or stop the loop
+            log.exception("handler failed on %s[%d]@%d", record.topic, record.partition,
+                          record.offset)
+            await self.dead_letter(record, f"handler failed: {exc!r}")
+
+    async def dead_letter(self, record: Any, reason: str) -> None:
+        headers = [*(record.headers or ()),
+                   (names.H_DLQ_REASON, reason[:2000].encode()),
+                   (names.H_DLQ_SOURCE,
+                    f"{record.topic}[{record.partition}]@{record.offset}".encode())]
+        await self._producer.send_and_wait(
+            names.dlq(self._topic), value=record.value, key=record.key, headers=headers)
+        log.warning("dead-lettered %s[%d]@%d: %s", record.topic, record.partition,
+                    record.offset, reason[:200])
+
+    async def commit(self) -> None:
+        positions = self.tracker.committable()
+        if not positions:
+            return
+        try:
+            await self._consumer.commit(positions)
+            self.tracker.committed(positions)
+        except (CommitFailedError, KafkaError) as exc:
+            # A rebalance is under way; the work is redelivered and the claims absorb it.
+            log.warning("commit failed (%s); will retry", exc)
+
+    async def _drain(self) -> None:
+        if self._tasks:
+            log.info("draining %d in-flight messages (grace %.1fs)", len(self._tasks),
+                     self._grace_s)
+            _, late = await asyncio.wait(set(self._tasks), timeout=self._grace_s)
+            for task in late:
+                task.cancel()
+            if late:
+                await asyncio.wait(late)
+        await self.commit()

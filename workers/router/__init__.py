@@ -1,0 +1,1 @@
+"""The router worker: consumes requests, calls a provider, streams reply frames back."""

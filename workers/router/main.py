@@ -1,0 +1,100 @@
+"""The router process: owns its producer, consumer, Redis pool and HTTP pool, and closes them."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import uuid
+
+import aiohttp
+import redis.asyncio as redis
+from prometheus_client import CollectorRegistry
+
+from state.claims import Claims
+from state.redis_client import make_redis
+from topics import names
+from topics.catalog import load_catalog
+from topics.kafka import make_consumer, make_producer
+from topics.messages import RequestEnvelope
+from topics.settings import Settings
+from workers.consumer import ConsumerLoop
+from workers.providers.openai_compat import OpenAICompat
+from workers.router.cancel import CancelListener
+from workers.router.frames import FrameWriter
+from workers.router.metrics import RouterMetrics
+from workers.router.worker import Endpoints, RouterWorker
+from workers.runtime import run_process, serve_metrics
+
+log = logging.getLogger(__name__)
+
+GROUP_ID = "router"
+
+
+async def run_router(settings: Settings, stop: asyncio.Event, *,
+                     topic: str = names.REQUESTS) -> None:
+    catalog = load_catalog(settings.catalog_path)
+    endpoints = Endpoints(
+        provider_keys={name: os.environ.get(p.api_key_env) or None
+                       for name, p in catalog.providers.items()},
+        fallback_url=settings.fallback_upstream_url)
+    cfg = settings.router
+    worker_id = f"router-{uuid.uuid4().hex[:12]}"
+    registry = CollectorRegistry()
+    metrics = RouterMetrics(registry)
+
+    async with contextlib.AsyncExitStack() as resources:
+        resources.callback(serve_metrics(registry, cfg.metrics_port))
+        producer = make_producer(settings.kafka)
+        await producer.start()
+        resources.push_async_callback(producer.stop)
+        client = make_redis(settings.redis)
+        resources.push_async_callback(client.aclose)
+        http = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=cfg.upstream_pool_size),
+            timeout=aiohttp.ClientTimeout(total=cfg.upstream_total_timeout_s,
+                                          sock_connect=cfg.upstream_connect_timeout_s))
+        resources.push_async_callback(http.close)
+        consumer = make_consumer(settings.kafka, GROUP_ID)
+        await consumer.start()
+        resources.push_async_callback(consumer.stop)
+
+        claims = Claims(client, worker_id=worker_id, claim_ttl_s=cfg.claim_ttl_s,
+                        heartbeat_ttl_ms=cfg.heartbeat_ttl_ms)
+        await claims.heartbeat()
+        resources.push_async_callback(claims.retire)
+        cancels = CancelListener(client)
+        worker = RouterWorker(
+            catalog=catalog, endpoints=endpoints, claims=claims,
+            provider=OpenAICompat(http), producer=producer,
+            frames=lambda env: FrameWriter(env.request_id, env.reply, client, producer),
+            cancels=cancels, metrics=metrics)
+        loop = ConsumerLoop(consumer=consumer, producer=producer, topic=topic,
+                            decode=RequestEnvelope.from_json, handler=worker.handle,
+                            max_in_flight=cfg.max_in_flight,
+                            shutdown_grace_s=cfg.shutdown_grace_s)
+        log.info("router %s consuming %s", worker_id, topic)
+        background = [asyncio.create_task(cancels.run()),
+                      asyncio.create_task(_heartbeat(claims, cfg.heartbeat_ttl_ms / 3000))]
+        try:
+            await loop.run(stop)
+        finally:
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
+        log.info("router %s stopped", worker_id)
+
+
+async def _heartbeat(claims: Claims, every_s: float) -> None:
+    while True:
+        await asyncio.sleep(every_s)
+        try:
+            await claims.heartbeat()
+        except redis.RedisError:
+            log.warning("heartbeat failed; will retry")
+
+
+def main() -> None:
+    settings = Settings()
+    run_process(lambda stop: run_router(settings, stop), settings.log_level)

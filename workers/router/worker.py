@@ -1,0 +1,219 @@
+"""What the router does with one request: check its deadline, claim it, resolve its model,
+call the provider, stream reply frames, and emit one usage event per attempt."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from aiokafka import AIOKafkaProducer
+
+from state.claims import ClaimResult, Claims
+from topics import names
+from topics.catalog import Catalog, Model
+from topics.errors import GatewayTimeout, NotFound, SwitchyardError, Unavailable, UpstreamError
+from topics.messages import RequestEnvelope, UsageEvent, UsageStatus
+from workers.providers.openai_compat import OpenAICompat, Route, Usage
+from workers.router.cancel import CancelListener
+from workers.router.frames import FrameWriter
+from workers.router.metrics import RouterMetrics
+
+log = logging.getLogger(__name__)
+
+FALLBACK_PROVIDER = "local-fallback"
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoints:
+    """Where each provider is reached: keys read from the environment once, at start."""
+
+    provider_keys: Mapping[str, str | None]
+    fallback_url: str | None
+
+
+class RouterWorker:
+    def __init__(self, *, catalog: Catalog, endpoints: Endpoints, claims: Claims,
+                 provider: OpenAICompat, producer: AIOKafkaProducer,
+                 frames: Callable[[RequestEnvelope], FrameWriter], cancels: CancelListener,
+                 metrics: RouterMetrics) -> None:
+        self._catalog = catalog
+        self._endpoints = endpoints
+        self._claims = claims
+        self._provider = provider
+        self._producer = producer
+        self._frames = frames
+        self._cancels = cancels
+        self._metrics = metrics
+
+    async def handle(self, env: RequestEnvelope, _record: Any) -> None:
+        out = self._frames(env)
+        try:
+            await self._handle(env, out)
+        except Exception:
+            # Unexpected (a bug, or Redis/Kafka failing): the consumer loop dead-letters the
+            # request; the client must hear that it failed rather than wait for its deadline.
+            with contextlib.suppress(Exception):
+                await out.error(SwitchyardError("the router failed on this request",
+                                                code="router_failed"))
+            raise
+
+    async def _handle(self, env: RequestEnvelope, out: FrameWriter) -> None:
+        if now_ms() >= env.deadline_ms:
+            self._metrics.expired.inc()
+            await out.error(GatewayTimeout("the request waited past its deadline and was not "
+                                           "executed", code="deadline_exceeded"))
+            return
+        claim, owner = await self._claims.claim(env.request_id)
+        if claim is ClaimResult.ORPHANED:
+            # The provider may already have run (and billed) it: report, never re-run.
+            log.warning("request %s was interrupted with worker %s", env.request_id, owner)
+            await out.error(UpstreamError(
+                "the worker executing this request stopped mid-call; it was not retried so "
+                "that it does not run twice", code="worker_lost"))
+            return
+        if claim is not ClaimResult.CLAIMED:
+            self._metrics.skipped.labels(claim.value).inc()
+            return
+        try:
+            model = self._catalog.model(str(env.body.get("model")))
+            if model is None:
+                await out.error(NotFound(f"model {env.body.get('model')!r} does not exist",
+                                         code="model_not_found", param="model"))
+                return
+            try:
+                route = self._route(model)
+            except SwitchyardError as exc:
+                await out.error(exc)
+                return
+            attempt = asyncio.create_task(self._attempt(env, model, route, out))
+            self._cancels.register(env.request_id, attempt)
+            try:
+                await attempt
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise  # we are shutting down
+                self._metrics.cancelled.inc()  # the client went away: nothing to answer
+        finally:
+            self._cancels.unregister(env.request_id)
+            await self._claims.finish(env.request_id)
+
+    def _route(self, model: Model) -> Route:
+        provider = self._catalog.providers[model.provider]
+        key = self._endpoints.provider_keys.get(model.provider)
+        if key:
+            return Route(model.provider, provider.base_url.rstrip("/"), key, model.upstream_model)
+        if self._endpoints.fallback_url:
+            return Route(FALLBACK_PROVIDER, self._endpoints.fallback_url.rstrip("/"), None,
+                         model.upstream_model)
+        raise Unavailable(f"provider {model.provider!r} has no API key configured "
+                          f"(set {provider.api_key_env})", code="provider_not_configured")
+
+    async def _attempt(self, env: RequestEnvelope, model: Model, route: Route,
+                       out: FrameWriter) -> None:
+        started_ms = now_ms()
+        t0 = time.perf_counter()
+        ttft_ms: float | None = None
+        reported: Usage | None = None
+        chunks = 0
+        status: UsageStatus = "ok"
+        error: SwitchyardError | None = None
+        try:
+            async with asyncio.timeout(max(env.deadline_ms - now_ms(), 1) / 1000):
+                await out.send("meta", {"provider": route.provider, "model": model.id,
+                                        "attempt": 1})
+                done: dict[str, Any] = {}
+                if env.body.get("stream"):
+                    async for chunk in self._provider.stream(route, env.body, env.request_id):
+                        reported = Usage.from_openai(chunk.get("usage")) or reported
+                        if not chunk.get("choices"):
+                            continue  # the usage-only chunk: sent in `done`, if asked for
+                        if ttft_ms is None:
+                            ttft_ms = (time.perf_counter() - t0) * 1000
+                        chunks += 1
+                        chunk.pop("usage", None)
+                        chunk["model"] = model.id
+                        await out.send("chunk", chunk)
+                else:
+                    completion = await self._provider.complete(route, env.body, env.request_id)
+                    ttft_ms = (time.perf_counter() - t0) * 1000
+                    reported = Usage.from_openai(completion.get("usage"))
+                    completion["model"] = model.id
+                    done["completion"] = completion
+            usage, _ = _settle_usage(reported, env.body, chunks)
+            done["usage"] = _usage_dict(usage)
+            done["metadata"] = {"provider": route.provider, "model": model.id,
+                                "latency_ms": round((time.perf_counter() - t0) * 1000, 3),
+                                "cost_usd": str(model.cost_usd(usage.prompt_tokens,
+                                                               usage.completion_tokens,
+                                                               usage.cached_tokens)),
+                                "cache_hit": False}
+            await out.send("done", done)
+        except TimeoutError:
+            status, error = "timeout", GatewayTimeout(
+                "the request ran past its deadline", code="deadline_exceeded")
+        except SwitchyardError as exc:
+            status, error = "error", exc
+        except asyncio.CancelledError:
+            status = "cancelled"
+            raise
+        finally:
+            if error is not None:
+                await out.error(error)
+            # A provider we could not even connect to did not serve (or bill) an attempt.
+            if error is None or error.code != "upstream_unreachable":
+                await self._record(env, model, route, status, error,
+                                   _settle_usage(reported, env.body, chunks), started_ms,
+                                   (time.perf_counter() - t0) * 1000, ttft_ms)
+
+    async def _record(self, env: RequestEnvelope, model: Model, route: Route,
+                      status: UsageStatus, error: SwitchyardError | None,
+                      settled: tuple[Usage, bool], started_ms: int, latency_ms: float,
+                      ttft_ms: float | None) -> None:
+        usage, estimated = settled
+        event = UsageEvent(
+            event_id=str(uuid.uuid4()), request_id=env.request_id, tenant_id=env.tenant_id,
+            key_id=env.key_id, provider=route.provider, model=model.id,
+            category=env.category, mode=env.routing.mode, status=status,
+            error_code=error.code if error else None,
+            prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
+            cached_tokens=usage.cached_tokens, estimated=estimated,
+            cost_usd=model.cost_usd(usage.prompt_tokens, usage.completion_tokens,
+                                    usage.cached_tokens),
+            latency_ms=round(latency_ms, 3),
+            ttft_ms=None if ttft_ms is None else round(ttft_ms, 3),
+            attempt=1, started_at_ms=started_ms, finished_at_ms=now_ms(),
+        )
+        self._metrics.observe(route.provider, status, latency_ms, ttft_ms)
+        # Awaited: the request's offset is committed only once its usage is durable.
+        await self._producer.send_and_wait(
+            names.USAGE, event.to_json(), key=env.request_id.encode(),
+            headers=[(names.H_REQUEST_ID, env.request_id.encode()),
+                     (names.H_TENANT_ID, env.tenant_id.encode()),
+                     (names.H_CONTENT_TYPE, names.CONTENT_TYPE_JSON)])
+
+
+def _settle_usage(usage: Usage | None, body: dict[str, Any], chunks: int) -> tuple[Usage, bool]:
+    """The provider's usage, or, when it sent none, an estimate (marked as such)."""
+    if usage is not None:
+        return usage, False
+    prompt_chars = sum(len(str(m.get("content") or "")) for m in body.get("messages") or ()
+                       if isinstance(m, dict))
+    return Usage(prompt_tokens=max(prompt_chars // 4, 1), completion_tokens=chunks,
+                 cached_tokens=0), True
+
+
+def _usage_dict(usage: Usage) -> dict[str, Any]:
+    return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+            "total_tokens": usage.prompt_tokens + usage.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": usage.cached_tokens}}

@@ -1,0 +1,1 @@
+"""The usage worker: usage events into the PostgreSQL ledger, exactly once in effect."""

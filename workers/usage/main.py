@@ -1,0 +1,57 @@
+"""The usage process: `llm.usage` into the PostgreSQL ledger and its daily rollup."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import asyncpg
+
+from state.usage import record_usage
+from topics import names
+from topics.kafka import make_consumer, make_producer
+from topics.messages import UsageEvent
+from topics.settings import Settings
+from workers.consumer import ConsumerLoop
+from workers.runtime import run_process
+from workers.usage.batcher import UsageBatcher
+
+log = logging.getLogger(__name__)
+
+GROUP_ID = "usage"
+
+
+async def run_usage(settings: Settings, stop: asyncio.Event) -> None:
+    cfg = settings.usage
+    async with contextlib.AsyncExitStack() as resources:
+        pool = await asyncpg.create_pool(settings.postgres.dsn, min_size=settings.postgres.pool_min,
+                                         max_size=settings.postgres.pool_max)
+        resources.push_async_callback(pool.close)
+        producer = make_producer(settings.kafka)  # for the DLQ
+        await producer.start()
+        resources.push_async_callback(producer.stop)
+        consumer = make_consumer(settings.kafka, GROUP_ID)
+        await consumer.start()
+        resources.push_async_callback(consumer.stop)
+
+        async def write(events: Sequence[UsageEvent]) -> None:
+            await record_usage(pool, events)
+
+        batcher = UsageBatcher(write, batch_max=cfg.batch_max, linger_s=cfg.batch_linger_ms / 1000)
+
+        async def handle(event: UsageEvent, _record: Any) -> None:
+            await batcher.add(event)
+
+        loop = ConsumerLoop(consumer=consumer, producer=producer, topic=names.USAGE,
+                            decode=UsageEvent.from_json, handler=handle,
+                            max_in_flight=cfg.max_in_flight, shutdown_grace_s=cfg.shutdown_grace_s)
+        log.info("usage worker consuming %s", names.USAGE)
+        await loop.run(stop)
+
+
+def main() -> None:
+    settings = Settings()
+    run_process(lambda stop: run_usage(settings, stop), settings.log_level)
