@@ -53,9 +53,10 @@ class Gateway:
         _wait_http(f"{self.url}/v1/health", 30, self._log_dir / "ingress.log")
         self._log(f"gateway: {self.url} (logs in {self._log_dir})")
 
-    def spawn(self, name: str, *command: str) -> subprocess.Popen[bytes]:
-        """Start `switchyard <command>` as child `name` (a name may be reused once dead)."""
-        env = {**os.environ, **self.settings.to_env(), **self._extra_env}
+    def spawn(self, name: str, *command: str,
+              env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        """Start `switchyard <command>` as child `name`, with `env` over the settings'."""
+        env = {**os.environ, **self.settings.to_env(), **self._extra_env, **(env or {})}
         with (self._log_dir / f"{name}.log").open("ab") as out:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "compose.cli", *command], env=env, stdout=out,
@@ -63,9 +64,12 @@ class Gateway:
         self.processes[name] = proc
         return proc
 
-    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
-        proc = self.processes[name]
-        proc.send_signal(sig)
+    def log_file(self, name: str) -> Path:
+        return self._log_dir / f"{name}.log"
+
+    def kill(self, name: str) -> None:
+        proc = self.processes.pop(name)
+        proc.kill()
         proc.wait(timeout=30)
 
     def stop(self) -> None:

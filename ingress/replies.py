@@ -60,7 +60,9 @@ class ReplyRouter:
 
 class FrameStream:
     """The frames of one request, in order. A gap in `seq` or silence past `deadline` (loop
-    time) raises instead of ending quietly."""
+    time) raises instead of ending quietly. An `error` frame is taken whatever its `seq`: it
+    ends the reply with a failure either way, and it may come from a worker that took over
+    from a dead one and cannot know how many frames were sent before."""
 
     def __init__(self, queue: asyncio.Queue[ReplyFrame], deadline: float) -> None:
         self._queue = queue
@@ -74,7 +76,7 @@ class FrameStream:
         except TimeoutError:
             raise GatewayTimeout("no answer before the request's deadline",
                                  code="deadline_exceeded") from None
-        if frame.seq != self._expected:
+        if frame.seq != self._expected and frame.kind != "error":
             raise UpstreamError(f"reply frames lost (expected #{self._expected}, got "
                                 f"#{frame.seq}); the answer would be incomplete",
                                 code="reply_gap")

@@ -1,0 +1,51 @@
+"""Kafka helpers for tests that act as a batch producer or an outside consumer."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer
+from aiokafka.admin import AIOKafkaAdminClient
+
+from topics.settings import KafkaSettings
+
+
+def _reader(settings: KafkaSettings, topic: str) -> AIOKafkaConsumer:
+    # No group: the consumer assigns itself every partition of the topic.
+    return AIOKafkaConsumer(topic, bootstrap_servers=settings.bootstrap_servers,
+                            enable_auto_commit=False, auto_offset_reset="earliest")
+
+
+async def read_topic(settings: KafkaSettings, topic: str, until: Callable[[list[Any]], bool],
+                     timeout_s: float = 20) -> list[Any]:
+    """Every record of `topic` from the beginning, read until `until(records)` holds."""
+    consumer = _reader(settings, topic)
+    await consumer.start()
+    try:
+        records: list[Any] = []
+        async with asyncio.timeout(timeout_s):
+            while not until(records):
+                batch = await consumer.getmany(timeout_ms=200)
+                for part in batch.values():
+                    records.extend(part)
+        return records
+    finally:
+        await consumer.stop()
+
+
+async def group_lag(settings: KafkaSettings, group: str, topic: str) -> int:
+    """Messages of `topic` not yet committed by consumer group `group`."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap_servers)
+    consumer = _reader(settings, topic)
+    await admin.start()
+    await consumer.start()
+    try:
+        committed = await admin.list_consumer_group_offsets(group)
+        ends = await consumer.end_offsets(list(consumer.assignment()))
+        return sum(end - (committed[tp].offset if tp in committed else 0)
+                   for tp, end in ends.items())
+    finally:
+        await consumer.stop()
+        await admin.close()
