@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> None:
     sub.add_parser("ingress", help="run the HTTP ingress")
     sub.add_parser("router", help="run a router worker")
     sub.add_parser("usage", help="run the usage worker")
-    sub.add_parser("migrate", help="apply the PostgreSQL migrations")
+    sub.add_parser("init", help="create the Kafka topics and apply the PostgreSQL migrations")
     keys = sub.add_parser("keys", help="manage API keys")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
     create = keys_sub.add_parser("create", help="create a key and print it (shown only once)")
@@ -55,11 +55,8 @@ def main(argv: list[str] | None = None) -> None:
         from workers.usage.main import main as usage_main
 
         usage_main()
-    elif args.command == "migrate":
-        from state.migrations import apply_migrations
-
-        applied = asyncio.run(apply_migrations(settings.postgres.dsn))
-        print(f"applied: {', '.join(applied) or 'nothing (up to date)'}")
+    elif args.command == "init":
+        asyncio.run(_init(settings))
     elif args.command == "keys":
         key_id, api_key = asyncio.run(_create_key(settings, args.tenant))
         print(f"key id: {key_id}\napi key (shown once, store it now): {api_key}")
@@ -72,6 +69,16 @@ def _ingress(settings: Settings) -> None:
                 port=settings.ingress.port, workers=settings.ingress.workers, loop="uvloop",
                 http="httptools", log_level=settings.log_level.lower(), access_log=False,
                 timeout_graceful_shutdown=10)
+
+
+async def _init(settings: Settings) -> None:
+    from state.migrations import apply_migrations
+    from topics.kafka import ensure_topics
+
+    created = await ensure_topics(settings.kafka)
+    print(f"topics created: {', '.join(created) or 'none (all exist)'}")
+    applied = await apply_migrations(settings.postgres.dsn)
+    print(f"migrations applied: {', '.join(applied) or 'none (up to date)'}")
 
 
 async def _create_key(settings: Settings, tenant: str) -> tuple[str, str]:

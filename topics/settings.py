@@ -87,6 +87,18 @@ class Settings(BaseSettings):
     dev_api_key: str | None = None
     log_level: str = "INFO"
 
+    @classmethod
+    def env_names(cls) -> list[str]:
+        """Every environment variable these settings read."""
+        names = []
+        for name, field in cls.model_fields.items():
+            sub = field.annotation
+            if isinstance(sub, type) and issubclass(sub, BaseModel):
+                names += [f"SWITCHYARD_{name.upper()}__{n.upper()}" for n in sub.model_fields]
+            else:
+                names.append(f"SWITCHYARD_{name.upper()}")
+        return names
+
     def to_env(self) -> dict[str, str]:
         """The environment that reproduces these settings in a child process."""
         env: dict[str, str] = {}
