@@ -116,22 +116,34 @@ class ChatCompletions:
                               code="queue_unavailable") from exc
 
     async def _relay(self, request_id: str, frame: ReplyFrame, stream: FrameStream,
-                     include_usage: bool) -> AsyncIterator[dict[str, Any]]:
+                     include_usage: bool) -> AsyncIterator[bytes]:
         """SSE events from frames. sse-starlette runs this and the disconnect listener in one
         task group: a client that goes away cancels this generator, and the router is told."""
         finished = False
         last_chunk: dict[str, Any] = {}
         try:
             while frame.kind in ("chunk", "meta"):
-                if frame.kind == "chunk":
-                    last_chunk = frame.data
-                    yield {"data": orjson.dumps(frame.data).decode()}
-                frame = await stream.next()
+                # Every chunk that has already arrived leaves in one write.
+                out = []
+                while True:
+                    if frame.kind == "chunk":
+                        last_chunk = frame.data
+                        out.append(b"data: " + orjson.dumps(frame.data) + b"\n\n")
+                    ready = stream.next_ready()
+                    if ready is None:
+                        break
+                    frame = ready
+                    if frame.kind not in ("chunk", "meta"):
+                        break
+                if out:
+                    yield b"".join(out)
+                if ready is None:
+                    frame = await stream.next()
             finished = True
             if frame.kind == "done":
                 if include_usage and frame.data.get("usage"):
-                    yield {"data": orjson.dumps(_usage_chunk(last_chunk, frame.data)).decode()}
-                yield {"data": "[DONE]"}
+                    yield b"data: " + orjson.dumps(_usage_chunk(last_chunk, frame.data)) + b"\n\n"
+                yield b"data: [DONE]\n\n"
             else:
                 yield sse_error_event(SwitchyardError.from_frame_data(frame.data))
         except SwitchyardError as exc:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import orjson
 from starlette.exceptions import HTTPException
@@ -34,9 +33,11 @@ def error_response(exc: SwitchyardError, headers: dict[str, str] | None = None) 
                     media_type="application/json")
 
 
-def sse_error_event(exc: SwitchyardError) -> dict[str, Any]:
-    """The final event of a stream that failed after it started: never a clean end."""
-    return {"event": "error", "data": error_body(exc).decode()}
+def sse_error_event(exc: SwitchyardError) -> bytes:
+    """The final event of a stream that failed after it started: never a clean end, never
+    `[DONE]`. A plain data event (no `event:` name, which browsers' EventSource would take
+    for its own connection error); OpenAI's SDKs raise it as an APIError."""
+    return b"data: " + error_body(exc) + b"\n\n"
 
 
 async def on_switchyard_error(_request: Request, exc: Exception) -> Response:

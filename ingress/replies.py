@@ -9,7 +9,7 @@ import logging
 import redis.asyncio as redis
 
 from topics.errors import GatewayTimeout, UpstreamError
-from topics.messages import ReplyFrame
+from topics.messages import ReplyFrame, parse_frames
 
 log = logging.getLogger(__name__)
 
@@ -49,13 +49,14 @@ class ReplyRouter:
 
     def _dispatch(self, raw: bytes) -> None:
         try:
-            frame = ReplyFrame.model_validate_json(raw)
-        except ValueError:
-            log.warning("dropped a malformed reply frame")
+            frames = parse_frames(raw)
+        except ValueError as exc:
+            log.warning("dropped a malformed reply message: %s", exc)
             return
-        queue = self._queues.get(frame.request_id)
-        if queue is not None:  # absent: the client has gone and the request was cancelled
-            queue.put_nowait(frame)
+        for frame in frames:
+            queue = self._queues.get(frame.request_id)
+            if queue is not None:  # absent: the client has gone and the request was cancelled
+                queue.put_nowait(frame)
 
 
 class FrameStream:
@@ -70,12 +71,22 @@ class FrameStream:
         self._expected = 0
 
     async def next(self) -> ReplyFrame:
-        try:
-            async with asyncio.timeout_at(self._deadline):
-                frame = await self._queue.get()
-        except TimeoutError:
-            raise GatewayTimeout("no answer before the request's deadline",
-                                 code="deadline_exceeded") from None
+        if self._queue.empty():
+            try:
+                async with asyncio.timeout_at(self._deadline):
+                    frame = await self._queue.get()
+            except TimeoutError:
+                raise GatewayTimeout("no answer before the request's deadline",
+                                     code="deadline_exceeded") from None
+        else:  # the common case under load: no timer to arm and disarm
+            frame = self._queue.get_nowait()
+        return self._check(frame)
+
+    def next_ready(self) -> ReplyFrame | None:
+        """The next frame if it has already arrived, else None."""
+        return None if self._queue.empty() else self._check(self._queue.get_nowait())
+
+    def _check(self, frame: ReplyFrame) -> ReplyFrame:
         if frame.seq != self._expected and frame.kind != "error":
             raise UpstreamError(f"reply frames lost (expected #{self._expected}, got "
                                 f"#{frame.seq}); the answer would be incomplete",

@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 import openai
 import orjson
+import pytest
 from aiokafka import AIOKafkaProducer
 
 from compose.fake_upstream import expected_content
@@ -142,3 +143,32 @@ def _frames(records: list[object], request_id: str) -> list[dict[str, Any]]:
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
+
+
+async def test_a_stream_cut_mid_answer_ends_in_an_error_event_not_done(
+        http: httpx.AsyncClient, client: openai.AsyncOpenAI, fake: FakeAdmin) -> None:
+    await fake.configure(tokens=50, cut_after_tokens=10, inter_token_ms=2)
+    body = {"model": "gpt-4o-mini", "stream": True,
+            "messages": [{"role": "user", "content": "cut me"}]}
+
+    async with http.stream("POST", "/v1/chat/completions", json=body) as response:
+        events = [line async for line in response.aiter_lines() if line.startswith("data:")]
+
+    assert "data: [DONE]" not in events
+    error = orjson.loads(events[-1].removeprefix("data: "))["error"]
+    assert error["code"] == "upstream_stream_cut"
+    assert sum('"content":"cut-' in e for e in events) == 10  # what was sent stays sent
+
+    messages: Any = body["messages"]
+    stream = await client.chat.completions.create(model="gpt-4o-mini", stream=True,
+                                                  messages=messages)
+    received: list[Any] = []
+
+    async def consume() -> None:
+        async for chunk in stream:
+            received.append(chunk)
+
+    with pytest.raises(openai.APIError) as failure:
+        await consume()
+    assert failure.value.code == "upstream_stream_cut"
+    assert len(received) >= 10

@@ -84,6 +84,26 @@ class ReplyFrame(_Message):
     data: dict[str, Any] = Field(default_factory=dict)
 
 
+_FRAME_KINDS = frozenset(("meta", "chunk", "done", "error"))
+
+
+def parse_frames(raw: bytes) -> list[ReplyFrame]:
+    """One reply-channel message: a frame, or a JSON array of frames (a publisher's batch).
+
+    Checked by hand rather than by pydantic: this runs once per streamed chunk, and the
+    `data` payload is relayed as it is, not interpreted."""
+    decoded = orjson.loads(raw)
+    items = decoded if isinstance(decoded, list) else [decoded]
+    frames = []
+    for item in items:
+        if not (isinstance(item, dict) and isinstance(item.get("request_id"), str)
+                and type(item.get("seq")) is int and item["seq"] >= 0
+                and item.get("kind") in _FRAME_KINDS and isinstance(item.get("data"), dict)):
+            raise ValueError(f"not a reply frame: {str(item)[:200]}")
+        frames.append(ReplyFrame.model_construct(**item))
+    return frames
+
+
 class CancelRequest(_Message):
     """Published by an ingress whose client went away; every router listens."""
 

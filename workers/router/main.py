@@ -24,6 +24,7 @@ from workers.providers.openai_compat import OpenAICompat
 from workers.router.cancel import CancelListener
 from workers.router.frames import FrameWriter
 from workers.router.metrics import RouterMetrics
+from workers.router.publisher import ReplyPublisher
 from workers.router.worker import Endpoints, RouterWorker
 from workers.runtime import run_process, serve_metrics
 
@@ -64,11 +65,12 @@ async def run_router(settings: Settings, stop: asyncio.Event, *,
                         heartbeat_ttl_ms=cfg.heartbeat_ttl_ms)
         await claims.heartbeat()
         resources.push_async_callback(claims.retire)
+        publisher = await resources.enter_async_context(ReplyPublisher(client))
         cancels = CancelListener(client)
         worker = RouterWorker(
             catalog=catalog, endpoints=endpoints, claims=claims,
             provider=OpenAICompat(http), producer=producer,
-            frames=lambda env: FrameWriter(env.request_id, env.reply, client, producer),
+            frames=lambda env: FrameWriter(env.request_id, env.reply, publisher, producer),
             cancels=cancels, metrics=metrics)
         loop = ConsumerLoop(consumer=consumer, producer=producer, topic=topic,
                             decode=RequestEnvelope.from_json, handler=worker.handle,

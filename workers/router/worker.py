@@ -143,7 +143,7 @@ class RouterWorker:
                         chunks += 1
                         chunk.pop("usage", None)
                         chunk["model"] = model.id
-                        await out.send("chunk", chunk)
+                        await out.chunk(chunk)
                 else:
                     completion = await self._provider.complete(route, env.body, env.request_id)
                     ttft_ms = (time.perf_counter() - t0) * 1000

@@ -1,0 +1,26 @@
+# The two commands a newcomer needs: `make up` and `make test`. Both install what is
+# missing first (compose/bootstrap.sh: apt packages, Kafka jars via Maven, the venv).
+
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: up test lint bench bootstrap clean
+
+bootstrap:
+	@bash compose/bootstrap.sh
+
+up: bootstrap
+	$(BIN)/switchyard up
+
+test: bootstrap lint
+	$(BIN)/python -m pytest -q
+
+lint: bootstrap
+	$(BIN)/ruff check .
+	$(BIN)/mypy .
+
+bench: bootstrap
+	$(BIN)/python -m bench.latency
+
+clean:
+	rm -rf .stack bench/out
