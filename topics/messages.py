@@ -140,3 +140,11 @@ class UsageEvent(_Message):
     attempt: int = Field(default=1, ge=1)
     started_at_ms: int
     finished_at_ms: int
+
+
+def usage_json_schema() -> dict[str, Any]:
+    """The JSON Schema published for analytics consumers of `llm.usage`."""
+    schema = UsageEvent.model_json_schema(mode="serialization")
+    schema["$id"] = "https://switchyard.dev/schemas/usage.v1.json"
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    return schema

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import asyncpg
+from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from state.usage import record_usage
 from topics import names
@@ -16,7 +17,7 @@ from topics.kafka import make_consumer, make_producer
 from topics.messages import UsageEvent
 from topics.settings import Settings
 from workers.consumer import ConsumerLoop
-from workers.runtime import run_process
+from workers.runtime import run_process, serve_metrics
 from workers.usage.batcher import UsageBatcher
 
 log = logging.getLogger(__name__)
@@ -37,8 +38,17 @@ async def run_usage(settings: Settings, stop: asyncio.Event) -> None:
         await consumer.start()
         resources.push_async_callback(consumer.stop)
 
+        registry = CollectorRegistry()
+        written = Counter("switchyard_usage_events", "Usage events offered to the ledger "
+                          "(replays included; the ledger keeps each once)", registry=registry)
+        batch_seconds = Histogram("switchyard_usage_batch_seconds", "One ledger statement",
+                                  registry=registry)
+        resources.callback(serve_metrics(registry, cfg.metrics_port))
+
         async def write(events: Sequence[UsageEvent]) -> None:
-            await record_usage(pool, events)
+            with batch_seconds.time():
+                await record_usage(pool, events)
+            written.inc(len(events))
 
         batcher = UsageBatcher(write, batch_max=cfg.batch_max, linger_s=cfg.batch_linger_ms / 1000)
 

@@ -1,0 +1,90 @@
+"""The contracts outside consumers rely on: the published usage schema, the commit rule of
+the consumers, and the configuration reference in the README."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import openai
+import orjson
+from aiokafka import TopicPartition
+
+from compose.gateway import Gateway
+from tests.conftest import FakeAdmin
+from tests.kafka_util import read_topic
+from topics import names
+from topics.messages import usage_json_schema
+from topics.settings import Settings
+from workers.consumer import OffsetTracker
+
+ROOT = Path(__file__).resolve().parents[1]
+SCHEMA = ROOT / "topics/schemas/usage.v1.json"
+
+
+def test_published_usage_schema_is_the_one_the_code_emits() -> None:
+    assert orjson.loads(SCHEMA.read_bytes()) == usage_json_schema(), (
+        "regenerate topics/schemas/usage.v1.json (README: 'Usage events') and bump the "
+        "version if the change is not backward compatible")
+
+
+async def test_usage_events_on_the_topic_validate_against_the_schema(
+        gateway: Gateway, client: openai.AsyncOpenAI, fake: FakeAdmin) -> None:
+    completion = await client.chat.completions.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "schema check"}])
+    request_id = completion._request_id
+
+    def found(records: list[Any]) -> bool:
+        return any(orjson.loads(r.value).get("request_id") == request_id for r in records)
+
+    records = await read_topic(gateway.settings.kafka, names.USAGE, found)
+    event = next(orjson.loads(r.value) for r in records
+                 if orjson.loads(r.value).get("request_id") == request_id)
+    jsonschema.validate(event, orjson.loads(SCHEMA.read_bytes()))
+    assert isinstance(event["cost_usd"], str)  # money travels as a decimal string
+
+
+def test_commit_point_is_the_end_of_the_finished_prefix() -> None:
+    tp, other = TopicPartition("t", 0), TopicPartition("t", 1)
+    tracker = OffsetTracker()
+    for offset in (10, 11, 12, 13):
+        tracker.start(tp, offset)
+    tracker.start(other, 5)
+
+    tracker.finish(tp, 11)
+    tracker.finish(tp, 13)
+    assert tracker.committable() == {}  # 10 is unfinished: nothing may be committed
+
+    tracker.finish(tp, 10)
+    assert tracker.committable() == {tp: 12}  # 10 and 11 done; 12 still running
+    tracker.committed({tp: 12})
+    assert tracker.committable() == {}
+
+    tracker.finish(tp, 12)
+    tracker.finish(other, 5)
+    assert tracker.committable() == {tp: 14, other: 6}
+
+
+def test_a_revoked_partition_is_never_committed_by_its_old_owner() -> None:
+    tp = TopicPartition("t", 0)
+    tracker = OffsetTracker()
+    tracker.start(tp, 1)
+    tracker.forget({tp})
+    tracker.finish(tp, 1)  # the in-flight work finished after the revocation
+    assert tracker.committable() == {}
+
+
+def test_settings_survive_the_trip_through_a_child_environment(monkeypatch: Any) -> None:
+    settings = Settings().model_copy(update={"fallback_upstream_url": "http://x:1/v1"})
+    for name, value in settings.to_env().items():
+        monkeypatch.setenv(name, value)
+    assert Settings() == settings
+
+
+def test_readme_documents_every_setting() -> None:
+    readme = (ROOT / "README.md").read_text()
+    documented = set(re.findall(r"`(SWITCHYARD_[A-Z_]+)`", readme))
+    missing = set(Settings.env_names()) - documented
+    assert not missing, f"README configuration reference lacks {sorted(missing)}"
