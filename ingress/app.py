@@ -20,7 +20,7 @@ from starlette.routing import Route
 
 from ingress.auth import Authenticator
 from ingress.chat import ChatCompletions, ChatDeps
-from ingress.errors import on_http_exception, on_switchyard_error, on_unexpected
+from ingress.errors import on_http_exception, on_switchyard_error
 from ingress.metrics import IngressMetrics
 from ingress.middleware import RequestIdentity
 from ingress.ops import OpsDeps, health_route, metrics_route, models_route
@@ -97,7 +97,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         ],
         middleware=[Middleware(RequestIdentity, metrics=metrics, routes=ROUTES)],
         exception_handlers={SwitchyardError: on_switchyard_error,
-                            HTTPException: on_http_exception, Exception: on_unexpected},
+                            HTTPException: on_http_exception},
         lifespan=lifespan,
     )
 

@@ -55,7 +55,6 @@ async def on_http_exception(_request: Request, exc: Exception) -> Response:
                     media_type="application/json")
 
 
-async def on_unexpected(_request: Request, exc: Exception) -> Response:
-    log.exception("unhandled error", exc_info=exc)
+def unexpected_error_response() -> Response:
     return error_response(SwitchyardError("internal error; see the gateway logs",
                                           code="internal_error"))

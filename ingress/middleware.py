@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ingress.errors import unexpected_error_response
 from ingress.metrics import IngressMetrics
+
+log = logging.getLogger(__name__)
 
 
 class RequestIdentity:
@@ -39,8 +43,22 @@ class RequestIdentity:
                 metrics.latency.labels(route).observe(time.perf_counter() - started)
             await send(message)
 
+        started_response = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started_response
+            started_response = started_response or message["type"] == "http.response.start"
+            await send_with_id(message)
+
         metrics.in_flight.inc()
         try:
-            await self._app(scope, receive, send_with_id)
+            await self._app(scope, receive, tracking_send)
+        except Exception:
+            # The boundary for what no handler expected: still an OpenAI-shaped 500 with
+            # its request id, never a traceback. Re-raised if the response already started.
+            log.exception("unhandled error on %s", request_id)
+            if started_response:
+                raise
+            await unexpected_error_response()(scope, receive, send_with_id)
         finally:
             metrics.in_flight.dec()

@@ -9,8 +9,16 @@ import httpx
 import openai
 import pytest
 from aiokafka import AIOKafkaProducer
+from prometheus_client import CollectorRegistry
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
 
 from compose.gateway import Gateway
+from ingress.metrics import IngressMetrics
+from ingress.middleware import RequestIdentity
 from tests.kafka_util import read_topic
 from topics import names
 from topics.kafka import make_producer
@@ -145,3 +153,18 @@ async def test_undecodable_request_goes_to_the_dlq_and_the_next_is_served(
     completion = await client.chat.completions.create(model="gpt-4o-mini",
                                                       messages=[{"role": "user", "content": "ok"}])
     assert completion.choices[0].message.content
+
+
+async def test_an_unexpected_failure_is_an_openai_shaped_500_with_a_request_id() -> None:
+    async def broken(_request: Request) -> Response:
+        raise RuntimeError("a bug")
+
+    metrics = IngressMetrics(CollectorRegistry())
+    app = Starlette(routes=[Route("/boom", broken)],
+                    middleware=[Middleware(RequestIdentity, metrics=metrics,
+                                           routes=frozenset({"/boom"}))])
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                 base_url="http://gateway") as local:
+        response = await local.get("/boom")
+    error = assert_openai_error(response, 500, "internal_error")
+    assert "a bug" not in error["message"]  # internals stay in the log
