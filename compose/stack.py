@@ -64,7 +64,7 @@ class LocalStack:
             pg.path.lstrip("/") or user,
         )  # fmt: skip
         self._services: tuple[Service, ...] = (self._kafka, self._redis, self._postgres)
-        # Every child, with the signal that stops it gracefully; daemons and one-off commands.
+        # Every child started, daemons and one-off commands alike, so stop() finds them all.
         self._children: list[tuple[Service, subprocess.Popen[bytes]]] = []
         self._daemons: dict[str, subprocess.Popen[bytes]] = {}
         # All children are forked from this one long-lived thread: PR_SET_PDEATHSIG fires when
@@ -203,8 +203,8 @@ class LocalStack:
                     stdin=subprocess.DEVNULL,
                     stdout=log,
                     stderr=subprocess.STDOUT,
-                    # Own session: a terminal's Ctrl-C reaches only us, and we stop the
-                    # children in order instead of them dying mid-write on their own.
+                    # Own session: a terminal's Ctrl-C reaches only us, and stop() then shuts
+                    # the children down gracefully instead of them dying mid-write.
                     start_new_session=True,
                     preexec_fn=preexec,
                     user=account.pw_uid if account else None,
@@ -335,11 +335,10 @@ def _die_with_parent() -> Callable[[], None] | None:
         return None
     # Resolved before fork: the child must not take locks (dlsym, imports) between fork and exec.
     prctl = ctypes.CDLL(None, use_errno=True).prctl
-    getppid, parent = os.getppid, os.getpid()
-    exit_now = os._exit
+    getppid, parent, exit_now, sigkill = os.getppid, os.getpid(), os._exit, int(signal.SIGKILL)
 
     def preexec() -> None:
-        prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL))
+        prctl(_PR_SET_PDEATHSIG, sigkill)
         if getppid() != parent:  # the parent died before prctl took effect
             exit_now(1)
 

@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# Installs what a fresh Debian machine lacks to run Switchyard and its local stack: Redis and
+# PostgreSQL (apt), the Kafka broker jars (Maven Central, into ~/.cache/switchyard) and the
+# Python venv. Idempotent: re-running it is cheap, and silent when everything is in place.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+KAFKA_VERSION=3.9.1  # keep in step with compose/kafka/pom.xml and compose/services.py
+KAFKA_LIBS="${HOME}/.cache/switchyard/kafka-${KAFKA_VERSION}/libs"
+VENV="${ROOT}/.venv"
+STAMP="${VENV}/.installed"
+
+say() { printf 'bootstrap: %s\n' "$*"; }
+die() { printf 'bootstrap: error: %s\n' "$*" >&2; exit 1; }
+
+as_root() {
+  if [ "$(id -u)" -eq 0 ]; then
+    "$@"
+  elif command -v sudo >/dev/null 2>&1; then
+    sudo "$@"
+  else
+    die "root is needed for: $* (and there is no sudo); run it as root, then re-run this"
+  fi
+}
+
+APT_UPDATED=0
+apt_install() {
+  command -v apt-get >/dev/null 2>&1 || die "no apt-get: install $* with your package manager"
+  if [ "$APT_UPDATED" -eq 0 ]; then
+    say "apt-get update"
+    as_root apt-get update -qq
+    APT_UPDATED=1
+  fi
+  say "apt-get install $*"
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@"
+}
+
+# --- system packages -------------------------------------------------------------------------
+missing=()
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+# The stack runs the server binaries directly; they are not on PATH in Debian's layout.
+compgen -G '/usr/lib/postgresql/*/bin/postgres' >/dev/null || missing+=(postgresql)
+command -v mvn >/dev/null 2>&1 || [ -f "${KAFKA_LIBS}/kafka_2.13-${KAFKA_VERSION}.jar" ] \
+  || missing+=(maven)
+if [ "${#missing[@]}" -gt 0 ]; then
+  apt_install "${missing[@]}"
+fi
+
+# Checked, not installed: which JDK to use is a machine-wide choice.
+command -v java >/dev/null 2>&1 \
+  || die "java not found; the Kafka broker needs a Java 17+ runtime (e.g. apt-get install openjdk-17-jre-headless)"
+
+# --- Kafka broker jars -----------------------------------------------------------------------
+if [ ! -f "${KAFKA_LIBS}/kafka_2.13-${KAFKA_VERSION}.jar" ]; then
+  say "fetching Kafka ${KAFKA_VERSION} jars with Maven into ${KAFKA_LIBS}"
+  mkdir -p "$(dirname "${KAFKA_LIBS}")"
+  # Copy into a sibling directory and rename, so an interrupted download never looks complete.
+  staging="$(mktemp -d "${KAFKA_LIBS}.tmp.XXXXXX")"
+  trap 'rm -rf "${staging}"' EXIT
+  # Debian's Maven 3.8 prints colour resets even in batch mode; strip them for CI logs.
+  mvn -B -q -f "${ROOT}/compose/kafka/pom.xml" dependency:copy-dependencies \
+    -DincludeScope=runtime -DoutputDirectory="${staging}" | sed -e 's/\x1b\[[0-9;]*m//g'
+  [ -f "${staging}/kafka_2.13-${KAFKA_VERSION}.jar" ] \
+    || die "Maven finished but kafka_2.13-${KAFKA_VERSION}.jar is not in ${staging}"
+  rm -rf "${KAFKA_LIBS}"
+  mv "${staging}" "${KAFKA_LIBS}"
+  trap - EXIT
+fi
+
+# --- Python venv -----------------------------------------------------------------------------
+if [ ! -x "${VENV}/bin/python" ]; then
+  command -v python3 >/dev/null 2>&1 || apt_install python3 python3-venv
+  python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+    || die "python3 is $(python3 -V 2>&1 | cut -d' ' -f2); Switchyard needs 3.11+"
+  # Debian splits ensurepip (which venv needs) into python3-venv.
+  python3 -c 'import ensurepip' 2>/dev/null || apt_install python3-venv
+  say "creating ${VENV}"
+  python3 -m venv "${VENV}"
+fi
+if [ ! -f "${STAMP}" ] || [ "${ROOT}/pyproject.toml" -nt "${STAMP}" ]; then
+  say "installing Switchyard and its dev tools into ${VENV}"
+  (cd "${ROOT}" && "${VENV}/bin/python" -m pip install -q -e '.[dev]')
+  touch "${STAMP}"
+fi
