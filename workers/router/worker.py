@@ -84,6 +84,7 @@ class RouterWorker:
         if claim is not ClaimResult.CLAIMED:
             self._metrics.skipped.labels(claim.value).inc()
             return
+        interrupted = False
         try:
             model = self._catalog.model(str(env.body.get("model")))
             if model is None:
@@ -102,11 +103,15 @@ class RouterWorker:
             except asyncio.CancelledError:
                 task = asyncio.current_task()
                 if task is not None and task.cancelling():
-                    raise  # we are shutting down
+                    interrupted = True
+                    raise  # shutting down past the grace period
                 self._metrics.cancelled.inc()  # the client went away: nothing to answer
         finally:
             self._cancels.unregister(env.request_id)
-            await self._claims.finish(env.request_id)
+            if not interrupted:
+                # An interrupted request keeps its running claim: once this worker's
+                # heartbeat is gone, its redelivery is reported as worker_lost, not skipped.
+                await self._claims.finish(env.request_id)
 
     def _route(self, model: Model) -> Route:
         provider = self._catalog.providers[model.provider]
@@ -128,6 +133,7 @@ class RouterWorker:
         chunks = 0
         status: UsageStatus = "ok"
         error: SwitchyardError | None = None
+        settled: tuple[Usage, bool] | None = None
         try:
             async with asyncio.timeout(max(env.deadline_ms - now_ms(), 1) / 1000):
                 await out.send("meta", {"provider": route.provider, "model": model.id,
@@ -150,7 +156,8 @@ class RouterWorker:
                     reported = Usage.from_openai(completion.get("usage"))
                     completion["model"] = model.id
                     done["completion"] = completion
-            usage, _ = _settle_usage(reported, env.body, chunks)
+            settled = _settle_usage(reported, env.body, chunks)
+            usage = settled[0]
             done["usage"] = _usage_dict(usage)
             done["metadata"] = {"provider": route.provider, "model": model.id,
                                 "latency_ms": round((time.perf_counter() - t0) * 1000, 3),
@@ -173,7 +180,8 @@ class RouterWorker:
             # A provider we could not even connect to did not serve (or bill) an attempt.
             if error is None or error.code != "upstream_unreachable":
                 await self._record(env, model, route, status, error,
-                                   _settle_usage(reported, env.body, chunks), started_ms,
+                                   settled or _settle_usage(reported, env.body, chunks),
+                                   started_ms,
                                    (time.perf_counter() - t0) * 1000, ttft_ms)
 
     async def _record(self, env: RequestEnvelope, model: Model, route: Route,
