@@ -79,12 +79,12 @@ async def test_failed_attempts_are_recorded_too(client: openai.AsyncOpenAI, fake
         await client.chat.completions.create(model="gpt-4o-mini",
                                              messages=[{"role": "user", "content": "fail"}])
     assert failure.value.status_code == 502
-    assert failure.value.code == "upstream_error"
+    assert failure.value.code == "upstream_server_error"
     request_id = str(failure.value.request_id)
 
     rows = await eventually(lambda: rows_for(pg, [request_id]))
     assert rows[0]["status"] == "error"
-    assert rows[0]["error_code"] == "upstream_error"
+    assert rows[0]["error_code"] == "upstream_server_error"
 
 
 async def test_a_replayed_usage_event_changes_neither_ledger_nor_rollup(

@@ -12,13 +12,15 @@ class SwitchyardError(Exception):
     status: ClassVar[int] = 500
     type: ClassVar[str] = "server_error"
     default_code: ClassVar[str] = "internal_error"
-    retryable: ClassVar[bool] = False
+    retryable: bool = False  # the class default; an instance may say otherwise
 
-    def __init__(self, message: str, *, code: str | None = None, param: str | None = None):
+    def __init__(self, message: str, *, code: str | None = None, param: str | None = None,
+                 retryable: bool | None = None):
         super().__init__(message)
         self.message = message
         self.code = code or self.default_code
         self.param = param
+        self.retryable = type(self).retryable if retryable is None else retryable
 
     def to_dict(self) -> dict[str, Any]:
         return {"message": self.message, "type": self.type, "code": self.code,

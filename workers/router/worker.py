@@ -19,7 +19,7 @@ from topics import names
 from topics.catalog import Catalog, Model
 from topics.errors import GatewayTimeout, NotFound, SwitchyardError, Unavailable, UpstreamError
 from topics.messages import RequestEnvelope, UsageEvent, UsageStatus
-from workers.providers.openai_compat import OpenAICompat, Route, Usage
+from workers.providers.base import Dialect, Route, Usage
 from workers.router.cancel import CancelListener
 from workers.router.frames import FrameWriter
 from workers.router.metrics import RouterMetrics
@@ -43,7 +43,7 @@ class Endpoints:
 
 class RouterWorker:
     def __init__(self, *, catalog: Catalog, endpoints: Endpoints, claims: Claims,
-                 provider: OpenAICompat, producer: AIOKafkaProducer,
+                 provider: Dialect, producer: AIOKafkaProducer,
                  frames: Callable[[RequestEnvelope], FrameWriter], cancels: CancelListener,
                  metrics: RouterMetrics) -> None:
         self._catalog = catalog
@@ -117,10 +117,11 @@ class RouterWorker:
         provider = self._catalog.providers[model.provider]
         key = self._endpoints.provider_keys.get(model.provider)
         if key:
-            return Route(model.provider, provider.base_url.rstrip("/"), key, model.upstream_model)
-        if self._endpoints.fallback_url:
-            return Route(FALLBACK_PROVIDER, self._endpoints.fallback_url.rstrip("/"), None,
+            return Route(model.provider, provider.dialect, provider.base_url.rstrip("/"), key,
                          model.upstream_model)
+        if self._endpoints.fallback_url:
+            return Route(FALLBACK_PROVIDER, provider.dialect,
+                         self._endpoints.fallback_url.rstrip("/"), None, model.upstream_model)
         raise Unavailable(f"provider {model.provider!r} has no API key configured "
                           f"(set {provider.api_key_env})", code="provider_not_configured")
 
@@ -158,7 +159,7 @@ class RouterWorker:
                     done["completion"] = completion
             settled = _settle_usage(reported, env.body, chunks)
             usage = settled[0]
-            done["usage"] = _usage_dict(usage)
+            done["usage"] = usage.to_openai()
             done["metadata"] = {"provider": route.provider, "model": model.id,
                                 "latency_ms": round((time.perf_counter() - t0) * 1000, 3),
                                 "cost_usd": str(model.cost_usd(usage.prompt_tokens,
@@ -221,7 +222,3 @@ def _settle_usage(usage: Usage | None, body: dict[str, Any], chunks: int) -> tup
                  cached_tokens=0), True
 
 
-def _usage_dict(usage: Usage) -> dict[str, Any]:
-    return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
-            "total_tokens": usage.prompt_tokens + usage.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": usage.cached_tokens}}
