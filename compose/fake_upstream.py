@@ -13,74 +13,28 @@ import random
 import time
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import Any
 
 import orjson
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 
-DEFAULT_MODELS = ("gpt-4o-mini", "gpt-4o", "gpt-4.1-mini", "o3-mini")
-CONFIG_HEADER = "x-fake-config"
-REQUEST_ID_HEADER = "X-Client-Request-Id"
+from compose.fake_state import (
+    CONFIG_HEADER,
+    DEFAULT_MODELS,
+    REQUEST_ID_HEADER,
+    STATE_KEY,
+    FakeConfig,
+    FakeState,
+    FakeStats,
+)
+
 _FINGERPRINT = "fp_switchyard_fake"
 _SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"}
 _DONE = b"data: [DONE]\n\n"
 # Bounds how late a disconnect is noticed when the runner does not cancel handlers.
 _POLL_S = 0.1
-
-
-class FakeConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    ttft_ms: float = Field(0, ge=0)
-    inter_token_ms: float = Field(0, ge=0)
-    tokens: int = Field(16, ge=0)
-    error_rate: float = Field(0, ge=0, le=1)
-    error_status: int = Field(500, ge=400, le=599)
-    outage: bool = False
-    cut_after_tokens: int | None = Field(None, ge=0)
-    prompt_tokens_override: int | None = Field(None, ge=0)
-    cached_tokens: int = Field(0, ge=0)
-    seed: int = 0
-    models: list[str] = Field(default_factory=lambda: list(DEFAULT_MODELS))
-
-    def merged(self, patch: dict[str, Any]) -> FakeConfig:
-        """Return a validated copy with ``patch`` applied (raises ``ValidationError``)."""
-        return FakeConfig.model_validate({**self.model_dump(), **patch})
-
-
-@dataclass
-class FakeStats:
-    requests_total: int = 0
-    calls_by_request_id: dict[str, int] = field(default_factory=dict)
-    open_streams: int = 0
-    completed_streams: int = 0
-    disconnects: int = 0
-    cut_streams: int = 0
-    errors_sent: int = 0
-    last_authorization: str | None = None
-
-    def reset(self) -> None:
-        # open_streams is live state, not a counter: zeroing it would drive it negative.
-        self.__dict__.update(FakeStats(open_streams=self.open_streams).__dict__)
-
-
-@dataclass
-class _State:
-    initial: FakeConfig
-    config: FakeConfig
-    rng: random.Random
-    stats: FakeStats = field(default_factory=FakeStats)
-
-    def reset(self) -> None:
-        # A shared fake must not leak one test's knobs into the next, so knobs go back too.
-        self.stats.reset()
-        self.config = self.initial
-        self.rng.seed(self.config.seed)
-
-
-STATE_KEY = web.AppKey("fake_upstream_state", _State)
 
 
 def _text_of(content: object) -> str:
@@ -348,7 +302,7 @@ def make_app(config: FakeConfig | None = None) -> web.Application:
     """Build the fake's app. Run it with ``handler_cancellation=True`` for instant disconnects."""
     app = web.Application()
     config = config or FakeConfig()
-    app[STATE_KEY] = _State(initial=config, config=config, rng=random.Random(config.seed))
+    app[STATE_KEY] = FakeState(initial=config, config=config, rng=random.Random(config.seed))
     app.add_routes(
         [
             web.post("/v1/chat/completions", _chat),

@@ -17,13 +17,8 @@ import pytest_asyncio
 from aiohttp import web
 from openai.types.chat import ChatCompletionChunk, ChatCompletionMessageParam
 
-from compose.fake_upstream import (
-    STATE_KEY,
-    FakeConfig,
-    FakeUpstream,
-    expected_content,
-    make_app,
-)
+from compose.fake_state import STATE_KEY, FakeConfig
+from compose.fake_upstream import FakeUpstream, expected_content, make_app
 
 MODEL = "gpt-4o-mini"
 MSGS: list[ChatCompletionMessageParam] = [

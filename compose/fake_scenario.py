@@ -1,0 +1,133 @@
+"""What the fake upstream answers, independent of any wire dialect.
+
+Each dialect module (`fake_upstream` for OpenAI, `fake_anthropic`, `fake_gemini`) parses its
+own request into `Ask`, calls `admit` then `plan`, and renders the `Plan` in its own format.
+So one set of knobs (latency, errors, outage, mid-stream cut, tool calls, cached tokens)
+drives all three, and a test can predict the answer of any of them."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+import orjson
+from aiohttp import web
+from pydantic import ValidationError
+
+from compose.fake_state import CONFIG_HEADER, REQUEST_ID_HEADER, STATE_KEY, FakeConfig, FakeStats
+
+# Bounds how late a disconnect is noticed when the runner does not cancel handlers.
+_POLL_S = 0.1
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """An injected (or request-format) failure; each dialect renders it in its error shape."""
+
+    status: int
+    kind: Literal["overloaded", "server_error", "rate_limited", "bad_request"]
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class Ask:
+    """The parts of a request, in any dialect, that decide the fake's answer."""
+
+    last_user_text: str
+    all_texts: list[str]  # every text part of every message, system included
+    tools: list[str] = field(default_factory=list)  # declared function names, in order
+    tool_choice: str | None = None  # None/"auto", "none", "required"/"any", or a name
+    json_mode: bool = False
+    max_tokens: int | None = None
+    after_tool_result: bool = False  # the last message carries a tool result
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    kind: Literal["text", "tool_call", "json"]
+    pieces: list[str]  # streamed one per chunk: text tokens, or tool-argument JSON pieces
+    finish: Literal["stop", "length", "tool_call"]
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    tool_name: str | None = None
+    tool_call_id: str | None = None
+
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces)
+
+
+def admit(request: web.Request) -> tuple[FakeConfig, FakeStats] | Failure:
+    """Count the call, apply a per-request `x-fake-config`, and inject outages and errors."""
+    state = request.app[STATE_KEY]
+    stats = state.stats
+    stats.requests_total += 1
+    headers = request.headers
+    if (rid := headers.get(REQUEST_ID_HEADER)) is not None:
+        stats.calls_by_request_id[rid] = stats.calls_by_request_id.get(rid, 0) + 1
+    for name in ("Authorization", "x-api-key", "x-goog-api-key"):
+        if (value := headers.get(name)) is not None:
+            stats.last_authorization = value
+    cfg = state.config
+    if (raw := headers.get(CONFIG_HEADER)) is not None:
+        try:
+            override = orjson.loads(raw)
+            if not isinstance(override, dict):
+                raise ValueError(f"{CONFIG_HEADER} must be a JSON object")
+            cfg = cfg.merged(override)
+        except (ValueError, ValidationError) as exc:
+            stats.errors_sent += 1
+            return Failure(400, "bad_request", f"bad {CONFIG_HEADER}: {exc}")
+    if cfg.outage:
+        stats.errors_sent += 1
+        return Failure(503, "overloaded", "The service is overloaded, try again later.")
+    if cfg.error_rate > 0 and state.rng.random() < cfg.error_rate:
+        stats.errors_sent += 1
+        kind: Literal["rate_limited", "server_error"] = (
+            "rate_limited" if cfg.error_status == 429 else "server_error")
+        return Failure(cfg.error_status, kind, "The server had an error processing your request.")
+    return cfg, stats
+
+
+def plan(cfg: FakeConfig, ask: Ask) -> Plan:
+    word = (ask.last_user_text.split(maxsplit=1) or ["empty"])[0]
+    prompt = cfg.prompt_tokens_override
+    if prompt is None:
+        prompt = sum(len(t.split()) + 4 for t in ask.all_texts)
+    cached = min(cfg.cached_tokens, prompt)
+    wants_tool = (ask.tools and ask.tool_choice != "none" and not ask.after_tool_result)
+    if wants_tool:
+        name = ask.tool_choice if ask.tool_choice in ask.tools else ask.tools[0]
+        arguments = orjson.dumps({"query": word}).decode()
+        pieces = _split(arguments, 3)
+        return Plan("tool_call", pieces, "tool_call", prompt, len(pieces), cached,
+                    tool_name=name, tool_call_id=f"call_{word}_{len(ask.all_texts)}")
+    if ask.json_mode:
+        document = orjson.dumps({"word": word, "tokens": cfg.tokens}).decode()
+        pieces = _split(document, 4)
+        return Plan("json", pieces, "stop", prompt, len(pieces), cached)
+    tokens, finish = cfg.tokens, "stop"
+    if ask.max_tokens is not None and 0 <= ask.max_tokens < tokens:
+        tokens, finish = ask.max_tokens, "length"
+    pieces = [f"{word}-{i} " for i in range(tokens)]
+    return Plan("text", pieces, finish, prompt, len(pieces), cached)  # type: ignore[arg-type]
+
+
+def _split(text: str, parts: int) -> list[str]:
+    size = max(1, -(-len(text) // parts))
+    return [text[i:i + size] for i in range(0, len(text), size)]
+
+
+async def pause(request: web.Request, ms: float) -> None:
+    """Sleep, but notice a vanished client even if the runner does not cancel handlers."""
+    if ms <= 0:
+        return
+    deadline = time.monotonic() + ms / 1000
+    while (left := deadline - time.monotonic()) > 0:
+        await asyncio.sleep(min(left, _POLL_S))
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("client went away")
