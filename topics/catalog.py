@@ -12,12 +12,18 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 _MTOK = Decimal(1_000_000)
 
 
+Dialect = Literal["openai", "anthropic", "gemini"]
+ModelClass = Literal["frontier", "fast", "reasoning", "code", "embedding"]
+Capability = Literal["chat", "stream", "tools", "json", "vision", "reasoning", "embeddings"]
+
+
 class Provider(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    dialect: Literal["openai"]
+    dialect: Dialect
     base_url: str
     api_key_env: str
+    prices_checked: str
 
 
 class Model(BaseModel):
@@ -26,6 +32,10 @@ class Model(BaseModel):
     id: str
     provider: str
     upstream_model: str
+    kind: Literal["chat", "embedding"] = "chat"
+    class_: ModelClass = Field(alias="class")
+    aliases: list[str] = Field(default_factory=list)
+    capabilities: list[Capability]
     context_window: int = Field(gt=0)
     input_per_mtok: Decimal = Field(ge=0)
     cached_input_per_mtok: Decimal = Field(ge=0)
@@ -50,18 +60,18 @@ class Catalog(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> Catalog:
-        seen: set[str] = set()
         for model in self.models:
             if model.provider not in self.providers:
                 raise ValueError(f"model {model.id!r} names unknown provider {model.provider!r}")
-            if model.id in seen:
-                raise ValueError(f"model {model.id!r} is listed twice")
-            seen.add(model.id)
-        self._by_id = {m.id: m for m in self.models}
+            for name in (model.id, *model.aliases):
+                if name in self._by_id:
+                    raise ValueError(f"model name {name!r} is listed twice")
+                self._by_id[name] = model
         return self
 
-    def model(self, model_id: str) -> Model | None:
-        return self._by_id.get(model_id)
+    def model(self, name: str) -> Model | None:
+        """The model called `name` (its id or an alias)."""
+        return self._by_id.get(name)
 
 
 def load_catalog(path: Path) -> Catalog:

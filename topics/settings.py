@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import orjson
 from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -56,6 +57,8 @@ class RouterSettings(BaseModel):
     heartbeat_ttl_ms: int = Field(default=3000, ge=500)
     shutdown_grace_s: float = Field(default=20.0, ge=0)
     upstream_connect_timeout_s: float = Field(default=5.0, gt=0)
+    upstream_ttft_timeout_s: float = Field(default=60.0, gt=0)
+    upstream_idle_timeout_s: float = Field(default=30.0, gt=0)
     upstream_total_timeout_s: float = Field(default=300.0, gt=0)
     upstream_pool_size: int = Field(default=512, ge=1)
     metrics_port: int = 0  # 0: no metrics endpoint
@@ -84,6 +87,9 @@ class Settings(BaseSettings):
     # When set, routes whose provider key is not configured go to this OpenAI-compatible
     # server instead (the fake upstream of the local stack), so the stack works offline.
     fallback_upstream_url: str | None = None
+    # Per-provider endpoint overrides (a regional endpoint, a proxy), as JSON:
+    # {"openai": "https://proxy.internal/v1"}. They replace the catalog's base_url.
+    provider_base_urls: dict[str, str] = Field(default_factory=dict)
     dev_api_key: str | None = None
     log_level: str = "INFO"
 
@@ -102,10 +108,18 @@ class Settings(BaseSettings):
     def to_env(self) -> dict[str, str]:
         """The environment that reproduces these settings in a child process."""
         env: dict[str, str] = {}
-        for name, value in self.model_dump(mode="json").items():
-            if isinstance(value, dict):
-                for sub, subval in value.items():
-                    env[f"SWITCHYARD_{name.upper()}__{sub.upper()}"] = str(subval)
+        dumped = self.model_dump(mode="json")
+        for name, field in type(self).model_fields.items():
+            value = dumped[name]
+            sub = field.annotation
+            if isinstance(sub, type) and issubclass(sub, BaseModel):
+                for key, subval in value.items():
+                    env[f"SWITCHYARD_{name.upper()}__{key.upper()}"] = _env_value(subval)
             elif value is not None:
-                env[f"SWITCHYARD_{name.upper()}"] = str(value)
+                env[f"SWITCHYARD_{name.upper()}"] = _env_value(value)
         return env
+
+
+def _env_value(value: object) -> str:
+    # Structured values travel as JSON, which pydantic-settings parses back.
+    return orjson.dumps(value).decode() if isinstance(value, dict | list) else str(value)

@@ -20,12 +20,14 @@ from topics.kafka import make_consumer, make_producer
 from topics.messages import RequestEnvelope
 from topics.settings import Settings
 from workers.consumer import ConsumerLoop
+from workers.providers.base import Dialect, Timeouts
 from workers.providers.openai_compat import OpenAICompat
 from workers.router.cancel import CancelListener
 from workers.router.frames import FrameWriter
 from workers.router.metrics import RouterMetrics
 from workers.router.publisher import ReplyPublisher
-from workers.router.worker import Endpoints, RouterWorker
+from workers.router.routes import RouteConfig, RouteResolver
+from workers.router.worker import RouterWorker
 from workers.runtime import run_process, serve_metrics
 
 log = logging.getLogger(__name__)
@@ -36,10 +38,15 @@ GROUP_ID = "router"
 async def run_router(settings: Settings, stop: asyncio.Event, *,
                      topic: str = names.REQUESTS) -> None:
     catalog = load_catalog(settings.catalog_path)
-    endpoints = Endpoints(
+    route_config = RouteConfig(
         provider_keys={name: os.environ.get(p.api_key_env) or None
                        for name, p in catalog.providers.items()},
-        fallback_url=settings.fallback_upstream_url)
+        base_urls=settings.provider_base_urls,
+        fallback_url=settings.fallback_upstream_url,
+        timeouts=Timeouts(connect_s=settings.router.upstream_connect_timeout_s,
+                          ttft_s=settings.router.upstream_ttft_timeout_s,
+                          idle_s=settings.router.upstream_idle_timeout_s,
+                          total_s=settings.router.upstream_total_timeout_s))
     cfg = settings.router
     worker_id = f"router-{uuid.uuid4().hex[:12]}"
     registry = CollectorRegistry()
@@ -68,8 +75,8 @@ async def run_router(settings: Settings, stop: asyncio.Event, *,
         publisher = await resources.enter_async_context(ReplyPublisher(client))
         cancels = CancelListener(client)
         worker = RouterWorker(
-            catalog=catalog, endpoints=endpoints, claims=claims,
-            provider=OpenAICompat(http), producer=producer,
+            catalog=catalog, routes=RouteResolver(catalog, route_config), claims=claims,
+            dialects=dialects(http), producer=producer,
             frames=lambda env: FrameWriter(env.request_id, env.reply, publisher, producer),
             cancels=cancels, metrics=metrics)
         loop = ConsumerLoop(consumer=consumer, producer=producer, topic=topic,
@@ -86,6 +93,11 @@ async def run_router(settings: Settings, stop: asyncio.Event, *,
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
         log.info("router %s stopped", worker_id)
+
+
+def dialects(http: aiohttp.ClientSession) -> dict[str, Dialect]:
+    """One adapter per wire protocol, all sharing the process's HTTP pool."""
+    return {"openai": OpenAICompat(http)}
 
 
 async def _heartbeat(claims: Claims, every_s: float) -> None:

@@ -9,7 +9,6 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
@@ -17,39 +16,29 @@ from aiokafka import AIOKafkaProducer
 from state.claims import ClaimResult, Claims
 from topics import names
 from topics.catalog import Catalog, Model
-from topics.errors import GatewayTimeout, NotFound, SwitchyardError, Unavailable, UpstreamError
+from topics.errors import GatewayTimeout, NotFound, SwitchyardError, UpstreamError
 from topics.messages import RequestEnvelope, UsageEvent, UsageStatus
 from workers.providers.base import Dialect, Route, Usage
 from workers.router.cancel import CancelListener
 from workers.router.frames import FrameWriter
 from workers.router.metrics import RouterMetrics
+from workers.router.routes import RouteResolver
 
 log = logging.getLogger(__name__)
-
-FALLBACK_PROVIDER = "local-fallback"
-
 
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-@dataclass(frozen=True, slots=True)
-class Endpoints:
-    """Where each provider is reached: keys read from the environment once, at start."""
-
-    provider_keys: Mapping[str, str | None]
-    fallback_url: str | None
-
-
 class RouterWorker:
-    def __init__(self, *, catalog: Catalog, endpoints: Endpoints, claims: Claims,
-                 provider: Dialect, producer: AIOKafkaProducer,
+    def __init__(self, *, catalog: Catalog, routes: RouteResolver, claims: Claims,
+                 dialects: Mapping[str, Dialect], producer: AIOKafkaProducer,
                  frames: Callable[[RequestEnvelope], FrameWriter], cancels: CancelListener,
                  metrics: RouterMetrics) -> None:
         self._catalog = catalog
-        self._endpoints = endpoints
+        self._routes = routes
         self._claims = claims
-        self._provider = provider
+        self._dialects = dialects
         self._producer = producer
         self._frames = frames
         self._cancels = cancels
@@ -92,7 +81,7 @@ class RouterWorker:
                                          code="model_not_found", param="model"))
                 return
             try:
-                route = self._route(model)
+                route = await self._routes.resolve(model, env.tenant_id)
             except SwitchyardError as exc:
                 await out.error(exc)
                 return
@@ -113,18 +102,6 @@ class RouterWorker:
                 # heartbeat is gone, its redelivery is reported as worker_lost, not skipped.
                 await self._claims.finish(env.request_id)
 
-    def _route(self, model: Model) -> Route:
-        provider = self._catalog.providers[model.provider]
-        key = self._endpoints.provider_keys.get(model.provider)
-        if key:
-            return Route(model.provider, provider.dialect, provider.base_url.rstrip("/"), key,
-                         model.upstream_model)
-        if self._endpoints.fallback_url:
-            return Route(FALLBACK_PROVIDER, provider.dialect,
-                         self._endpoints.fallback_url.rstrip("/"), None, model.upstream_model)
-        raise Unavailable(f"provider {model.provider!r} has no API key configured "
-                          f"(set {provider.api_key_env})", code="provider_not_configured")
-
     async def _attempt(self, env: RequestEnvelope, model: Model, route: Route,
                        out: FrameWriter) -> None:
         started_ms = now_ms()
@@ -135,13 +112,14 @@ class RouterWorker:
         status: UsageStatus = "ok"
         error: SwitchyardError | None = None
         settled: tuple[Usage, bool] | None = None
+        dialect = self._dialects[route.dialect]
         try:
             async with asyncio.timeout(max(env.deadline_ms - now_ms(), 1) / 1000):
                 await out.send("meta", {"provider": route.provider, "model": model.id,
                                         "attempt": 1})
                 done: dict[str, Any] = {}
                 if env.body.get("stream"):
-                    async for chunk in self._provider.stream(route, env.body, env.request_id):
+                    async for chunk in dialect.stream(route, env.body, env.request_id):
                         reported = Usage.from_openai(chunk.get("usage")) or reported
                         if not chunk.get("choices"):
                             continue  # the usage-only chunk: sent in `done`, if asked for
@@ -152,7 +130,7 @@ class RouterWorker:
                         chunk["model"] = model.id
                         await out.chunk(chunk)
                 else:
-                    completion = await self._provider.complete(route, env.body, env.request_id)
+                    completion = await dialect.complete(route, env.body, env.request_id)
                     ttft_ms = (time.perf_counter() - t0) * 1000
                     reported = Usage.from_openai(completion.get("usage"))
                     completion["model"] = model.id

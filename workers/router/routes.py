@@ -1,0 +1,51 @@
+"""Which endpoint and key serve a model for a tenant: the tenant's own key (bring your own
+key) first, then the key configured in the environment, then the offline fallback server."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+
+from topics.catalog import Catalog, Model
+from topics.errors import Unavailable
+from workers.providers.base import Route, Timeouts
+
+FALLBACK_PROVIDER = "local-fallback"
+
+TenantKeyLookup = Callable[[str, str], Awaitable[str | None]]
+
+
+@dataclass(frozen=True, slots=True)
+class RouteConfig:
+    provider_keys: Mapping[str, str | None]  # from the environment, read once at start
+    base_urls: Mapping[str, str]  # per-provider endpoint overrides
+    fallback_url: str | None
+    timeouts: Timeouts
+
+
+class RouteResolver:
+    def __init__(self, catalog: Catalog, config: RouteConfig,
+                 tenant_key: TenantKeyLookup | None = None) -> None:
+        self._catalog = catalog
+        self._config = config
+        self._tenant_key = tenant_key
+
+    async def resolve(self, model: Model, tenant_id: str) -> Route:
+        provider = self._catalog.providers[model.provider]
+        base_url = self._config.base_urls.get(model.provider, provider.base_url).rstrip("/")
+        key = None
+        if self._tenant_key is not None:
+            key = await self._tenant_key(tenant_id, model.provider)
+        key = key or self._config.provider_keys.get(model.provider)
+        if key:
+            return Route(model.provider, provider.dialect, base_url, key, model.upstream_model,
+                         self._config.timeouts)
+        if self._config.fallback_url:
+            # Offline development: the fake upstream speaks every dialect on one server.
+            fallback = self._config.fallback_url.rstrip("/").removesuffix("/v1")
+            suffix = "/v1beta" if provider.dialect == "gemini" else "/v1"
+            return Route(FALLBACK_PROVIDER, provider.dialect, fallback + suffix, None,
+                         model.upstream_model, self._config.timeouts)
+        raise Unavailable(f"provider {model.provider!r} has no API key configured "
+                          f"(set {provider.api_key_env}, or store a tenant key in the vault)",
+                          code="provider_not_configured")
