@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import random
 import time
 import uuid
@@ -20,6 +21,7 @@ import orjson
 from aiohttp import web
 from pydantic import ValidationError
 
+from compose.fake_scenario import Failure, admit
 from compose.fake_state import (
     CONFIG_HEADER,
     DEFAULT_MODELS,
@@ -265,6 +267,31 @@ async def _stream(
         stats.open_streams -= 1
 
 
+async def _embeddings(request: web.Request) -> web.Response:
+    """Deterministic vectors (a hash of each input) with usage, like OpenAI's endpoint."""
+    admitted = admit(request)
+    if isinstance(admitted, Failure):
+        return _error(admitted.status, admitted.message, admitted.kind)
+    try:
+        body = orjson.loads(await request.read())
+        inputs = body["input"]
+        inputs = [inputs] if isinstance(inputs, str) else list(inputs)
+        dims = int(body.get("dimensions") or 8)
+    except (ValueError, TypeError, KeyError):
+        return _error(400, "Expected 'model' and 'input'.", "invalid_request_error")
+    data = [{"object": "embedding", "index": i, "embedding": embedding_of(text, dims)}
+            for i, text in enumerate(inputs)]
+    tokens = sum(len(str(text).split()) for text in inputs)
+    payload = {"object": "list", "data": data, "model": body.get("model"),
+               "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+    return web.Response(body=orjson.dumps(payload), content_type="application/json")
+
+
+def embedding_of(text: object, dims: int) -> list[float]:
+    digest = hashlib.sha256(str(text).encode()).digest()
+    return [round(digest[i % len(digest)] / 255, 6) for i in range(dims)]
+
+
 async def _models(request: web.Request) -> web.Response:
     cfg = request.app[STATE_KEY].config
     data = [
@@ -306,6 +333,7 @@ def make_app(config: FakeConfig | None = None) -> web.Application:
     app.add_routes(
         [
             web.post("/v1/chat/completions", _chat),
+            web.post("/v1/embeddings", _embeddings),
             web.get("/v1/models", _models),
             web.get("/_fake/config", _config),
             web.put("/_fake/config", _config),

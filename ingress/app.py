@@ -19,14 +19,24 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from ingress.auth import Authenticator
-from ingress.chat import ChatCompletions, ChatDeps
+from ingress.chat import ChatCompletions
+from ingress.embeddings import Embeddings
 from ingress.errors import on_http_exception, on_switchyard_error
 from ingress.metrics import IngressMetrics
 from ingress.middleware import RequestIdentity
 from ingress.ops import OpsDeps, health_route, metrics_route, models_route
+from ingress.pipeline import Pipeline
 from ingress.replies import ReplyRouter
+from ingress.vault import (
+    VaultDeps,
+    delete_key_route,
+    list_keys_route,
+    rotate_key_route,
+    store_key_route,
+)
 from state.keys import find_key
 from state.redis_client import make_redis
+from state.vault import MasterKeys
 from topics import names
 from topics.catalog import load_catalog
 from topics.errors import SwitchyardError
@@ -35,12 +45,15 @@ from topics.settings import Settings
 
 log = logging.getLogger(__name__)
 
-ROUTES = frozenset({"/v1/chat/completions", "/v1/models", "/v1/health", "/metrics"})
+ROUTES = frozenset({"/v1/chat/completions", "/v1/infer", "/v1/embeddings", "/v1/models",
+                    "/v1/health", "/metrics", "/v1/vault/keys"})
 
 
 def create_app(settings: Settings | None = None) -> Starlette:
     settings = settings or Settings()
     catalog = load_catalog(settings.catalog_path)
+    # Malformed master keys fail the start; absent ones make the vault routes 503.
+    master_keys = MasterKeys.from_settings(settings.vault)
     metrics = IngressMetrics(CollectorRegistry())
 
     @contextlib.asynccontextmanager
@@ -70,14 +83,20 @@ def create_app(settings: Settings | None = None) -> Starlette:
             ops = OpsDeps(auth=auth, catalog=catalog, producer=producer, redis=client,
                           pool=pool, metrics=metrics,
                           health_timeout_s=settings.ingress.health_timeout_s)
+            pipeline = Pipeline(settings=settings.ingress, producer=producer,
+                                redis_client=client, replies=replies, metrics=metrics)
+            vault = VaultDeps(auth=auth, catalog=catalog, pool=pool, keys=master_keys)
             log.info("ingress ready; replies on %s", replies.channel)
             yield {
-                "chat": ChatCompletions(ChatDeps(
-                    settings=settings.ingress, auth=auth, catalog=catalog, producer=producer,
-                    redis=client, replies=replies, metrics=metrics)),
+                "chat": ChatCompletions(pipeline, auth, catalog),
+                "embeddings": Embeddings(pipeline, auth, catalog),
                 "models": models_route(ops),
                 "health": health_route(ops),
                 "metrics": metrics_route(ops),
+                "vault_store": store_key_route(vault),
+                "vault_list": list_keys_route(vault),
+                "vault_rotate": rotate_key_route(vault),
+                "vault_delete": delete_key_route(vault),
             }
 
     def handler(name: str) -> Any:
@@ -91,9 +110,16 @@ def create_app(settings: Settings | None = None) -> Starlette:
     return Starlette(
         routes=[
             Route("/v1/chat/completions", handler("chat"), methods=["POST"]),
+            Route("/v1/infer", handler("chat"), methods=["POST"]),  # the seed product's name
+            Route("/v1/embeddings", handler("embeddings"), methods=["POST"]),
             Route("/v1/models", handler("models"), methods=["GET"]),
             Route("/v1/health", handler("health"), methods=["GET"]),
             Route("/metrics", handler("metrics"), methods=["GET"]),
+            Route("/v1/vault/keys", handler("vault_store"), methods=["POST"]),
+            Route("/v1/vault/keys", handler("vault_list"), methods=["GET"]),
+            Route("/v1/vault/keys/{provider}/rotate", handler("vault_rotate"),
+                  methods=["POST"]),
+            Route("/v1/vault/keys/{provider}", handler("vault_delete"), methods=["DELETE"]),
         ],
         middleware=[Middleware(RequestIdentity, metrics=metrics, routes=ROUTES)],
         exception_handlers={SwitchyardError: on_switchyard_error,

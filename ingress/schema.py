@@ -55,10 +55,32 @@ def validate_chat(body: dict[str, Any]) -> ChatCompletionRequest:
     try:
         return ChatCompletionRequest.model_validate(body)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        param = ".".join(str(p) for p in first["loc"])
-        missing = first["type"] == "missing"
-        raise Unprocessable(
-            f"{param}: {'is required' if missing else first['msg']}"
-            + (f" ({exc.error_count() - 1} more problems)" if exc.error_count() > 1 else ""),
-            code="missing_field" if missing else "invalid_field", param=param) from None
+        raise _unprocessable(exc) from None
+
+
+def _unprocessable(exc: ValidationError) -> Unprocessable:
+    first = exc.errors()[0]
+    param = ".".join(str(p) for p in first["loc"])
+    missing = first["type"] == "missing"
+    return Unprocessable(
+        f"{param}: {'is required' if missing else first['msg']}"
+        + (f" ({exc.error_count() - 1} more problems)" if exc.error_count() > 1 else ""),
+        code="missing_field" if missing else "invalid_field", param=param)
+
+
+class EmbeddingsRequest(_Open):
+    model: str = Field(min_length=1)
+    input: str | list[str] = Field(min_length=1)
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(default=None, ge=1)
+
+
+def validate_embeddings(body: dict[str, Any]) -> EmbeddingsRequest:
+    try:
+        request = EmbeddingsRequest.model_validate(body)
+    except ValidationError as exc:
+        raise _unprocessable(exc) from None
+    if isinstance(request.input, list) and not all(request.input):
+        raise Unprocessable("input: every item must be a non-empty string",
+                            code="invalid_field", param="input")
+    return request

@@ -17,7 +17,12 @@ import pytest
 from compose.gateway import Gateway
 from compose.stack import LocalStack, free_port
 from state.keys import create_key
+from topics.catalog import load_catalog
 from topics.settings import RouterSettings, Settings
+
+
+# Its models have no key in the environment: they exercise the offline fallback route.
+FALLBACK_ONLY_PROVIDER = "minimax"
 
 
 class FakeAdmin:
@@ -56,13 +61,22 @@ def stack() -> Iterator[LocalStack]:
 
 @pytest.fixture(scope="session")
 def gateway(stack: LocalStack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    """Every provider's endpoint is the fake upstream, which speaks all three dialects. Each
+    provider has a key in the environment except the one left to the offline fallback."""
     fake_port = free_port()
+    fake = f"http://127.0.0.1:{fake_port}"
+    catalog = load_catalog(stack.settings.catalog_path)
     settings = stack.settings.model_copy(update={
         "ingress": stack.settings.ingress.model_copy(update={"port": free_port()}),
-        "fallback_upstream_url": f"http://127.0.0.1:{fake_port}/v1",
+        "fallback_upstream_url": f"{fake}/v1",
+        "provider_base_urls": {
+            name: fake + ("/v1beta" if p.dialect == "gemini" else "/v1")
+            for name, p in catalog.providers.items() if name != FALLBACK_ONLY_PROVIDER},
     })
+    keys = {p.api_key_env: f"env-key-{name}" for name, p in catalog.providers.items()
+            if name != FALLBACK_ONLY_PROVIDER}
     logs: Path = tmp_path_factory.mktemp("gateway-logs")
-    with Gateway(settings, logs, fake_upstream_port=fake_port) as running:
+    with Gateway(settings, logs, fake_upstream_port=fake_port, extra_env=keys) as running:
         yield running
 
 

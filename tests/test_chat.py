@@ -31,7 +31,7 @@ async def test_non_streaming_completion(client: openai.AsyncOpenAI, fake: FakeAd
     assert (completion._request_id or "").startswith("req_")
     metadata = completion.metadata
     assert metadata is not None
-    assert metadata["provider"] == "local-fallback"
+    assert metadata["provider"] == "openai"
     # 40 input tokens at $0.15/M + 12 output tokens at $0.60/M
     assert metadata["cost_usd"] == "0.0000132"
 

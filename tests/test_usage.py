@@ -58,8 +58,7 @@ async def test_one_row_per_attempt_with_the_reported_tokens(
 
     assert len(rows) == 2
     for row in rows:
-        assert (row["status"], row["provider"], row["model"]) == ("ok", "local-fallback",
-                                                                  "gpt-4o")
+        assert (row["status"], row["provider"], row["model"]) == ("ok", "openai", "gpt-4o")
         assert (row["prompt_tokens"], row["completion_tokens"], row["cached_tokens"]) == (
             31, 7, 11)
         assert row["estimated"] is False

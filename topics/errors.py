@@ -48,6 +48,12 @@ class Unauthorized(SwitchyardError):
     default_code = "invalid_api_key"
 
 
+class Forbidden(SwitchyardError):
+    status = 403
+    type = "permission_error"
+    default_code = "forbidden"
+
+
 class NotFound(SwitchyardError):
     status = 404
     type = "invalid_request_error"
@@ -98,6 +104,6 @@ class GatewayTimeout(SwitchyardError):
 
 _BY_STATUS: dict[int, type[SwitchyardError]] = {
     cls.status: cls
-    for cls in (InvalidRequest, Unauthorized, NotFound, PayloadTooLarge, Unprocessable,
+    for cls in (InvalidRequest, Unauthorized, Forbidden, NotFound, PayloadTooLarge, Unprocessable,
                 RateLimited, UpstreamError, Unavailable, GatewayTimeout)
 }

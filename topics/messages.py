@@ -16,7 +16,7 @@ SCHEMA_VERSION: Literal[1] = 1
 
 Mode = Literal["auto", "fixed", "speculative", "council"]
 FrameKind = Literal["meta", "chunk", "done", "error"]
-Endpoint = Literal["chat.completions"]
+Endpoint = Literal["chat.completions", "embeddings"]
 
 
 class _Message(BaseModel):
@@ -41,6 +41,7 @@ class RoutingOptions(_Message):
     weights: ObjectiveWeights = ObjectiveWeights()
     allowed_providers: list[str] | None = None
     price_ceiling_per_mtok: Decimal | None = None
+    fallback_enabled: bool = True
 
 
 class ReplyTarget(_Message):
@@ -69,6 +70,8 @@ class RequestEnvelope(_Message):
     # The OpenAI request body exactly as the client sent it, unknown fields included.
     body: dict[str, Any]
     routing: RoutingOptions = RoutingOptions()
+    # The client's free-form `metadata` object, kept off the provider call.
+    metadata: dict[str, Any] | None = None
     reply: ReplyTarget
     category: str | None = None
     confidence: float | None = None

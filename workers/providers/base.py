@@ -72,6 +72,12 @@ class Dialect(Protocol):
         SwitchyardError if the provider's stream ends before it is complete."""
         ...
 
+    async def embed(self, route: Route, body: dict[str, Any],
+                    request_id: str) -> dict[str, Any]:
+        """An OpenAI embeddings response for an OpenAI embeddings request. If the provider
+        reports no usage, the dict carries `"usage_estimated": True`."""
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class SseEvent:

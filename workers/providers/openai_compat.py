@@ -33,9 +33,18 @@ class OpenAICompat:
                        request_id: str) -> dict[str, Any]:
         payload = {**body, "model": route.upstream_model, "stream": False}
         payload.pop("stream_options", None)
+        return await self._call(route, "/chat/completions", payload, request_id)
+
+    async def embed(self, route: Route, body: dict[str, Any],
+                    request_id: str) -> dict[str, Any]:
+        return await self._call(route, "/embeddings", {**body, "model": route.upstream_model},
+                                request_id)
+
+    async def _call(self, route: Route, path: str, payload: dict[str, Any],
+                    request_id: str) -> dict[str, Any]:
         try:
             async with asyncio.timeout(route.timeouts.total_s), self._post(
-                    route, payload, request_id) as resp:
+                    route, payload, request_id, path) as resp:
                 raw = await resp.read()
                 if resp.status != 200:
                     raise http_error(route.provider, resp.status, raw)
@@ -77,13 +86,13 @@ class OpenAICompat:
             raise timed_out(route.provider, phase) from exc
         raise stream_cut(route.provider)
 
-    def _post(self, route: Route, payload: dict[str, Any],
-              request_id: str) -> Any:
+    def _post(self, route: Route, payload: dict[str, Any], request_id: str,
+              path: str = "/chat/completions") -> Any:
         headers = {"Content-Type": "application/json", "X-Client-Request-Id": request_id}
         if route.api_key:
             headers["Authorization"] = f"Bearer {route.api_key}"
         return self._session.post(
-            f"{route.base_url}/chat/completions", data=orjson.dumps(payload), headers=headers,
+            f"{route.base_url}{path}", data=orjson.dumps(payload), headers=headers,
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=route.timeouts.connect_s))
 
 

@@ -11,6 +11,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import orjson
 from aiokafka import AIOKafkaProducer
 
 from state.claims import ClaimResult, Claims
@@ -118,7 +119,15 @@ class RouterWorker:
                 await out.send("meta", {"provider": route.provider, "model": model.id,
                                         "attempt": 1})
                 done: dict[str, Any] = {}
-                if env.body.get("stream"):
+                if env.endpoint == "embeddings":
+                    embeddings = await dialect.embed(route, env.body, env.request_id)
+                    ttft_ms = (time.perf_counter() - t0) * 1000
+                    # Embedding APIs that report no usage get an estimate, marked as such.
+                    if not embeddings.pop("usage_estimated", False):
+                        reported = Usage.from_openai(embeddings.get("usage"))
+                    embeddings["model"] = model.id
+                    done["embeddings"] = embeddings
+                elif env.body.get("stream"):
                     async for chunk in dialect.stream(route, env.body, env.request_id):
                         reported = Usage.from_openai(chunk.get("usage")) or reported
                         if not chunk.get("choices"):
@@ -191,11 +200,13 @@ class RouterWorker:
 
 
 def _settle_usage(usage: Usage | None, body: dict[str, Any], chunks: int) -> tuple[Usage, bool]:
-    """The provider's usage, or, when it sent none, an estimate (marked as such)."""
+    """The provider's usage, or, when it sent none, an estimate (marked as such): about four
+    characters a token, one token a streamed chunk."""
     if usage is not None:
         return usage, False
-    prompt_chars = sum(len(str(m.get("content") or "")) for m in body.get("messages") or ()
-                       if isinstance(m, dict))
+    texts = body.get("input") if "input" in body else [
+        m.get("content") for m in body.get("messages") or () if isinstance(m, dict)]
+    prompt_chars = len(orjson.dumps(texts))
     return Usage(prompt_tokens=max(prompt_chars // 4, 1), completion_tokens=chunks,
                  cached_tokens=0), True
 

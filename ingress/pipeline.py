@@ -1,0 +1,137 @@
+"""What every model route does after validation: publish the request durably to Kafka, wait
+for its first answer on this process's reply channel, and cancel it when the client leaves."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import redis.asyncio as redis
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
+from starlette.requests import Request
+
+from ingress.metrics import IngressMetrics
+from ingress.replies import FrameStream, ReplyRouter
+from state.claims import publish_cancel
+from state.keys import KeyOwner
+from topics import names
+from topics.errors import InvalidRequest, PayloadTooLarge, SwitchyardError, Unavailable
+from topics.messages import Endpoint, ReplyFrame
+from topics.settings import IngressSettings
+
+TIMEOUT_HEADER = "x-switchyard-timeout-ms"
+# Frames may trail the router's own deadline handling by a little; wait that much longer so
+# the router's precise error, not a generic timeout, reaches the client.
+_DEADLINE_SLACK_S = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class Submission:
+    request_id: str
+    owner: KeyOwner
+    endpoint: Endpoint
+    body: dict[str, Any]
+    routing: dict[str, Any]
+    metadata: dict[str, Any] | None
+    timeout_s: float
+    traceparent: str | None
+
+
+class Pipeline:
+    def __init__(self, *, settings: IngressSettings, producer: AIOKafkaProducer,
+                 redis_client: redis.Redis, replies: ReplyRouter,
+                 metrics: IngressMetrics) -> None:
+        self.settings = settings
+        self._producer = producer
+        self._redis = redis_client
+        self._replies = replies
+        self._metrics = metrics
+
+    async def submit(self, job: Submission) -> tuple[ReplyFrame, FrameStream]:
+        """Publish `job` and wait for its first answer (an error frame is raised). Waiting
+        lets a provider that fails before its first token get a proper HTTP status instead
+        of a 200 stream that ends in an error. The caller closes the stream's reply slot."""
+        deadline = asyncio.get_running_loop().time() + job.timeout_s + _DEADLINE_SLACK_S
+        stream = FrameStream(self._replies.open(job.request_id), deadline)
+        try:
+            await self._publish(job)
+            first = await stream.first_answer()
+            if first.kind == "error":
+                raise SwitchyardError.from_frame_data(first.data)
+        except BaseException as exc:
+            self.close(job.request_id)
+            if isinstance(exc, SwitchyardError) and exc.code == "deadline_exceeded":
+                await self.cancel(job.request_id, "deadline_exceeded")
+            raise
+        return first, stream
+
+    def close(self, request_id: str) -> None:
+        self._replies.close(request_id)
+
+    async def cancel(self, request_id: str, reason: str) -> None:
+        self._metrics.cancels.labels(reason).inc()
+        # If Redis is down the request's deadline still bounds the wasted work.
+        with contextlib.suppress(redis.RedisError):
+            await publish_cancel(self._redis, request_id, reason, ttl_s=3600)
+
+    async def _publish(self, job: Submission) -> None:
+        received_ms = int(time.time() * 1000)
+        envelope = orjson.dumps({
+            "schema_version": 1, "request_id": job.request_id,
+            "tenant_id": job.owner.tenant_id, "key_id": job.owner.key_id,
+            "received_at_ms": received_ms,
+            "deadline_ms": received_ms + int(job.timeout_s * 1000),
+            "endpoint": job.endpoint, "body": job.body, "routing": job.routing,
+            "metadata": job.metadata, "reply": {"channel": self._replies.channel},
+        })
+        headers = [(names.H_REQUEST_ID, job.request_id.encode()),
+                   (names.H_TENANT_ID, job.owner.tenant_id.encode()),
+                   (names.H_CONTENT_TYPE, names.CONTENT_TYPE_JSON)]
+        if job.traceparent:
+            headers.append((names.H_TRACEPARENT, job.traceparent.encode()))
+        try:
+            # Awaited to the broker's ack: once we answer anything, the request is durable.
+            await self._producer.send_and_wait(names.REQUESTS, envelope,
+                                               key=job.request_id.encode(), headers=headers)
+        except KafkaError as exc:
+            raise Unavailable(f"the request queue is unavailable: {exc}",
+                              code="queue_unavailable") from exc
+
+    async def read_body(self, request: Request) -> bytes:
+        limit = self.settings.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise PayloadTooLarge(f"the body is larger than {limit} bytes")
+        chunks = []
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"the body is larger than {limit} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def timeout_s(self, request: Request, policy_timeout_ms: int | None) -> float:
+        """The request's deadline: the header, else the policy's timeout_ms, else the default."""
+        raw = request.headers.get(TIMEOUT_HEADER)
+        if raw is None:
+            if policy_timeout_ms is None:
+                return self.settings.default_deadline_s
+            raw, param = str(policy_timeout_ms), "policy.timeout_ms"
+        else:
+            param = TIMEOUT_HEADER
+        try:
+            value = float(raw) / 1000
+        except ValueError:
+            raise InvalidRequest(f"{param} must be a number of milliseconds",
+                                 code="invalid_header", param=param) from None
+        if not 0 < value <= self.settings.max_deadline_s:
+            raise InvalidRequest(f"{param} must be within (0, "
+                                 f"{int(self.settings.max_deadline_s * 1000)}]",
+                                 code="invalid_header", param=param)
+        return value

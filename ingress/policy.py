@@ -1,0 +1,107 @@
+"""The request shapes of the product Switchyard replaces: an optional `policy` object and a
+`metadata` object on the body, and the `X-Tenant-ID` header. Both objects are taken off the
+body (providers would reject them) and travel in the request envelope instead."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from state.keys import KeyOwner
+from topics.catalog import Catalog, Model
+from topics.errors import Forbidden, InvalidRequest, NotFound, Unprocessable
+
+# optimize_for → objective weights (cost, latency, quality) for the router.
+_WEIGHTS: dict[str, dict[str, float]] = {
+    "balanced": {"cost": 1.0, "latency": 1.0, "quality": 1.0},
+    "cost": {"cost": 1.0, "latency": 0.2, "quality": 0.2},
+    "latency": {"cost": 0.2, "latency": 1.0, "quality": 0.2},
+    "quality": {"cost": 0.2, "latency": 0.2, "quality": 1.0},
+}
+
+
+class Policy(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    provider: str | None = None
+    optimize_for: Literal["balanced", "cost", "latency", "quality"] | None = None
+    fallback_enabled: bool | None = None
+    timeout_ms: int | None = Field(default=None, gt=0)
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    model: Model
+    body: dict[str, Any]  # what goes to the provider: policy and metadata taken off
+    routing: dict[str, Any]
+    metadata: dict[str, Any] | None
+    timeout_ms: int | None
+
+
+def admit(body: dict[str, Any], catalog: Catalog, kind: Literal["chat", "embedding"],
+          owner: KeyOwner, tenant_header: str | None) -> Admission:
+    """Resolve the model under the request's policy, or raise the 4xx that says why not."""
+    if tenant_header is not None and tenant_header != owner.tenant_id:
+        raise Forbidden(f"this API key cannot act for tenant {tenant_header!r}",
+                        code="tenant_mismatch", param="X-Tenant-ID")
+    body = dict(body)
+    policy = _policy(body.pop("policy", None))
+    metadata = body.pop("metadata", None)
+    if metadata is not None and not isinstance(metadata, dict):
+        raise Unprocessable("metadata must be an object", code="invalid_field",
+                            param="metadata")
+    name = str(body.get("model"))
+    model = catalog.model(name)
+    if model is None:
+        raise NotFound(f"model {name!r} does not exist; GET /v1/models lists them",
+                       code="model_not_found", param="model")
+    if model.kind != kind:
+        route = "/v1/embeddings" if model.kind == "embedding" else "/v1/chat/completions"
+        raise InvalidRequest(f"model {name!r} is a {model.kind} model; use {route}",
+                             code="wrong_model_kind", param="model")
+    if policy.provider is not None:
+        model = _pin(model, policy.provider, catalog)
+    body["model"] = model.id  # aliases and substitutions resolved once, here
+    routing: dict[str, Any] = {"mode": "fixed" if policy.provider else "auto"}
+    if policy.optimize_for is not None:
+        routing["weights"] = _WEIGHTS[policy.optimize_for]
+    if policy.provider is not None:
+        routing["allowed_providers"] = [policy.provider]
+    if policy.fallback_enabled is not None:
+        routing["fallback_enabled"] = policy.fallback_enabled
+    return Admission(model=model, body=body, routing=routing, metadata=metadata,
+                     timeout_ms=policy.timeout_ms)
+
+
+def _policy(raw: object) -> Policy:
+    if raw is None:
+        return Policy()
+    if not isinstance(raw, dict):
+        raise Unprocessable("policy must be an object", code="invalid_field", param="policy")
+    try:
+        return Policy.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = ".".join(["policy", *(str(p) for p in first["loc"])])
+        raise Unprocessable(f"{param}: {first['msg']}", code="invalid_field",
+                            param=param) from None
+
+
+def _pin(model: Model, provider: str, catalog: Catalog) -> Model:
+    """The model itself if `provider` serves it, else that provider's model of the same
+    equivalence class."""
+    if provider not in catalog.providers:
+        raise InvalidRequest(f"policy.provider {provider!r} is not a provider; known: "
+                             f"{', '.join(sorted(catalog.providers))}",
+                             code="unknown_provider", param="policy.provider")
+    if model.provider == provider:
+        return model
+    for candidate in catalog.models:
+        if candidate.provider == provider and candidate.class_ == model.class_ \
+                and candidate.kind == model.kind:
+            return candidate
+    raise InvalidRequest(f"{provider} has no {model.class_} model to serve {model.id!r} "
+                         "under policy.provider", code="policy_conflict",
+                         param="policy.provider")
