@@ -31,8 +31,15 @@ class OpsDeps:
 
 
 def models_route(deps: OpsDeps) -> Callable[[Request], Awaitable[Response]]:
+    # OpenAI's list shape; the catalog's facts ride along as extra fields on each model.
     listing = orjson.dumps({"object": "list", "data": [
-        {"id": m.id, "object": "model", "created": 0, "owned_by": m.provider}
+        {"id": m.id, "object": "model", "created": 0, "owned_by": m.provider,
+         "kind": m.kind, "class": m.class_, "aliases": m.aliases,
+         "capabilities": m.capabilities, "context_window": m.context_window,
+         "pricing": {"currency": "USD", "unit": "1M tokens",
+                     "input_per_mtok": str(m.input_per_mtok),
+                     "cached_input_per_mtok": str(m.cached_input_per_mtok),
+                     "output_per_mtok": str(m.output_per_mtok)}}
         for m in deps.catalog.models]})
 
     async def models(request: Request) -> Response:
