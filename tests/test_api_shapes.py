@@ -14,7 +14,7 @@ import pytest
 from tests.conftest import FALLBACK_ONLY_PROVIDER, FakeAdmin, eventually
 from tests.test_errors import assert_openai_error
 
-HELLO = [{"role": "user", "content": "shapes please"}]
+HELLO: Any = [{"role": "user", "content": "shapes please"}]
 
 
 async def test_infer_is_chat_completions_under_the_seed_name(http: httpx.AsyncClient,
@@ -145,7 +145,7 @@ async def test_streamed_cost_equals_the_hand_computation(client: openai.AsyncOpe
                                                          fake: FakeAdmin) -> None:
     await fake.configure(tokens=40, prompt_tokens_override=1000, cached_tokens=600)
     stream = await client.chat.completions.create(
-        model="gpt-5.4-mini", messages=HELLO, stream=True,  # type: ignore[arg-type]
+        model="gpt-5.4-mini", messages=HELLO, stream=True,
         stream_options={"include_usage": True})
     last = [chunk async for chunk in stream][-1]
     metadata = (last.model_extra or {})["metadata"]
