@@ -31,6 +31,13 @@ def main(argv: list[str] | None = None) -> None:
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
     create = keys_sub.add_parser("create", help="create a key and print it (shown only once)")
     create.add_argument("--tenant", required=True, help="tenant name (created if missing)")
+    vault = sub.add_parser("vault", help="master keys of the tenants' provider key vault")
+    vault_sub = vault.add_subparsers(dest="vault_command", required=True)
+    vault_sub.add_parser("reencrypt", help="re-encrypt every stored provider key under the "
+                         "active master key (SWITCHYARD_VAULT__ACTIVE_KEY_ID)")
+    new_master = vault_sub.add_parser("new-master-key", help="print a fresh random master key "
+                                      "in the SWITCHYARD_VAULT__MASTER_KEYS format")
+    new_master.add_argument("--id", help="its id (default: the first free of k1, k2, …)")
     sub.add_parser("fake-upstream", help="run the fake OpenAI-compatible upstream",
                    add_help=False)
 
@@ -60,6 +67,8 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "keys":
         key_id, api_key = asyncio.run(_create_key(settings, args.tenant))
         print(f"key id: {key_id}\napi key (shown once, store it now): {api_key}")
+    elif args.command == "vault":
+        _vault(settings, args.vault_command, getattr(args, "id", None))
 
 
 def _ingress(settings: Settings) -> None:
@@ -91,6 +100,43 @@ async def _create_key(settings: Settings, tenant: str) -> tuple[str, str]:
         return await create_key(conn, tenant)
     finally:
         await conn.close()
+
+
+def _vault(settings: Settings, command: str, key_id: str | None) -> None:
+    from state.vault import MasterKeys, reencrypt_all, rows_by_master_key, vault_not_configured
+    from topics.errors import SwitchyardError
+
+    if command == "new-master-key":
+        spec = settings.vault.master_keys.get_secret_value()
+        taken = {entry.partition(":")[0].strip() for entry in spec.split(",")}
+        key_id = key_id or next(f"k{n}" for n in range(1, 10_000) if f"k{n}" not in taken)
+        print(MasterKeys.generate(key_id))  # stdout carries the key alone, for scripts
+        print(f"append it to SWITCHYARD_VAULT__MASTER_KEYS everywhere, then set "
+              f"SWITCHYARD_VAULT__ACTIVE_KEY_ID={key_id} and run `switchyard vault reencrypt`",
+              file=sys.stderr)
+        return
+
+    async def reencrypt() -> tuple[int, dict[str, int]]:
+        import asyncpg
+
+        keys = MasterKeys.from_settings(settings.vault)
+        if keys is None:
+            raise vault_not_configured()
+        pool = await asyncpg.create_pool(settings.postgres.dsn, min_size=1, max_size=2)
+        try:
+            return await reencrypt_all(pool, keys), await rows_by_master_key(pool)
+        finally:
+            await pool.close()
+
+    try:
+        changed, by_key = asyncio.run(reencrypt())
+    except SwitchyardError as exc:
+        sys.exit(f"vault reencrypt: {exc.message}")
+    active = settings.vault.active_key_id
+    print(f"re-encrypted {changed} provider keys under master key {active!r}")
+    old = {k: n for k, n in by_key.items() if k != active}
+    print(f"still under other master keys: {old} (run again)" if old
+          else "no stored key uses any other master key; those may be removed")
 
 
 async def _seed_dev_key(settings: Settings) -> tuple[str, bool]:

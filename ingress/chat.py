@@ -34,7 +34,7 @@ class ChatCompletions:
         request_id: str = request.scope["state"]["request_id"]
         owner = await self._auth.authenticate(request.headers.get("authorization"))
         body = parse_json_object(await self._pipeline.read_body(request))
-        chat = validate_chat(body)
+        chat = validate_chat(body, self._pipeline.settings.max_image_bytes)
         admitted = admit(body, self._catalog, "chat", owner, request.headers.get("x-tenant-id"))
         first, stream = await self._pipeline.submit(Submission(
             request_id=request_id, owner=owner, endpoint="chat.completions",

@@ -8,7 +8,7 @@ from typing import Any, Literal
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from topics.errors import InvalidRequest, Unprocessable
+from topics.errors import InvalidRequest, PayloadTooLarge, Unprocessable
 
 
 class _Open(BaseModel):
@@ -18,6 +18,19 @@ class _Open(BaseModel):
 
 class ContentPart(_Open):
     type: str
+    image_url: dict[str, Any] | None = None
+
+
+class FunctionDef(_Open):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(_Open):
+    type: Literal["function"]
+    function: FunctionDef
 
 
 class ChatMessage(_Open):
@@ -39,6 +52,7 @@ class ChatCompletionRequest(_Open):
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, ge=0, le=1)
     n: int | None = Field(default=None, ge=1, le=1)  # several choices are not relayed yet
+    tools: list[Tool] | None = None
 
 
 def parse_json_object(raw: bytes) -> dict[str, Any]:
@@ -51,11 +65,29 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
     return body
 
 
-def validate_chat(body: dict[str, Any]) -> ChatCompletionRequest:
+def validate_chat(body: dict[str, Any], max_image_bytes: int) -> ChatCompletionRequest:
     try:
-        return ChatCompletionRequest.model_validate(body)
+        request = ChatCompletionRequest.model_validate(body)
     except ValidationError as exc:
         raise _unprocessable(exc) from None
+    for i, tool in enumerate(request.tools or ()):
+        schema = tool.function.parameters
+        if schema is not None and (schema.get("type") != "object"
+                                   or not isinstance(schema.get("properties", {}), dict)):
+            raise Unprocessable("a function's parameters must be a JSON Schema of type "
+                                "'object' with a 'properties' object",
+                                code="invalid_tool_schema", param=f"tools.{i}.function.parameters")
+    for i, message in enumerate(request.messages):
+        for j, part in enumerate(message.content if isinstance(message.content, list) else ()):
+            url = (part.image_url or {}).get("url")
+            if isinstance(url, str) and url.startswith("data:"):
+                # base64 carries 3 bytes in 4 characters
+                size = len(url.partition(",")[2]) * 3 // 4
+                if size > max_image_bytes:
+                    raise PayloadTooLarge(
+                        f"image of {size} bytes is over the {max_image_bytes}-byte limit",
+                        code="image_too_large", param=f"messages.{i}.content.{j}.image_url")
+    return request
 
 
 def _unprocessable(exc: ValidationError) -> Unprocessable:

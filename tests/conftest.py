@@ -17,9 +17,9 @@ import pytest
 from compose.gateway import Gateway
 from compose.stack import LocalStack, free_port
 from state.keys import create_key
+from state.vault import MasterKeys
 from topics.catalog import load_catalog
-from topics.settings import RouterSettings, Settings
-
+from topics.settings import RouterSettings, Settings, VaultSettings
 
 # Its models have no key in the environment: they exercise the offline fallback route.
 FALLBACK_ONLY_PROVIDER = "minimax"
@@ -67,8 +67,12 @@ def gateway(stack: LocalStack, tmp_path_factory: pytest.TempPathFactory) -> Iter
     fake = f"http://127.0.0.1:{fake_port}"
     catalog = load_catalog(stack.settings.catalog_path)
     settings = stack.settings.model_copy(update={
-        "ingress": stack.settings.ingress.model_copy(update={"port": free_port()}),
+        # Small limits keep the oversized-input tests light.
+        "ingress": stack.settings.ingress.model_copy(update={
+            "port": free_port(), "max_body_bytes": 2_000_000, "max_image_bytes": 500_000}),
         "fallback_upstream_url": f"{fake}/v1",
+        # A fresh vault master key per session (tests/test_vault.py).
+        "vault": VaultSettings(master_keys=MasterKeys.generate("k1"), active_key_id="k1"),
         "provider_base_urls": {
             name: fake + ("/v1beta" if p.dialect == "gemini" else "/v1")
             for name, p in catalog.providers.items() if name != FALLBACK_ONLY_PROVIDER},

@@ -155,3 +155,31 @@ async def test_streamed_cost_equals_the_hand_computation(client: openai.AsyncOpe
     assert last.usage is not None
     assert last.usage.prompt_tokens_details is not None
     assert last.usage.prompt_tokens_details.cached_tokens == 600
+
+
+@pytest.mark.parametrize(("tool", "param"), [
+    ({"type": "function", "function": {"name": "has spaces"}}, "tools.0.function.name"),
+    ({"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}},
+     "tools.0.function.parameters"),
+    ({"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": ["q"]}}}, "tools.0.function.parameters"),
+    ({"type": "retrieval"}, "tools.0.type"),
+    ({"type": "function"}, "tools.0.function"),
+])
+async def test_a_malformed_tool_schema_is_422(http: httpx.AsyncClient, tool: dict[str, Any],
+                                              param: str) -> None:
+    response = await http.post("/v1/chat/completions", json={
+        "model": "gpt-4o-mini", "messages": HELLO, "tools": [tool]})
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["param"] == param
+
+
+async def test_an_oversized_image_is_413_naming_it(http: httpx.AsyncClient,
+                                                    gateway: Any) -> None:
+    limit = gateway.settings.ingress.max_image_bytes
+    image = "data:image/png;base64," + "A" * (limit * 4 // 3 + 8)
+    response = await http.post("/v1/chat/completions", json={
+        "model": "gpt-4o-mini", "messages": [{"role": "user", "content": [
+            {"type": "text", "text": "what is this"},
+            {"type": "image_url", "image_url": {"url": image}}]}]})
+    assert_openai_error(response, 413, "image_too_large", "messages.0.content.1.image_url")

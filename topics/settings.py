@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import orjson
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -40,7 +40,8 @@ class IngressSettings(BaseModel):
     host: str = "127.0.0.1"
     port: int = 8080
     workers: int = Field(default=1, ge=1)
-    max_body_bytes: int = Field(default=1_048_576, ge=1024)
+    max_body_bytes: int = Field(default=33_554_432, ge=1024)  # room for a few images
+    max_image_bytes: int = Field(default=20_971_520, ge=1024)  # one decoded data-URL image
     auth_cache_ttl_s: float = Field(default=30.0, ge=0)
     auth_negative_cache_ttl_s: float = Field(default=2.0, ge=0)
     # How long a request may wait in the pipeline before it is answered with a timeout.
@@ -72,6 +73,15 @@ class UsageSettings(BaseModel):
     metrics_port: int = 0
 
 
+class VaultSettings(BaseModel):
+    # "k1:<base64url or hex of 32 bytes>,k2:<…>". Several ids so a new master key can be rolled
+    # in beside the old one; empty: the vault routes answer 503 instead of failing the start.
+    master_keys: SecretStr = SecretStr("")
+    active_key_id: str = ""  # the id every new encryption uses
+    # How long a router keeps a tenant's decrypted key before reading it again.
+    cache_ttl_s: float = Field(default=30.0, ge=0)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="SWITCHYARD_", env_nested_delimiter="__", extra="ignore"
@@ -83,6 +93,7 @@ class Settings(BaseSettings):
     ingress: IngressSettings = IngressSettings()
     router: RouterSettings = RouterSettings()
     usage: UsageSettings = UsageSettings()
+    vault: VaultSettings = VaultSettings()
     catalog_path: Path = Path(__file__).with_name("catalog.toml")
     # When set, routes whose provider key is not configured go to this OpenAI-compatible
     # server instead (the fake upstream of the local stack), so the stack works offline.
@@ -113,8 +124,13 @@ class Settings(BaseSettings):
             value = dumped[name]
             sub = field.annotation
             if isinstance(sub, type) and issubclass(sub, BaseModel):
+                section = getattr(self, name)
                 for key, subval in value.items():
-                    env[f"SWITCHYARD_{name.upper()}__{key.upper()}"] = _env_value(subval)
+                    raw = getattr(section, key)
+                    # model_dump masks a SecretStr as "**********"; a child needs the value.
+                    env[f"SWITCHYARD_{name.upper()}__{key.upper()}"] = (
+                        raw.get_secret_value() if isinstance(raw, SecretStr)
+                        else _env_value(subval))
             elif value is not None:
                 env[f"SWITCHYARD_{name.upper()}"] = _env_value(value)
         return env

@@ -1,0 +1,199 @@
+"""Tenants' own provider keys: POST/GET /v1/vault/keys, POST /v1/vault/keys/{provider}/rotate,
+DELETE /v1/vault/keys/{provider}. The tenant is the one of the bearer API key; a key sent
+here is encrypted before it reaches the database and only its last four characters return."""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Annotated, Any, TypeVar
+
+import asyncpg
+import orjson
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from starlette.requests import Request
+from starlette.responses import Response
+
+from ingress.auth import Authenticator
+from ingress.schema import parse_json_object
+from state.keys import KeyOwner
+from state.vault import (
+    MasterKeys,
+    delete_key,
+    list_keys,
+    no_stored_key,
+    put_key,
+    rotate_key,
+    vault_not_configured,
+)
+from topics.catalog import Catalog
+from topics.errors import InvalidRequest, PayloadTooLarge, Unprocessable
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[Request], Awaitable[Response]]
+M = TypeVar("M", bound=BaseModel)
+
+MIN_KEY_CHARS = 8  # shorter, and the last four characters shown would be most of it
+MAX_KEY_CHARS = 4096  # the longest real provider keys (JWTs) are far below this
+MAX_BODY_BYTES = 64 * 1024
+MAX_CONFIG_DEPTH = 16
+# Printable ASCII without spaces: the key ends up in an HTTP header, where a line break
+# would be header injection and a stray space a confusing upstream 401.
+_KEY_CHARS = re.compile(r"[\x21-\x7e]+")
+# Any name a key can be stored under (catalog names); anything else cannot be in the table.
+_PROVIDER_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+def _check_api_key(value: str) -> str:
+    if not value:
+        raise ValueError("must not be empty")
+    if not MIN_KEY_CHARS <= len(value) <= MAX_KEY_CHARS:
+        raise ValueError(f"must be {MIN_KEY_CHARS} to {MAX_KEY_CHARS} characters long")
+    if not _KEY_CHARS.fullmatch(value):
+        raise ValueError("must be printable ASCII without spaces or line breaks")
+    return value
+
+
+ApiKey = Annotated[str, AfterValidator(_check_api_key)]
+
+
+class _Strict(BaseModel):
+    # strict: a number is not a key and a list is not a config; unknown fields are typos.
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class StoreKey(_Strict):
+    provider: str = Field(min_length=1, max_length=64)
+    api_key: ApiKey
+    config: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("config")
+    @classmethod
+    def _storable(cls, value: dict[str, Any]) -> dict[str, Any]:
+        if problem := _config_problem(value, MAX_CONFIG_DEPTH):
+            raise ValueError(problem)
+        return value
+
+
+def _config_problem(value: Any, depth: int) -> str | None:
+    # PostgreSQL's jsonb refuses NUL, and orjson will not write deep nesting: both would
+    # otherwise be 500s after validation.
+    if isinstance(value, str):
+        return "must not contain NUL characters" if "\x00" in value else None
+    children: list[Any] = []
+    if isinstance(value, dict):
+        children = [*value, *value.values()]
+    elif isinstance(value, list):
+        children = value
+    if children and depth == 0:
+        return f"must not nest deeper than {MAX_CONFIG_DEPTH} levels"
+    return next(filter(None, (_config_problem(c, depth - 1) for c in children)), None)
+
+
+class RotateKey(_Strict):
+    api_key: ApiKey
+
+
+@dataclass(frozen=True, slots=True)
+class VaultDeps:
+    auth: Authenticator
+    catalog: Catalog
+    pool: asyncpg.Pool
+    keys: MasterKeys | None  # None: no master key configured, every vault route is a 503
+
+
+def store_key_route(deps: VaultDeps) -> Handler:
+    async def store(request: Request) -> Response:
+        owner, keys = await _authorize(deps, request)
+        body = _parse(StoreKey, await _read_body(request))
+        _check_provider(deps.catalog, body.provider)
+        stored = await put_key(deps.pool, keys, owner.tenant_id, body.provider, body.api_key,
+                               body.config)
+        log.info("tenant %s stored its %s key", owner.tenant_id, body.provider)
+        return _json(stored.public(), 201)
+
+    return store
+
+
+def list_keys_route(deps: VaultDeps) -> Handler:
+    async def listing(request: Request) -> Response:
+        owner, _ = await _authorize(deps, request)
+        stored = await list_keys(deps.pool, owner.tenant_id)
+        return _json({"object": "list", "data": [s.public() for s in stored]})
+
+    return listing
+
+
+def rotate_key_route(deps: VaultDeps) -> Handler:
+    async def rotate(request: Request) -> Response:
+        owner, keys = await _authorize(deps, request)
+        provider: str = request.path_params["provider"]
+        body = _parse(RotateKey, await _read_body(request))
+        _check_provider(deps.catalog, provider)
+        stored = await rotate_key(deps.pool, keys, owner.tenant_id, provider, body.api_key)
+        log.info("tenant %s rotated its %s key", owner.tenant_id, provider)
+        return _json(stored.public())
+
+    return rotate
+
+
+def delete_key_route(deps: VaultDeps) -> Handler:
+    async def delete(request: Request) -> Response:
+        owner, _ = await _authorize(deps, request)
+        provider: str = request.path_params["provider"]
+        # No catalog check: a key stored for a provider since dropped from the catalog must
+        # still be deletable. A name no key can have is answered without a query.
+        if not _PROVIDER_NAME.fullmatch(provider):
+            raise no_stored_key(provider[:64])
+        await delete_key(deps.pool, owner.tenant_id, provider)
+        log.info("tenant %s deleted its %s key", owner.tenant_id, provider)
+        return _json({"provider": provider, "deleted": True})
+
+    return delete
+
+
+async def _authorize(deps: VaultDeps, request: Request) -> tuple[KeyOwner, MasterKeys]:
+    # Authentication first: whether the vault is configured is nobody else's business.
+    owner = await deps.auth.authenticate(request.headers.get("authorization"))
+    if deps.keys is None:
+        raise vault_not_configured()
+    return owner, deps.keys
+
+
+def _check_provider(catalog: Catalog, provider: str) -> None:
+    if provider not in catalog.providers:
+        raise InvalidRequest(
+            f"unknown provider {provider[:64]!r}; known providers: "
+            f"{', '.join(sorted(catalog.providers))}", code="unknown_provider", param="provider")
+
+
+def _parse(model: type[M], raw: bytes) -> M:
+    try:
+        return model.model_validate(parse_json_object(raw))
+    except ValidationError as exc:
+        # Only pydantic's message and location: its str() would echo the input, i.e. the key.
+        first = exc.errors(include_input=False, include_url=False)[0]
+        param = ".".join(str(p) for p in first["loc"])
+        missing = first["type"] == "missing"
+        reason = "is required" if missing else first["msg"].removeprefix("Value error, ")
+        raise Unprocessable(f"{param}: {reason}",
+                            code="missing_field" if missing else "invalid_field",
+                            param=param) from None
+
+
+async def _read_body(request: Request) -> bytes:
+    chunks = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise PayloadTooLarge(f"the body is larger than {MAX_BODY_BYTES} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _json(body: dict[str, Any], status: int = 200) -> Response:
+    return Response(orjson.dumps(body), status_code=status, media_type="application/json")
