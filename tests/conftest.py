@@ -72,7 +72,8 @@ def gateway(stack: LocalStack, tmp_path_factory: pytest.TempPathFactory) -> Iter
             "port": free_port(), "max_body_bytes": 2_000_000, "max_image_bytes": 500_000}),
         "fallback_upstream_url": f"{fake}/v1",
         # A fresh vault master key per session (tests/test_vault.py).
-        "vault": VaultSettings(master_keys=MasterKeys.generate("k1"), active_key_id="k1"),
+        "vault": VaultSettings(master_keys=MasterKeys.generate("k1"), active_key_id="k1",
+                               cache_ttl_s=0.5),
         "provider_base_urls": {
             name: fake + ("/v1beta" if p.dialect == "gemini" else "/v1")
             for name, p in catalog.providers.items() if name != FALLBACK_ONLY_PROVIDER},

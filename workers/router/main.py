@@ -9,11 +9,13 @@ import os
 import uuid
 
 import aiohttp
+import asyncpg
 import redis.asyncio as redis
 from prometheus_client import CollectorRegistry
 
 from state.claims import Claims
 from state.redis_client import make_redis
+from state.vault import MasterKeys, TenantKeys
 from topics import names
 from topics.catalog import load_catalog
 from topics.kafka import make_consumer, make_producer
@@ -64,6 +66,12 @@ async def run_router(settings: Settings, stop: asyncio.Event, *,
             timeout=aiohttp.ClientTimeout(total=cfg.upstream_total_timeout_s,
                                           sock_connect=cfg.upstream_connect_timeout_s))
         resources.push_async_callback(http.close)
+        pool = await asyncpg.create_pool(settings.postgres.dsn,
+                                         min_size=settings.postgres.pool_min,
+                                         max_size=settings.postgres.pool_max)
+        resources.push_async_callback(pool.close)
+        tenant_keys = TenantKeys(pool, MasterKeys.from_settings(settings.vault),
+                                 ttl_s=settings.vault.cache_ttl_s)
         consumer = make_consumer(settings.kafka, GROUP_ID)
         await consumer.start()
         resources.push_async_callback(consumer.stop)
@@ -75,7 +83,8 @@ async def run_router(settings: Settings, stop: asyncio.Event, *,
         publisher = await resources.enter_async_context(ReplyPublisher(client))
         cancels = CancelListener(client)
         worker = RouterWorker(
-            catalog=catalog, routes=RouteResolver(catalog, route_config), claims=claims,
+            catalog=catalog, claims=claims,
+            routes=RouteResolver(catalog, route_config, tenant_keys.key_for),
             dialects=dialects(http), producer=producer,
             frames=lambda env: FrameWriter(env.request_id, env.reply, publisher, producer),
             cancels=cancels, metrics=metrics)
