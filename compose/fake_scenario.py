@@ -88,7 +88,8 @@ def admit(request: web.Request) -> tuple[FakeConfig, FakeStats] | Failure:
         stats.errors_sent += 1
         kind: Literal["rate_limited", "server_error"] = (
             "rate_limited" if cfg.error_status == 429 else "server_error")
-        return Failure(cfg.error_status, kind, "The server had an error processing your request.")
+        return Failure(cfg.error_status, kind,
+                       "The server had an error while processing your request. Sorry about that!")
     return cfg, stats
 
 

@@ -21,11 +21,10 @@ import orjson
 from aiohttp import web
 from pydantic import ValidationError
 
-from compose.fake_scenario import Failure, admit
+from compose import fake_anthropic, fake_gemini
+from compose.fake_scenario import Ask, Failure, Plan, admit, pause, plan
 from compose.fake_state import (
-    CONFIG_HEADER,
     DEFAULT_MODELS,
-    REQUEST_ID_HEADER,
     STATE_KEY,
     FakeConfig,
     FakeState,
@@ -35,8 +34,6 @@ from compose.fake_state import (
 _FINGERPRINT = "fp_switchyard_fake"
 _SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"}
 _DONE = b"data: [DONE]\n\n"
-# Bounds how late a disconnect is noticed when the runner does not cancel handlers.
-_POLL_S = 0.1
 
 
 def _text_of(content: object) -> str:
@@ -66,10 +63,6 @@ def expected_content(messages: Sequence[Mapping[str, object]], tokens: int) -> s
     return "".join(_answer_tokens(messages, tokens))
 
 
-def _prompt_tokens(messages: list[dict[str, Any]]) -> int:
-    return sum(len(_text_of(m.get("content")).split()) + 4 for m in messages if isinstance(m, dict))
-
-
 def _error(status: int, message: str, etype: str, stats: FakeStats | None = None) -> web.Response:
     if stats is not None:
         stats.errors_sent += 1
@@ -77,27 +70,15 @@ def _error(status: int, message: str, etype: str, stats: FakeStats | None = None
     return web.Response(status=status, body=orjson.dumps(body), content_type="application/json")
 
 
-async def _pause(request: web.Request, ms: float) -> None:
-    """Sleep, but notice a vanished client even if the runner does not cancel handlers."""
-    if ms <= 0:
-        return
-    deadline = time.monotonic() + ms / 1000
-    while (left := deadline - time.monotonic()) > 0:
-        await asyncio.sleep(min(left, _POLL_S))
-        transport = request.transport
-        if transport is None or transport.is_closing():
-            raise ConnectionResetError("client went away")
+_FINISH = {"stop": "stop", "length": "length", "tool_call": "tool_calls"}
 
 
-def _usage(cfg: FakeConfig, messages: list[dict[str, Any]], completion: int) -> dict[str, Any]:
-    prompt = cfg.prompt_tokens_override
-    if prompt is None:
-        prompt = _prompt_tokens(messages)
+def _usage(plan_: Plan) -> dict[str, Any]:
     return {
-        "prompt_tokens": prompt,
-        "completion_tokens": completion,
-        "total_tokens": prompt + completion,
-        "prompt_tokens_details": {"cached_tokens": cfg.cached_tokens, "audio_tokens": 0},
+        "prompt_tokens": plan_.prompt_tokens,
+        "completion_tokens": plan_.completion_tokens,
+        "total_tokens": plan_.prompt_tokens + plan_.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": plan_.cached_tokens, "audio_tokens": 0},
         "completion_tokens_details": {
             "reasoning_tokens": 0,
             "audio_tokens": 0,
@@ -107,57 +88,50 @@ def _usage(cfg: FakeConfig, messages: list[dict[str, Any]], completion: int) -> 
     }
 
 
+def _ask(body: dict[str, Any]) -> Ask:
+    messages = body["messages"]
+    user = [m for m in messages if isinstance(m, dict) and m.get("role") == "user"]
+    tools = [t["function"]["name"] for t in body.get("tools") or ()
+             if isinstance(t, dict) and isinstance(t.get("function"), dict)]
+    choice = body.get("tool_choice")
+    if isinstance(choice, dict):
+        choice = (choice.get("function") or {}).get("name")
+    fmt = body.get("response_format")
+    limit = body.get("max_completion_tokens") or body.get("max_tokens")
+    return Ask(
+        last_user_text=_text_of(user[-1].get("content")) if user else "",
+        all_texts=[_text_of(m.get("content")) for m in messages if isinstance(m, dict)],
+        tools=tools, tool_choice=choice if isinstance(choice, str) else None,
+        json_mode=isinstance(fmt, dict) and fmt.get("type") in ("json_object", "json_schema"),
+        max_tokens=limit if isinstance(limit, int) else None,
+        after_tool_result=isinstance(messages[-1], dict) and messages[-1].get("role") == "tool")
+
+
 async def _chat(request: web.Request) -> web.StreamResponse:
-    state = request.app[STATE_KEY]
-    stats = state.stats
-    stats.requests_total += 1
-    headers = request.headers
-    if (rid := headers.get(REQUEST_ID_HEADER)) is not None:
-        stats.calls_by_request_id[rid] = stats.calls_by_request_id.get(rid, 0) + 1
-    if (auth := headers.get("Authorization")) is not None:
-        stats.last_authorization = auth
-
-    cfg = state.config
-    if (raw_override := headers.get(CONFIG_HEADER)) is not None:
-        try:
-            override = orjson.loads(raw_override)
-            if not isinstance(override, dict):
-                raise ValueError(f"{CONFIG_HEADER} must be a JSON object")
-            cfg = cfg.merged(override)
-        except (ValueError, ValidationError) as exc:
-            return _error(400, f"bad {CONFIG_HEADER}: {exc}", "invalid_request_error", stats)
-
-    if cfg.outage:
-        msg = "The engine is currently overloaded, please try again later."
-        return _error(503, msg, "server_error", stats)
-    if cfg.error_rate > 0 and state.rng.random() < cfg.error_rate:
-        msg = "The server had an error while processing your request. Sorry about that!"
-        return _error(cfg.error_status, msg, "server_error", stats)
-
+    admitted = admit(request)
+    if isinstance(admitted, Failure):
+        etype = {"rate_limited": "rate_limit_error", "bad_request": "invalid_request_error"}
+        return _error(admitted.status, admitted.message,
+                      etype.get(admitted.kind, "server_error"))
+    cfg, stats = admitted
     try:
         body = orjson.loads(await request.read())
         messages, model = body["messages"], body["model"]
         if not isinstance(messages, list) or not messages or not isinstance(model, str):
             raise TypeError
+        plan_ = plan(cfg, _ask(body))
     except (ValueError, TypeError, KeyError):
         msg = "Expected a JSON object with 'model' (string) and 'messages' (non-empty array)."
         return _error(400, msg, "invalid_request_error", stats)
 
-    n_tokens, finish = cfg.tokens, "stop"
-    limit = body.get("max_completion_tokens") or body.get("max_tokens")
-    if isinstance(limit, int) and 0 <= limit < n_tokens:
-        n_tokens, finish = limit, "length"
-    toks = _answer_tokens(messages, n_tokens)
     cid = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
-
     if body.get("stream"):
         opts = body.get("stream_options")
         with_usage = isinstance(opts, dict) and bool(opts.get("include_usage"))
-        meta = (cid, created, model, messages, with_usage)
-        return await _stream(request, stats, cfg, toks, finish, meta)
+        return await _stream(request, stats, cfg, plan_, (cid, created, model, with_usage))
     try:
-        await _pause(request, cfg.ttft_ms)
+        await pause(request, cfg.ttft_ms)
     except ConnectionResetError:
         stats.disconnects += 1
         # Returning lets aiohttp drop the dead connection quietly; raising would log a 500.
@@ -165,6 +139,13 @@ async def _chat(request: web.Request) -> web.StreamResponse:
     except asyncio.CancelledError:
         stats.disconnects += 1
         raise
+    message: dict[str, Any] = {"role": "assistant", "content": plan_.text, "refusal": None,
+                               "annotations": []}
+    if plan_.kind == "tool_call":
+        message["content"] = None
+        message["tool_calls"] = [{"id": plan_.tool_call_id, "type": "function",
+                                  "function": {"name": plan_.tool_name,
+                                               "arguments": plan_.text}}]
     payload = {
         "id": cid,
         "object": "chat.completion",
@@ -172,20 +153,9 @@ async def _chat(request: web.Request) -> web.StreamResponse:
         "model": model,
         "system_fingerprint": _FINGERPRINT,
         "service_tier": "default",
-        "choices": [
-            {
-                "index": 0,
-                "logprobs": None,
-                "finish_reason": finish,
-                "message": {
-                    "role": "assistant",
-                    "content": "".join(toks),
-                    "refusal": None,
-                    "annotations": [],
-                },
-            }
-        ],
-        "usage": _usage(cfg, messages, len(toks)),
+        "choices": [{"index": 0, "logprobs": None, "finish_reason": _FINISH[plan_.finish],
+                     "message": message}],
+        "usage": _usage(plan_),
     }
     return web.Response(body=orjson.dumps(payload), content_type="application/json")
 
@@ -194,11 +164,10 @@ async def _stream(
     request: web.Request,
     stats: FakeStats,
     cfg: FakeConfig,
-    toks: list[str],
-    finish: str,
-    meta: tuple[str, int, str, list[dict[str, Any]], bool],
+    plan_: Plan,
+    meta: tuple[str, int, str, bool],
 ) -> web.StreamResponse:
-    cid, created, model, messages, with_usage = meta
+    cid, created, model, with_usage = meta
     # Every chunk shares this envelope, so encode it once and splice the choice in.
     head = (
         b"data: "
@@ -215,26 +184,23 @@ async def _stream(
         + b',"choices":['
     )
     tail = b'],"usage":null}\n\n' if with_usage else b"]}\n\n"
-    tok_pre = b'{"index":0,"delta":{"content":'
-    tok_post = b'},"logprobs":null,"finish_reason":null}'
-    pending = [
-        head + b'{"index":0,"delta":{"role":"assistant","content":"","refusal":null},'
-        b'"logprobs":null,"finish_reason":null}' + tail
-    ]
+    pre, post = b'{"index":0,"delta":', b',"logprobs":null,"finish_reason":null}'
+    pending = [head + pre + b'{"role":"assistant","content":"","refusal":null}' + post + tail]
+    deltas = _deltas(plan_)
     cut = cfg.cut_after_tokens
     resp = web.StreamResponse(headers=_SSE_HEADERS)
     stats.open_streams += 1
     try:
-        await _pause(request, cfg.ttft_ms)
+        await pause(request, cfg.ttft_ms)
         await resp.prepare(request)
-        for i, tok in enumerate(toks):
+        for i, delta in enumerate(deltas):
             if i == cut:
                 break
             if i > 0 and cfg.inter_token_ms > 0:
                 await resp.write(b"".join(pending))
                 pending.clear()
-                await _pause(request, cfg.inter_token_ms)
-            pending.append(b"".join((head, tok_pre, orjson.dumps(tok), tok_post, tail)))
+                await pause(request, cfg.inter_token_ms)
+            pending.append(b"".join((head, pre, delta, post, tail)))
         if cut is not None:
             await resp.write(b"".join(pending))
             # Abort (not close) so the client sees a truncated chunked body, like a crash.
@@ -242,16 +208,10 @@ async def _stream(
                 request.transport.abort()
             stats.cut_streams += 1
             return resp
-        pending.append(
-            head
-            + b'{"index":0,"delta":{},"logprobs":null,"finish_reason":'
-            + orjson.dumps(finish)
-            + b"}"
-            + tail
-        )
+        pending.append(head + b'{"index":0,"delta":{},"logprobs":null,"finish_reason":'
+                       + orjson.dumps(_FINISH[plan_.finish]) + b"}" + tail)
         if with_usage:
-            usage = orjson.dumps(_usage(cfg, messages, len(toks)))
-            pending.append(head + b'],"usage":' + usage + b"}\n\n")
+            pending.append(head + b'],"usage":' + orjson.dumps(_usage(plan_)) + b"}\n\n")
         pending.append(_DONE)
         await resp.write(b"".join(pending))
         await resp.write_eof()
@@ -265,6 +225,17 @@ async def _stream(
         raise
     finally:
         stats.open_streams -= 1
+
+
+def _deltas(plan_: Plan) -> list[bytes]:
+    """One `delta` object per streamed piece: text, or a tool call and its argument pieces."""
+    if plan_.kind != "tool_call":
+        return [b'{"content":' + orjson.dumps(piece) + b"}" for piece in plan_.pieces]
+    opening = {"index": 0, "id": plan_.tool_call_id, "type": "function",
+               "function": {"name": plan_.tool_name, "arguments": ""}}
+    return [orjson.dumps({"tool_calls": [opening]})] + [
+        orjson.dumps({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]})
+        for piece in plan_.pieces]
 
 
 async def _embeddings(request: web.Request) -> web.Response:
@@ -341,6 +312,8 @@ def make_app(config: FakeConfig | None = None) -> web.Application:
             web.post("/_fake/reset", _stats),
         ]
     )
+    fake_anthropic.add_routes(app)
+    fake_gemini.add_routes(app)
     return app
 
 

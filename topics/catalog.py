@@ -17,6 +17,17 @@ ModelClass = Literal["frontier", "fast", "reasoning", "code", "embedding"]
 Capability = Literal["chat", "stream", "tools", "json", "vision", "reasoning", "embeddings"]
 
 
+class TimeoutOverrides(BaseModel):
+    """Per provider or per model; what is not set falls back to the router's settings."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    connect_s: float | None = Field(default=None, gt=0)
+    ttft_s: float | None = Field(default=None, gt=0)
+    idle_s: float | None = Field(default=None, gt=0)
+    total_s: float | None = Field(default=None, gt=0)
+
+
 class Provider(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -24,6 +35,7 @@ class Provider(BaseModel):
     base_url: str
     api_key_env: str
     prices_checked: str
+    timeouts: TimeoutOverrides = TimeoutOverrides()
 
 
 class Model(BaseModel):
@@ -36,6 +48,7 @@ class Model(BaseModel):
     class_: ModelClass = Field(alias="class")
     aliases: list[str] = Field(default_factory=list)
     capabilities: list[Capability]
+    timeouts: TimeoutOverrides = TimeoutOverrides()
     context_window: int = Field(gt=0)
     input_per_mtok: Decimal = Field(ge=0)
     cached_input_per_mtok: Decimal = Field(ge=0)

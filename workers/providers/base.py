@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import aiohttp
 
@@ -71,6 +71,11 @@ class Dialect(Protocol):
         """OpenAI `chat.completion.chunk` objects; the last carries `usage`. Raises a
         SwitchyardError if the provider's stream ends before it is complete."""
         ...
+
+
+@runtime_checkable
+class Embedder(Protocol):
+    """A dialect whose provider also serves embeddings (not every one does)."""
 
     async def embed(self, route: Route, body: dict[str, Any],
                     request_id: str) -> dict[str, Any]:

@@ -22,7 +22,9 @@ from topics.kafka import make_consumer, make_producer
 from topics.messages import RequestEnvelope
 from topics.settings import Settings
 from workers.consumer import ConsumerLoop
+from workers.providers.anthropic import AnthropicMessages
 from workers.providers.base import Dialect, Timeouts
+from workers.providers.gemini import GeminiGenerateContent
 from workers.providers.openai_compat import OpenAICompat
 from workers.router.cancel import CancelListener
 from workers.router.frames import FrameWriter
@@ -106,7 +108,8 @@ async def run_router(settings: Settings, stop: asyncio.Event, *,
 
 def dialects(http: aiohttp.ClientSession) -> dict[str, Dialect]:
     """One adapter per wire protocol, all sharing the process's HTTP pool."""
-    return {"openai": OpenAICompat(http)}
+    return {"openai": OpenAICompat(http), "anthropic": AnthropicMessages(http),
+            "gemini": GeminiGenerateContent(http)}
 
 
 async def _heartbeat(claims: Claims, every_s: float) -> None:

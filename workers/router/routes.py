@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
-from topics.catalog import Catalog, Model
+from topics.catalog import Catalog, Model, TimeoutOverrides
 from topics.errors import Unavailable
 from workers.providers.base import Route, Timeouts
 
@@ -37,15 +37,24 @@ class RouteResolver:
         if self._tenant_key is not None:
             key = await self._tenant_key(tenant_id, model.provider)
         key = key or self._config.provider_keys.get(model.provider)
+        timeouts = _timeouts(self._config.timeouts, provider.timeouts, model.timeouts)
         if key:
             return Route(model.provider, provider.dialect, base_url, key, model.upstream_model,
-                         self._config.timeouts)
+                         timeouts)
         if self._config.fallback_url:
             # Offline development: the fake upstream speaks every dialect on one server.
             fallback = self._config.fallback_url.rstrip("/").removesuffix("/v1")
             suffix = "/v1beta" if provider.dialect == "gemini" else "/v1"
             return Route(FALLBACK_PROVIDER, provider.dialect, fallback + suffix, None,
-                         model.upstream_model, self._config.timeouts)
+                         model.upstream_model, timeouts)
         raise Unavailable(f"provider {model.provider!r} has no API key configured "
                           f"(set {provider.api_key_env}, or store a tenant key in the vault)",
                           code="provider_not_configured")
+
+
+def _timeouts(base: Timeouts, *overrides: TimeoutOverrides) -> Timeouts:
+    """The router's timeouts, overridden by the provider's, then by the model's."""
+    values = {name: getattr(base, name) for name in ("connect_s", "ttft_s", "idle_s", "total_s")}
+    for override in overrides:
+        values |= override.model_dump(exclude_none=True)
+    return Timeouts(**values)

@@ -17,9 +17,15 @@ from aiokafka import AIOKafkaProducer
 from state.claims import ClaimResult, Claims
 from topics import names
 from topics.catalog import Catalog, Model
-from topics.errors import GatewayTimeout, NotFound, SwitchyardError, UpstreamError
+from topics.errors import (
+    GatewayTimeout,
+    InvalidRequest,
+    NotFound,
+    SwitchyardError,
+    UpstreamError,
+)
 from topics.messages import RequestEnvelope, UsageEvent, UsageStatus
-from workers.providers.base import Dialect, Route, Usage
+from workers.providers.base import Dialect, Embedder, Route, Usage
 from workers.router.cancel import CancelListener
 from workers.router.frames import FrameWriter
 from workers.router.metrics import RouterMetrics
@@ -120,6 +126,9 @@ class RouterWorker:
                                         "attempt": 1})
                 done: dict[str, Any] = {}
                 if env.endpoint == "embeddings":
+                    if not isinstance(dialect, Embedder):
+                        raise InvalidRequest(f"{route.provider} serves no embeddings",
+                                             code="unsupported_endpoint", param="model")
                     embeddings = await dialect.embed(route, env.body, env.request_id)
                     ttft_ms = (time.perf_counter() - t0) * 1000
                     # Embedding APIs that report no usage get an estimate, marked as such.

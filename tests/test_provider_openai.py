@@ -1,0 +1,155 @@
+"""The OpenAI-compatible dialect against the fake upstream: what it returns, and how each
+provider failure lands in our taxonomy."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+import pytest_asyncio
+from openai.types import CreateEmbeddingResponse
+from openai.types.chat import ChatCompletion, ChatCompletionChunk
+
+from compose.fake_state import FakeConfig
+from compose.fake_upstream import FakeUpstream, expected_content
+from topics.errors import SwitchyardError
+from workers.providers.base import Route, Timeouts
+from workers.providers.openai_compat import OpenAICompat
+
+MESSAGES: list[dict[str, Any]] = [{"role": "user", "content": "adapter test"}]
+TOOLS = [{"type": "function", "function": {
+    "name": "lookup", "description": "find a thing",
+    "parameters": {"type": "object", "properties": {"query": {"type": "string"}}}}}]
+
+
+@pytest_asyncio.fixture
+async def fake() -> AsyncIterator[FakeUpstream]:
+    async with FakeUpstream(FakeConfig(tokens=6)) as upstream:
+        yield upstream
+
+
+@pytest_asyncio.fixture
+async def adapter() -> AsyncIterator[OpenAICompat]:
+    async with aiohttp.ClientSession() as session:
+        yield OpenAICompat(session)
+
+
+def route(fake: FakeUpstream, **timeouts: float) -> Route:
+    return Route("openai", "openai", fake.url, "sk-test", "gpt-4o-mini", Timeouts(**timeouts))
+
+
+async def collect(adapter: OpenAICompat, fake: FakeUpstream, body: dict[str, Any],
+                  **timeouts: float) -> list[dict[str, Any]]:
+    return [c async for c in adapter.stream(route(fake, **timeouts), body, "req-1")]
+
+
+async def test_complete_returns_the_provider_answer(adapter: OpenAICompat,
+                                                    fake: FakeUpstream) -> None:
+    result = await adapter.complete(route(fake), {"model": "x", "messages": MESSAGES}, "r1")
+    completion = ChatCompletion.model_validate(result)
+    assert completion.choices[0].message.content == expected_content(MESSAGES, 6)
+    assert fake.stats.last_authorization == "Bearer sk-test"
+    assert fake.stats.calls_by_request_id == {"r1": 1}
+
+
+async def test_stream_requests_usage_even_if_the_client_did_not(adapter: OpenAICompat,
+                                                                fake: FakeUpstream) -> None:
+    chunks = await collect(adapter, fake, {"model": "x", "messages": MESSAGES})
+    for chunk in chunks:
+        ChatCompletionChunk.model_validate(chunk)
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks
+                   if c["choices"]) == expected_content(MESSAGES, 6)
+    assert chunks[-1]["choices"] == []
+    assert chunks[-1]["usage"]["completion_tokens"] == 6
+
+
+async def test_tools_pass_through_and_arguments_stream_as_valid_json(
+        adapter: OpenAICompat, fake: FakeUpstream) -> None:
+    body = {"model": "x", "messages": MESSAGES, "tools": TOOLS, "tool_choice": "auto"}
+    chunks = await collect(adapter, fake, body)
+    calls = [tc for c in chunks if c["choices"] for tc in c["choices"][0]["delta"]
+             .get("tool_calls") or ()]
+    assert calls[0]["function"]["name"] == "lookup"
+    arguments = "".join(tc["function"].get("arguments") or "" for tc in calls)
+    assert orjson.loads(arguments) == {"query": "adapter"}
+    assert [c for c in chunks if c["choices"]][-1]["choices"][0]["finish_reason"] == "tool_calls"
+
+
+async def test_json_mode_answers_a_json_document(adapter: OpenAICompat,
+                                                 fake: FakeUpstream) -> None:
+    body = {"model": "x", "messages": MESSAGES, "response_format": {"type": "json_object"}}
+    result = await adapter.complete(route(fake), body, "r")
+    assert orjson.loads(result["choices"][0]["message"]["content"])["word"] == "adapter"
+
+
+@pytest.mark.parametrize(("knobs", "status", "code", "retryable"), [
+    ({"error_rate": 1.0, "error_status": 429}, 429, "upstream_rate_limited", True),
+    ({"outage": True}, 503, "upstream_overloaded", True),
+    ({"error_rate": 1.0, "error_status": 500}, 502, "upstream_server_error", True),
+    ({"error_rate": 1.0, "error_status": 401}, 502, "upstream_auth", False),
+    ({"error_rate": 1.0, "error_status": 400}, 400, "upstream_bad_request", False),
+    ({"error_rate": 1.0, "error_status": 504}, 504, "upstream_timeout", True),
+])
+async def test_each_failure_lands_in_the_taxonomy_with_the_providers_message(
+        adapter: OpenAICompat, fake: FakeUpstream, knobs: dict[str, Any], status: int,
+        code: str, retryable: bool) -> None:
+    fake.configure(**knobs)
+    body = {"model": "x", "messages": MESSAGES}
+    for call in (adapter.complete(route(fake), body, "r"), collect(adapter, fake, body)):
+        with pytest.raises(SwitchyardError) as failure:
+            await call
+        assert (failure.value.status, failure.value.code) == (status, code)
+        assert failure.value.retryable is retryable
+        assert failure.value.message.startswith("openai: ")
+        assert len(failure.value.message) > len("openai: ") + 10  # the provider's own words
+
+
+async def test_a_stream_cut_mid_answer_is_an_error(adapter: OpenAICompat,
+                                                   fake: FakeUpstream) -> None:
+    fake.configure(cut_after_tokens=3)
+    with pytest.raises(SwitchyardError) as failure:
+        await collect(adapter, fake, {"model": "x", "messages": MESSAGES})
+    assert failure.value.code == "upstream_stream_cut"
+
+
+async def test_first_token_timeout(adapter: OpenAICompat, fake: FakeUpstream) -> None:
+    fake.configure(ttft_ms=1000)
+    with pytest.raises(SwitchyardError) as failure:
+        await collect(adapter, fake, {"model": "x", "messages": MESSAGES}, ttft_s=0.2)
+    assert (failure.value.code, failure.value.status) == ("upstream_timeout", 504)
+    assert "first token" in failure.value.message
+
+
+async def test_idle_gap_timeout_between_chunks(adapter: OpenAICompat,
+                                               fake: FakeUpstream) -> None:
+    fake.configure(inter_token_ms=800)
+    with pytest.raises(SwitchyardError) as failure:
+        await collect(adapter, fake, {"model": "x", "messages": MESSAGES}, idle_s=0.2)
+    assert failure.value.code == "upstream_timeout"
+    assert "next chunk" in failure.value.message
+
+
+async def test_total_timeout(adapter: OpenAICompat, fake: FakeUpstream) -> None:
+    fake.configure(ttft_ms=1000)
+    with pytest.raises(SwitchyardError) as failure:
+        await adapter.complete(route(fake, total_s=0.2), {"model": "x", "messages": MESSAGES},
+                               "r")
+    assert failure.value.code == "upstream_timeout"
+
+
+async def test_connect_failure_is_unreachable(adapter: OpenAICompat) -> None:
+    dead = Route("openai", "openai", "http://127.0.0.1:9/v1", None, "m", Timeouts())
+    with pytest.raises(SwitchyardError) as failure:
+        await adapter.complete(dead, {"model": "x", "messages": MESSAGES}, "r")
+    assert (failure.value.code, failure.value.retryable) == ("upstream_unreachable", True)
+
+
+async def test_embeddings(adapter: OpenAICompat, fake: FakeUpstream) -> None:
+    result = await adapter.embed(route(fake), {"model": "x", "input": ["one two", "three"]},
+                                 "r")
+    parsed = CreateEmbeddingResponse.model_validate(result)
+    assert len(parsed.data) == 2
+    assert parsed.usage.prompt_tokens == 3
