@@ -26,6 +26,8 @@ class FakeConfig(BaseModel):
     cut_after_tokens: int | None = Field(None, ge=0)
     prompt_tokens_override: int | None = Field(None, ge=0)
     cached_tokens: int = Field(0, ge=0)
+    # Like some OpenAI-compatible servers: streams never carry usage, even when asked.
+    omit_stream_usage: bool = False
     seed: int = 0
     models: list[str] = Field(default_factory=lambda: list(DEFAULT_MODELS))
 

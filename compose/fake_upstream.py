@@ -128,7 +128,8 @@ async def _chat(request: web.Request) -> web.StreamResponse:
     created = int(time.time())
     if body.get("stream"):
         opts = body.get("stream_options")
-        with_usage = isinstance(opts, dict) and bool(opts.get("include_usage"))
+        with_usage = (isinstance(opts, dict) and bool(opts.get("include_usage"))
+                      and not cfg.omit_stream_usage)
         return await _stream(request, stats, cfg, plan_, (cid, created, model, with_usage))
     try:
         await pause(request, cfg.ttft_ms)

@@ -183,3 +183,17 @@ async def test_an_oversized_image_is_413_naming_it(http: httpx.AsyncClient,
             {"type": "text", "text": "what is this"},
             {"type": "image_url", "image_url": {"url": image}}]}]})
     assert_openai_error(response, 413, "image_too_large", "messages.0.content.1.image_url")
+
+
+async def test_gemini_embeddings_through_the_pipeline_are_billed_as_estimated(
+        client: openai.AsyncOpenAI, fake: FakeAdmin, pg: asyncpg.Pool) -> None:
+    response = await client.embeddings.with_raw_response.create(
+        model="gemini-embedding-001", input=["one two three", "four"], dimensions=16)
+    result = response.parse()
+    assert [len(d.embedding) for d in result.data] == [16, 16]
+    assert result.usage.prompt_tokens > 0
+    rows = await eventually(lambda: pg.fetch(
+        "SELECT * FROM usage_events WHERE request_id = $1", response.headers["x-request-id"]))
+    assert (rows[0]["provider"], rows[0]["estimated"]) == ("gemini", True)
+    assert rows[0]["prompt_tokens"] == result.usage.prompt_tokens  # billed what was shown
+    assert rows[0]["cost_usd"] == rows[0]["prompt_tokens"] * Decimal("0.15") / 10**6

@@ -131,3 +131,23 @@ async def test_undecodable_usage_event_goes_to_the_dlq(gateway: Gateway,
                                lambda rs: any(r.value == garbage for r in rs))
     dead = next(r for r in records if r.value == garbage)
     assert dict(dead.headers)[names.H_DLQ_REASON].startswith(b"undecodable")
+
+
+async def test_a_stream_without_usage_is_billed_from_an_estimate_marked_as_such(
+        client: openai.AsyncOpenAI, fake: FakeAdmin, pg: asyncpg.Pool) -> None:
+    await fake.configure(tokens=12, omit_stream_usage=True)
+    prompt = "estimate this prompt of forty characters."
+    stream = await client.chat.completions.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": prompt}], stream=True,
+        stream_options={"include_usage": True})
+    request_id = stream.response.headers["x-request-id"]
+    chunks = [chunk async for chunk in stream]
+    assert chunks[-1].usage is not None  # the client still gets usage: our estimate
+
+    rows = await eventually(lambda: rows_for(pg, [request_id]))
+    row = rows[0]
+    assert row["estimated"] is True
+    assert row["completion_tokens"] == 12  # one token per streamed content chunk
+    assert row["prompt_tokens"] > 0
+    assert row["cost_usd"] == (row["prompt_tokens"] * Decimal("0.15")
+                               + 12 * Decimal("0.60")) / 10**6

@@ -119,6 +119,7 @@ class RouterWorker:
         status: UsageStatus = "ok"
         error: SwitchyardError | None = None
         settled: tuple[Usage, bool] | None = None
+        estimated_upstream = False
         dialect = self._dialects[route.dialect]
         try:
             async with asyncio.timeout(max(env.deadline_ms - now_ms(), 1) / 1000):
@@ -131,19 +132,24 @@ class RouterWorker:
                                              code="unsupported_endpoint", param="model")
                     embeddings = await dialect.embed(route, env.body, env.request_id)
                     ttft_ms = (time.perf_counter() - t0) * 1000
-                    # Embedding APIs that report no usage get an estimate, marked as such.
-                    if not embeddings.pop("usage_estimated", False):
-                        reported = Usage.from_openai(embeddings.get("usage"))
+                    # An embedding API that reports no usage gets the adapter's estimate: the
+                    # same figures the client sees, marked as estimated in the ledger.
+                    estimated_upstream = bool(embeddings.pop("usage_estimated", False))
+                    reported = Usage.from_openai(embeddings.get("usage"))
                     embeddings["model"] = model.id
                     done["embeddings"] = embeddings
                 elif env.body.get("stream"):
                     async for chunk in dialect.stream(route, env.body, env.request_id):
                         reported = Usage.from_openai(chunk.get("usage")) or reported
-                        if not chunk.get("choices"):
+                        choices = chunk.get("choices")
+                        if not choices:
                             continue  # the usage-only chunk: sent in `done`, if asked for
-                        if ttft_ms is None:
-                            ttft_ms = (time.perf_counter() - t0) * 1000
-                        chunks += 1
+                        delta = choices[0].get("delta") or {}
+                        if delta.get("content") or delta.get("tool_calls"):
+                            # A token arrived (not the role or the finish chunk).
+                            if ttft_ms is None:
+                                ttft_ms = (time.perf_counter() - t0) * 1000
+                            chunks += 1
                         chunk.pop("usage", None)
                         chunk["model"] = model.id
                         await out.chunk(chunk)
@@ -154,6 +160,8 @@ class RouterWorker:
                     completion["model"] = model.id
                     done["completion"] = completion
             settled = _settle_usage(reported, env.body, chunks)
+            if estimated_upstream:
+                settled = (settled[0], True)
             usage = settled[0]
             done["usage"] = usage.to_openai()
             done["metadata"] = {"provider": route.provider, "model": model.id,
