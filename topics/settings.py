@@ -73,6 +73,14 @@ class UsageSettings(BaseModel):
     metrics_port: int = 0
 
 
+class ClassifierSettings(BaseModel):
+    model_path: Path = (Path(__file__).resolve().parents[1]
+                        / "workers/classifier/model/prompt-classifier-v1.onnx")
+    max_in_flight: int = Field(default=1024, ge=1)
+    max_batch: int = Field(default=64, ge=1)
+    shutdown_grace_s: float = Field(default=10.0, ge=0)
+
+
 class VaultSettings(BaseModel):
     # "k1:<base64url or hex of 32 bytes>,k2:<…>". Several ids so a new master key can be rolled
     # in beside the old one; empty: the vault routes answer 503 instead of failing the start.
@@ -93,6 +101,7 @@ class Settings(BaseSettings):
     ingress: IngressSettings = IngressSettings()
     router: RouterSettings = RouterSettings()
     usage: UsageSettings = UsageSettings()
+    classifier: ClassifierSettings = ClassifierSettings()
     vault: VaultSettings = VaultSettings()
     catalog_path: Path = Path(__file__).with_name("catalog.toml")
     # When set, routes whose provider key is not configured go to this OpenAI-compatible

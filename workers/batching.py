@@ -1,0 +1,49 @@
+"""Micro-batching of synchronous work: everything submitted in one turn of the event loop is
+handled by one call. The consume loop starts a task per record of a fetch before yielding,
+so a fetch's worth of work lands in one batch with no timer and no added latency."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class MicroBatcher(Generic[T, R]):
+    def __init__(self, run: Callable[[Sequence[T]], Sequence[R]], *, max_batch: int) -> None:
+        self._run = run
+        self._max_batch = max_batch
+        self._pending: list[tuple[T, asyncio.Future[R]]] = []
+        self._scheduled = False
+
+    async def submit(self, item: T) -> R:
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[R] = loop.create_future()
+        self._pending.append((item, done))
+        if len(self._pending) >= self._max_batch:
+            self._flush()
+        elif not self._scheduled:
+            self._scheduled = True
+            loop.call_soon(self._flush)
+        return await done
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        batch, self._pending = self._pending, []
+        if not batch:
+            return
+        try:
+            results = self._run([item for item, _ in batch])
+            if len(results) != len(batch):
+                raise ValueError(f"a batch of {len(batch)} got {len(results)} results")
+        except Exception as exc:  # every waiter hears about it; the loop goes on
+            for _, done in batch:
+                if not done.done():
+                    done.set_exception(exc)
+            return
+        for (_, done), result in zip(batch, results, strict=True):
+            if not done.done():
+                done.set_result(result)
