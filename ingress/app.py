@@ -22,11 +22,18 @@ from ingress.auth import Authenticator
 from ingress.chat import ChatCompletions
 from ingress.embeddings import Embeddings
 from ingress.errors import on_http_exception, on_switchyard_error
+from ingress.insights import advisor_route
 from ingress.metrics import IngressMetrics
 from ingress.middleware import RequestIdentity
 from ingress.ops import OpsDeps, health_route, metrics_route, models_route
 from ingress.pipeline import Pipeline
 from ingress.replies import ReplyRouter
+from ingress.routing_policies import (
+    RoutingPolicyDeps,
+    delete_policy_route,
+    get_policy_route,
+    put_policy_route,
+)
 from ingress.vault import (
     VaultDeps,
     delete_key_route,
@@ -45,8 +52,9 @@ from topics.settings import Settings
 
 log = logging.getLogger(__name__)
 
-ROUTES = frozenset({"/v1/chat/completions", "/v1/infer", "/v1/embeddings", "/v1/models",
-                    "/v1/health", "/metrics", "/v1/vault/keys"})
+ROUTES = frozenset({"/v1/chat/completions", "/v1/infer", "/v1/embeddings", "/v1/advisor",
+                    "/v1/models",
+                    "/v1/health", "/metrics", "/v1/vault/keys", "/v1/routing/policy"})
 
 
 def create_app(settings: Settings | None = None) -> Starlette:
@@ -86,10 +94,12 @@ def create_app(settings: Settings | None = None) -> Starlette:
             pipeline = Pipeline(settings=settings.ingress, producer=producer,
                                 redis_client=client, replies=replies, metrics=metrics)
             vault = VaultDeps(auth=auth, catalog=catalog, pool=pool, keys=master_keys)
+            policies = RoutingPolicyDeps(auth=auth, catalog=catalog, pool=pool)
             log.info("ingress ready; replies on %s", replies.channel)
             yield {
                 "chat": ChatCompletions(pipeline, auth, catalog),
                 "embeddings": Embeddings(pipeline, auth, catalog),
+                "advisor": advisor_route(auth, pool),
                 "models": models_route(ops),
                 "health": health_route(ops),
                 "metrics": metrics_route(ops),
@@ -97,6 +107,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 "vault_list": list_keys_route(vault),
                 "vault_rotate": rotate_key_route(vault),
                 "vault_delete": delete_key_route(vault),
+                "policy_get": get_policy_route(policies),
+                "policy_put": put_policy_route(policies),
+                "policy_delete": delete_policy_route(policies),
             }
 
     def handler(name: str) -> Any:
@@ -112,6 +125,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             Route("/v1/chat/completions", handler("chat"), methods=["POST"]),
             Route("/v1/infer", handler("chat"), methods=["POST"]),  # the seed product's name
             Route("/v1/embeddings", handler("embeddings"), methods=["POST"]),
+            Route("/v1/advisor", handler("advisor"), methods=["GET"]),
             Route("/v1/models", handler("models"), methods=["GET"]),
             Route("/v1/health", handler("health"), methods=["GET"]),
             Route("/metrics", handler("metrics"), methods=["GET"]),
@@ -120,6 +134,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
             Route("/v1/vault/keys/{provider}/rotate", handler("vault_rotate"),
                   methods=["POST"]),
             Route("/v1/vault/keys/{provider}", handler("vault_delete"), methods=["DELETE"]),
+            Route("/v1/routing/policy", handler("policy_get"), methods=["GET"]),
+            Route("/v1/routing/policy", handler("policy_put"), methods=["PUT"]),
+            Route("/v1/routing/policy", handler("policy_delete"), methods=["DELETE"]),
         ],
         middleware=[Middleware(RequestIdentity, metrics=metrics, routes=ROUTES)],
         exception_handlers={SwitchyardError: on_switchyard_error,

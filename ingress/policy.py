@@ -31,9 +31,12 @@ class Policy(BaseModel):
     timeout_ms: int | None = Field(default=None, gt=0)
 
 
+AUTO = "auto"  # the model name that asks the router to choose
+
+
 @dataclass(frozen=True, slots=True)
 class Admission:
-    model: Model
+    model: Model | None  # None for "auto": the router chooses
     body: dict[str, Any]  # what goes to the provider: policy and metadata taken off
     routing: dict[str, Any]
     metadata: dict[str, Any] | None
@@ -53,6 +56,13 @@ def admit(body: dict[str, Any], catalog: Catalog, kind: Literal["chat", "embeddi
         raise Unprocessable("metadata must be an object", code="invalid_field",
                             param="metadata")
     name = str(body.get("model"))
+    if name == AUTO and kind == "chat":
+        # The router chooses, per category, under the tenant's routing policy.
+        if policy.provider is not None and policy.provider not in catalog.providers:
+            raise InvalidRequest(f"policy.provider {policy.provider!r} is not a provider",
+                                 code="unknown_provider", param="policy.provider")
+        return Admission(model=None, body=body, routing=_routing(policy, mode="auto"),
+                         metadata=metadata, timeout_ms=policy.timeout_ms)
     model = catalog.model(name)
     if model is None:
         raise NotFound(f"model {name!r} does not exist; GET /v1/models lists them",
@@ -64,15 +74,20 @@ def admit(body: dict[str, Any], catalog: Catalog, kind: Literal["chat", "embeddi
     if policy.provider is not None:
         model = _pin(model, policy.provider, catalog)
     body["model"] = model.id  # aliases and substitutions resolved once, here
-    routing: dict[str, Any] = {"mode": "fixed" if policy.provider else "auto"}
+    return Admission(model=model, body=body,
+                     routing=_routing(policy, mode="fixed" if policy.provider else "auto"),
+                     metadata=metadata, timeout_ms=policy.timeout_ms)
+
+
+def _routing(policy: Policy, mode: str) -> dict[str, Any]:
+    routing: dict[str, Any] = {"mode": mode}
     if policy.optimize_for is not None:
         routing["weights"] = _WEIGHTS[policy.optimize_for]
     if policy.provider is not None:
         routing["allowed_providers"] = [policy.provider]
     if policy.fallback_enabled is not None:
         routing["fallback_enabled"] = policy.fallback_enabled
-    return Admission(model=model, body=body, routing=routing, metadata=metadata,
-                     timeout_ms=policy.timeout_ms)
+    return routing
 
 
 def _policy(raw: object) -> Policy:

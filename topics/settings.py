@@ -63,6 +63,12 @@ class RouterSettings(BaseModel):
     upstream_total_timeout_s: float = Field(default=300.0, gt=0)
     upstream_pool_size: int = Field(default=512, ge=1)
     metrics_port: int = 0  # 0: no metrics endpoint
+    # How fast old outcomes fade toward the prior: short enough to leave a degraded
+    # provider within a few hundred requests, long enough not to chase noise.
+    bandit_half_life_s: float = Field(default=300.0, gt=0)
+    posterior_cache_ttl_s: float = Field(default=0.1, ge=0, le=1)
+    # How long a router keeps a tenant's routing policy before reading it again.
+    policy_cache_ttl_s: float = Field(default=5.0, ge=0)
 
 
 class UsageSettings(BaseModel):

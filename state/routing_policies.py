@@ -1,0 +1,127 @@
+"""Tenants' routing policies in PostgreSQL (`routing_policies`), and the router's cached reader.
+
+No row means the default policy, `RoutingPolicy()`. A stored row that no longer validates
+(written by a newer version, or edited by hand) is an error, never the default: falling back
+would silently lift the tenant's provider and price restrictions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Literal
+
+import asyncpg
+import orjson
+from pydantic import ValidationError
+
+from topics.errors import SwitchyardError
+from topics.routing_policy import RoutingPolicy
+
+Source = Literal["stored", "default"]
+
+
+@dataclass(frozen=True, slots=True)
+class EffectivePolicy:
+    """The policy that applies to a tenant, and whether it is stored or the default."""
+
+    policy: RoutingPolicy
+    source: Source
+    updated_at: datetime | None  # None for the default
+
+
+def _decode(tenant_id: str, raw: str) -> RoutingPolicy:
+    try:
+        return RoutingPolicy.model_validate(orjson.loads(raw))
+    except ValidationError as exc:
+        first = exc.errors(include_input=False, include_url=False)[0]
+        where = ".".join(str(p) for p in first["loc"]) or "policy"
+        raise SwitchyardError(
+            f"the stored routing policy of tenant {tenant_id!r} is not valid ({where}: "
+            f"{first['msg']}); PUT or DELETE /v1/routing/policy replaces it",
+            code="routing_policy_unreadable") from None
+
+
+async def read_policy(pool: asyncpg.Pool, tenant_id: str) -> EffectivePolicy:
+    row = await pool.fetchrow(
+        "SELECT policy, updated_at FROM routing_policies WHERE tenant_id = $1", tenant_id)
+    if row is None:
+        return EffectivePolicy(RoutingPolicy(), "default", None)
+    return EffectivePolicy(_decode(tenant_id, row["policy"]), "stored", row["updated_at"])
+
+
+async def get_policy(pool: asyncpg.Pool, tenant_id: str) -> RoutingPolicy:
+    """The tenant's policy: the stored one, else the default."""
+    return (await read_policy(pool, tenant_id)).policy
+
+
+async def put_policy(pool: asyncpg.Pool, tenant_id: str,
+                     policy: RoutingPolicy) -> EffectivePolicy:
+    """Store `policy` as the tenant's, replacing any earlier one. Check it against the
+    catalog first (`validate_against`): this stores whatever it is given."""
+    updated_at: datetime = await pool.fetchval(
+        "INSERT INTO routing_policies (tenant_id, policy) VALUES ($1, $2::jsonb)"
+        " ON CONFLICT (tenant_id) DO UPDATE SET policy = EXCLUDED.policy, updated_at = now()"
+        " RETURNING updated_at",
+        tenant_id, orjson.dumps(policy.public()).decode())
+    return EffectivePolicy(policy, "stored", updated_at)
+
+
+async def delete_policy(pool: asyncpg.Pool, tenant_id: str) -> bool:
+    """Back to the default policy; whether a stored one was deleted."""
+    deleted = await pool.fetchval(
+        "DELETE FROM routing_policies WHERE tenant_id = $1 RETURNING tenant_id", tenant_id)
+    return deleted is not None
+
+
+class PolicyCache:
+    """The router's reader: a tenant's policy, cached in-process for `ttl_s` (the default
+    too: most tenants have none, and that must not cost a query per request). Concurrent
+    misses for one tenant share one read. At most `max_entries` tenants are kept; the oldest
+    entry goes first. Errors are not cached: the next request reads again."""
+
+    def __init__(self, pool: asyncpg.Pool, ttl_s: float, *, max_entries: int = 10_000,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._pool = pool
+        self._ttl_s = ttl_s
+        self._max_entries = max(max_entries, 1)
+        self._clock = clock
+        self._cache: dict[str, tuple[RoutingPolicy, float]] = {}
+        self._loading: dict[str, asyncio.Task[RoutingPolicy]] = {}
+
+    async def policy_for(self, tenant_id: str) -> RoutingPolicy:
+        hit = self._cache.get(tenant_id)
+        if hit is not None and hit[1] > self._clock():
+            return hit[0]
+        task = self._loading.get(tenant_id)
+        if task is None:
+            task = asyncio.create_task(self._load(tenant_id))
+            self._loading[tenant_id] = task
+            task.add_done_callback(lambda done: self._loaded(tenant_id, done))
+        # Shielded: one caller giving up must not cancel the read the others wait for.
+        return await asyncio.shield(task)
+
+    def invalidate(self, tenant_id: str) -> None:
+        """Forget the tenant's entry; a read under way no longer fills the cache."""
+        self._cache.pop(tenant_id, None)
+        self._loading.pop(tenant_id, None)
+
+    def _loaded(self, tenant_id: str, task: asyncio.Task[RoutingPolicy]) -> None:
+        if self._loading.get(tenant_id) is task:
+            del self._loading[tenant_id]
+        if not task.cancelled():
+            task.exception()  # retrieved here too, in case every waiter had gone away
+
+    async def _load(self, tenant_id: str) -> RoutingPolicy:
+        policy = await get_policy(self._pool, tenant_id)
+        # Only the read still registered fills the cache: one started before an
+        # invalidate() may have read the policy that was just replaced.
+        if self._loading.get(tenant_id) is asyncio.current_task():
+            self._cache.pop(tenant_id, None)  # re-inserted last: eviction is oldest-first
+            while len(self._cache) >= self._max_entries:
+                del self._cache[next(iter(self._cache))]
+            self._cache[tenant_id] = (policy, self._clock() + self._ttl_s)
+        return policy

@@ -1,0 +1,233 @@
+"""A tenant's routing policy: which routes the router may choose for that tenant's requests.
+
+The model is the contract (stored as JSON in PostgreSQL, served and replaced over HTTP); the
+two functions are pure and shared by the ingress (validation) and the router (eligibility):
+
+- `validate_against(policy, catalog)` checks the names a policy uses against the catalog.
+- `eligible_routes(catalog, policy, category=..., requested_model=...)` is the set of models
+  the router may choose from for one request. It never returns an empty list: when the
+  policy leaves nothing it raises the 403 that says which rule excluded what.
+
+The default policy is `RoutingPolicy()`: equal weights, every provider and model, no price
+ceiling, no pinned routes, mode `auto`, no substitution, i.e. what the gateway did before
+policies existed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from decimal import Decimal
+from typing import Annotated, Any, Literal, get_args
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictStr,
+    model_validator,
+)
+
+from topics.catalog import Catalog, Model
+from topics.errors import Forbidden, InvalidRequest, NotFound
+from topics.messages import Mode
+
+AUTO = "auto"  # the model name that asks the router to choose
+
+Category = Literal["code", "math", "creative_writing", "summarization",
+                   "information_extraction", "classification", "question_answering",
+                   "brainstorming"]
+CATEGORIES: tuple[str, ...] = get_args(Category)
+
+MAX_LIST_ITEMS = 256  # far more than the catalog holds; bounds what a PUT can store
+MAX_NAME_CHARS = 128
+
+# Strict scalars: "1" is not a weight and 1 is not `true`. Containers stay lax so a JSON
+# array validates into an (immutable) tuple.
+Weight = Annotated[StrictFloat, Field(ge=0, allow_inf_nan=False)]
+Name = Annotated[StrictStr, Field(min_length=1, max_length=MAX_NAME_CHARS)]
+
+
+def _no_bool(value: object) -> object:
+    # Decimal's lax mode would take `true` as 1; a price is never a boolean.
+    if isinstance(value, bool):
+        raise ValueError("must be a number or a decimal string")
+    return value
+
+
+def _unique(names: tuple[str, ...] | None) -> tuple[str, ...] | None:
+    seen: set[str] = set()
+    for name in names or ():
+        if name in seen:
+            raise ValueError(f"{name!r} is listed twice")
+        seen.add(name)
+    return names
+
+
+# Money is Decimal; a number or a decimal string ("2.50") is accepted, a string is returned.
+Price = Annotated[Decimal, BeforeValidator(_no_bool),
+                  Field(gt=0, allow_inf_nan=False, max_digits=18, decimal_places=6)]
+NameList = Annotated[tuple[Name, ...] | None,
+                     Field(default=None, min_length=1, max_length=MAX_LIST_ITEMS),
+                     AfterValidator(_unique)]
+
+
+class PolicyWeights(BaseModel):
+    """Relative importance of cost, latency and quality in the router's choice."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    cost: Weight = 1.0
+    latency: Weight = 1.0
+    quality: Weight = 1.0
+
+    @model_validator(mode="after")
+    def _some_objective(self) -> PolicyWeights:
+        if self.cost == self.latency == self.quality == 0:
+            raise ValueError("at least one of cost, latency and quality must be above 0")
+        return self
+
+
+class RoutingPolicy(BaseModel):
+    """One tenant's policy. Every field is optional; what is left out takes its default."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    weights: PolicyWeights = PolicyWeights()
+    # None: every provider / model of the catalog. A list: only those (ids or aliases).
+    allowed_providers: NameList = None
+    allowed_models: NameList = None
+    # A model is eligible only if max(input, output) list price per million tokens <= this.
+    price_ceiling_per_mtok: Price | None = None
+    # For `model: "auto"`: the model to use for a category, instead of the router's choice.
+    pinned_routes: dict[Category, Name] = Field(default_factory=dict)
+    default_mode: Mode = "auto"
+    # A named model may be served by another eligible chat model of its class.
+    allow_substitution: StrictBool = False
+
+    def public(self) -> dict[str, Any]:
+        """The JSON shape (what a PUT accepts): the price as a decimal string."""
+        return self.model_dump(mode="json")
+
+
+def unit_price(model: Model) -> Decimal:
+    """What the price ceiling compares: the larger of the input and output list prices per
+    million tokens (cached input is never dearer than input)."""
+    return max(model.input_per_mtok, model.output_per_mtok)
+
+
+def _resolved_ids(catalog: Catalog, names: Iterable[str]) -> set[str]:
+    # Names that left the catalog since the policy was stored match nothing.
+    return {m.id for m in map(catalog.model, names) if m is not None}
+
+
+def _allowed_ids(catalog: Catalog, policy: RoutingPolicy) -> set[str] | None:
+    return (None if policy.allowed_models is None
+            else _resolved_ids(catalog, policy.allowed_models))
+
+
+def _exclusion(policy: RoutingPolicy, model: Model, allowed_ids: set[str] | None) -> str | None:
+    """Why `policy` excludes `model`, or None if it admits it."""
+    if policy.allowed_providers is not None and model.provider not in policy.allowed_providers:
+        return f"its provider {model.provider!r} is not in allowed_providers"
+    if allowed_ids is not None and model.id not in allowed_ids:
+        return "it is not in allowed_models"
+    ceiling = policy.price_ceiling_per_mtok
+    if ceiling is not None and unit_price(model) > ceiling:
+        return (f"its price ({unit_price(model)} per million tokens) is above "
+                f"price_ceiling_per_mtok ({ceiling})")
+    return None
+
+
+def admits(catalog: Catalog, policy: RoutingPolicy, model: Model) -> bool:
+    """Whether the policy's provider, model and price rules let `model` through."""
+    return _exclusion(policy, model, _allowed_ids(catalog, policy)) is None
+
+
+def validate_against(policy: RoutingPolicy, catalog: Catalog) -> None:
+    """Raise the 400 naming the field if the policy names what the catalog does not have
+    (`unknown_provider`, `unknown_model`), pins a route it cannot use, or admits no model
+    at all (`policy_conflict`). A shape problem (e.g. weights all zero) never gets here: the
+    model refuses it with a 422."""
+    for i, provider in enumerate(policy.allowed_providers or ()):
+        if provider not in catalog.providers:
+            raise InvalidRequest(
+                f"allowed_providers.{i}: unknown provider {provider!r}; known providers: "
+                f"{', '.join(sorted(catalog.providers))}",
+                code="unknown_provider", param=f"allowed_providers.{i}")
+    for i, name in enumerate(policy.allowed_models or ()):
+        if catalog.model(name) is None:
+            raise _unknown_model(name, f"allowed_models.{i}")
+    allowed = _allowed_ids(catalog, policy)
+    for category, name in policy.pinned_routes.items():
+        param = f"pinned_routes.{category}"
+        model = catalog.model(name)
+        if model is None:
+            raise _unknown_model(name, param)
+        if model.kind != "chat":
+            raise InvalidRequest(f"{param}: {name!r} is an embeddings model; a pinned route "
+                                 "must be a chat model", code="policy_conflict", param=param)
+        if (why := _exclusion(policy, model, allowed)) is not None:
+            raise InvalidRequest(f"{param}: this policy excludes {name!r}: {why}",
+                                 code="policy_conflict", param=param)
+    if not any(_exclusion(policy, m, allowed) is None for m in catalog.models):
+        param = ("price_ceiling_per_mtok" if policy.price_ceiling_per_mtok is not None
+                 else "allowed_models" if policy.allowed_models is not None
+                 else "allowed_providers")
+        raise InvalidRequest(
+            "this policy admits no model of the catalog: allowed_providers, allowed_models "
+            "and price_ceiling_per_mtok together exclude every one",
+            code="policy_conflict", param=param)
+
+
+def _unknown_model(name: str, param: str) -> InvalidRequest:
+    return InvalidRequest(f"{param}: unknown model {name!r}; GET /v1/models lists them",
+                          code="unknown_model", param=param)
+
+
+def eligible_routes(catalog: Catalog, policy: RoutingPolicy, *, category: str | None,
+                    requested_model: str) -> list[Model]:
+    """The models the router may serve this request with, preferred first; never empty.
+
+    - `requested_model == "auto"`: the category's pinned route alone, if the policy has one
+      and it is still eligible; else every eligible chat model (the router chooses).
+    - A named model (id or alias): that model if eligible; with `allow_substitution`, then
+      every other eligible chat model of its class (the named one first when eligible).
+      Embeddings models are never substituted (another model's vectors are incompatible).
+
+    Eligible: admitted by allowed_providers, allowed_models and the price ceiling
+    (`unit_price(model) <= price_ceiling_per_mtok`). Raises 404 `model_not_found` for a name
+    not in the catalog, 403 `model_not_allowed` when the policy leaves no model for a named
+    one, 403 `no_eligible_route` when it leaves none for "auto" (a stored policy outlived
+    the catalog's models)."""
+    allowed = _allowed_ids(catalog, policy)
+    if requested_model == AUTO:
+        chat = [m for m in catalog.models if m.kind == "chat"
+                and _exclusion(policy, m, allowed) is None]
+        if not chat:
+            raise Forbidden("the tenant's routing policy admits no chat model of the catalog",
+                            code="no_eligible_route", param="model")
+        pin = next((name for c, name in policy.pinned_routes.items() if c == category), None)
+        pinned = catalog.model(pin) if pin is not None else None
+        # A pin that stopped being eligible (catalog changed) falls back to the router's choice.
+        # By identity: pydantic's == would compare every field of every model, per request.
+        return [pinned] if pinned is not None and any(m is pinned for m in chat) else chat
+    model = catalog.model(requested_model)
+    if model is None:
+        raise NotFound(f"model {requested_model!r} does not exist; GET /v1/models lists them",
+                       code="model_not_found", param="model")
+    why = _exclusion(policy, model, allowed)
+    routes = [model] if why is None else []
+    if policy.allow_substitution and model.kind == "chat":
+        routes += [m for m in catalog.models if m.kind == "chat" and m.class_ == model.class_
+                   and m.id != model.id and _exclusion(policy, m, allowed) is None]
+    if not routes:
+        substitution = ("and embeddings models are never substituted" if model.kind != "chat"
+                        else f"and no other {model.class_} model is eligible"
+                        if policy.allow_substitution else "and allow_substitution is off")
+        raise Forbidden(f"the tenant's routing policy does not allow {requested_model!r}: "
+                        f"{why}, {substitution}", code="model_not_allowed", param="model")
+    return routes
