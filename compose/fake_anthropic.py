@@ -28,7 +28,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from compose.fake_scenario import Ask, Failure, Plan, admit, pause, plan
+from compose.fake_scenario import Ask, Failure, Plan, admit, failing, pause, plan
 from compose.fake_state import FakeConfig, FakeStats
 
 _SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"}
@@ -74,6 +74,8 @@ async def _messages(request: web.Request) -> web.StreamResponse:
     except (orjson.JSONDecodeError, _BadRequest) as exc:
         stats.errors_sent += 1
         return _error(400, str(exc) or "The request body is not valid JSON.")
+    if (failure := failing(cfg, stats, str(body["model"]))) is not None:
+        return _failure(failure)
     answer = plan(cfg, ask)
     mid = f"msg_{uuid.uuid4().hex[:24]}"
     message = _message(mid, body["model"], answer)

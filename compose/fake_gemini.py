@@ -19,7 +19,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from compose.fake_scenario import Ask, Failure, Plan, admit, pause, plan
+from compose.fake_scenario import Ask, Failure, Plan, admit, failing, pause, plan
 from compose.fake_state import FakeConfig, FakeStats
 
 _SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
@@ -96,6 +96,8 @@ async def _generate(request: web.Request, model: str, stream: bool) -> web.Strea
     except _BadRequest as exc:
         stats.errors_sent += 1
         return _error(400, str(exc))
+    if (failure := failing(cfg, stats, model)) is not None:
+        return _error(failure.status, failure.message)
     answer = plan(cfg, ask)
     gen = body.get("generationConfig") or {}
     top = int(gen.get("logprobs") or 0) if gen.get("responseLogprobs") else None

@@ -93,6 +93,17 @@ def admit(request: web.Request) -> tuple[FakeConfig, FakeStats] | Failure:
     return cfg, stats
 
 
+def failing(cfg: FakeConfig, stats: FakeStats, model: str) -> Failure | None:
+    """The injected failure for a model listed in `fail_models`, else None."""
+    if model not in cfg.fail_models:
+        return None
+    stats.errors_sent += 1
+    kind: Literal["rate_limited", "server_error"] = (
+        "rate_limited" if cfg.error_status == 429 else "server_error")
+    return Failure(cfg.error_status, kind,
+                   "The server had an error while processing your request. Sorry about that!")
+
+
 def plan(cfg: FakeConfig, ask: Ask) -> Plan:
     word = (ask.last_user_text.split(maxsplit=1) or ["empty"])[0]
     prompt = cfg.prompt_tokens_override

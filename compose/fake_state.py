@@ -28,6 +28,9 @@ class FakeConfig(BaseModel):
     cached_tokens: int = Field(0, ge=0)
     # Like some OpenAI-compatible servers: streams never carry usage, even when asked.
     omit_stream_usage: bool = False
+    # Requests for these (upstream) models fail with error_status: one route degrades, the
+    # others stay healthy.
+    fail_models: list[str] = Field(default_factory=list)
     seed: int = 0
     models: list[str] = Field(default_factory=lambda: list(DEFAULT_MODELS))
 

@@ -22,7 +22,7 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from compose import fake_anthropic, fake_gemini
-from compose.fake_scenario import Ask, Failure, Plan, admit, pause, plan
+from compose.fake_scenario import Ask, Failure, Plan, admit, failing, pause, plan
 from compose.fake_state import (
     DEFAULT_MODELS,
     STATE_KEY,
@@ -123,6 +123,8 @@ async def _chat(request: web.Request) -> web.StreamResponse:
     except (ValueError, TypeError, KeyError):
         msg = "Expected a JSON object with 'model' (string) and 'messages' (non-empty array)."
         return _error(400, msg, "invalid_request_error", stats)
+    if (failure := failing(cfg, stats, model)) is not None:
+        return _error(failure.status, failure.message, "server_error")
 
     cid = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())

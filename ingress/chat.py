@@ -20,8 +20,9 @@ from ingress.policy import admit
 from ingress.replies import FrameStream
 from ingress.schema import parse_json_object, validate_chat
 from topics.catalog import Catalog
-from topics.errors import SwitchyardError, UpstreamError
+from topics.errors import InvalidRequest, SwitchyardError, UpstreamError
 from topics.messages import ReplyFrame
+from topics.routing_policy import CATEGORIES
 
 
 class ChatCompletions:
@@ -40,7 +41,8 @@ class ChatCompletions:
             request_id=request_id, owner=owner, endpoint="chat.completions",
             body=admitted.body, routing=admitted.routing, metadata=admitted.metadata,
             timeout_s=self._pipeline.timeout_s(request, admitted.timeout_ms),
-            traceparent=request.headers.get("traceparent")))
+            traceparent=request.headers.get("traceparent"),
+            category=_category_hint(request)))
         if not chat.stream:
             self._pipeline.close(request_id)
             return _completion_response(first.data)
@@ -88,6 +90,17 @@ class ChatCompletions:
             if not finished:
                 with anyio.CancelScope(shield=True):
                     await self._pipeline.cancel(request_id, "client_disconnected")
+
+
+CATEGORY_HEADER = "x-switchyard-category"
+
+
+def _category_hint(request: Request) -> str | None:
+    hint = request.headers.get(CATEGORY_HEADER)
+    if hint is not None and hint not in CATEGORIES:
+        raise InvalidRequest(f"{CATEGORY_HEADER} must be one of {', '.join(CATEGORIES)}",
+                             code="invalid_header", param=CATEGORY_HEADER)
+    return hint
 
 
 def _completion_response(done: dict[str, Any]) -> Response:

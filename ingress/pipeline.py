@@ -40,6 +40,7 @@ class Submission:
     metadata: dict[str, Any] | None
     timeout_s: float
     traceparent: str | None
+    category: str | None = None  # the client's hint: the classifier stage then skips it
 
 
 class Pipeline:
@@ -87,7 +88,8 @@ class Pipeline:
             "received_at_ms": received_ms,
             "deadline_ms": received_ms + int(job.timeout_s * 1000),
             "endpoint": job.endpoint, "body": job.body, "routing": job.routing,
-            "metadata": job.metadata, "reply": {"channel": self._replies.channel},
+            "metadata": job.metadata, "category": job.category,
+            "reply": {"channel": self._replies.channel},
         })
         headers = [(names.H_REQUEST_ID, job.request_id.encode()),
                    (names.H_TENANT_ID, job.owner.tenant_id.encode()),

@@ -45,7 +45,7 @@ class FakeAdmin:
         (await self._http.post("/_fake/reset")).raise_for_status()
         await self.configure(ttft_ms=0, inter_token_ms=0, tokens=16, error_rate=0,
                              outage=False, cut_after_tokens=None, prompt_tokens_override=None,
-                             cached_tokens=0, omit_stream_usage=False)
+                             cached_tokens=0, omit_stream_usage=False, fail_models=[])
 
     async def aclose(self) -> None:
         await self._http.aclose()
