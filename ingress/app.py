@@ -22,7 +22,7 @@ from ingress.auth import Authenticator
 from ingress.chat import ChatCompletions
 from ingress.embeddings import Embeddings
 from ingress.errors import on_http_exception, on_switchyard_error
-from ingress.insights import advisor_route
+from ingress.insights import LearningDeps, advisor_route, feedback_route, stats_route
 from ingress.metrics import IngressMetrics
 from ingress.middleware import RequestIdentity
 from ingress.ops import OpsDeps, health_route, metrics_route, models_route
@@ -41,6 +41,7 @@ from ingress.vault import (
     rotate_key_route,
     store_key_route,
 )
+from state.bandit import PosteriorStore
 from state.keys import find_key
 from state.redis_client import make_redis
 from state.vault import MasterKeys
@@ -53,6 +54,7 @@ from topics.settings import Settings
 log = logging.getLogger(__name__)
 
 ROUTES = frozenset({"/v1/chat/completions", "/v1/infer", "/v1/embeddings", "/v1/advisor",
+                    "/v1/feedback", "/v1/providers/stats",
                     "/v1/models",
                     "/v1/health", "/metrics", "/v1/vault/keys", "/v1/routing/policy"})
 
@@ -95,11 +97,17 @@ def create_app(settings: Settings | None = None) -> Starlette:
                                 redis_client=client, replies=replies, metrics=metrics)
             vault = VaultDeps(auth=auth, catalog=catalog, pool=pool, keys=master_keys)
             policies = RoutingPolicyDeps(auth=auth, catalog=catalog, pool=pool)
+            learning = LearningDeps(
+                auth=auth, pool=pool, catalog=catalog,
+                store=PosteriorStore(client, half_life_s=settings.router.bandit_half_life_s),
+                feedback_rate=settings.router.feedback_rate)
             log.info("ingress ready; replies on %s", replies.channel)
             yield {
                 "chat": ChatCompletions(pipeline, auth, catalog),
                 "embeddings": Embeddings(pipeline, auth, catalog),
                 "advisor": advisor_route(auth, pool),
+                "feedback": feedback_route(learning),
+                "stats": stats_route(learning),
                 "models": models_route(ops),
                 "health": health_route(ops),
                 "metrics": metrics_route(ops),
@@ -126,6 +134,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
             Route("/v1/infer", handler("chat"), methods=["POST"]),  # the seed product's name
             Route("/v1/embeddings", handler("embeddings"), methods=["POST"]),
             Route("/v1/advisor", handler("advisor"), methods=["GET"]),
+            Route("/v1/feedback", handler("feedback"), methods=["POST"]),
+            Route("/v1/providers/stats", handler("stats"), methods=["GET"]),
             Route("/v1/models", handler("models"), methods=["GET"]),
             Route("/v1/health", handler("health"), methods=["GET"]),
             Route("/metrics", handler("metrics"), methods=["GET"]),

@@ -63,10 +63,14 @@ class RouterSettings(BaseModel):
     upstream_total_timeout_s: float = Field(default=300.0, gt=0)
     upstream_pool_size: int = Field(default=512, ge=1)
     metrics_port: int = 0  # 0: no metrics endpoint
-    # How fast old outcomes fade toward the prior: short enough to leave a degraded
-    # provider within a few hundred requests, long enough not to chase noise.
-    bandit_half_life_s: float = Field(default=300.0, gt=0)
+    # How fast old outcomes fade toward the prior. bench/simulate.py: at 10 requests/s, 8 s
+    # leaves a degraded provider within ~160 requests; longer half-lives lower regret but
+    # leave later. Scale it with traffic: it should span ~100 requests of a category.
+    bandit_half_life_s: float = Field(default=8.0, gt=0)
     posterior_cache_ttl_s: float = Field(default=0.1, ge=0, le=1)
+    # The share of answers expected to get a quality score (POST /v1/feedback): it sets how
+    # much one score counts against one outcome. 0: quality never enters the reward.
+    feedback_rate: float = Field(default=0.1, ge=0, le=1)
     # How long a router keeps a tenant's routing policy before reading it again.
     policy_cache_ttl_s: float = Field(default=5.0, ge=0)
 

@@ -13,8 +13,10 @@ import asyncpg
 import redis.asyncio as redis
 from prometheus_client import CollectorRegistry
 
+from state.bandit import CachedPosteriors, PosteriorStore
 from state.claims import Claims
 from state.redis_client import make_redis
+from state.routing_policies import PolicyCache
 from state.vault import MasterKeys, TenantKeys
 from topics import names
 from topics.catalog import load_catalog
@@ -26,7 +28,9 @@ from workers.providers.anthropic import AnthropicMessages
 from workers.providers.base import Dialect, Timeouts
 from workers.providers.gemini import GeminiGenerateContent
 from workers.providers.openai_compat import OpenAICompat
+from workers.router.bandit import ThompsonSampler
 from workers.router.cancel import CancelListener
+from workers.router.decide import Decider
 from workers.router.frames import FrameWriter
 from workers.router.metrics import RouterMetrics
 from workers.router.publisher import ReplyPublisher
@@ -84,8 +88,14 @@ async def run_router(settings: Settings, stop: asyncio.Event, *,
         resources.push_async_callback(claims.retire)
         publisher = await resources.enter_async_context(ReplyPublisher(client))
         cancels = CancelListener(client)
+        store = PosteriorStore(client, half_life_s=cfg.bandit_half_life_s)
+        # A random seed per process: workers must not draw in lockstep.
+        seed = int.from_bytes(os.urandom(8), "big")
+        decider = Decider(catalog, PolicyCache(pool, ttl_s=cfg.policy_cache_ttl_s), store,
+                          CachedPosteriors(store, ttl_s=cfg.posterior_cache_ttl_s),
+                          ThompsonSampler(seed), feedback_rate=cfg.feedback_rate)
         worker = RouterWorker(
-            catalog=catalog, claims=claims,
+            decider=decider, claims=claims,
             routes=RouteResolver(catalog, route_config, tenant_keys.key_for),
             dialects=dialects(http), producer=producer,
             frames=lambda env: FrameWriter(env.request_id, env.reply, publisher, producer),

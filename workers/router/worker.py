@@ -16,17 +16,17 @@ from aiokafka import AIOKafkaProducer
 
 from state.claims import ClaimResult, Claims
 from topics import names
-from topics.catalog import Catalog, Model
+from topics.catalog import Model
 from topics.errors import (
     GatewayTimeout,
     InvalidRequest,
-    NotFound,
     SwitchyardError,
     UpstreamError,
 )
 from topics.messages import RequestEnvelope, UsageEvent, UsageStatus
 from workers.providers.base import Dialect, Embedder, Route, Usage
 from workers.router.cancel import CancelListener
+from workers.router.decide import Decider, Decision
 from workers.router.frames import FrameWriter
 from workers.router.metrics import RouterMetrics
 from workers.router.routes import RouteResolver
@@ -38,11 +38,11 @@ def now_ms() -> int:
 
 
 class RouterWorker:
-    def __init__(self, *, catalog: Catalog, routes: RouteResolver, claims: Claims,
+    def __init__(self, *, decider: Decider, routes: RouteResolver, claims: Claims,
                  dialects: Mapping[str, Dialect], producer: AIOKafkaProducer,
                  frames: Callable[[RequestEnvelope], FrameWriter], cancels: CancelListener,
                  metrics: RouterMetrics) -> None:
-        self._catalog = catalog
+        self._decider = decider
         self._routes = routes
         self._claims = claims
         self._dialects = dialects
@@ -82,17 +82,13 @@ class RouterWorker:
             return
         interrupted = False
         try:
-            model = self._catalog.model(str(env.body.get("model")))
-            if model is None:
-                await out.error(NotFound(f"model {env.body.get('model')!r} does not exist",
-                                         code="model_not_found", param="model"))
-                return
             try:
-                route = await self._routes.resolve(model, env.tenant_id)
+                decision = await self._decider.decide(env)
+                route = await self._routes.resolve(decision.model, env.tenant_id)
             except SwitchyardError as exc:
                 await out.error(exc)
                 return
-            attempt = asyncio.create_task(self._attempt(env, model, route, out))
+            attempt = asyncio.create_task(self._attempt(env, decision, route, out))
             self._cancels.register(env.request_id, attempt)
             try:
                 await attempt
@@ -109,8 +105,9 @@ class RouterWorker:
                 # heartbeat is gone, its redelivery is reported as worker_lost, not skipped.
                 await self._claims.finish(env.request_id)
 
-    async def _attempt(self, env: RequestEnvelope, model: Model, route: Route,
+    async def _attempt(self, env: RequestEnvelope, decision: Decision, route: Route,
                        out: FrameWriter) -> None:
+        model = decision.model
         started_ms = now_ms()
         t0 = time.perf_counter()
         ttft_ms: float | None = None
@@ -183,11 +180,19 @@ class RouterWorker:
             if error is not None:
                 await out.error(error)
             # A provider we could not even connect to did not serve (or bill) an attempt.
+            latency_ms = (time.perf_counter() - t0) * 1000
+            usage, estimated = settled or _settle_usage(reported, env.body, chunks)
             if error is None or error.code != "upstream_unreachable":
-                await self._record(env, model, route, status, error,
-                                   settled or _settle_usage(reported, env.body, chunks),
-                                   started_ms,
-                                   (time.perf_counter() - t0) * 1000, ttft_ms)
+                await self._record(env, model, route, status, error, (usage, estimated),
+                                   started_ms, latency_ms, ttft_ms)
+            if status != "cancelled" and env.endpoint == "chat.completions":
+                # What the route did teaches the bandit (a client leaving teaches nothing).
+                await self._decider.learn(
+                    f"{env.request_id}:1", decision, success=status == "ok",
+                    latency_ms=ttft_ms if env.body.get("stream") and ttft_ms else latency_ms,
+                    prompt_tokens=usage.prompt_tokens,
+                    completion_tokens=usage.completion_tokens,
+                    cached_tokens=usage.cached_tokens)
 
     async def _record(self, env: RequestEnvelope, model: Model, route: Route,
                       status: UsageStatus, error: SwitchyardError | None,

@@ -1,0 +1,119 @@
+"""Which route serves a request, and what its outcome teaches.
+
+The tenant's routing policy (PostgreSQL, cached) decides which routes are eligible; among
+several, a Thompson draw over the Beta posteriors shared in Redis (read through a ≤ 100 ms
+cache) picks one, per prompt category. The outcome of every attempt (success, latency
+against the route's SLO, cost against the cheapest eligible route) updates the posterior,
+once per attempt however often Kafka redelivers it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from state.bandit import CachedPosteriors, PosteriorStore, Weights
+from state.routing_policies import PolicyCache
+from topics.catalog import Catalog, Model
+from topics.errors import InvalidRequest
+from topics.messages import ObjectiveWeights, RequestEnvelope
+from topics.routing_policy import PolicyWeights, eligible_routes
+from workers.router.bandit import Outcome, ThompsonSampler, outcome_weight, reward
+
+# Latency a route should meet before its latency score starts to fall, by model class:
+# time to first token for streams, whole answer otherwise.
+SLO_MS = {"fast": 3_000.0, "frontier": 10_000.0, "code": 10_000.0, "reasoning": 30_000.0,
+          "embedding": 2_000.0}
+GENERAL = "general"  # the posterior category of requests that were not classified
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    model: Model
+    ranked: tuple[Model, ...]  # the whole eligible set, best first (failover order)
+    category: str
+    weights: Weights
+
+
+class Decider:
+    def __init__(self, catalog: Catalog, policies: PolicyCache, store: PosteriorStore,
+                 posteriors: CachedPosteriors, sampler: ThompsonSampler, *,
+                 feedback_rate: float) -> None:
+        self._catalog = catalog
+        self._policies = policies
+        self._store = store
+        self._posteriors = posteriors
+        self._sampler = sampler
+        self._feedback_rate = feedback_rate
+
+    async def decide(self, env: RequestEnvelope) -> Decision:
+        policy = await self._policies.policy_for(env.tenant_id)
+        routes = eligible_routes(self._catalog, policy, category=env.category,
+                                 requested_model=str(env.body.get("model")))
+        if env.routing.allowed_providers:  # the request's own pin (seed `policy.provider`)
+            routes = [m for m in routes if m.provider in env.routing.allowed_providers] \
+                or routes
+        if env.routing.mode == "fixed":
+            routes = routes[:1]
+        elif len(routes) > 1:
+            routes = _capable(routes, env.body)
+        category = env.category or GENERAL
+        weights = _weights(env.routing.weights, policy.weights)
+        if len(routes) == 1:
+            return Decision(routes[0], tuple(routes), category, weights)
+        posteriors = await self._posteriors.get(category, [m.id for m in routes])
+        order = self._sampler.rank([(posteriors[m.id].alpha, posteriors[m.id].beta)
+                                    for m in routes])
+        ranked = tuple(routes[i] for i in order)
+        await self._store.note_selection(category, ranked[0].id)
+        return Decision(ranked[0], ranked, category, weights)
+
+    async def learn(self, event_id: str, decision: Decision, *, success: bool,
+                    latency_ms: float, prompt_tokens: int, completion_tokens: int,
+                    cached_tokens: int) -> None:
+        model = decision.model
+        cost = float(model.cost_usd(prompt_tokens, completion_tokens, cached_tokens))
+        cheapest = min(float(m.cost_usd(prompt_tokens, completion_tokens, cached_tokens))
+                       for m in decision.ranked)
+        outcome = Outcome(success=success, latency_ms=latency_ms,
+                          slo_ms=SLO_MS.get(model.class_, 10_000.0), cost_usd=cost,
+                          cheapest_cost_usd=cheapest, quality=None)
+        await self._store.update(
+            event_id, decision.category, model.id, reward(outcome, decision.weights),
+            success=success, latency_ms=latency_ms,
+            # The quality part of the evidence arrives later, as feedback, if at all.
+            weight=outcome_weight(outcome, decision.weights, self._feedback_rate))
+
+
+def _capable(routes: list[Model], body: dict[str, Any]) -> list[Model]:
+    """The routes that can do what the request needs (tools, JSON, images, streaming)."""
+    needs = required_capabilities(body)
+    capable = [m for m in routes if needs <= set(m.capabilities)]
+    if not capable:
+        raise InvalidRequest(f"no eligible model supports {', '.join(sorted(needs))}",
+                             code="no_capable_route", param="model")
+    return capable
+
+
+def required_capabilities(body: dict[str, Any]) -> set[str]:
+    needs = set()
+    if body.get("tools"):
+        needs.add("tools")
+    if body.get("stream"):
+        needs.add("stream")
+    response_format = body.get("response_format")
+    if isinstance(response_format, dict) and response_format.get("type") != "text":
+        needs.add("json")
+    for message in body.get("messages") or ():
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, list) and any(
+                isinstance(p, dict) and p.get("type") == "image_url" for p in content):
+            needs.add("vision")
+    return needs
+
+
+def _weights(requested: ObjectiveWeights, tenant: PolicyWeights) -> Weights:
+    """The request's own weights (seed `policy.optimize_for`) when it set any, else the
+    tenant policy's."""
+    source: ObjectiveWeights | PolicyWeights = (
+        requested if requested != ObjectiveWeights() else tenant)
+    return Weights(cost=source.cost, latency=source.latency, quality=source.quality)
