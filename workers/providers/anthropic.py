@@ -27,7 +27,7 @@ import orjson
 
 from topics.errors import SwitchyardError, UpstreamError
 from workers.providers.anthropic_translate import to_messages_request
-from workers.providers.base import Route, SseEvent, Usage, sse_events
+from workers.providers.base import Route, SseEvent, Usage, provider_events
 from workers.providers.errors import (
     Kind,
     kind_of_status,
@@ -87,27 +87,12 @@ class AnthropicMessages:
         request = to_messages_request(route.provider, body, route.upstream_model)
         payload = {**request.payload, "stream": True}
         translator = StreamTranslator(route, request.json_tool)
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        phase = "first token"
-        try:
-            # One deadline: the first-token limit until an event arrives, then the total.
-            async with asyncio.timeout(route.timeouts.ttft_s) as deadline, self._post(
-                    route, payload, request_id) as resp:
-                if resp.status != 200:
-                    raise http_error(route.provider, resp.status, await resp.read())
-                async for event in sse_events(resp, route.timeouts.idle_s):
-                    if phase == "first token":
-                        phase = "next chunk"
-                        deadline.reschedule(started + route.timeouts.total_s)
-                    for chunk in translator.feed(event):
-                        yield chunk
-                    if translator.done:
-                        return
-        except aiohttp.ClientError as exc:
-            raise transport_error(route.provider, exc) from exc
-        except TimeoutError as exc:
-            raise timed_out(route.provider, phase) from exc
+        async for event in provider_events(
+                route, lambda: self._post(route, payload, request_id), http_error):
+            for chunk in translator.feed(event):
+                yield chunk
+            if translator.done:
+                return
         raise stream_cut(route.provider)  # the body ended without message_stop
 
     def _post(self, route: Route, payload: dict[str, Any], request_id: str) -> Any:

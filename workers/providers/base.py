@@ -9,11 +9,16 @@ inside the dialect module."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import aiohttp
+
+from topics.errors import SwitchyardError
+from workers.providers.errors import timed_out, transport_error
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,14 +95,12 @@ class SseEvent:
     data: bytes
 
 
-async def sse_events(resp: aiohttp.ClientResponse, idle_s: float) -> AsyncIterator[SseEvent]:
-    """Server-sent events of a response, each `data` joined across its lines. Raises
-    TimeoutError if the provider is silent for longer than `idle_s` between events."""
+async def sse_events(resp: aiohttp.ClientResponse) -> AsyncIterator[SseEvent]:
+    """Server-sent events of a response, each `data` joined across its lines."""
     event: str | None = None
     data: list[bytes] = []
     while True:
-        async with asyncio.timeout(idle_s):
-            line = await resp.content.readline()
+        line = await resp.content.readline()
         if not line:  # end of body
             if data:
                 yield SseEvent(event, b"\n".join(data))
@@ -112,3 +115,40 @@ async def sse_events(resp: aiohttp.ClientResponse, idle_s: float) -> AsyncIterat
         elif line.startswith(b"event:"):
             event = line[6:].strip().decode()
         # comments (":") and other fields (id, retry) carry nothing we use
+
+
+ErrorReader = Callable[[str, int, bytes], SwitchyardError]
+
+
+async def provider_events(route: Route,
+                          open_response: Callable[[], AbstractAsyncContextManager[
+                              aiohttp.ClientResponse]],
+                          http_error: ErrorReader) -> AsyncIterator[SseEvent]:
+    """The events of a provider's streamed answer under the route's timeouts: the first
+    event within `ttft_s`, each next one within `idle_s`, all within `total_s`. Transport
+    failures and timeouts come out as our errors; a non-200 status through `http_error`.
+
+    The deadlines wrap only this generator's own awaits, never a `yield`: a deadline must not
+    fire while the caller is busy with an event (it would surface there as a cancellation)."""
+    loop = asyncio.get_running_loop()
+    t = route.timeouts
+    end = loop.time() + t.total_s
+    phase, deadline = "first token", min(loop.time() + t.ttft_s, end)
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            async with asyncio.timeout_at(deadline):
+                resp = await stack.enter_async_context(open_response())
+                if resp.status != 200:
+                    raise http_error(route.provider, resp.status, await resp.read())
+            events = sse_events(resp)
+            while True:
+                async with asyncio.timeout_at(deadline):
+                    event = await anext(events, None)
+                if event is None:
+                    return
+                phase, deadline = "next chunk", min(loop.time() + t.idle_s, end)
+                yield event
+    except aiohttp.ClientError as exc:
+        raise transport_error(route.provider, exc) from exc
+    except TimeoutError as exc:
+        raise timed_out(route.provider, phase) from exc

@@ -19,7 +19,7 @@ import aiohttp
 import orjson
 
 from topics.errors import InvalidRequest, SwitchyardError, UpstreamError
-from workers.providers.base import Route, Usage, sse_events
+from workers.providers.base import Route, Usage, provider_events
 from workers.providers.errors import (
     Kind,
     kind_of_status,
@@ -75,25 +75,11 @@ class GeminiGenerateContent:
                      request_id: str) -> AsyncIterator[dict[str, Any]]:
         payload = to_gemini(route.provider, body)
         translator = ChunkTranslator(route, request_id)
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        phase = "first token"
-        try:
-            # One deadline: the first-token limit until an event arrives, then the total.
-            async with asyncio.timeout(route.timeouts.ttft_s) as deadline, self._post(
-                    route, "streamGenerateContent?alt=sse", payload, request_id) as resp:
-                if resp.status != 200:
-                    raise http_error(route.provider, resp.status, await resp.read())
-                async for event in sse_events(resp, route.timeouts.idle_s):
-                    if phase == "first token":
-                        phase = "next chunk"
-                        deadline.reschedule(started + route.timeouts.total_s)
-                    for chunk in translator.feed(_json(route.provider, event.data)):
-                        yield chunk
-        except aiohttp.ClientError as exc:
-            raise transport_error(route.provider, exc) from exc
-        except TimeoutError as exc:
-            raise timed_out(route.provider, phase) from exc
+        async for event in provider_events(
+                route, lambda: self._post(route, "streamGenerateContent?alt=sse", payload,
+                                          request_id), http_error):
+            for chunk in translator.feed(_json(route.provider, event.data)):
+                yield chunk
         yield translator.finish()  # Gemini has no [DONE]: the body's end is the stream's end
 
     async def embed(self, route: Route, body: dict[str, Any],

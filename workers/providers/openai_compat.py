@@ -14,7 +14,7 @@ import aiohttp
 import orjson
 
 from topics.errors import SwitchyardError, UpstreamError
-from workers.providers.base import Route, sse_events
+from workers.providers.base import Route, provider_events
 from workers.providers.errors import (
     Kind,
     kind_of_status,
@@ -64,26 +64,11 @@ class OpenAICompat:
         payload = {**body, "model": route.upstream_model, "stream": True,
                    "stream_options": {**(body.get("stream_options") or {}),
                                       "include_usage": True}}
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        phase = "first token"
-        try:
-            # One deadline: the first-token limit until an event arrives, then the total.
-            async with asyncio.timeout(route.timeouts.ttft_s) as deadline, self._post(
-                    route, payload, request_id) as resp:
-                if resp.status != 200:
-                    raise http_error(route.provider, resp.status, await resp.read())
-                async for event in sse_events(resp, route.timeouts.idle_s):
-                    if phase == "first token":
-                        phase = "next chunk"
-                        deadline.reschedule(started + route.timeouts.total_s)
-                    if event.data == b"[DONE]":
-                        return
-                    yield _chunk(route, event.data)
-        except aiohttp.ClientError as exc:
-            raise transport_error(route.provider, exc) from exc
-        except TimeoutError as exc:
-            raise timed_out(route.provider, phase) from exc
+        async for event in provider_events(
+                route, lambda: self._post(route, payload, request_id), http_error):
+            if event.data == b"[DONE]":
+                return
+            yield _chunk(route, event.data)
         raise stream_cut(route.provider)
 
     def _post(self, route: Route, payload: dict[str, Any], request_id: str,
