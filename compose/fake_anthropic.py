@@ -28,7 +28,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from compose.fake_scenario import Ask, Failure, Plan, admit, failing, pause, plan
+from compose.fake_scenario import Ask, Failure, Plan, admit, failing, pause, plan, send_stream
 from compose.fake_state import FakeConfig, FakeStats
 
 _SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"}
@@ -200,47 +200,17 @@ async def _stream(request: web.Request, stats: FakeStats, cfg: FakeConfig, answe
                _event({"type": "ping"})]
     if tool:  # the API opens every tool input with an empty fragment
         pending.append(_delta({"type": "input_json_delta", "partial_json": ""}))
-    cut = cfg.cut_after_tokens
+    pieces = [_delta({"type": "input_json_delta", "partial_json": piece} if tool
+                     else {"type": "text_delta", "text": piece}) for piece in answer.pieces]
+    closing = [
+        _event({"type": "content_block_stop", "index": 0}),
+        # Usage on message_delta is cumulative, so it repeats the input counts.
+        _event({"type": "message_delta",
+                "delta": {"stop_reason": message["stop_reason"], "stop_sequence": None},
+                "usage": {k: v for k, v in usage.items() if k != "service_tier"}}),
+        _event({"type": "message_stop"})]
     resp = web.StreamResponse(headers={**_SSE_HEADERS, "request-id": f"req_{message['id'][4:]}"})
-    stats.open_streams += 1
-    try:
-        await pause(request, cfg.ttft_ms)
-        await resp.prepare(request)
-        for i, piece in enumerate(answer.pieces):
-            if i == cut:
-                break
-            if i > 0 and cfg.inter_token_ms > 0:
-                await resp.write(b"".join(pending))
-                pending.clear()
-                await pause(request, cfg.inter_token_ms)
-            pending.append(_delta({"type": "input_json_delta", "partial_json": piece} if tool
-                                  else {"type": "text_delta", "text": piece}))
-        if cut is not None:
-            await resp.write(b"".join(pending))
-            # Abort (not close) so the client sees a truncated chunked body, like a crash.
-            if request.transport is not None:
-                request.transport.abort()
-            stats.cut_streams += 1
-            return resp
-        pending += [
-            _event({"type": "content_block_stop", "index": 0}),
-            # Usage on message_delta is cumulative, so it repeats the input counts.
-            _event({"type": "message_delta",
-                    "delta": {"stop_reason": message["stop_reason"], "stop_sequence": None},
-                    "usage": {k: v for k, v in usage.items() if k != "service_tier"}}),
-            _event({"type": "message_stop"})]
-        await resp.write(b"".join(pending))
-        await resp.write_eof()
-        stats.completed_streams += 1
-        return resp
-    except ConnectionResetError:
-        stats.disconnects += 1
-        return resp
-    except asyncio.CancelledError:
-        stats.disconnects += 1
-        raise
-    finally:
-        stats.open_streams -= 1
+    return await send_stream(request, resp, stats, cfg, pending, pieces, closing)
 
 
 def _delta(delta: dict[str, Any]) -> bytes:

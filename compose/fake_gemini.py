@@ -19,7 +19,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from compose.fake_scenario import Ask, Failure, Plan, admit, failing, pause, plan
+from compose.fake_scenario import Ask, Failure, Plan, admit, failing, pause, plan, send_stream
 from compose.fake_state import FakeConfig, FakeStats
 
 _SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
@@ -253,33 +253,7 @@ async def _stream(request: web.Request, stats: FakeStats, cfg: FakeConfig, answe
                       else (b"[" if i == 0 else b",\r\n") + data)
     resp = web.StreamResponse(headers=_SSE_HEADERS if sse else {
         "Content-Type": "application/json; charset=UTF-8"})
-    stats.open_streams += 1
-    try:
-        await pause(request, cfg.ttft_ms)
-        await resp.prepare(request)
-        for i, event in enumerate(events):
-            if i == cfg.cut_after_tokens:
-                # Abort (not close) so the client sees a truncated chunked body, like a crash.
-                if request.transport is not None:
-                    request.transport.abort()
-                stats.cut_streams += 1
-                return resp
-            if i > 0:
-                await pause(request, cfg.inter_token_ms)
-            await resp.write(event)
-        if not sse:
-            await resp.write(b"]")
-        await resp.write_eof()
-        stats.completed_streams += 1
-        return resp
-    except ConnectionResetError:
-        stats.disconnects += 1
-        return resp
-    except asyncio.CancelledError:
-        stats.disconnects += 1
-        raise
-    finally:
-        stats.open_streams -= 1
+    return await send_stream(request, resp, stats, cfg, [], events, [] if sse else [b"]"])
 
 
 async def _embed(request: web.Request, model: str, batch: bool) -> web.StreamResponse:

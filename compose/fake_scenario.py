@@ -143,3 +143,44 @@ async def pause(request: web.Request, ms: float) -> None:
         transport = request.transport
         if transport is None or transport.is_closing():
             raise ConnectionResetError("client went away")
+
+
+async def send_stream(request: web.Request, resp: web.StreamResponse, stats: FakeStats,
+                      cfg: FakeConfig, opening: list[bytes], pieces: list[bytes],
+                      closing: list[bytes]) -> web.StreamResponse:
+    """Stream an answer as a provider does: after `ttft_ms` the opening events with the first
+    piece, then one piece every `inter_token_ms` (pieces due together leave in one write),
+    then the closing events. With `cut_after_tokens`, the connection is aborted after that
+    many pieces, closing events unsent. A client that leaves is counted, promptly."""
+    stats.open_streams += 1
+    try:
+        await pause(request, cfg.ttft_ms)
+        await resp.prepare(request)
+        pending = list(opening)
+        for i, piece in enumerate(pieces):
+            if i == cfg.cut_after_tokens:
+                break
+            if i > 0 and cfg.inter_token_ms > 0:
+                await resp.write(b"".join(pending))
+                pending.clear()
+                await pause(request, cfg.inter_token_ms)
+            pending.append(piece)
+        if cfg.cut_after_tokens is not None:
+            await resp.write(b"".join(pending))
+            # Abort (not close) so the client sees a truncated chunked body, like a crash.
+            if request.transport is not None:
+                request.transport.abort()
+            stats.cut_streams += 1
+            return resp
+        await resp.write(b"".join(pending + closing))
+        await resp.write_eof()
+        stats.completed_streams += 1
+        return resp
+    except ConnectionResetError:
+        stats.disconnects += 1
+        return resp
+    except asyncio.CancelledError:
+        stats.disconnects += 1
+        raise
+    finally:
+        stats.open_streams -= 1

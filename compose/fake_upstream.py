@@ -22,7 +22,7 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from compose import fake_anthropic, fake_gemini
-from compose.fake_scenario import Ask, Failure, Plan, admit, failing, pause, plan
+from compose.fake_scenario import Ask, Failure, Plan, admit, failing, pause, plan, send_stream
 from compose.fake_state import (
     DEFAULT_MODELS,
     STATE_KEY,
@@ -188,46 +188,15 @@ async def _stream(
     )
     tail = b'],"usage":null}\n\n' if with_usage else b"]}\n\n"
     pre, post = b'{"index":0,"delta":', b',"logprobs":null,"finish_reason":null}'
-    pending = [head + pre + b'{"role":"assistant","content":"","refusal":null}' + post + tail]
-    deltas = _deltas(plan_)
-    cut = cfg.cut_after_tokens
-    resp = web.StreamResponse(headers=_SSE_HEADERS)
-    stats.open_streams += 1
-    try:
-        await pause(request, cfg.ttft_ms)
-        await resp.prepare(request)
-        for i, delta in enumerate(deltas):
-            if i == cut:
-                break
-            if i > 0 and cfg.inter_token_ms > 0:
-                await resp.write(b"".join(pending))
-                pending.clear()
-                await pause(request, cfg.inter_token_ms)
-            pending.append(b"".join((head, pre, delta, post, tail)))
-        if cut is not None:
-            await resp.write(b"".join(pending))
-            # Abort (not close) so the client sees a truncated chunked body, like a crash.
-            if request.transport is not None:
-                request.transport.abort()
-            stats.cut_streams += 1
-            return resp
-        pending.append(head + b'{"index":0,"delta":{},"logprobs":null,"finish_reason":'
-                       + orjson.dumps(_FINISH[plan_.finish]) + b"}" + tail)
-        if with_usage:
-            pending.append(head + b'],"usage":' + orjson.dumps(_usage(plan_)) + b"}\n\n")
-        pending.append(_DONE)
-        await resp.write(b"".join(pending))
-        await resp.write_eof()
-        stats.completed_streams += 1
-        return resp
-    except ConnectionResetError:
-        stats.disconnects += 1
-        return resp
-    except asyncio.CancelledError:
-        stats.disconnects += 1
-        raise
-    finally:
-        stats.open_streams -= 1
+    opening = [head + pre + b'{"role":"assistant","content":"","refusal":null}' + post + tail]
+    closing = [head + b'{"index":0,"delta":{},"logprobs":null,"finish_reason":'
+               + orjson.dumps(_FINISH[plan_.finish]) + b"}" + tail]
+    if with_usage:
+        closing.append(head + b'],"usage":' + orjson.dumps(_usage(plan_)) + b"}\n\n")
+    closing.append(_DONE)
+    return await send_stream(
+        request, web.StreamResponse(headers=_SSE_HEADERS), stats, cfg, opening,
+        [b"".join((head, pre, delta, post, tail)) for delta in _deltas(plan_)], closing)
 
 
 def _deltas(plan_: Plan) -> list[bytes]:
