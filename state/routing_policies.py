@@ -7,7 +7,6 @@ would silently lift the tenant's provider and price restrictions.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ import asyncpg
 import orjson
 from pydantic import ValidationError
 
+from state.cache import ReadThroughCache
 from topics.errors import SwitchyardError
 from topics.routing_policy import RoutingPolicy
 
@@ -78,50 +78,19 @@ async def delete_policy(pool: asyncpg.Pool, tenant_id: str) -> bool:
 
 
 class PolicyCache:
-    """The router's reader: a tenant's policy, cached in-process for `ttl_s` (the default
-    too: most tenants have none, and that must not cost a query per request). Concurrent
-    misses for one tenant share one read. At most `max_entries` tenants are kept; the oldest
-    entry goes first. Errors are not cached: the next request reads again."""
+    """The router's reader: a tenant's policy (the default too), cached in-process for
+    `ttl_s`, concurrent misses sharing one read (see `ReadThroughCache`)."""
 
     def __init__(self, pool: asyncpg.Pool, ttl_s: float, *, max_entries: int = 10_000,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        self._pool = pool
-        self._ttl_s = ttl_s
-        self._max_entries = max(max_entries, 1)
-        self._clock = clock
-        self._cache: dict[str, tuple[RoutingPolicy, float]] = {}
-        self._loading: dict[str, asyncio.Task[RoutingPolicy]] = {}
+        async def load(tenant_id: str) -> RoutingPolicy:
+            return await get_policy(pool, tenant_id)
+
+        self._cache: ReadThroughCache[str, RoutingPolicy] = ReadThroughCache(
+            load, ttl_s=ttl_s, max_entries=max_entries, clock=clock)
 
     async def policy_for(self, tenant_id: str) -> RoutingPolicy:
-        hit = self._cache.get(tenant_id)
-        if hit is not None and hit[1] > self._clock():
-            return hit[0]
-        task = self._loading.get(tenant_id)
-        if task is None:
-            task = asyncio.create_task(self._load(tenant_id))
-            self._loading[tenant_id] = task
-            task.add_done_callback(lambda done: self._loaded(tenant_id, done))
-        # Shielded: one caller giving up must not cancel the read the others wait for.
-        return await asyncio.shield(task)
+        return await self._cache.get(tenant_id)
 
     def invalidate(self, tenant_id: str) -> None:
-        """Forget the tenant's entry; a read under way no longer fills the cache."""
-        self._cache.pop(tenant_id, None)
-        self._loading.pop(tenant_id, None)
-
-    def _loaded(self, tenant_id: str, task: asyncio.Task[RoutingPolicy]) -> None:
-        if self._loading.get(tenant_id) is task:
-            del self._loading[tenant_id]
-        if not task.cancelled():
-            task.exception()  # retrieved here too, in case every waiter had gone away
-
-    async def _load(self, tenant_id: str) -> RoutingPolicy:
-        policy = await get_policy(self._pool, tenant_id)
-        # Only the read still registered fills the cache: one started before an
-        # invalidate() may have read the policy that was just replaced.
-        if self._loading.get(tenant_id) is asyncio.current_task():
-            self._cache.pop(tenant_id, None)  # re-inserted last: eviction is oldest-first
-            while len(self._cache) >= self._max_entries:
-                del self._cache[next(iter(self._cache))]
-            self._cache[tenant_id] = (policy, self._clock() + self._ttl_s)
-        return policy
+        self._cache.invalidate(tenant_id)

@@ -8,7 +8,6 @@ itself is never stored in clear, never returned (its last four characters only),
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import os
@@ -24,6 +23,7 @@ import orjson
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from state.cache import ReadThroughCache
 from topics.errors import NotFound, SwitchyardError, Unavailable
 from topics.settings import VaultSettings
 
@@ -271,55 +271,31 @@ async def rows_by_master_key(pool: asyncpg.Pool) -> dict[str, int]:
 
 class TenantKeys:
     """The router's reader: a tenant's decrypted key for a provider, cached in-process for
-    `ttl_s` (absent keys too: most tenants have none, and that must not cost a query per
-    request). Concurrent misses for one (tenant, provider) share one read."""
+    `ttl_s`, absent keys too, concurrent misses sharing one read (see `ReadThroughCache`)."""
 
     def __init__(self, pool: asyncpg.Pool, keys: MasterKeys | None, *, ttl_s: float,
                  max_entries: int = 10_000,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._pool = pool
         self._keys = keys
-        self._ttl_s = ttl_s
-        self._max_entries = max_entries
-        self._clock = clock
-        self._cache: dict[tuple[str, str], tuple[str | None, float]] = {}
-        self._loading: dict[tuple[str, str], asyncio.Task[str | None]] = {}
+        self._cache: ReadThroughCache[tuple[str, str], str | None] = ReadThroughCache(
+            self._load, ttl_s=ttl_s, max_entries=max_entries, clock=clock)
 
     async def key_for(self, tenant_id: str, provider: str) -> str | None:
         """The tenant's own key for `provider`, or None if it stored none. A stored key that
         cannot be decrypted raises rather than returning None: falling back to the gateway's
         own key would bill the wrong account."""
-        slot = (tenant_id, provider)
-        hit = self._cache.get(slot)
-        if hit is not None and hit[1] > self._clock():
-            return hit[0]
-        task = self._loading.get(slot)
-        if task is None:
-            task = asyncio.create_task(self._load(slot))
-            self._loading[slot] = task
-            task.add_done_callback(lambda done: self._loaded(slot, done))
-        # Shielded: one caller giving up must not cancel the read the others wait for.
-        return await asyncio.shield(task)
+        return await self._cache.get((tenant_id, provider))
 
     def invalidate(self, tenant_id: str, provider: str) -> None:
-        self._cache.pop((tenant_id, provider), None)
-
-    def _loaded(self, slot: tuple[str, str], task: asyncio.Task[str | None]) -> None:
-        self._loading.pop(slot, None)
-        if not task.cancelled():
-            task.exception()  # retrieved here too, in case every waiter had gone away
+        self._cache.invalidate((tenant_id, provider))
 
     async def _load(self, slot: tuple[str, str]) -> str | None:
         row = await self._pool.fetchrow(
             "SELECT master_key_id, nonce, ciphertext FROM provider_keys"
             " WHERE tenant_id = $1 AND provider = $2", *slot)
-        value: str | None = None
-        if row is not None:
-            if self._keys is None:
-                raise vault_not_configured()
-            value = self._keys.decrypt(*slot, row["master_key_id"], row["nonce"],
-                                       row["ciphertext"])
-        if len(self._cache) >= self._max_entries:
-            self._cache.clear()  # crude but bounded; a refill costs one query per key
-        self._cache[slot] = (value, self._clock() + self._ttl_s)
-        return value
+        if row is None:
+            return None
+        if self._keys is None:
+            raise vault_not_configured()
+        return self._keys.decrypt(*slot, row["master_key_id"], row["nonce"], row["ciphertext"])
