@@ -1,0 +1,1 @@
+"""The classifier stage: labels each chat prompt with its category (ONNX model)."""

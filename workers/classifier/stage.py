@@ -1,0 +1,61 @@
+"""The classifier stage: `llm.requests` in, `llm.classified` out, each chat request labelled
+with its prompt category. Requests that need no label pass straight through: embeddings, a
+request that already carries a category (a hint from its producer), and a pinned route."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+from aiokafka import AIOKafkaProducer
+
+from topics import names
+from topics.messages import RequestEnvelope
+from workers.batching import MicroBatcher
+
+# Long passages carry little extra signal for the label and cost time.
+_MAX_CHARS = 4000
+
+
+class Prediction(Protocol):
+    @property
+    def label(self) -> str: ...
+    @property
+    def confidence(self) -> float: ...
+    @property
+    def version(self) -> str: ...
+
+
+class ClassifierStage:
+    def __init__(self, classify: Callable[[Sequence[str]], Sequence[Prediction]],
+                 producer: AIOKafkaProducer, *, max_batch: int) -> None:
+        self._batcher: MicroBatcher[str, Prediction] = MicroBatcher(classify,
+                                                                    max_batch=max_batch)
+        self._producer = producer
+
+    async def handle(self, env: RequestEnvelope, record: Any) -> None:
+        if needs_label(env):
+            prediction = await self._batcher.submit(prompt_text(env.body))
+            env = env.model_copy(update={"category": prediction.label,
+                                         "confidence": round(prediction.confidence, 4),
+                                         "classifier_version": prediction.version})
+        # Awaited: the input offset is committed only once the labelled copy is durable.
+        await self._producer.send_and_wait(names.CLASSIFIED, env.to_json(), key=record.key,
+                                           headers=list(record.headers or ()))
+
+
+def needs_label(env: RequestEnvelope) -> bool:
+    return (env.endpoint == "chat.completions" and env.category is None
+            and env.routing.mode != "fixed")
+
+
+def prompt_text(body: dict[str, Any]) -> str:
+    """The last user turn's text: what the classifier was trained on (one prompt)."""
+    for message in reversed(body.get("messages") or ()):
+        if isinstance(message, dict) and message.get("role") == "user":
+            content = message.get("content")
+            if isinstance(content, list):
+                content = "\n".join(str(p.get("text", "")) for p in content
+                                    if isinstance(p, dict) and p.get("type") == "text")
+            return str(content or "")[:_MAX_CHARS]
+    return ""
