@@ -8,6 +8,8 @@ once per attempt however often Kafka redelivers it."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +26,8 @@ from workers.router.bandit import Outcome, ThompsonSampler, outcome_weight, rewa
 SLO_MS = {"fast": 3_000.0, "frontier": 10_000.0, "code": 10_000.0, "reasoning": 30_000.0,
           "embedding": 2_000.0}
 GENERAL = "general"  # the posterior category of requests that were not classified
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +48,7 @@ class Decider:
         self._posteriors = posteriors
         self._sampler = sampler
         self._feedback_rate = feedback_rate
+        self._counting: set[asyncio.Task[None]] = set()
 
     async def decide(self, env: RequestEnvelope) -> Decision:
         policy = await self._policies.policy_for(env.tenant_id)
@@ -64,8 +69,16 @@ class Decider:
         order = self._sampler.rank([(posteriors[m.id].alpha, posteriors[m.id].beta)
                                     for m in routes])
         ranked = tuple(routes[i] for i in order)
-        await self._store.note_selection(category, ranked[0].id)
+        # A stats-only counter: counted alongside the provider call, not before it.
+        task = asyncio.create_task(self._store.note_selection(category, ranked[0].id))
+        self._counting.add(task)
+        task.add_done_callback(self._counted)
         return Decision(ranked[0], ranked, category, weights)
+
+    def _counted(self, task: asyncio.Task[None]) -> None:
+        self._counting.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("selection count lost: %s", task.exception())  # stats only
 
     async def learn(self, event_id: str, decision: Decision, *, success: bool,
                     latency_ms: float, prompt_tokens: int, completion_tokens: int,
