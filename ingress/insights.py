@@ -18,10 +18,7 @@ from state.bandit import PosteriorStore, Weights, feedback_weight
 from state.routing_policies import get_policy
 from topics.catalog import Catalog
 from topics.errors import NotFound, Unprocessable
-from topics.routing_policy import CATEGORIES
-
-# Posteriors of requests that were not classified (pinned or embeddings) live under this.
-GENERAL_CATEGORY = "general"
+from topics.routing_policy import CATEGORIES, GENERAL_CATEGORY
 
 
 def advisor_route(auth: Authenticator,

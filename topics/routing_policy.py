@@ -41,6 +41,8 @@ Category = Literal["code", "math", "creative_writing", "summarization",
                    "information_extraction", "classification", "question_answering",
                    "brainstorming"]
 CATEGORIES: tuple[str, ...] = get_args(Category)
+# Where the learning of requests without a category goes (pinned, hinted-off, embeddings).
+GENERAL_CATEGORY = "general"
 
 MAX_LIST_ITEMS = 256  # far more than the catalog holds; bounds what a PUT can store
 MAX_NAME_CHARS = 128

@@ -18,14 +18,13 @@ from state.routing_policies import PolicyCache
 from topics.catalog import Catalog, Model
 from topics.errors import InvalidRequest
 from topics.messages import ObjectiveWeights, RequestEnvelope
-from topics.routing_policy import PolicyWeights, eligible_routes
+from topics.routing_policy import GENERAL_CATEGORY, PolicyWeights, eligible_routes
 from workers.router.bandit import Outcome, ThompsonSampler, outcome_weight, reward
 
 # Latency a route should meet before its latency score starts to fall, by model class:
 # time to first token for streams, whole answer otherwise.
 SLO_MS = {"fast": 3_000.0, "frontier": 10_000.0, "code": 10_000.0, "reasoning": 30_000.0,
           "embedding": 2_000.0}
-GENERAL = "general"  # the posterior category of requests that were not classified
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +60,7 @@ class Decider:
             routes = routes[:1]
         elif len(routes) > 1:
             routes = _capable(routes, env.body)
-        category = env.category or GENERAL
+        category = env.category or GENERAL_CATEGORY
         weights = _weights(env.routing.weights, policy.weights)
         if len(routes) == 1:
             return Decision(routes[0], tuple(routes), category, weights)
