@@ -47,11 +47,14 @@ def served_by(response: httpx.Response) -> str:
 
 async def test_a_degraded_route_loses_its_share_of_live_traffic(
         tenant: httpx.AsyncClient, fake: FakeAdmin) -> None:
-    await fake.configure(fail_models=[DEGRADED])
-    choices = [served_by(await ask(tenant, "brainstorming")) for _ in range(60)]
+    # Healthy, the cheaper route earns the larger share (equal success, lower cost) ...
+    healthy = [served_by(await ask(tenant, "brainstorming")) for _ in range(40)]
+    assert healthy[-20:].count(DEGRADED) >= 12, healthy
 
-    assert DEGRADED in choices[:20]  # it was tried while the router knew nothing
-    assert choices[-20:].count(DEGRADED) <= 2, choices
+    # ... and once it degrades, the router moves off it within a few dozen requests.
+    await fake.configure(fail_models=[DEGRADED])
+    degraded = [served_by(await ask(tenant, "brainstorming")) for _ in range(60)]
+    assert degraded[-20:].count(DEGRADED) <= 2, degraded
 
 
 async def test_outcomes_learned_by_one_router_steer_another(

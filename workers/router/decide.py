@@ -18,7 +18,7 @@ from state.routing_policies import PolicyCache
 from topics.catalog import Catalog, Model
 from topics.errors import InvalidRequest
 from topics.messages import ObjectiveWeights, RequestEnvelope
-from topics.routing_policy import GENERAL_CATEGORY, PolicyWeights, eligible_routes
+from topics.routing_policy import GENERAL_CATEGORY, PolicyWeights, admits, eligible_routes
 from workers.router.bandit import Outcome, ThompsonSampler, outcome_weight, reward
 
 # Latency a route should meet before its latency score starts to fall, by model class:
@@ -35,6 +35,10 @@ class Decision:
     ranked: tuple[Model, ...]  # the whole eligible set, best first (failover order)
     category: str
     weights: Weights
+    # What the cost score compares against: every chat route the tenant's policy admits, the
+    # same set whatever this request named, so that every outcome on a route is scored alike
+    # (a one-route comparison would call any route "the cheapest").
+    peers: tuple[Model, ...]
 
 
 class Decider:
@@ -53,6 +57,8 @@ class Decider:
         policy = await self._policies.policy_for(env.tenant_id)
         routes = eligible_routes(self._catalog, policy, category=env.category,
                                  requested_model=str(env.body.get("model")))
+        peers = tuple(m for m in self._catalog.models
+                      if m.kind == routes[0].kind and admits(self._catalog, policy, m))
         if env.routing.allowed_providers:  # the request's own pin (seed `policy.provider`)
             routes = [m for m in routes if m.provider in env.routing.allowed_providers] \
                 or routes
@@ -63,7 +69,7 @@ class Decider:
         category = env.category or GENERAL_CATEGORY
         weights = _weights(env.routing.weights, policy.weights)
         if len(routes) == 1:
-            return Decision(routes[0], tuple(routes), category, weights)
+            return Decision(routes[0], tuple(routes), category, weights, peers)
         posteriors = await self._posteriors.get(category, [m.id for m in routes])
         order = self._sampler.rank([(posteriors[m.id].alpha, posteriors[m.id].beta)
                                     for m in routes])
@@ -72,7 +78,7 @@ class Decider:
         task = asyncio.create_task(self._store.note_selection(category, ranked[0].id))
         self._counting.add(task)
         task.add_done_callback(self._counted)
-        return Decision(ranked[0], ranked, category, weights)
+        return Decision(ranked[0], ranked, category, weights, peers)
 
     def _counted(self, task: asyncio.Task[None]) -> None:
         self._counting.discard(task)
@@ -85,7 +91,7 @@ class Decider:
         model = decision.model
         cost = float(model.cost_usd(prompt_tokens, completion_tokens, cached_tokens))
         cheapest = min(float(m.cost_usd(prompt_tokens, completion_tokens, cached_tokens))
-                       for m in decision.ranked)
+                       for m in (*decision.peers, model))
         outcome = Outcome(success=success, latency_ms=latency_ms,
                           slo_ms=SLO_MS.get(model.class_, 10_000.0), cost_usd=cost,
                           cheapest_cost_usd=cheapest, quality=None)
