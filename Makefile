@@ -4,7 +4,7 @@
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: up test lint bench bootstrap clean
+.PHONY: up test lint bench bootstrap clean model
 
 bootstrap:
 	@bash compose/bootstrap.sh
@@ -21,6 +21,12 @@ lint: bootstrap
 
 bench: bootstrap
 	$(BIN)/python -m bench.latency
+
+# Retrain the prompt classifier: rewrites workers/classifier/model/prompt-classifier-v1.onnx
+# (byte-identical for the same data and library versions) and its metadata JSON.
+model: bootstrap
+	$(BIN)/python -m pip install -q -e '.[train]'
+	$(BIN)/python -m workers.classifier.train
 
 clean:
 	rm -rf .stack bench/out

@@ -24,6 +24,15 @@ def main(argv: list[str] | None = None) -> None:
                     help="where the services keep their data and logs (wiped at start)")
     up.add_argument("--routers", type=int, default=1, help="router worker processes")
     sub.add_parser("ingress", help="run the HTTP ingress")
+    sub.add_parser("classifier", help="run the classifier stage")
+    classify = sub.add_parser("classify", help="label prompts with the prompt classifier, "
+                              "or score it on a labelled JSON Lines file")
+    classify.add_argument("prompt", nargs="*", help="prompt(s) to label ('-': read stdin)")
+    classify.add_argument("--eval", type=Path, metavar="FILE.jsonl",
+                          help="print accuracy, macro-F1 and per-label scores on a file of "
+                          "objects with 'text' and 'label'")
+    classify.add_argument("--model", type=Path, help="ONNX model file (default: the "
+                          "configured SWITCHYARD_CLASSIFIER__MODEL_PATH)")
     sub.add_parser("router", help="run a router worker")
     sub.add_parser("usage", help="run the usage worker")
     sub.add_parser("init", help="create the Kafka topics and apply the PostgreSQL migrations")
@@ -54,6 +63,12 @@ def main(argv: list[str] | None = None) -> None:
         _up(settings, args.data_dir, args.routers)
     elif args.command == "ingress":
         _ingress(settings)
+    elif args.command == "classifier":
+        from workers.classifier.main import main as classifier_main
+
+        classifier_main()
+    elif args.command == "classify":
+        _classify(args.model or settings.classifier.model_path, args.prompt, args.eval)
     elif args.command == "router":
         from workers.router.main import main as router_main
 
@@ -69,6 +84,21 @@ def main(argv: list[str] | None = None) -> None:
         print(f"key id: {key_id}\napi key (shown once, store it now): {api_key}")
     elif args.command == "vault":
         _vault(settings, args.vault_command, getattr(args, "id", None))
+
+
+def _classify(model: Path, prompts: list[str], eval_path: Path | None) -> None:
+    from workers.classifier.evaluate import evaluate
+    from workers.classifier.model import PromptClassifier
+
+    if not prompts and eval_path is None:
+        sys.exit("classify: give a prompt, '-' for stdin, or --eval FILE.jsonl")
+    classifier = PromptClassifier(model)
+    if eval_path is not None:
+        print(f"{classifier.version} on {eval_path}")
+        print(evaluate(classifier, eval_path).table())
+    texts = [sys.stdin.read() if p == "-" else p for p in prompts]
+    for prediction in classifier.classify(texts):
+        print(f"{prediction.label}\t{prediction.confidence:.4f}")
 
 
 def _ingress(settings: Settings) -> None:

@@ -47,6 +47,7 @@ class Gateway:
             _wait_http(f"http://127.0.0.1:{self._fake_port}/_fake/stats", 20,
                        self._log_dir / "fake-upstream.log")
         self.spawn("usage", "usage")
+        self.spawn("classifier", "classifier")
         for i in range(self._routers):
             self.spawn(f"router-{i}", "router")
         self.spawn("ingress", "ingress")

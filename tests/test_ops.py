@@ -113,7 +113,7 @@ def compose_file() -> dict[str, Any]:
 
 def test_compose_file_runs_every_process_of_the_local_stack() -> None:
     services = compose_file()["services"]
-    assert {"kafka", "redis", "postgres", "init", "ingress", "router", "usage",
+    assert {"kafka", "redis", "postgres", "init", "ingress", "classifier", "router", "usage",
             "fake-upstream"} <= set(services)
     pom = (ROOT / "compose/kafka/pom.xml").read_text()
     kafka_version = re.search(r"<kafka.version>(.+)</kafka.version>", pom)

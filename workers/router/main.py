@@ -44,7 +44,7 @@ GROUP_ID = "router"
 
 
 async def run_router(settings: Settings, stop: asyncio.Event, *,
-                     topic: str = names.REQUESTS) -> None:
+                     topic: str = names.CLASSIFIED) -> None:
     catalog = load_catalog(settings.catalog_path)
     route_config = RouteConfig(
         provider_keys={name: os.environ.get(p.api_key_env) or None

@@ -1,0 +1,54 @@
+"""Semantic routing end to end: prompts sent with `model: "auto"` are classified by the ONNX
+stage and served by the routes the tenant's policy prefers for their categories."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+
+import asyncpg
+import httpx
+import pytest
+
+from compose.gateway import Gateway
+from state.keys import create_key
+from tests.conftest import FakeAdmin, eventually
+
+CODE_PROMPT = ("Write a Python function that returns the n-th Fibonacci number using "
+               "memoization, with a docstring and type hints.")
+SUMMARY_PROMPT = (
+    "Summarize the following passage in two sentences.\n\nThe Apollo program was the third "
+    "United States human spaceflight program carried out by NASA, which succeeded in "
+    "preparing and landing the first humans on the Moon from 1968 to 1972. It was first "
+    "conceived during Dwight D. Eisenhower's administration as a three-person spacecraft "
+    "to follow the one-person Project Mercury, which put the first Americans in space.")
+
+
+@pytest.fixture
+async def tenant(gateway: Gateway, pg: asyncpg.Pool) -> AsyncIterator[httpx.AsyncClient]:
+    _, key = await create_key(pg, f"semantic-{uuid.uuid4().hex[:8]}")
+    async with httpx.AsyncClient(base_url=gateway.url, timeout=30,
+                                 headers={"Authorization": f"Bearer {key}"}) as http:
+        stored = await http.put("/v1/routing/policy", json={"pinned_routes": {
+            "code": "claude-sonnet-4-6", "summarization": "gemini-2.5-flash"}})
+        assert stored.status_code == 200, stored.text
+        yield http
+
+
+@pytest.mark.parametrize(("prompt", "category", "model", "provider"), [
+    (CODE_PROMPT, "code", "claude-sonnet-4-6", "anthropic"),
+    (SUMMARY_PROMPT, "summarization", "gemini-2.5-flash", "gemini"),
+])
+async def test_auto_prompts_are_classified_and_served_by_the_pinned_route(
+        tenant: httpx.AsyncClient, fake: FakeAdmin, pg: asyncpg.Pool, prompt: str,
+        category: str, model: str, provider: str) -> None:
+    response = await tenant.post("/v1/chat/completions", json={
+        "model": "auto", "messages": [{"role": "user", "content": prompt}]})
+
+    assert response.status_code == 200, response.text
+    metadata = response.json()["metadata"]
+    assert (metadata["model"], metadata["provider"]) == (model, provider)
+    request_id = response.headers["x-request-id"]
+    row = await eventually(lambda: pg.fetchrow(
+        "SELECT category FROM usage_events WHERE request_id = $1", request_id))
+    assert row["category"] == category  # the label the classifier gave travels to the ledger
