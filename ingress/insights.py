@@ -13,6 +13,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from ingress.auth import Authenticator
+from ingress.bodies import read_body
 from state.advisor import recommendations
 from state.bandit import PosteriorStore, Weights, feedback_weight
 from state.routing_policies import get_policy
@@ -41,6 +42,9 @@ class LearningDeps:
     feedback_rate: float
 
 
+_MAX_FEEDBACK_BYTES = 4096  # a request id and a score
+
+
 class Feedback(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -55,7 +59,7 @@ def feedback_route(deps: LearningDeps) -> Callable[[Request], Awaitable[Response
     async def feedback(request: Request) -> Response:
         owner = await deps.auth.authenticate(request.headers.get("authorization"))
         try:
-            given = Feedback.model_validate_json(await request.body())
+            given = Feedback.model_validate_json(await read_body(request, _MAX_FEEDBACK_BYTES))
         except ValidationError as exc:
             first = exc.errors()[0]
             param = ".".join(str(p) for p in first["loc"]) or "body"

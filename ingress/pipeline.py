@@ -15,12 +15,13 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from starlette.requests import Request
 
+from ingress.bodies import read_body
 from ingress.metrics import IngressMetrics
 from ingress.replies import FrameStream, ReplyRouter
 from state.claims import publish_cancel
 from state.keys import KeyOwner
 from topics import names
-from topics.errors import InvalidRequest, PayloadTooLarge, SwitchyardError, Unavailable
+from topics.errors import InvalidRequest, SwitchyardError, Unavailable
 from topics.messages import Endpoint, ReplyFrame
 from topics.settings import IngressSettings
 
@@ -105,18 +106,7 @@ class Pipeline:
                               code="queue_unavailable") from exc
 
     async def read_body(self, request: Request) -> bytes:
-        limit = self.settings.max_body_bytes
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise PayloadTooLarge(f"the body is larger than {limit} bytes")
-        chunks = []
-        size = 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise PayloadTooLarge(f"the body is larger than {limit} bytes")
-            chunks.append(chunk)
-        return b"".join(chunks)
+        return await read_body(request, self.settings.max_body_bytes)
 
     def timeout_s(self, request: Request, policy_timeout_ms: int | None) -> float:
         """The request's deadline: the header, else the policy's timeout_ms, else the default."""

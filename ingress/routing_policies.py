@@ -14,17 +14,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
-import orjson
 from pydantic import BaseModel, ValidationError
 from pydantic_core import ErrorDetails
 from starlette.requests import Request
 from starlette.responses import Response
 
 from ingress.auth import Authenticator
+from ingress.bodies import json_response, read_body
 from ingress.schema import parse_json_object
 from state.routing_policies import EffectivePolicy, delete_policy, put_policy, read_policy
 from topics.catalog import Catalog
-from topics.errors import PayloadTooLarge, Unprocessable
+from topics.errors import Unprocessable
 from topics.routing_policy import PolicyWeights, RoutingPolicy, validate_against
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ def get_policy_route(deps: RoutingPolicyDeps) -> Handler:
     async def get(request: Request) -> Response:
         owner = await deps.auth.authenticate(request.headers.get("authorization"))
         # Read from PostgreSQL, not a cache: a PUT is visible to the next GET.
-        return _json(_view(await read_policy(deps.pool, owner.tenant_id)))
+        return json_response(_view(await read_policy(deps.pool, owner.tenant_id)))
 
     return get
 
@@ -53,11 +53,11 @@ def get_policy_route(deps: RoutingPolicyDeps) -> Handler:
 def put_policy_route(deps: RoutingPolicyDeps) -> Handler:
     async def put(request: Request) -> Response:
         owner = await deps.auth.authenticate(request.headers.get("authorization"))
-        policy = parse_policy(await _read_body(request))
+        policy = parse_policy(await read_body(request, MAX_BODY_BYTES))
         validate_against(policy, deps.catalog)
         stored = await put_policy(deps.pool, owner.tenant_id, policy)
         log.info("tenant %s replaced its routing policy", owner.tenant_id)
-        return _json(_view(stored))
+        return json_response(_view(stored))
 
     return put
 
@@ -69,7 +69,7 @@ def delete_policy_route(deps: RoutingPolicyDeps) -> Handler:
         deleted = await delete_policy(deps.pool, owner.tenant_id)
         if deleted:
             log.info("tenant %s went back to the default routing policy", owner.tenant_id)
-        return _json({**_view(EffectivePolicy(RoutingPolicy(), "default", None)),
+        return json_response({**_view(EffectivePolicy(RoutingPolicy(), "default", None)),
                       "deleted": deleted})
 
     return delete
@@ -102,16 +102,3 @@ def _view(effective: EffectivePolicy) -> dict[str, Any]:
             "policy": effective.policy.public()}
 
 
-async def _read_body(request: Request) -> bytes:
-    chunks = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise PayloadTooLarge(f"the body is larger than {MAX_BODY_BYTES} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def _json(body: dict[str, Any], status: int = 200) -> Response:
-    return Response(orjson.dumps(body), status_code=status, media_type="application/json")

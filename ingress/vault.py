@@ -11,12 +11,12 @@ from dataclasses import dataclass
 from typing import Annotated, Any, TypeVar
 
 import asyncpg
-import orjson
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.requests import Request
 from starlette.responses import Response
 
 from ingress.auth import Authenticator
+from ingress.bodies import json_response, read_body
 from ingress.schema import parse_json_object
 from state.keys import KeyOwner
 from state.vault import (
@@ -29,7 +29,7 @@ from state.vault import (
     vault_not_configured,
 )
 from topics.catalog import Catalog
-from topics.errors import InvalidRequest, PayloadTooLarge, Unprocessable
+from topics.errors import InvalidRequest, Unprocessable
 
 log = logging.getLogger(__name__)
 
@@ -108,12 +108,12 @@ class VaultDeps:
 def store_key_route(deps: VaultDeps) -> Handler:
     async def store(request: Request) -> Response:
         owner, keys = await _authorize(deps, request)
-        body = _parse(StoreKey, await _read_body(request))
+        body = _parse(StoreKey, await read_body(request, MAX_BODY_BYTES))
         _check_provider(deps.catalog, body.provider)
         stored = await put_key(deps.pool, keys, owner.tenant_id, body.provider, body.api_key,
                                body.config)
         log.info("tenant %s stored its %s key", owner.tenant_id, body.provider)
-        return _json(stored.public(), 201)
+        return json_response(stored.public(), 201)
 
     return store
 
@@ -122,7 +122,7 @@ def list_keys_route(deps: VaultDeps) -> Handler:
     async def listing(request: Request) -> Response:
         owner, _ = await _authorize(deps, request)
         stored = await list_keys(deps.pool, owner.tenant_id)
-        return _json({"object": "list", "data": [s.public() for s in stored]})
+        return json_response({"object": "list", "data": [s.public() for s in stored]})
 
     return listing
 
@@ -131,11 +131,11 @@ def rotate_key_route(deps: VaultDeps) -> Handler:
     async def rotate(request: Request) -> Response:
         owner, keys = await _authorize(deps, request)
         provider: str = request.path_params["provider"]
-        body = _parse(RotateKey, await _read_body(request))
+        body = _parse(RotateKey, await read_body(request, MAX_BODY_BYTES))
         _check_provider(deps.catalog, provider)
         stored = await rotate_key(deps.pool, keys, owner.tenant_id, provider, body.api_key)
         log.info("tenant %s rotated its %s key", owner.tenant_id, provider)
-        return _json(stored.public())
+        return json_response(stored.public())
 
     return rotate
 
@@ -150,7 +150,7 @@ def delete_key_route(deps: VaultDeps) -> Handler:
             raise no_stored_key(provider[:64])
         await delete_key(deps.pool, owner.tenant_id, provider)
         log.info("tenant %s deleted its %s key", owner.tenant_id, provider)
-        return _json({"provider": provider, "deleted": True})
+        return json_response({"provider": provider, "deleted": True})
 
     return delete
 
@@ -184,16 +184,3 @@ def _parse(model: type[M], raw: bytes) -> M:
                             param=param) from None
 
 
-async def _read_body(request: Request) -> bytes:
-    chunks = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise PayloadTooLarge(f"the body is larger than {MAX_BODY_BYTES} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def _json(body: dict[str, Any], status: int = 200) -> Response:
-    return Response(orjson.dumps(body), status_code=status, media_type="application/json")
