@@ -21,14 +21,22 @@ refuses ``temperature`` / ``top_p`` / ``top_k``, which that version removed."""
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from typing import Any
 
 import orjson
 from aiohttp import web
 
-from compose.fake_scenario import Ask, Failure, Plan, admit, failing, pause, plan, send_stream
+from compose.fake_scenario import (
+    Ask,
+    Failure,
+    Plan,
+    admit,
+    answer_ready,
+    failing,
+    plan,
+    send_stream,
+)
 from compose.fake_state import FakeConfig, FakeStats
 
 _SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"}
@@ -81,14 +89,8 @@ async def _messages(request: web.Request) -> web.StreamResponse:
     message = _message(mid, body["model"], answer)
     if body.get("stream"):
         return await _stream(request, stats, cfg, answer, message)
-    try:
-        await pause(request, cfg.ttft_ms)
-    except ConnectionResetError:
-        stats.disconnects += 1
-        return web.Response(status=499)  # returning lets aiohttp drop the dead connection
-    except asyncio.CancelledError:
-        stats.disconnects += 1
-        raise
+    if not await answer_ready(request, stats, cfg):
+        return web.Response(status=499)
     return web.Response(body=orjson.dumps(message), content_type="application/json",
                         headers={"request-id": f"req_{mid[4:]}"})
 

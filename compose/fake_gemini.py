@@ -10,7 +10,6 @@ Gemini 3 requires), so a translation that gets either wrong fails here, not in p
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import uuid
@@ -19,7 +18,16 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from compose.fake_scenario import Ask, Failure, Plan, admit, failing, pause, plan, send_stream
+from compose.fake_scenario import (
+    Ask,
+    Failure,
+    Plan,
+    admit,
+    answer_ready,
+    failing,
+    plan,
+    send_stream,
+)
 from compose.fake_state import FakeConfig, FakeStats
 
 _SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
@@ -104,14 +112,8 @@ async def _generate(request: web.Request, model: str, stream: bool) -> web.Strea
     meta = {"modelVersion": model, "responseId": uuid.uuid4().hex[:22]}
     if stream:
         return await _stream(request, stats, cfg, answer, meta, top)
-    try:
-        await pause(request, cfg.ttft_ms)
-    except ConnectionResetError:
-        stats.disconnects += 1
-        return web.Response(status=499)  # returning lets aiohttp drop the connection quietly
-    except asyncio.CancelledError:
-        stats.disconnects += 1
-        raise
+    if not await answer_ready(request, stats, cfg):
+        return web.Response(status=499)
     candidate = _candidate(answer, _pieces(answer), last=True, top=top)
     candidate["index"] = 0
     if top is not None:
@@ -274,14 +276,8 @@ async def _embed(request: web.Request, model: str, batch: bool) -> web.StreamRes
     except _BadRequest as exc:
         stats.errors_sent += 1
         return _error(400, str(exc))
-    try:
-        await pause(request, cfg.ttft_ms)
-    except ConnectionResetError:
-        stats.disconnects += 1
+    if not await answer_ready(request, stats, cfg):
         return web.Response(status=499)
-    except asyncio.CancelledError:
-        stats.disconnects += 1
-        raise
     # Like Gemini's own embedding endpoints, no usage is reported.
     payload = ({"embeddings": [{"values": v} for v in vectors]} if batch
                else {"embedding": {"values": vectors[0]}})

@@ -145,6 +145,21 @@ async def pause(request: web.Request, ms: float) -> None:
             raise ConnectionResetError("client went away")
 
 
+async def answer_ready(request: web.Request, stats: FakeStats, cfg: FakeConfig) -> bool:
+    """Wait `ttft_ms` before a non-streamed answer; False if the client left meanwhile
+    (counted). The caller then returns a 499, which lets aiohttp drop the dead connection
+    quietly (raising would log a 500)."""
+    try:
+        await pause(request, cfg.ttft_ms)
+    except ConnectionResetError:
+        stats.disconnects += 1
+        return False
+    except asyncio.CancelledError:
+        stats.disconnects += 1
+        raise
+    return True
+
+
 async def send_stream(request: web.Request, resp: web.StreamResponse, stats: FakeStats,
                       cfg: FakeConfig, opening: list[bytes], pieces: list[bytes],
                       closing: list[bytes]) -> web.StreamResponse:

@@ -22,7 +22,16 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from compose import fake_anthropic, fake_gemini
-from compose.fake_scenario import Ask, Failure, Plan, admit, failing, pause, plan, send_stream
+from compose.fake_scenario import (
+    Ask,
+    Failure,
+    Plan,
+    admit,
+    answer_ready,
+    failing,
+    plan,
+    send_stream,
+)
 from compose.fake_state import (
     DEFAULT_MODELS,
     STATE_KEY,
@@ -133,15 +142,8 @@ async def _chat(request: web.Request) -> web.StreamResponse:
         with_usage = (isinstance(opts, dict) and bool(opts.get("include_usage"))
                       and not cfg.omit_stream_usage)
         return await _stream(request, stats, cfg, plan_, (cid, created, model, with_usage))
-    try:
-        await pause(request, cfg.ttft_ms)
-    except ConnectionResetError:
-        stats.disconnects += 1
-        # Returning lets aiohttp drop the dead connection quietly; raising would log a 500.
+    if not await answer_ready(request, stats, cfg):
         return web.Response(status=499)
-    except asyncio.CancelledError:
-        stats.disconnects += 1
-        raise
     message: dict[str, Any] = {"role": "assistant", "content": plan_.text, "refusal": None,
                                "annotations": []}
     if plan_.kind == "tool_call":
