@@ -13,28 +13,19 @@ from sse_starlette import EventSourceResponse
 from starlette.requests import Request
 from starlette.responses import Response
 
-from ingress.auth import Authenticator
 from ingress.errors import error_response, sse_error_event
-from ingress.pipeline import Pipeline, Submission
+from ingress.pipeline import ModelRoute, Submission
 from ingress.policy import admit
 from ingress.replies import FrameStream
-from ingress.schema import parse_json_object, validate_chat
-from topics.catalog import Catalog
+from ingress.schema import validate_chat
 from topics.errors import InvalidRequest, SwitchyardError, UpstreamError
 from topics.messages import ReplyFrame
 from topics.routing_policy import CATEGORIES
 
 
-class ChatCompletions:
-    def __init__(self, pipeline: Pipeline, auth: Authenticator, catalog: Catalog) -> None:
-        self._pipeline = pipeline
-        self._auth = auth
-        self._catalog = catalog
-
+class ChatCompletions(ModelRoute):
     async def __call__(self, request: Request) -> Response:
-        request_id: str = request.scope["state"]["request_id"]
-        owner = await self._auth.authenticate(request.headers.get("authorization"))
-        body = parse_json_object(await self._pipeline.read_body(request))
+        request_id, owner, body = await self._begin(request)
         chat = validate_chat(body, self._pipeline.settings.max_image_bytes)
         admitted = admit(body, self._catalog, "chat", owner, request.headers.get("x-tenant-id"))
         first, stream = await self._pipeline.submit(Submission(

@@ -8,24 +8,15 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
-from ingress.auth import Authenticator
-from ingress.pipeline import Pipeline, Submission
+from ingress.pipeline import ModelRoute, Submission
 from ingress.policy import admit
-from ingress.schema import parse_json_object, validate_embeddings
-from topics.catalog import Catalog
+from ingress.schema import validate_embeddings
 from topics.errors import UpstreamError
 
 
-class Embeddings:
-    def __init__(self, pipeline: Pipeline, auth: Authenticator, catalog: Catalog) -> None:
-        self._pipeline = pipeline
-        self._auth = auth
-        self._catalog = catalog
-
+class Embeddings(ModelRoute):
     async def __call__(self, request: Request) -> Response:
-        request_id: str = request.scope["state"]["request_id"]
-        owner = await self._auth.authenticate(request.headers.get("authorization"))
-        body = parse_json_object(await self._pipeline.read_body(request))
+        request_id, owner, body = await self._begin(request)
         validate_embeddings(body)
         admitted = admit(body, self._catalog, "embedding", owner,
                          request.headers.get("x-tenant-id"))

@@ -15,12 +15,15 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from starlette.requests import Request
 
+from ingress.auth import Authenticator
 from ingress.bodies import read_body
 from ingress.metrics import IngressMetrics
 from ingress.replies import FrameStream, ReplyRouter
+from ingress.schema import parse_json_object
 from state.claims import publish_cancel
 from state.keys import KeyOwner
 from topics import names
+from topics.catalog import Catalog
 from topics.errors import InvalidRequest, SwitchyardError, Unavailable
 from topics.messages import Endpoint, ReplyFrame
 from topics.settings import IngressSettings
@@ -127,3 +130,18 @@ class Pipeline:
                                  f"{int(self.settings.max_deadline_s * 1000)}]",
                                  code="invalid_header", param=param)
         return value
+
+
+class ModelRoute:
+    """What every model route starts with: the request's id, its caller, its body as JSON."""
+
+    def __init__(self, pipeline: Pipeline, auth: Authenticator, catalog: Catalog) -> None:
+        self._pipeline = pipeline
+        self._auth = auth
+        self._catalog = catalog
+
+    async def _begin(self, request: Request) -> tuple[str, KeyOwner, dict[str, Any]]:
+        request_id: str = request.scope["state"]["request_id"]
+        owner = await self._auth.authenticate(request.headers.get("authorization"))
+        body = parse_json_object(await self._pipeline.read_body(request))
+        return request_id, owner, body
