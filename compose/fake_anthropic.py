@@ -47,6 +47,7 @@ _ERROR_TYPE = {400: "invalid_request_error", 401: "authentication_error",
                504: "timeout_error", 529: "overloaded_error"}
 _NO_SAMPLING_VERSION = "2026-10-21"
 _SAMPLING = ("temperature", "top_p", "top_k")
+_NOT_JSON = object()
 
 
 class _BadRequest(Exception):
@@ -72,16 +73,22 @@ def _failure(failure: Failure) -> web.Response:
 
 
 async def _messages(request: web.Request) -> web.StreamResponse:
-    admitted = admit(request)
+    try:
+        body = orjson.loads(await request.read())
+    except orjson.JSONDecodeError:
+        body = _NOT_JSON  # refused below, once the call is counted like any other
+    model = body.get("model") if isinstance(body, dict) else None
+    admitted = admit(request, model if isinstance(model, str) else None)
     if isinstance(admitted, Failure):
         return _failure(admitted)
     cfg, stats = admitted
     try:
-        body = orjson.loads(await request.read())
+        if body is _NOT_JSON:
+            raise _BadRequest("The request body is not valid JSON.")
         ask = _ask(request, body)
-    except (orjson.JSONDecodeError, _BadRequest) as exc:
+    except _BadRequest as exc:
         stats.errors_sent += 1
-        return _error(400, str(exc) or "The request body is not valid JSON.")
+        return _error(400, str(exc))
     if (failure := failing(cfg, stats, str(body["model"]))) is not None:
         return _failure(failure)
     answer = plan(cfg, ask)

@@ -92,7 +92,7 @@ async def _read(request: web.Request, stats: FakeStats) -> dict[str, Any] | web.
 
 
 async def _generate(request: web.Request, model: str, stream: bool) -> web.StreamResponse:
-    admitted = admit(request)
+    admitted = admit(request, model)
     if isinstance(admitted, Failure):
         return _error(admitted.status, admitted.message)
     cfg, stats = admitted
@@ -259,7 +259,7 @@ async def _stream(request: web.Request, stats: FakeStats, cfg: FakeConfig, answe
 
 
 async def _embed(request: web.Request, model: str, batch: bool) -> web.StreamResponse:
-    admitted = admit(request)
+    admitted = admit(request, model)
     if isinstance(admitted, Failure):
         return _error(admitted.status, admitted.message)
     cfg, stats = admitted

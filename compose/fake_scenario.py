@@ -8,6 +8,8 @@ drives all three, and a test can predict the answer of any of them."""
 from __future__ import annotations
 
 import asyncio
+import math
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Literal
@@ -16,10 +18,13 @@ import orjson
 from aiohttp import web
 from pydantic import ValidationError
 
+from compose.fake_judge import verdict
 from compose.fake_state import CONFIG_HEADER, REQUEST_ID_HEADER, STATE_KEY, FakeConfig, FakeStats
 
 # Bounds how late a disconnect is noticed when the runner does not cancel handlers.
 _POLL_S = 0.1
+# Where a fixed answer splits into streamed pieces: after each run of spaces.
+_WORD_END = re.compile(r"(?<= )(?=[^ ])")
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,27 +65,35 @@ class Plan:
         return "".join(self.pieces)
 
 
-def admit(request: web.Request) -> tuple[FakeConfig, FakeStats] | Failure:
-    """Count the call, apply a per-request `x-fake-config`, and inject outages and errors."""
+def admit(request: web.Request, model: str | None) -> tuple[FakeConfig, FakeStats] | Failure:
+    """Count the call, work out its knobs, and inject outages and errors.
+
+    The knobs are, most specific last: the fake's config, the `per_model` entry of the
+    (upstream) `model`, the request's `x-fake-config` header. The returned config's `ttft_ms`
+    is this call's own wait, drawn here so that the seeded sequence follows call order."""
     state = request.app[STATE_KEY]
     stats = state.stats
     stats.requests_total += 1
     headers = request.headers
     if (rid := headers.get(REQUEST_ID_HEADER)) is not None:
         stats.calls_by_request_id[rid] = stats.calls_by_request_id.get(rid, 0) + 1
+    if model is not None:
+        stats.calls_by_model[model] = stats.calls_by_model.get(model, 0) + 1
     for name in ("Authorization", "x-api-key", "x-goog-api-key"):
         if (value := headers.get(name)) is not None:
             stats.last_authorization = value
     cfg = state.config
-    if (raw := headers.get(CONFIG_HEADER)) is not None:
-        try:
-            override = orjson.loads(raw)
-            if not isinstance(override, dict):
-                raise ValueError(f"{CONFIG_HEADER} must be a JSON object")
-            cfg = cfg.merged(override)
-        except (ValueError, ValidationError) as exc:
-            stats.errors_sent += 1
-            return Failure(400, "bad_request", f"bad {CONFIG_HEADER}: {exc}")
+    try:
+        override = orjson.loads(headers.get(CONFIG_HEADER) or "{}")
+        if not isinstance(override, dict):
+            raise ValueError(f"{CONFIG_HEADER} must be a JSON object")
+        if override:
+            cfg = cfg.merged(override)  # first, as the header may set per_model itself
+        if model is not None and (patch := cfg.per_model.get(model)):
+            cfg = cfg.merged({**patch, **override})
+    except (ValueError, ValidationError) as exc:
+        stats.errors_sent += 1
+        return Failure(400, "bad_request", f"bad {CONFIG_HEADER}: {exc}")
     if cfg.outage:
         stats.errors_sent += 1
         return Failure(503, "overloaded", "The service is overloaded, try again later.")
@@ -90,6 +103,14 @@ def admit(request: web.Request) -> tuple[FakeConfig, FakeStats] | Failure:
             "rate_limited" if cfg.error_status == 429 else "server_error")
         return Failure(cfg.error_status, kind,
                        "The server had an error while processing your request. Sorry about that!")
+    # No draw at all with the tail off, so seeded runs replay as they did before it existed.
+    ttft = cfg.ttft_ms
+    if cfg.ttft_sigma > 0:
+        ttft *= math.exp(state.rng.gauss(0, cfg.ttft_sigma))
+    if cfg.slow_rate > 0 and state.rng.random() < cfg.slow_rate:
+        ttft *= cfg.slow_factor
+    if ttft != cfg.ttft_ms:
+        cfg = cfg.model_copy(update={"ttft_ms": ttft})
     return cfg, stats
 
 
@@ -117,15 +138,26 @@ def plan(cfg: FakeConfig, ask: Ask) -> Plan:
         pieces = _split(arguments, 3)
         return Plan("tool_call", pieces, "tool_call", prompt, len(pieces), cached,
                     tool_name=name, tool_call_id=f"call_{word}_{len(ask.all_texts)}")
+    judged = verdict(ask.last_user_text, cfg.judge_key) if cfg.judge_key is not None else None
+    if judged is not None:
+        # Never cut at max_tokens, like a JSON-mode document: the verdict must always parse.
+        pieces = _words(judged)
+        return Plan("text", pieces, "stop", prompt, len(pieces), cached)
     if ask.json_mode:
         document = orjson.dumps({"word": word, "tokens": cfg.tokens}).decode()
         pieces = _split(document, 4)
         return Plan("json", pieces, "stop", prompt, len(pieces), cached)
-    tokens, finish = cfg.tokens, "stop"
-    if ask.max_tokens is not None and 0 <= ask.max_tokens < tokens:
-        tokens, finish = ask.max_tokens, "length"
-    pieces = [f"{word}-{i} " for i in range(tokens)]
-    return Plan("text", pieces, finish, prompt, len(pieces), cached)  # type: ignore[arg-type]
+    pieces = _words(cfg.answer) if cfg.answer is not None else [
+        f"{word}-{i} " for i in range(cfg.tokens)]
+    finish: Literal["stop", "length"] = "stop"
+    if ask.max_tokens is not None and 0 <= ask.max_tokens < len(pieces):
+        pieces, finish = pieces[:ask.max_tokens], "length"
+    return Plan("text", pieces, finish, prompt, len(pieces), cached)
+
+
+def _words(text: str) -> list[str]:
+    """`text` in pieces, each word with the spaces after it, so they join back to `text`."""
+    return [piece for piece in _WORD_END.split(text) if piece]
 
 
 def _split(text: str, parts: int) -> list[str]:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 DEFAULT_MODELS = ("gpt-4o-mini", "gpt-4o", "gpt-4.1-mini", "o3-mini")
 CONFIG_HEADER = "x-fake-config"
@@ -18,6 +18,12 @@ class FakeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     ttft_ms: float = Field(0, ge=0)
+    # A heavy tail, as real providers have: each call's wait is ttft_ms * exp(N(0, sigma))
+    # (median ttft_ms), times slow_factor for a slow_rate share of calls. Drawn from the
+    # seeded rng, so a run replays.
+    ttft_sigma: float = Field(0, ge=0)
+    slow_rate: float = Field(0, ge=0, le=1)
+    slow_factor: float = Field(10, ge=1)
     inter_token_ms: float = Field(0, ge=0)
     tokens: int = Field(16, ge=0)
     error_rate: float = Field(0, ge=0, le=1)
@@ -31,8 +37,27 @@ class FakeConfig(BaseModel):
     # Requests for these (upstream) models fail with error_status: one route degrades, the
     # others stay healthy.
     fail_models: list[str] = Field(default_factory=list)
+    # A fixed text answer, streamed word by word, instead of the generated "word-i" tokens.
+    answer: str | None = None
+    # Answer a council's judge prompt (candidate blocks, see fake_judge) with a JSON verdict
+    # that scores the candidates containing this key highest.
+    judge_key: str | None = None
+    # Knobs for one upstream model, on top of the rest: one fake can host a healthy model, a
+    # slow one and a broken one.
+    per_model: dict[str, dict[str, Any]] = Field(default_factory=dict)
     seed: int = 0
     models: list[str] = Field(default_factory=lambda: list(DEFAULT_MODELS))
+
+    @field_validator("per_model")
+    @classmethod
+    def _check_per_model(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        checked: dict[str, dict[str, Any]] = {}
+        for model, patch in value.items():
+            if "per_model" in patch:
+                raise ValueError(f"per_model[{model!r}] must not contain per_model")
+            # Checked now, so a bad knob is refused when it is set, not on the model's call.
+            checked[model] = cls.model_validate(patch).model_dump(include=set(patch))
+        return checked
 
     def merged(self, patch: dict[str, Any]) -> FakeConfig:
         """Return a validated copy with ``patch`` applied (raises ``ValidationError``)."""
@@ -43,6 +68,7 @@ class FakeConfig(BaseModel):
 class FakeStats:
     requests_total: int = 0
     calls_by_request_id: dict[str, int] = field(default_factory=dict)
+    calls_by_model: dict[str, int] = field(default_factory=dict)
     open_streams: int = 0
     completed_streams: int = 0
     disconnects: int = 0

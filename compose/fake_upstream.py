@@ -13,7 +13,7 @@ import hashlib
 import random
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 from typing import Any
 
@@ -116,15 +116,25 @@ def _ask(body: dict[str, Any]) -> Ask:
         after_tool_result=isinstance(messages[-1], dict) and messages[-1].get("role") == "tool")
 
 
+def _model_of(body: object) -> str | None:
+    model = body.get("model") if isinstance(body, dict) else None
+    return model if isinstance(model, str) else None
+
+
 async def _chat(request: web.Request) -> web.StreamResponse:
-    admitted = admit(request)
+    try:
+        body = orjson.loads(await request.read())
+    except ValueError:
+        body = None  # refused below, once the call is counted like any other
+    admitted = admit(request, _model_of(body))
     if isinstance(admitted, Failure):
         etype = {"rate_limited": "rate_limit_error", "bad_request": "invalid_request_error"}
         return _error(admitted.status, admitted.message,
                       etype.get(admitted.kind, "server_error"))
     cfg, stats = admitted
     try:
-        body = orjson.loads(await request.read())
+        if not isinstance(body, dict):
+            raise TypeError
         messages, model = body["messages"], body["model"]
         if not isinstance(messages, list) or not messages or not isinstance(model, str):
             raise TypeError
@@ -214,11 +224,14 @@ def _deltas(plan_: Plan) -> list[bytes]:
 
 async def _embeddings(request: web.Request) -> web.Response:
     """Deterministic vectors (a hash of each input) with usage, like OpenAI's endpoint."""
-    admitted = admit(request)
+    try:
+        body = orjson.loads(await request.read())
+    except ValueError:
+        body = None
+    admitted = admit(request, _model_of(body))
     if isinstance(admitted, Failure):
         return _error(admitted.status, admitted.message, admitted.kind)
     try:
-        body = orjson.loads(await request.read())
         inputs = body["input"]
         inputs = [inputs] if isinstance(inputs, str) else list(inputs)
         dims = int(body.get("dimensions") or 8)
@@ -366,11 +379,13 @@ def main(argv: list[str] | None = None) -> None:
             p.add_argument(flag, default=",".join(DEFAULT_MODELS), help="comma-separated ids")
         elif info.annotation is bool:
             p.add_argument(flag, action="store_true")
+        elif info.default_factory is not None:  # lists and per_model: given as JSON
+            p.add_argument(flag, type=orjson.loads, default=None, help="JSON")
         else:
-            p.add_argument(
-                flag, type=float if info.annotation is float else int, default=info.default
-            )
-    args = vars(p.parse_args(argv))
+            kinds: dict[object, Callable[[str], object]] = {float: float, str | None: str}
+            kind = kinds.get(info.annotation, int)
+            p.add_argument(flag, type=kind, default=info.default)
+    args = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
     host, port = args.pop("host"), args.pop("port")
     args["models"] = [m for m in args["models"].split(",") if m]
     config = FakeConfig(**args)

@@ -15,7 +15,7 @@ from starlette.responses import Response
 
 from ingress.errors import error_response, sse_error_event
 from ingress.pipeline import ModelRoute, Submission
-from ingress.policy import admit
+from ingress.policy import MODE_HEADER, admit
 from ingress.replies import FrameStream
 from ingress.schema import validate_chat
 from topics.errors import InvalidRequest, SwitchyardError, UpstreamError
@@ -27,7 +27,8 @@ class ChatCompletions(ModelRoute):
     async def __call__(self, request: Request) -> Response:
         request_id, owner, body = await self._begin(request)
         chat = validate_chat(body, self._pipeline.settings.max_image_bytes)
-        admitted = admit(body, self._catalog, "chat", owner, request.headers.get("x-tenant-id"))
+        admitted = admit(body, self._catalog, "chat", owner, request.headers.get("x-tenant-id"),
+                         request.headers.get(MODE_HEADER))
         first, stream = await self._pipeline.submit(Submission(
             request_id=request_id, owner=owner, endpoint="chat.completions",
             body=admitted.body, routing=admitted.routing, metadata=admitted.metadata,
@@ -35,8 +36,12 @@ class ChatCompletions(ModelRoute):
             traceparent=request.headers.get("traceparent"),
             category=_category_hint(request)))
         if not chat.stream:
-            self._pipeline.close(request_id)
-            return _completion_response(first.data)
+            try:
+                while first.kind == "progress":  # nothing to show a client that waits whole
+                    first = await stream.next()
+            finally:
+                self._pipeline.close(request_id)
+            return _completion_response(first)
         include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
         return EventSourceResponse(
             self._relay(request_id, first, stream, include_usage),
@@ -49,18 +54,21 @@ class ChatCompletions(ModelRoute):
         finished = False
         last_chunk: dict[str, Any] = {}
         try:
-            while frame.kind in ("chunk", "meta"):
+            while frame.kind in _RELAYED:
                 # Every chunk that has already arrived leaves in one write.
                 out = []
                 while True:
                     if frame.kind == "chunk":
                         last_chunk = frame.data
                         out.append(b"data: " + orjson.dumps(frame.data) + b"\n\n")
+                    elif frame.kind == "progress":
+                        # An SSE comment: clients and proxies see life, parsers skip it.
+                        out.append(b": progress " + orjson.dumps(frame.data) + b"\n\n")
                     ready = stream.next_ready()
                     if ready is None:
                         break
                     frame = ready
-                    if frame.kind not in ("chunk", "meta"):
+                    if frame.kind not in _RELAYED:
                         break
                 if out:
                     yield b"".join(out)
@@ -84,6 +92,7 @@ class ChatCompletions(ModelRoute):
 
 
 CATEGORY_HEADER = "x-switchyard-category"
+_RELAYED = frozenset(("chunk", "meta", "progress"))
 
 
 def _category_hint(request: Request) -> str | None:
@@ -94,7 +103,10 @@ def _category_hint(request: Request) -> str | None:
     return hint
 
 
-def _completion_response(done: dict[str, Any]) -> Response:
+def _completion_response(frame: ReplyFrame) -> Response:
+    if frame.kind == "error":
+        return error_response(SwitchyardError.from_frame_data(frame.data))
+    done = frame.data
     completion = done.get("completion")
     if not isinstance(completion, dict):
         return error_response(UpstreamError("the provider's answer was incomplete",

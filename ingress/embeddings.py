@@ -9,7 +9,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from ingress.pipeline import ModelRoute, Submission
-from ingress.policy import admit
+from ingress.policy import MODE_HEADER, admit
 from ingress.schema import validate_embeddings
 from topics.errors import UpstreamError
 
@@ -19,7 +19,7 @@ class Embeddings(ModelRoute):
         request_id, owner, body = await self._begin(request)
         validate_embeddings(body)
         admitted = admit(body, self._catalog, "embedding", owner,
-                         request.headers.get("x-tenant-id"))
+                         request.headers.get("x-tenant-id"), request.headers.get(MODE_HEADER))
         first, _ = await self._pipeline.submit(Submission(
             request_id=request_id, owner=owner, endpoint="embeddings", body=admitted.body,
             routing=admitted.routing, metadata=admitted.metadata,

@@ -1,6 +1,7 @@
 """The request shapes of the product Switchyard replaces: an optional `policy` object and a
-`metadata` object on the body, and the `X-Tenant-ID` header. Both objects are taken off the
-body (providers would reject them) and travel in the request envelope instead."""
+`metadata` object on the body, and the `X-Tenant-ID` header; and our own routing extension:
+a `switchyard` object on the body and the `x-switchyard-mode` header. The objects are taken
+off the body (providers would reject them) and travel in the request envelope instead."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from state.keys import KeyOwner
 from topics.catalog import Catalog, Model
 from topics.errors import Forbidden, InvalidRequest, NotFound, Unprocessable
+from topics.messages import MODES
 
 # optimize_for → objective weights (cost, latency, quality) for the router.
 _WEIGHTS: dict[str, dict[str, float]] = {
@@ -31,7 +33,20 @@ class Policy(BaseModel):
     timeout_ms: int | None = Field(default=None, gt=0)
 
 
+class Extension(BaseModel):
+    """The body's `switchyard` object: how the router executes the request."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    mode: str | None = None
+    routes: int | None = Field(default=None, ge=1, le=8)
+    hedge_percentile: float | None = Field(default=None, gt=0, lt=100)
+    judge_model: str | None = None
+    council_output: Literal["winner", "synthesis"] | None = None
+
+
 AUTO = "auto"  # the model name that asks the router to choose
+MODE_HEADER = "x-switchyard-mode"
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,13 +59,23 @@ class Admission:
 
 
 def admit(body: dict[str, Any], catalog: Catalog, kind: Literal["chat", "embedding"],
-          owner: KeyOwner, tenant_header: str | None) -> Admission:
+          owner: KeyOwner, tenant_header: str | None,
+          mode_header: str | None = None) -> Admission:
     """Resolve the model under the request's policy, or raise the 4xx that says why not."""
     if tenant_header is not None and tenant_header != owner.tenant_id:
         raise Forbidden(f"this API key cannot act for tenant {tenant_header!r}",
                         code="tenant_mismatch", param="X-Tenant-ID")
     body = dict(body)
     policy = _policy(body.pop("policy", None))
+    extension = _extension(body.pop("switchyard", None), mode_header, catalog)
+    admission = _admit(body, catalog, kind, policy)
+    if extension:
+        admission.routing.update(extension)
+    return admission
+
+
+def _admit(body: dict[str, Any], catalog: Catalog, kind: Literal["chat", "embedding"],
+           policy: Policy) -> Admission:
     metadata = body.pop("metadata", None)
     if metadata is not None and not isinstance(metadata, dict):
         raise Unprocessable("metadata must be an object", code="invalid_field",
@@ -61,7 +86,7 @@ def admit(body: dict[str, Any], catalog: Catalog, kind: Literal["chat", "embeddi
         if policy.provider is not None and policy.provider not in catalog.providers:
             raise InvalidRequest(f"policy.provider {policy.provider!r} is not a provider",
                                  code="unknown_provider", param="policy.provider")
-        return Admission(model=None, body=body, routing=_routing(policy, mode="auto"),
+        return Admission(model=None, body=body, routing=_routing(policy, mode=None),
                          metadata=metadata, timeout_ms=policy.timeout_ms)
     model = catalog.model(name)
     if model is None:
@@ -75,12 +100,13 @@ def admit(body: dict[str, Any], catalog: Catalog, kind: Literal["chat", "embeddi
         model = _pin(model, policy.provider, catalog)
     body["model"] = model.id  # aliases and substitutions resolved once, here
     return Admission(model=model, body=body,
-                     routing=_routing(policy, mode="fixed" if policy.provider else "auto"),
+                     routing=_routing(policy, mode="fixed" if policy.provider else None),
                      metadata=metadata, timeout_ms=policy.timeout_ms)
 
 
-def _routing(policy: Policy, mode: str) -> dict[str, Any]:
-    routing: dict[str, Any] = {"mode": mode}
+def _routing(policy: Policy, mode: str | None) -> dict[str, Any]:
+    # No mode: the tenant's default_mode applies (the router reads the tenant's policy).
+    routing: dict[str, Any] = {} if mode is None else {"mode": mode}
     if policy.optimize_for is not None:
         routing["weights"] = _WEIGHTS[policy.optimize_for]
     if policy.provider is not None:
@@ -88,6 +114,44 @@ def _routing(policy: Policy, mode: str) -> dict[str, Any]:
     if policy.fallback_enabled is not None:
         routing["fallback_enabled"] = policy.fallback_enabled
     return routing
+
+
+def _extension(raw: object, mode_header: str | None, catalog: Catalog) -> dict[str, Any]:
+    """The routing options the request sets itself (nothing set: the tenant's defaults)."""
+    if raw is None:
+        extension = Extension()
+    elif not isinstance(raw, dict):
+        raise Unprocessable("switchyard must be an object", code="invalid_field",
+                            param="switchyard")
+    else:
+        try:
+            extension = Extension.model_validate(raw)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            param = ".".join(["switchyard", *(str(p) for p in first["loc"])])
+            raise Unprocessable(f"{param}: {first['msg']}", code="invalid_field",
+                                param=param) from None
+    mode = extension.mode
+    if mode_header is not None:
+        if mode is not None and mode != mode_header:
+            raise InvalidRequest(f"{MODE_HEADER} says {mode_header!r} but switchyard.mode "
+                                 f"says {mode!r}", code="conflicting_mode", param=MODE_HEADER)
+        mode = mode_header
+    if mode is not None and mode not in MODES:
+        param = MODE_HEADER if mode_header is not None else "switchyard.mode"
+        raise InvalidRequest(f"unknown mode {mode!r}; modes: {', '.join(MODES)}",
+                             code="unknown_mode", param=param)
+    if extension.judge_model is not None:
+        judge = catalog.model(extension.judge_model)
+        if judge is None or judge.kind != "chat":
+            raise NotFound(f"judge model {extension.judge_model!r} is not a chat model; "
+                           "GET /v1/models lists them", code="model_not_found",
+                           param="switchyard.judge_model")
+        extension = extension.model_copy(update={"judge_model": judge.id})
+    out = extension.model_dump(exclude_none=True)
+    if mode is not None:
+        out["mode"] = mode
+    return out
 
 
 def _policy(raw: object) -> Policy:

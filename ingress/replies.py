@@ -95,7 +95,8 @@ class FrameStream:
         return frame
 
     async def first_answer(self) -> ReplyFrame:
-        """The first frame past `meta`: an error, a done, or the first chunk."""
+        """The first frame past `meta`: an error, a done, the first chunk, or progress (work
+        under way that a streaming client should hear about before the answer)."""
         frame = await self.next()
         while frame.kind == "meta":
             frame = await self.next()

@@ -24,7 +24,13 @@ async def test_infer_is_chat_completions_under_the_seed_name(http: httpx.AsyncCl
     body = response.json()
     assert body["object"] == "chat.completion"
     assert body["choices"][0]["message"]["content"].startswith("shapes-0 ")
-    assert set(body["metadata"]) == {"provider", "model", "latency_ms", "cost_usd", "cache_hit"}
+    metadata = body["metadata"]
+    # The seed's four fields, then ours: the model, the mode and every attempt made.
+    assert set(metadata) == {"provider", "model", "latency_ms", "cost_usd", "cache_hit",
+                             "mode", "attempts"}
+    assert metadata["mode"] == "auto"
+    assert [a["status"] for a in metadata["attempts"]] == ["ok"]
+    assert metadata["attempts"][0]["cost_usd"] == metadata["cost_usd"]
 
 
 async def test_policy_provider_serves_the_same_class_from_that_provider(

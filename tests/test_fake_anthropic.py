@@ -33,6 +33,7 @@ from pydantic import BaseModel
 
 from compose.fake_state import FakeConfig
 from compose.fake_upstream import FakeUpstream
+from tests.test_fake_upstream import JUDGE_KEY, JUDGE_PROMPT, check_verdict
 
 MODEL = "claude-test"
 SYSTEM = "be brief"
@@ -356,3 +357,34 @@ async def test_request_ids_are_counted(client: anthropic.AsyncAnthropic,
     await client.messages.create(model=MODEL, max_tokens=100, messages=MSGS,
                                  extra_headers={"X-Client-Request-Id": "r-1"})
     assert fake.stats.calls_by_request_id == {"r-1": 1}
+
+
+async def test_per_model_judge_and_answer(client: anthropic.AsyncAnthropic,
+                                          fake: FakeUpstream) -> None:
+    # The model comes from the body: one fake hosts a judge, a fixed answer and a broken model.
+    fake.configure(per_model={"claude-judge": {"judge_key": JUDGE_KEY},
+                              "claude-fixed": {"answer": "Paris, of course."},
+                              "claude-broken": {"outage": True}})
+    judge: list[MessageParam] = [{"role": "user", "content": JUDGE_PROMPT}]
+    msg = await client.messages.create(model="claude-judge", max_tokens=4, messages=judge)
+    assert isinstance(msg.content[0], TextBlock)
+    check_verdict(msg.content[0].text)
+    async with client.messages.stream(model="claude-judge", max_tokens=100,
+                                      messages=judge) as stream:
+        pieces = [t async for t in stream.text_stream]
+    assert len(pieces) > 3
+    check_verdict("".join(pieces))
+    async with client.messages.stream(model="claude-fixed", max_tokens=100,
+                                      messages=MSGS) as stream:
+        pieces = [t async for t in stream.text_stream]
+        final = await stream.get_final_message()
+    assert pieces == ["Paris, ", "of ", "course."]
+    assert final.usage.output_tokens == 3
+    with pytest.raises(anthropic.InternalServerError) as info:
+        await client.messages.create(model="claude-broken", max_tokens=10, messages=MSGS)
+    assert info.value.status_code == 529
+    msg = await client.messages.create(model=MODEL, max_tokens=100, messages=judge)
+    assert isinstance(msg.content[0], TextBlock)
+    assert msg.content[0].text == answer("Question:", 5)
+    assert fake.stats.calls_by_model == {"claude-judge": 2, "claude-fixed": 1,
+                                         "claude-broken": 1, MODEL: 1}

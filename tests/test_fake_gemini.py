@@ -18,6 +18,7 @@ from google.genai import errors, types
 from compose.fake_gemini import embedding_of
 from compose.fake_state import FakeConfig
 from compose.fake_upstream import FakeUpstream
+from tests.test_fake_upstream import JUDGE_KEY, JUDGE_PROMPT, check_verdict
 
 MODEL = "gemini-2.5-flash"
 SYSTEM = "be brief"
@@ -327,3 +328,34 @@ async def test_embeddings(client: genai.Client, fake: FakeUpstream) -> None:
     fake.configure(outage=True)
     with pytest.raises(errors.ServerError):
         await client.aio.models.embed_content(model="gemini-embedding-001", contents="x")
+
+
+async def test_per_model_judge_and_answer(client: genai.Client, fake: FakeUpstream) -> None:
+    # The model comes from the URL path: one fake hosts a judge, a fixed answer, a broken model.
+    fake.configure(per_model={"gemini-judge": {"judge_key": JUDGE_KEY},
+                              "gemini-fixed": {"answer": "Paris, of course."},
+                              "gemini-broken": {"error_rate": 1, "error_status": 429}})
+    resp = await client.aio.models.generate_content(
+        model="gemini-judge", contents=JUDGE_PROMPT,
+        config=_config(response_mime_type="application/json"))
+    check_verdict(resp.text or "")
+    chunks = [c.text or "" async for c in await client.aio.models.generate_content_stream(
+        model="gemini-judge", contents=JUDGE_PROMPT)]
+    assert len(chunks) > 3
+    check_verdict("".join(chunks))
+    chunks = [c.text or "" async for c in await client.aio.models.generate_content_stream(
+        model="gemini-fixed", contents=PROMPT)]
+    assert chunks == ["Paris, ", "of ", "course."]
+    resp = await client.aio.models.generate_content(model="gemini-fixed", contents=PROMPT)
+    assert resp.text == "Paris, of course."
+    assert resp.usage_metadata is not None
+    assert resp.usage_metadata.candidates_token_count == 3
+    with pytest.raises(errors.ClientError) as info:
+        await client.aio.models.generate_content(model="gemini-broken", contents=PROMPT)
+    assert info.value.code == 429
+    resp = await client.aio.models.generate_content(model=MODEL, contents=PROMPT)
+    assert resp.text == _words("hello", 5)
+    await client.aio.models.embed_content(model="gemini-embedding-001", contents="x")
+    assert fake.stats.calls_by_model == {"gemini-judge": 2, "gemini-fixed": 2,
+                                         "gemini-broken": 1, MODEL: 1,
+                                         "gemini-embedding-001": 1}

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import math
+import random
 import socket
+import statistics
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -15,8 +18,11 @@ import orjson
 import pytest
 import pytest_asyncio
 from aiohttp import web
+from aiohttp.test_utils import make_mocked_request
 from openai.types.chat import ChatCompletionChunk, ChatCompletionMessageParam
 
+from compose.fake_judge import verdict
+from compose.fake_scenario import Failure, admit
 from compose.fake_state import STATE_KEY, FakeConfig
 from compose.fake_upstream import FakeUpstream, expected_content, make_app
 
@@ -389,6 +395,8 @@ async def test_command_line_server() -> None:
         "m1,m2",
         "--cached-tokens",
         "2",
+        "--per-model",
+        '{"m2": {"answer": "fixed reply"}}',
     )
     sdk = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
     try:
@@ -401,7 +409,195 @@ async def test_command_line_server() -> None:
         assert [m.id for m in models.data] == ["m1", "m2"]
         resp = await sdk.chat.completions.create(model="m1", messages=MSGS)
         assert resp.choices[0].message.content == expected_content(MSGS, 3)
+        resp = await sdk.chat.completions.create(model="m2", messages=MSGS)
+        assert resp.choices[0].message.content == "fixed reply"
     finally:
         await sdk.close()
         proc.terminate()
         await proc.wait()
+
+
+# --- per-model knobs, fixed answers, the judge, the latency tail ---------------------------
+
+# The gateway's council judge prompt; only candidate 2 holds the key.
+JUDGE_KEY = "Paris"
+JUDGE_PROMPT = """Question: what is the capital of France?
+Score each candidate from 0 to 10 and name the best one.
+<<<candidate 1>>>
+It is Lyon.
+<<<end>>>
+<<<candidate 2>>>
+The capital is
+paris, on the Seine.
+<<<end>>>
+<<<candidate 3>>>
+I do not know.
+<<<end>>>"""
+JUDGE_REPLY = (
+    '{"scores": [{"candidate": 1, "score": 2, "reason": "does not contain the expected answer"},'
+    ' {"candidate": 2, "score": 9, "reason": "contains the expected answer"},'
+    ' {"candidate": 3, "score": 2, "reason": "does not contain the expected answer"}],'
+    ' "best": 2}')
+
+
+def check_verdict(text: str) -> None:
+    """The reply parses as the judge's JSON document and picks candidate 2."""
+    assert text == JUDGE_REPLY
+    verdict = orjson.loads(text)
+    assert verdict["best"] == 2
+    assert [s["score"] for s in verdict["scores"]] == [2, 9, 2]
+
+
+async def _timed(coro: Any) -> tuple[Any, float]:
+    start = time.monotonic()
+    result = await coro
+    return result, time.monotonic() - start
+
+
+async def test_per_model_overrides(client: openai.AsyncOpenAI, fake: FakeUpstream) -> None:
+    fake.configure(per_model={"healthy": {"tokens": 2},
+                              "broken": {"error_rate": 1, "error_status": 503},
+                              "slow": {"ttft_ms": 300}})
+    resp, fast_s = await _timed(client.chat.completions.create(model="healthy", messages=MSGS))
+    assert resp.choices[0].message.content == expected_content(MSGS, 2)
+    with pytest.raises(openai.InternalServerError) as info:
+        await client.chat.completions.create(model="broken", messages=MSGS, stream=True)
+    assert info.value.status_code == 503
+    resp, slow_s = await _timed(client.chat.completions.create(model="slow", messages=MSGS))
+    assert resp.choices[0].message.content == expected_content(MSGS, 5)  # the global tokens
+    assert slow_s >= 0.29 > fast_s
+    # A model without an entry keeps the global knobs; the request header beats per_model.
+    resp = await client.chat.completions.create(model=MODEL, messages=MSGS)
+    assert resp.choices[0].message.content == expected_content(MSGS, 5)
+    resp = await client.chat.completions.create(
+        model="healthy", messages=MSGS, extra_headers={"x-fake-config": '{"tokens": 1}'})
+    assert resp.choices[0].message.content == expected_content(MSGS, 1)
+    # fail_models still works alongside per_model.
+    fake.configure(fail_models=["healthy"])
+    with pytest.raises(openai.InternalServerError):
+        await client.chat.completions.create(model="healthy", messages=MSGS)
+    assert fake.stats.calls_by_model == {"healthy": 3, "broken": 1, "slow": 1, MODEL: 1}
+
+
+async def test_per_model_is_validated(fake: FakeUpstream) -> None:
+    async with aiohttp.ClientSession(fake.base_url) as http:
+        bads: list[dict[str, Any]] = [{"m": {"tokens": -1}}, {"m": {"tokns": 1}},
+                                      {"m": {"per_model": {}}}, {"m": 3}]
+        for bad in bads:
+            async with http.put("/_fake/config", json={"per_model": bad}) as r:
+                assert r.status == 400, bad
+        async with http.put("/_fake/config", json={"per_model": {"m": {"ttft_ms": "7"}}}) as r:
+            assert (await r.json())["per_model"] == {"m": {"ttft_ms": 7.0}}
+    assert fake.config.per_model == {"m": {"ttft_ms": 7.0}}
+
+
+async def test_fixed_answer_round_trip(client: openai.AsyncOpenAI, fake: FakeUpstream) -> None:
+    text = "The answer is  42, surely. "
+    fake.configure(answer=text)
+    resp = await client.chat.completions.create(model=MODEL, messages=MSGS)
+    assert resp.choices[0].message.content == text
+    assert resp.usage is not None
+    assert resp.usage.completion_tokens == 5
+    stream = await client.chat.completions.create(
+        model=MODEL, messages=MSGS, stream=True, stream_options={"include_usage": True})
+    chunks = [c async for c in stream]
+    pieces = [c.choices[0].delta.content for c in chunks[1:-2]]
+    assert pieces == ["The ", "answer ", "is  ", "42, ", "surely. "]
+    assert chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == 5
+    # A cap still cuts it, as it cuts generated text; JSON mode does not use it.
+    resp = await client.chat.completions.create(model=MODEL, messages=MSGS, max_tokens=2)
+    assert (resp.choices[0].message.content, resp.choices[0].finish_reason) == (
+        "The answer ", "length")
+    resp = await client.chat.completions.create(
+        model=MODEL, messages=MSGS, response_format={"type": "json_object"})
+    assert orjson.loads(resp.choices[0].message.content or "") == {"word": "hello", "tokens": 5}
+
+
+async def test_judge_follows_the_rubric(client: openai.AsyncOpenAI, fake: FakeUpstream) -> None:
+    fake.configure(per_model={"judge": {"judge_key": JUDGE_KEY.upper()}})
+    judge_msgs: list[ChatCompletionMessageParam] = [
+        {"role": "system", "content": "You are a strict judge."},
+        {"role": "user", "content": JUDGE_PROMPT}]
+    resp = await client.chat.completions.create(model="judge", messages=judge_msgs,
+                                                max_tokens=5)
+    check_verdict(resp.choices[0].message.content or "")
+    assert resp.choices[0].finish_reason == "stop"
+    stream = await client.chat.completions.create(
+        model="judge", messages=judge_msgs, stream=True,
+        response_format={"type": "json_object"})
+    deltas = [c.choices[0].delta.content or "" async for c in stream if c.choices]
+    assert len([d for d in deltas if d]) > 3  # streamed in pieces, like any text
+    check_verdict("".join(deltas))
+    # Without candidate blocks the judge answers normally, and other models never judge.
+    resp = await client.chat.completions.create(model="judge", messages=MSGS)
+    assert resp.choices[0].message.content == expected_content(MSGS, 5)
+    resp = await client.chat.completions.create(model=MODEL, messages=judge_msgs)
+    assert resp.choices[0].message.content == expected_content(judge_msgs, 5)
+
+
+def test_judge_with_no_match_picks_the_first() -> None:
+    prompt = "<<<candidate 3>>>\nx\n<<<end>>>\n<<<candidate 4>>>\ny\n<<<end>>>"
+    assert orjson.loads(verdict(prompt, "zzz") or "")["best"] == 3
+    assert verdict("no blocks here", "zzz") is None
+
+
+def test_ttft_draws_follow_the_seeded_rng() -> None:
+    app = make_app(FakeConfig(ttft_ms=10, ttft_sigma=0.5, slow_rate=0.3, slow_factor=4,
+                              seed=7))
+    replica = random.Random(7)
+    for _ in range(50):
+        admitted = admit(make_mocked_request("POST", "/v1/chat/completions", app=app), "m")
+        assert not isinstance(admitted, Failure)
+        wait = 10 * math.exp(replica.gauss(0, 0.5))
+        if replica.random() < 0.3:
+            wait *= 4
+        assert admitted[0].ttft_ms == pytest.approx(wait)
+    # The lognormal keeps ttft_ms as its median.
+    app = make_app(FakeConfig(ttft_ms=10, ttft_sigma=1))
+    draws = []
+    for _ in range(401):
+        admitted = admit(make_mocked_request("POST", "/", app=app), None)
+        assert not isinstance(admitted, Failure)
+        draws.append(admitted[0].ttft_ms)
+    assert 7 < statistics.median(draws) < 14
+    assert max(draws) > 40
+    assert min(draws) < 2.5
+    # With the tail off the seeded sequence is untouched, as before the tail existed.
+    app = make_app(FakeConfig(ttft_ms=10))
+    rng_state = app[STATE_KEY].rng.getstate()
+    admitted = admit(make_mocked_request("POST", "/", app=app), "m")
+    assert not isinstance(admitted, Failure)
+    assert admitted[0].ttft_ms == 10
+    assert app[STATE_KEY].rng.getstate() == rng_state
+
+
+async def test_slow_calls_have_a_heavy_tail(client: openai.AsyncOpenAI,
+                                            fake: FakeUpstream) -> None:
+    fake.configure(ttft_ms=5, slow_rate=0.3, slow_factor=10, seed=3)
+    replica = random.Random(3)
+    slow = [replica.random() < 0.3 for _ in range(40)]
+    durations = [(await _timed(client.chat.completions.create(model=MODEL, messages=MSGS)))[1]
+                 for _ in range(40)]
+    # Slow calls sleep 50 ms, so they take at least 40 ms whatever the machine's load.
+    assert all(d >= 0.04 for d, s in zip(durations, slow, strict=True) if s)
+    assert 0 < sum(slow) < 20
+    assert sum(d < 0.04 for d in durations) > 20
+
+
+async def test_calls_by_model(client: openai.AsyncOpenAI, fake: FakeUpstream) -> None:
+    for model in ("a", "b", "a"):
+        await client.chat.completions.create(model=model, messages=MSGS)
+    await client.embeddings.create(model="emb", input="x")
+    async with aiohttp.ClientSession(fake.base_url) as http:
+        async with http.post("/v1/chat/completions", data=b"not json") as r:
+            assert r.status == 400  # counted in requests_total, with no model to count
+        # A failed call still counts for its model, as calls_by_request_id counts it.
+        fake.configure(outage=True)
+        with pytest.raises(openai.InternalServerError):
+            await client.chat.completions.create(model="a", messages=MSGS)
+        async with http.get("/_fake/stats") as r:
+            assert (await r.json())["calls_by_model"] == {"a": 3, "b": 1, "emb": 1}
+        async with http.post("/_fake/reset") as r:
+            assert (await r.json())["calls_by_model"] == {}
+    assert fake.stats.requests_total == 0

@@ -67,6 +67,7 @@ DEFAULT = {
     "weights": {"cost": 1.0, "latency": 1.0, "quality": 1.0},
     "allowed_providers": None, "allowed_models": None, "price_ceiling_per_mtok": None,
     "pinned_routes": {}, "default_mode": "auto", "allow_substitution": False,
+    "judge_model": None, "council_output": "winner",
 }
 
 
@@ -85,6 +86,8 @@ async def test_put_get_delete_round_trip(tenant: Tenant, pg: asyncpg.Pool,
         "pinned_routes": {"code": "codestral-latest", "summarization": "gpt-4o-mini"},
         "default_mode": "speculative",
         "allow_substitution": True,
+        "judge_model": "gpt-4o-mini",
+        "council_output": "synthesis",
     }
     # gpt-4.1 is not in the catalog: refused, and nothing is stored.
     assert_error(await tenant.http.put(POLICY, json=policy), 400, "unknown_model",

@@ -14,8 +14,14 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 SCHEMA_VERSION: Literal[1] = 1
 
-Mode = Literal["auto", "fixed", "speculative", "council"]
-FrameKind = Literal["meta", "chunk", "done", "error"]
+# auto: the best route, failing over to the next; fixed: one route, no failover; speculative:
+# race N routes, keep the first to answer; hedged: start the next route only when the first is
+# slower than its usual time to first token; council: N answer, a judge picks.
+Mode = Literal["auto", "fixed", "speculative", "hedged", "council"]
+MODES: tuple[str, ...] = ("auto", "fixed", "speculative", "hedged", "council")
+CouncilOutput = Literal["winner", "synthesis"]
+# progress: work under way with nothing to stream yet (council members answering).
+FrameKind = Literal["meta", "progress", "chunk", "done", "error"]
 Endpoint = Literal["chat.completions", "embeddings"]
 
 
@@ -37,11 +43,18 @@ class ObjectiveWeights(_Message):
 
 
 class RoutingOptions(_Message):
-    mode: Mode = "auto"
+    mode: Mode | None = None  # None: the tenant policy's default_mode
     weights: ObjectiveWeights = ObjectiveWeights()
     allowed_providers: list[str] | None = None
     price_ceiling_per_mtok: Decimal | None = None
     fallback_enabled: bool = True
+    # speculative / hedged: routes started at most; council: members asked.
+    routes: int | None = Field(default=None, ge=1, le=8)
+    # hedged: start the next route once the first is slower than this percentile of its
+    # observed time to first token.
+    hedge_percentile: float | None = Field(default=None, gt=0, lt=100)
+    judge_model: str | None = None  # council
+    council_output: CouncilOutput | None = None
 
 
 class ReplyTarget(_Message):
@@ -87,7 +100,7 @@ class ReplyFrame(_Message):
     data: dict[str, Any] = Field(default_factory=dict)
 
 
-_FRAME_KINDS = frozenset(("meta", "chunk", "done", "error"))
+_FRAME_KINDS = frozenset(("meta", "progress", "chunk", "done", "error"))
 
 
 def parse_frames(raw: bytes) -> list[ReplyFrame]:

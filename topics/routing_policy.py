@@ -33,7 +33,7 @@ from pydantic import (
 
 from topics.catalog import Catalog, Model
 from topics.errors import Forbidden, InvalidRequest, NotFound
-from topics.messages import Mode
+from topics.messages import CouncilOutput, Mode
 
 AUTO = "auto"  # the model name that asks the router to choose
 
@@ -107,6 +107,9 @@ class RoutingPolicy(BaseModel):
     # For `model: "auto"`: the model to use for a category, instead of the router's choice.
     pinned_routes: dict[Category, Name] = Field(default_factory=dict)
     default_mode: Mode = "auto"
+    # Council mode: the model that judges the members' answers, and what is returned.
+    judge_model: Name | None = None
+    council_output: CouncilOutput = "winner"
     # A named model may be served by another eligible chat model of its class.
     allow_substitution: StrictBool = False
 
@@ -175,6 +178,15 @@ def validate_against(policy: RoutingPolicy, catalog: Catalog) -> None:
         if (why := _exclusion(policy, model, allowed)) is not None:
             raise InvalidRequest(f"{param}: this policy excludes {name!r}: {why}",
                                  code="policy_conflict", param=param)
+    if policy.judge_model is not None:
+        judge = catalog.model(policy.judge_model)
+        if judge is None:
+            raise _unknown_model(policy.judge_model, "judge_model")
+        if judge.kind != "chat" or (why := _exclusion(policy, judge, allowed)) is not None:
+            reason = "it is an embeddings model" if judge.kind != "chat" else \
+                f"this policy excludes it: {why}"
+            raise InvalidRequest(f"judge_model: {policy.judge_model!r} cannot judge: {reason}",
+                                 code="policy_conflict", param="judge_model")
     if not any(_exclusion(policy, m, allowed) is None for m in catalog.models):
         param = ("price_ceiling_per_mtok" if policy.price_ceiling_per_mtok is not None
                  else "allowed_models" if policy.allowed_models is not None

@@ -73,6 +73,36 @@ class RouterSettings(BaseModel):
     feedback_rate: float = Field(default=0.1, ge=0, le=1)
     # How long a router keeps a tenant's routing policy before reading it again.
     policy_cache_ttl_s: float = Field(default=5.0, ge=0)
+    # Failover: attempts one request may make (the first included) on retryable failures
+    # before its first token.
+    max_attempts: int = Field(default=3, ge=1, le=10)
+    # Routes started by default: raced at once (speculative), at most (hedged), asked
+    # (council). A request's `switchyard.routes` overrides them.
+    race_routes: int = Field(default=2, ge=2, le=8)
+    hedge_routes: int = Field(default=2, ge=2, le=8)
+    council_members: int = Field(default=3, ge=2, le=8)
+    # Hedging starts the next route when the first has not answered within this percentile
+    # of its observed time to first answer; before 20 observations, after the fixed delay.
+    hedge_percentile: float = Field(default=90.0, gt=0, lt=100)
+    hedge_default_delay_ms: float = Field(default=1000.0, gt=0)
+    # Council: the judge when neither the request nor the tenant's policy names one (unset:
+    # a council request must name one), answers needed, and time limits.
+    council_judge_model: str | None = None
+    council_quorum: int = Field(default=2, ge=1)
+    council_member_timeout_s: float = Field(default=60.0, gt=0)
+    council_judge_timeout_s: float = Field(default=60.0, gt=0)
+    council_progress_every_s: float = Field(default=2.0, gt=0)
+    # Circuit breakers, per route, shared by every router through Redis: open on
+    # `breaker_consecutive_failures` in a row, or a failure rate of `breaker_failure_rate`
+    # over `breaker_min_calls` or more calls in `breaker_window_s`; probe after the cool-down.
+    breaker_window_s: float = Field(default=10.0, gt=0)
+    breaker_min_calls: int = Field(default=10, ge=1)
+    breaker_failure_rate: float = Field(default=0.5, gt=0, le=1)
+    breaker_consecutive_failures: int = Field(default=5, ge=1)
+    breaker_cooldown_s: float = Field(default=5.0, ge=0)
+    breaker_probes: int = Field(default=1, ge=1)
+    breaker_probe_timeout_s: float = Field(default=30.0, gt=0)
+    breaker_cache_ttl_s: float = Field(default=0.05, ge=0, le=1)
 
 
 class UsageSettings(BaseModel):
@@ -146,6 +176,8 @@ class Settings(BaseSettings):
             if isinstance(sub, type) and issubclass(sub, BaseModel):
                 section = getattr(self, name)
                 for key, subval in value.items():
+                    if subval is None:
+                        continue  # unset in the child too (an empty string is a value)
                     raw = getattr(section, key)
                     # model_dump masks a SecretStr as "**********"; a child needs the value.
                     env[f"SWITCHYARD_{name.upper()}__{key.upper()}"] = (

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import aiohttp
@@ -83,7 +83,7 @@ class AnthropicMessages:
         return to_completion(route, message, request.json_tool)
 
     async def stream(self, route: Route, body: dict[str, Any],
-                     request_id: str) -> AsyncIterator[dict[str, Any]]:
+                     request_id: str) -> AsyncGenerator[dict[str, Any], None]:
         request = to_messages_request(route.provider, body, route.upstream_model)
         payload = {**request.payload, "stream": True}
         translator = StreamTranslator(route, request.json_tool)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
@@ -72,7 +72,7 @@ class Dialect(Protocol):
         ...
 
     def stream(self, route: Route, body: dict[str, Any],
-               request_id: str) -> AsyncIterator[dict[str, Any]]:
+               request_id: str) -> AsyncGenerator[dict[str, Any], None]:
         """OpenAI `chat.completion.chunk` objects; the last carries `usage`. Raises a
         SwitchyardError if the provider's stream ends before it is complete."""
         ...

@@ -12,7 +12,7 @@ import asyncio
 import base64
 import struct
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import aiohttp
@@ -72,7 +72,7 @@ class GeminiGenerateContent:
         return completion(route, data, request_id)
 
     async def stream(self, route: Route, body: dict[str, Any],
-                     request_id: str) -> AsyncIterator[dict[str, Any]]:
+                     request_id: str) -> AsyncGenerator[dict[str, Any], None]:
         payload = to_gemini(route.provider, body)
         translator = ChunkTranslator(route, request_id)
         async for event in provider_events(

@@ -7,7 +7,7 @@ upstream model name; usage is always requested on streams, because billing needs
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import aiohttp
@@ -60,7 +60,7 @@ class OpenAICompat:
         return result
 
     async def stream(self, route: Route, body: dict[str, Any],
-                     request_id: str) -> AsyncIterator[dict[str, Any]]:
+                     request_id: str) -> AsyncGenerator[dict[str, Any], None]:
         payload = {**body, "model": route.upstream_model, "stream": True,
                    "stream_options": {**(body.get("stream_options") or {}),
                                       "include_usage": True}}

@@ -14,11 +14,18 @@ from dataclasses import dataclass
 from typing import Any
 
 from state.bandit import CachedPosteriors, PosteriorStore, Weights
+from state.breakers import Breakers
 from state.routing_policies import PolicyCache
 from topics.catalog import Catalog, Model
-from topics.errors import InvalidRequest
-from topics.messages import ObjectiveWeights, RequestEnvelope
-from topics.routing_policy import GENERAL_CATEGORY, PolicyWeights, admits, eligible_routes
+from topics.errors import InvalidRequest, NotFound, Unavailable
+from topics.messages import CouncilOutput, Mode, ObjectiveWeights, RequestEnvelope
+from topics.routing_policy import (
+    GENERAL_CATEGORY,
+    PolicyWeights,
+    RoutingPolicy,
+    admits,
+    eligible_routes,
+)
 from workers.router.bandit import Outcome, ThompsonSampler, outcome_weight, reward
 
 # Latency a route should meet before its latency score starts to fall, by model class:
@@ -30,27 +37,44 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
+class ModeDefaults:
+    race_routes: int = 2  # speculative
+    hedge_routes: int = 2  # hedged: the first route and at most this many minus one hedges
+    council_members: int = 3
+    judge_model: str | None = None  # the council's judge when neither request nor policy names one
+
+
+@dataclass(frozen=True, slots=True)
 class Decision:
-    model: Model
-    ranked: tuple[Model, ...]  # the whole eligible set, best first (failover order)
+    ranked: tuple[Model, ...]  # the selectable routes, best first (failover order)
     category: str
     weights: Weights
     # What the cost score compares against: every chat route the tenant's policy admits, the
     # same set whatever this request named, so that every outcome on a route is scored alike
     # (a one-route comparison would call any route "the cheapest").
     peers: tuple[Model, ...]
+    mode: Mode = "auto"
+    width: int = 1  # routes raced or hedged at most; council members
+    judge: Model | None = None
+    council_output: CouncilOutput = "winner"
+
+    @property
+    def model(self) -> Model:
+        return self.ranked[0]
 
 
 class Decider:
     def __init__(self, catalog: Catalog, policies: PolicyCache, store: PosteriorStore,
-                 posteriors: CachedPosteriors, sampler: ThompsonSampler, *,
-                 feedback_rate: float) -> None:
+                 posteriors: CachedPosteriors, sampler: ThompsonSampler, breakers: Breakers,
+                 *, feedback_rate: float, defaults: ModeDefaults = ModeDefaults()) -> None:
         self._catalog = catalog
         self._policies = policies
         self._store = store
         self._posteriors = posteriors
         self._sampler = sampler
+        self._breakers = breakers
         self._feedback_rate = feedback_rate
+        self._defaults = defaults
         self._counting: set[asyncio.Task[None]] = set()
 
     async def decide(self, env: RequestEnvelope) -> Decision:
@@ -62,33 +86,76 @@ class Decider:
         if env.routing.allowed_providers:  # the request's own pin (seed `policy.provider`)
             routes = [m for m in routes if m.provider in env.routing.allowed_providers] \
                 or routes
-        if env.routing.mode == "fixed":
+        mode = env.routing.mode or policy.default_mode
+        if env.endpoint == "embeddings" and mode not in ("auto", "fixed"):
+            raise InvalidRequest(f"mode {mode!r} serves chat completions only; embeddings "
+                                 "use auto or fixed", code="unsupported_mode", param="mode")
+        if mode == "fixed":
             routes = routes[:1]
         elif len(routes) > 1:
             routes = _capable(routes, env.body)
+        width = self._width(mode, env.routing.routes, len(routes))
+        judge = self._judge(env, policy) if mode == "council" else None
         category = env.category or GENERAL_CATEGORY
         weights = _weights(env.routing.weights, policy.weights)
-        if len(routes) == 1:
-            return Decision(routes[0], tuple(routes), category, weights, peers)
-        posteriors = await self._posteriors.get(category, [m.id for m in routes])
-        order = self._sampler.rank([(posteriors[m.id].alpha, posteriors[m.id].beta)
-                                    for m in routes])
-        ranked = tuple(routes[i] for i in order)
-        # A stats-only counter: counted alongside the provider call, not before it.
-        task = asyncio.create_task(self._store.note_selection(category, ranked[0].id))
-        self._counting.add(task)
-        task.add_done_callback(self._counted)
-        return Decision(ranked[0], ranked, category, weights, peers)
+        routes = await self._selectable(routes)
+        if len(routes) > 1:
+            posteriors = await self._posteriors.get(category, [m.id for m in routes])
+            order = self._sampler.rank([(posteriors[m.id].alpha, posteriors[m.id].beta)
+                                        for m in routes])
+            routes = [routes[i] for i in order]
+            # A stats-only counter: counted alongside the provider call, not before it.
+            task = asyncio.create_task(self._store.note_selection(category, routes[0].id))
+            self._counting.add(task)
+            task.add_done_callback(self._counted)
+        return Decision(tuple(routes), category, weights, peers, mode=mode, width=width,
+                        judge=judge,
+                        council_output=env.routing.council_output or policy.council_output)
+
+    def _width(self, mode: Mode, requested: int | None, eligible: int) -> int:
+        if mode in ("auto", "fixed"):
+            return 1
+        width = requested or {"speculative": self._defaults.race_routes,
+                              "hedged": self._defaults.hedge_routes,
+                              "council": self._defaults.council_members}[mode]
+        if width > eligible:
+            raise InvalidRequest(
+                f"{mode} mode needs {width} routes but only {eligible} eligible "
+                f"route{'s' if eligible != 1 else ''} can serve this request under the "
+                "tenant's routing policy", code="not_enough_routes", param="routes")
+        return width
+
+    def _judge(self, env: RequestEnvelope, policy: RoutingPolicy) -> Model:
+        name = env.routing.judge_model or policy.judge_model or self._defaults.judge_model
+        if name is None:
+            raise InvalidRequest("council mode needs a judge model: name one in the request "
+                                 "(switchyard.judge_model), the tenant's routing policy "
+                                 "(judge_model) or the router's settings",
+                                 code="judge_required", param="judge_model")
+        judge = self._catalog.model(name)
+        if judge is None or judge.kind != "chat":
+            raise NotFound(f"judge model {name!r} is not a chat model of the catalog",
+                           code="model_not_found", param="judge_model")
+        return judge
+
+    async def _selectable(self, routes: list[Model]) -> list[Model]:
+        """The routes whose circuit breaker lets them be chosen: closed, or open past their
+        cool-down with a probe slot free (taken only when an attempt starts)."""
+        allowed = await self._breakers.closed_or_probing([m.id for m in routes])
+        selectable = [m for m in routes if m.id in allowed]
+        if not selectable:
+            raise Unavailable("every route that can serve this request is failing: their "
+                              "circuit breakers are open", code="circuit_open")
+        return selectable
 
     def _counted(self, task: asyncio.Task[None]) -> None:
         self._counting.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.warning("selection count lost: %s", task.exception())  # stats only
 
-    async def learn(self, event_id: str, decision: Decision, *, success: bool,
+    async def learn(self, event_id: str, decision: Decision, model: Model, *, success: bool,
                     latency_ms: float, prompt_tokens: int, completion_tokens: int,
                     cached_tokens: int) -> None:
-        model = decision.model
         cost = float(model.cost_usd(prompt_tokens, completion_tokens, cached_tokens))
         cheapest = min(float(m.cost_usd(prompt_tokens, completion_tokens, cached_tokens))
                        for m in (*decision.peers, model))

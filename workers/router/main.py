@@ -14,6 +14,7 @@ import redis.asyncio as redis
 from prometheus_client import CollectorRegistry
 
 from state.bandit import CachedPosteriors, PosteriorStore
+from state.breakers import BreakerConfig, Breakers
 from state.claims import Claims
 from state.redis_client import make_redis
 from state.routing_policies import PolicyCache
@@ -28,10 +29,14 @@ from workers.providers.anthropic import AnthropicMessages
 from workers.providers.base import Dialect, Timeouts
 from workers.providers.gemini import GeminiGenerateContent
 from workers.providers.openai_compat import OpenAICompat
+from workers.router.attempt import AttemptRunner
 from workers.router.bandit import ThompsonSampler
 from workers.router.cancel import CancelListener
-from workers.router.decide import Decider
+from workers.router.council import Council, CouncilSettings
+from workers.router.decide import Decider, ModeDefaults
+from workers.router.execute import ExecutionSettings, Executor
 from workers.router.frames import FrameWriter
+from workers.router.latency import LatencyTracker
 from workers.router.metrics import RouterMetrics
 from workers.router.publisher import ReplyPublisher
 from workers.router.routes import RouteConfig, RouteResolver
@@ -91,13 +96,32 @@ async def run_router(settings: Settings, stop: asyncio.Event, *,
         store = PosteriorStore(client, half_life_s=cfg.bandit_half_life_s)
         # A random seed per process: workers must not draw in lockstep.
         seed = int.from_bytes(os.urandom(8), "big")
+        breakers = Breakers(client, BreakerConfig(
+            window_s=cfg.breaker_window_s, min_calls=cfg.breaker_min_calls,
+            failure_rate=cfg.breaker_failure_rate,
+            consecutive_failures=cfg.breaker_consecutive_failures,
+            cooldown_s=cfg.breaker_cooldown_s, probes=cfg.breaker_probes,
+            probe_timeout_s=cfg.breaker_probe_timeout_s), cache_ttl_s=cfg.breaker_cache_ttl_s)
         decider = Decider(catalog, PolicyCache(pool, ttl_s=cfg.policy_cache_ttl_s), store,
                           CachedPosteriors(store, ttl_s=cfg.posterior_cache_ttl_s),
-                          ThompsonSampler(seed), feedback_rate=cfg.feedback_rate)
+                          ThompsonSampler(seed), breakers, feedback_rate=cfg.feedback_rate,
+                          defaults=ModeDefaults(race_routes=cfg.race_routes,
+                                                hedge_routes=cfg.hedge_routes,
+                                                council_members=cfg.council_members,
+                                                judge_model=cfg.council_judge_model))
+        latency = LatencyTracker()
+        runner = AttemptRunner(dialects=dialects(http), producer=producer, decider=decider,
+                               breakers=breakers, latency=latency, metrics=metrics)
+        resolver = RouteResolver(catalog, route_config, tenant_keys.key_for)
         worker = RouterWorker(
             decider=decider, claims=claims,
-            routes=RouteResolver(catalog, route_config, tenant_keys.key_for),
-            dialects=dialects(http), producer=producer,
+            executor=Executor(runner, resolver, latency, ExecutionSettings(
+                max_attempts=cfg.max_attempts, hedge_percentile=cfg.hedge_percentile,
+                hedge_default_delay_ms=cfg.hedge_default_delay_ms)),
+            council=Council(runner, resolver, CouncilSettings(
+                quorum=cfg.council_quorum, member_timeout_s=cfg.council_member_timeout_s,
+                judge_timeout_s=cfg.council_judge_timeout_s,
+                progress_every_s=cfg.council_progress_every_s)),
             frames=lambda env: FrameWriter(env.request_id, env.reply, publisher, producer),
             cancels=cancels, metrics=metrics)
         loop = ConsumerLoop(consumer=consumer, producer=producer, topic=topic,

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+_BREAKER_VALUES = {"closed": 0, "half_open": 1, "open": 2}
 _LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
@@ -22,6 +23,17 @@ class RouterMetrics:
                                ["reason"], registry=registry)
         self.cancelled = Counter("switchyard_router_cancelled",
                                  "Attempts cancelled by their client", registry=registry)
+        self.breaker_state = Gauge(
+            "switchyard_router_breaker_state", "A route's circuit breaker as this router last "
+            "saw it: 0 closed, 1 half-open, 2 open", ["route"], registry=registry)
+        self.breaker_opened = Counter(
+            "switchyard_router_breaker_opened", "Times this router's outcome opened a route's "
+            "circuit breaker", ["route"], registry=registry)
+
+    def breaker(self, route: str, before: str | None, state: str) -> None:
+        if state == "open" and before != "open":
+            self.breaker_opened.labels(route).inc()
+        self.breaker_state.labels(route).set(_BREAKER_VALUES[state])
 
     def observe(self, provider: str, status: str, latency_ms: float,
                 ttft_ms: float | None) -> None:

@@ -1,0 +1,303 @@
+"""One call to one route, and everything it leaves behind: its usage event, what it teaches
+the bandit, its outcome on the route's circuit breaker, its time to first answer.
+
+Several attempts of one request may run at once (racing, hedging) or one after the other
+(failover), so an attempt does not own the client's output: it takes the request's `Lead`
+when its first token (or whole answer) arrives. Only the attempt holding the lead writes to
+the client; a streamed attempt holds back what precedes its first token (the role chunk), so
+an attempt that fails before answering leaves no trace the client can see."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+import orjson
+from aiokafka import AIOKafkaProducer
+
+from state.breakers import Breakers
+from topics import names
+from topics.catalog import Model
+from topics.errors import GatewayTimeout, InvalidRequest, SwitchyardError
+from topics.messages import Mode, RequestEnvelope, UsageEvent, UsageStatus
+from workers.providers.base import Dialect, Embedder, Route, Usage
+from workers.router.decide import Decider, Decision
+from workers.router.frames import FrameWriter
+from workers.router.latency import LatencyTracker
+from workers.router.metrics import RouterMetrics
+
+# Failures that say nothing about the route's health (the request or our key is at fault).
+_NO_USAGE = Usage(0, 0)
+
+_NEUTRAL_CODES = frozenset({"upstream_bad_request", "upstream_content_filtered",
+                            "upstream_auth", "unsupported_parameter", "unsupported_endpoint"})
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class Lost(Exception):
+    """Another attempt of the same request answered first."""
+
+
+class Lead:
+    """Which attempt of a request writes to the client: the first to answer."""
+
+    def __init__(self, out: FrameWriter | None) -> None:
+        self.out = out  # None: nobody streams (council members, the judge)
+        self.holder: int | None = None
+        self.taken = asyncio.Event()
+        # Attempts cancelled because another answered first: they end with a report, where
+        # any other cancellation (the client gone, shutdown) propagates.
+        self.dropped: set[int] = set()
+
+    def take(self, attempt: int) -> bool:
+        if self.holder is None:
+            self.holder = attempt
+            self.taken.set()
+        return self.holder == attempt
+
+
+@dataclass(slots=True)
+class Report:
+    """What one attempt did."""
+
+    n: int
+    model: Model
+    provider: str
+    status: UsageStatus = "cancelled"
+    error: SwitchyardError | None = None
+    usage: Usage = _NO_USAGE
+    estimated: bool = False
+    cost_usd: Decimal = Decimal(0)
+    latency_ms: float = 0.0
+    ttft_ms: float | None = None
+    led: bool = False
+    answer: dict[str, Any] | None = None  # the completion or embeddings (not streamed)
+    reported: Usage | None = None  # what the provider said it used, if it said
+    chunks: int = 0  # tokens streamed
+
+    @property
+    def failed_before_answer(self) -> bool:
+        return self.error is not None and not self.led
+
+    def summary(self) -> dict[str, Any]:
+        """This attempt as the response's metadata lists it."""
+        out: dict[str, Any] = {"attempt": self.n, "provider": self.provider,
+                               "model": self.model.id, "status": self.status,
+                               "cost_usd": str(self.cost_usd),
+                               "latency_ms": round(self.latency_ms, 3)}
+        if self.estimated:
+            out["estimated"] = True
+        if self.error is not None:
+            out["error"] = self.error.code
+        return out
+
+
+class AttemptRunner:
+    """Runs attempts for the worker; one per process, shared by every request."""
+
+    def __init__(self, *, dialects: dict[str, Dialect], producer: AIOKafkaProducer,
+                 decider: Decider, breakers: Breakers, latency: LatencyTracker,
+                 metrics: RouterMetrics) -> None:
+        self._dialects = dialects
+        self._producer = producer
+        self._decider = decider
+        self._breakers = breakers
+        self._latency = latency
+        self._metrics = metrics
+        self._breaker_seen: dict[str, str] = {}  # route → last state, for the metrics
+
+    async def run(self, env: RequestEnvelope, decision: Decision, model: Model, route: Route,
+                  n: int, lead: Lead, *, mode: Mode, body: dict[str, Any] | None = None,
+                  teach: bool = True, timeout_s: float | None = None) -> Report:
+        """Call the route; never raises for the route's failures (they are in the report),
+        only CancelledError. `timeout_s` bounds this attempt below the request's deadline."""
+        body = env.body if body is None else body
+        report = Report(n, model, route.provider)
+        started_ms = now_ms()
+        t0 = time.perf_counter()
+        streamed = bool(body.get("stream")) and env.endpoint == "chat.completions"
+        left_s = max(env.deadline_ms - now_ms(), 1) / 1000
+        limit_s = left_s if timeout_s is None else min(left_s, timeout_s)
+        own_limit = limit_s < left_s
+        try:
+            async with asyncio.timeout(limit_s):
+                if env.endpoint == "embeddings":
+                    answer = await self._embed(route, body, env.request_id)
+                    report.reported = Usage.from_openai(answer.get("usage"))
+                    report.estimated = bool(answer.pop("usage_estimated", False))
+                elif streamed:
+                    answer = {}
+                    await self._stream(route, body, env.request_id, lead, report, t0)
+                else:
+                    answer = await self._dialects[route.dialect].complete(
+                        route, body, env.request_id)
+                    report.reported = Usage.from_openai(answer.get("usage"))
+                if not report.led:  # an answer without a single token is an answer
+                    report.ttft_ms = (time.perf_counter() - t0) * 1000
+                    await self._take_lead(lead, report, route)
+                answer["model"] = model.id
+                report.answer = answer
+            report.status = "ok"
+        except Lost:
+            report.status = "cancelled"
+            report.error = SwitchyardError("another route answered first", code="race_lost")
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            # Dropped and nothing else pending (a client leaving cancels once more).
+            if n not in lead.dropped or task is None or task.uncancel() > 0:
+                raise
+            report.status = "cancelled"
+            report.error = SwitchyardError("another route answered first", code="race_lost")
+        except TimeoutError:
+            report.status, report.error = "timeout", GatewayTimeout(
+                f"no answer within {limit_s:g} s" if own_limit
+                else "the request ran past its deadline",
+                code="attempt_timeout" if own_limit else "deadline_exceeded", retryable=True)
+        except SwitchyardError as exc:
+            report.status, report.error = "error", exc
+        finally:
+            report.latency_ms = (time.perf_counter() - t0) * 1000
+            report.usage, estimated = _usage(report, body)
+            report.estimated = report.estimated or estimated
+            report.cost_usd = model.cost_usd(report.usage.prompt_tokens,
+                                             report.usage.completion_tokens,
+                                             report.usage.cached_tokens)
+            await self._settle(env, decision, report, route, started_ms, streamed,
+                               mode=mode, teach=teach)
+        return report
+
+    async def _stream(self, route: Route, body: dict[str, Any], request_id: str, lead: Lead,
+                      report: Report, t0: float) -> None:
+        held: list[dict[str, Any]] = []
+        # aclosing: an attempt that loses its race closes its connection at once, not
+        # whenever the abandoned generator is collected.
+        async with contextlib.aclosing(
+                self._dialects[route.dialect].stream(route, body, request_id)) as stream:
+            async for chunk in stream:
+                report.reported = Usage.from_openai(chunk.get("usage")) or report.reported
+                choices = chunk.get("choices")
+                if not choices:
+                    continue  # the usage-only chunk: sent in `done`, if asked for
+                delta = choices[0].get("delta") or {}
+                chunk.pop("usage", None)
+                chunk["model"] = report.model.id
+                if delta.get("content") or delta.get("tool_calls"):
+                    report.chunks += 1
+                    if not report.led:
+                        report.ttft_ms = (time.perf_counter() - t0) * 1000
+                        await self._take_lead(lead, report, route)
+                if report.led:
+                    for early in held:
+                        await _write(lead, early)
+                    held.clear()
+                    await _write(lead, chunk)
+                else:
+                    held.append(chunk)
+        if not report.led:
+            report.ttft_ms = (time.perf_counter() - t0) * 1000
+            await self._take_lead(lead, report, route)
+            for early in held:
+                await _write(lead, early)
+
+    async def may_call(self, model: Model) -> bool:
+        """Whether the route's circuit breaker lets an attempt start (closed, or this is the
+        probe of an open one)."""
+        return await self._breakers.acquire_probe(model.id)
+
+    async def _embed(self, route: Route, body: dict[str, Any],
+                     request_id: str) -> dict[str, Any]:
+        dialect = self._dialects[route.dialect]
+        if not isinstance(dialect, Embedder):
+            raise InvalidRequest(f"{route.provider} serves no embeddings",
+                                 code="unsupported_endpoint", param="model")
+        return await dialect.embed(route, body, request_id)
+
+    async def _take_lead(self, lead: Lead, report: Report, route: Route) -> None:
+        if not lead.take(report.n):
+            raise Lost
+        report.led = True
+        if lead.out is not None:
+            await lead.out.send("meta", {"provider": route.provider, "model": report.model.id,
+                                         "attempt": report.n})
+
+    async def _settle(self, env: RequestEnvelope, decision: Decision, report: Report,
+                      route: Route, started_ms: int, streamed: bool, *, mode: Mode,
+                      teach: bool) -> None:
+        error = report.error
+        unreachable = error is not None and error.code == "upstream_unreachable"
+        self._metrics.observe(route.provider, report.status, report.latency_ms, report.ttft_ms)
+        if not unreachable:
+            # A provider we could not even connect to did not serve (or bill) an attempt.
+            await self._record_usage(env, report, started_ms, mode)
+        if report.status == "ok" and report.ttft_ms is not None:
+            self._latency.observe(report.model.id, streamed, report.ttft_ms)
+        if report.status == "cancelled":
+            return  # a client leaving, or a race lost, says nothing about the route
+        if error is None or (error.retryable and error.code not in _NEUTRAL_CODES):
+            before = self._breaker_seen.get(report.model.id)
+            state = await self._breakers.record(report.model.id, error is None)
+            self._breaker_seen[report.model.id] = state.value
+            if state.value != before:
+                self._metrics.breaker(report.model.id, before, state.value)
+        if teach and env.endpoint == "chat.completions":
+            await self._decider.learn(
+                f"{env.request_id}:{report.n}", decision, report.model,
+                success=report.status == "ok",
+                latency_ms=report.ttft_ms if streamed and report.ttft_ms else report.latency_ms,
+                prompt_tokens=report.usage.prompt_tokens,
+                completion_tokens=report.usage.completion_tokens,
+                cached_tokens=report.usage.cached_tokens)
+
+    async def _record_usage(self, env: RequestEnvelope, report: Report, started_ms: int,
+                            mode: Mode) -> None:
+        usage = report.usage
+        event = UsageEvent(
+            event_id=str(uuid.uuid4()), request_id=env.request_id, tenant_id=env.tenant_id,
+            key_id=env.key_id, provider=report.provider, model=report.model.id,
+            category=env.category, mode=mode, status=report.status,
+            error_code=report.error.code if report.error else None,
+            prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
+            cached_tokens=usage.cached_tokens, estimated=report.estimated,
+            cost_usd=report.cost_usd, latency_ms=round(report.latency_ms, 3),
+            ttft_ms=None if report.ttft_ms is None else round(report.ttft_ms, 3),
+            attempt=report.n, started_at_ms=started_ms, finished_at_ms=now_ms())
+        # Awaited: the request's offset is committed only once its usage is durable.
+        await self._producer.send_and_wait(
+            names.USAGE, event.to_json(), key=env.request_id.encode(),
+            headers=[(names.H_REQUEST_ID, env.request_id.encode()),
+                     (names.H_TENANT_ID, env.tenant_id.encode()),
+                     (names.H_CONTENT_TYPE, names.CONTENT_TYPE_JSON)])
+
+
+async def _write(lead: Lead, chunk: dict[str, Any]) -> None:
+    if lead.out is not None:
+        await lead.out.chunk(chunk)
+
+
+def _estimate(body: dict[str, Any], chunks: int) -> Usage:
+    """When a provider reports no usage: about four characters a token, one token a streamed
+    chunk."""
+    texts = body.get("input") if "input" in body else [
+        m.get("content") for m in body.get("messages") or () if isinstance(m, dict)]
+    return Usage(prompt_tokens=max(len(orjson.dumps(texts)) // 4, 1), completion_tokens=chunks)
+
+
+def _usage(report: Report, body: dict[str, Any]) -> tuple[Usage, bool]:
+    """What the attempt used, and whether that is an estimate. A provider that answered with
+    an error status served nothing and bills nothing; one that was cut off, timed out or
+    abandoned (a lost race, a client gone) had the prompt and may bill it: estimated, and
+    marked."""
+    if report.reported is not None:
+        return report.reported, False
+    code = report.error.code if report.error is not None else None
+    if report.status == "error" and report.chunks == 0 and code != "upstream_stream_cut":
+        return Usage(0, 0), False
+    return _estimate(body, report.chunks), True

@@ -1,0 +1,200 @@
+"""How a request's attempts are scheduled in the modes that return one route's answer.
+
+- auto: the bandit's best route; on a retryable failure before the first token, the next
+  best, within the attempt budget and the deadline. A failure after tokens reached the client
+  ends the stream with an error event: never a truncated answer that looks complete.
+- fixed: one route, no failover.
+- speculative: N routes at once; the first to answer streams, the others are cancelled at
+  once (their connections closed), each attempt's usage recorded.
+- hedged: one route; the next starts only if the first has not answered within that route's
+  observed time-to-first-answer percentile. Most of a race's tail cut, few duplicate calls.
+
+One loop serves all four: it keeps up to `width` attempts running, starts the next on a
+failure (or, hedging, on the timer), and cancels the rest the moment one takes the lead."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+from topics.catalog import Model
+from topics.errors import SwitchyardError, Unavailable
+from topics.messages import RequestEnvelope
+from workers.router.attempt import AttemptRunner, Lead, Report
+from workers.router.decide import Decision
+from workers.router.frames import FrameWriter
+from workers.router.latency import LatencyTracker
+from workers.router.routes import RouteResolver
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class ExecutionSettings:
+    max_attempts: int = 3  # failover budget of a one-route request
+    hedge_percentile: float = 90.0
+    hedge_default_delay_ms: float = 1000.0  # before a route has enough observations
+
+
+class Executor:
+    def __init__(self, runner: AttemptRunner, resolver: RouteResolver,
+                 latency: LatencyTracker, settings: ExecutionSettings) -> None:
+        self._runner = runner
+        self._resolver = resolver
+        self._latency = latency
+        self._settings = settings
+
+    async def run(self, env: RequestEnvelope, decision: Decision, out: FrameWriter) -> None:
+        mode = decision.mode
+        width = decision.width
+        failover = 0 if mode == "fixed" or not env.routing.fallback_enabled \
+            else self._settings.max_attempts - 1
+        run = _Run(self, env, decision, Lead(out), budget=width + failover,
+                   width=width, hedged=mode == "hedged")
+        t0 = time.perf_counter()
+        reports = await run.execute(initial=width if mode == "speculative" else 1)
+        winner = next((r for r in reports if r.led), None)
+        if winner is None:
+            await out.error(run.failure())
+        elif winner.error is not None:
+            await out.error(winner.error)  # after tokens: the stream ends with the error
+        else:
+            await out.send("done", _done(env, winner, reports, mode,
+                                         (time.perf_counter() - t0) * 1000))
+
+    def hedge_delay_s(self, model: Model, streamed: bool, percentile: float) -> float:
+        observed = self._latency.percentile(model.id, streamed, percentile)
+        return (self._settings.hedge_default_delay_ms if observed is None else observed) / 1000
+
+
+class _Run:
+    """The attempts of one request."""
+
+    def __init__(self, executor: Executor, env: RequestEnvelope, decision: Decision,
+                 lead: Lead, *, budget: int, width: int, hedged: bool) -> None:
+        self._x = executor
+        self._env = env
+        self._decision = decision
+        self._lead = lead
+        self._budget = budget
+        self._width = width
+        self._hedged = hedged
+        self._candidates = list(decision.ranked)
+        self._running: dict[asyncio.Task[Report], int] = {}  # task → attempt number
+        self._reports: list[Report] = []
+        self._started = 0
+        self._last_start = 0.0
+        self._last_model: Model | None = None
+        self._errors: list[SwitchyardError] = []
+        self._stop_starting = False
+        self._streamed = bool(env.body.get("stream"))
+        self._percentile = (env.routing.hedge_percentile
+                            or executor._settings.hedge_percentile)
+
+    async def execute(self, initial: int) -> list[Report]:
+        taken = asyncio.create_task(self._lead.taken.wait())
+        try:
+            for _ in range(initial):
+                await self._start()
+            while self._running:
+                waiting: list[asyncio.Future[Any]] = [*self._running]
+                if not taken.done():
+                    waiting.append(taken)
+                done, _ = await asyncio.wait(waiting, timeout=self._hedge_in(),
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if self._lead.taken.is_set():
+                    self._cancel_others()
+                if not done:  # the hedge timer: the running route is slower than usual
+                    await self._start()
+                    continue
+                for task in self._running.keys() & done:
+                    self._finished(task)
+                if not self._lead.taken.is_set():
+                    while len(self._running) < self._width and await self._start():
+                        pass
+        finally:
+            taken.cancel()
+            for task in self._running:
+                task.cancel()  # a client gone, or shutting down: every attempt stops
+            for task in list(self._running):
+                with contextlib.suppress(asyncio.CancelledError):
+                    self._reports.append(await task)
+            self._running.clear()
+        return sorted(self._reports, key=lambda r: r.n)
+
+    def failure(self) -> SwitchyardError:
+        """Why no route answered: the last error, with how many routes were tried."""
+        if not self._errors:
+            return Unavailable("no eligible route could be called", code="no_route_available")
+        last = self._errors[-1]
+        if self._started > 1:
+            last = type(last)(f"{last.message} (after {self._started} attempts)",
+                              code=last.code, param=last.param, retryable=last.retryable)
+        return last
+
+    def _hedge_in(self) -> float | None:
+        if not (self._hedged and self._last_model is not None and self._can_start()
+                and len(self._running) < self._width):
+            return None
+        delay = self._x.hedge_delay_s(self._last_model, self._streamed, self._percentile)
+        return max(self._last_start + delay - time.perf_counter(), 0.0)
+
+    def _can_start(self) -> bool:
+        return (not self._stop_starting and bool(self._candidates)
+                and self._started < self._budget and not self._lead.taken.is_set())
+
+    async def _start(self) -> bool:
+        """Start an attempt on the next candidate that can take one; False if none can."""
+        while self._can_start():
+            model = self._candidates.pop(0)
+            if not await self._x._runner.may_call(model):
+                continue  # its breaker is open and another request holds the probe
+            try:
+                route = await self._x._resolver.resolve(model, self._env.tenant_id)
+            except SwitchyardError as exc:
+                self._errors.append(exc)  # e.g. no key for that provider: try the next
+                continue
+            self._started += 1
+            self._last_start, self._last_model = time.perf_counter(), model
+            task = asyncio.create_task(self._x._runner.run(
+                self._env, self._decision, model, route, self._started, self._lead,
+                mode=self._decision.mode))
+            self._running[task] = self._started
+            return True
+        return False
+
+    def _finished(self, task: asyncio.Task[Report]) -> None:
+        del self._running[task]
+        report = task.result()
+        self._reports.append(report)
+        if report.failed_before_answer and report.error is not None \
+                and report.error.code != "race_lost":
+            self._errors.append(report.error)
+            if not report.error.retryable:
+                self._stop_starting = True  # another route would be refused the same way
+
+    def _cancel_others(self) -> None:
+        for task, n in self._running.items():
+            if n != self._lead.holder and n not in self._lead.dropped:
+                self._lead.dropped.add(n)  # the attempt reports itself as a lost race
+                task.cancel()
+
+
+def _done(env: RequestEnvelope, winner: Report, reports: list[Report], mode: str,
+          latency_ms: float) -> dict[str, Any]:
+    done: dict[str, Any] = {"usage": winner.usage.to_openai()}
+    if winner.answer is not None and not env.body.get("stream"):
+        done["embeddings" if env.endpoint == "embeddings" else "completion"] = winner.answer
+    done["metadata"] = {
+        "provider": winner.provider, "model": winner.model.id,
+        "latency_ms": round(latency_ms, 3),
+        # What the request cost: every attempt, the failed and the abandoned included.
+        "cost_usd": str(sum((r.cost_usd for r in reports), Decimal(0))),
+        "cache_hit": False, "mode": mode,
+        "attempts": [r.summary() for r in reports]}
+    return done
