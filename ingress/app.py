@@ -42,6 +42,7 @@ from ingress.vault import (
     store_key_route,
 )
 from state.bandit import PosteriorStore
+from state.breakers import Breakers, breaker_config
 from state.keys import find_key
 from state.redis_client import make_redis
 from state.vault import MasterKeys
@@ -100,7 +101,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
             learning = LearningDeps(
                 auth=auth, pool=pool, catalog=catalog,
                 store=PosteriorStore(client, half_life_s=settings.router.bandit_half_life_s),
-                feedback_rate=settings.router.feedback_rate)
+                feedback_rate=settings.router.feedback_rate,
+                breakers=Breakers(client, breaker_config(settings.router)))
             log.info("ingress ready; replies on %s", replies.channel)
             yield {
                 "chat": ChatCompletions(pipeline, auth, catalog),

@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from ingress.errors import error_response, sse_error_event
-from ingress.pipeline import ModelRoute, Submission
+from ingress.pipeline import ModelRoute, Submission, client_gone
 from ingress.policy import MODE_HEADER, admit
 from ingress.replies import FrameStream
 from ingress.schema import validate_chat
@@ -34,6 +34,7 @@ class ChatCompletions(ModelRoute):
             body=admitted.body, routing=admitted.routing, metadata=admitted.metadata,
             timeout_s=self._pipeline.timeout_s(request, admitted.timeout_ms),
             traceparent=request.headers.get("traceparent"),
+            client_gone=lambda: client_gone(request),
             category=_category_hint(request)))
         if not chat.stream:
             try:

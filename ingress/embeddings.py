@@ -8,7 +8,7 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
-from ingress.pipeline import ModelRoute, Submission
+from ingress.pipeline import ModelRoute, Submission, client_gone
 from ingress.policy import MODE_HEADER, admit
 from ingress.schema import validate_embeddings
 from topics.errors import UpstreamError
@@ -24,7 +24,8 @@ class Embeddings(ModelRoute):
             request_id=request_id, owner=owner, endpoint="embeddings", body=admitted.body,
             routing=admitted.routing, metadata=admitted.metadata,
             timeout_s=self._pipeline.timeout_s(request, admitted.timeout_ms),
-            traceparent=request.headers.get("traceparent")))
+            traceparent=request.headers.get("traceparent"),
+            client_gone=lambda: client_gone(request)))
         self._pipeline.close(request_id)
         result: Any = first.data.get("embeddings")
         if not isinstance(result, dict):

@@ -16,6 +16,7 @@ from ingress.auth import Authenticator
 from ingress.bodies import read_body
 from state.advisor import recommendations
 from state.bandit import PosteriorStore, Weights, feedback_weight
+from state.breakers import Breakers
 from state.routing_policies import get_policy
 from topics.catalog import Catalog
 from topics.errors import NotFound, Unprocessable
@@ -40,6 +41,7 @@ class LearningDeps:
     store: PosteriorStore
     catalog: Catalog
     feedback_rate: float
+    breakers: Breakers
 
 
 _MAX_FEEDBACK_BYTES = 4096  # a request id and a score
@@ -87,7 +89,8 @@ def feedback_route(deps: LearningDeps) -> Callable[[Request], Awaitable[Response
 
 
 def stats_route(deps: LearningDeps) -> Callable[[Request], Awaitable[Response]]:
-    """GET /v1/providers/stats: per route and category, what the shared posteriors hold."""
+    """GET /v1/providers/stats: per route and category, what the shared posteriors hold; and
+    per route, its circuit breaker as every router sees it."""
     routes = [m.id for m in deps.catalog.models if m.kind == "chat"]
     provider = {m.id: m.provider for m in deps.catalog.models}
 
@@ -96,7 +99,13 @@ def stats_route(deps: LearningDeps) -> Callable[[Request], Awaitable[Response]]:
         arms = await deps.store.stats([*CATEGORIES, GENERAL_CATEGORY], routes)
         data = [{"provider": provider[arm.route], **asdict(arm)} for arm in arms
                 if arm.selections or arm.successes or arm.failures or arm.feedback]
-        return Response(orjson.dumps({"object": "list", "data": data}),
+        views = await deps.breakers.views(routes)
+        # Routes that never failed are closed with nothing counted: listed only once seen.
+        breakers = [{"provider": provider[v.route], **asdict(v), "state": v.state.value}
+                    for v in views if v.calls_in_window or v.opened_at_ms is not None
+                    or v.state.value != "closed"]
+        return Response(orjson.dumps({"object": "list", "data": data,
+                                      "breakers": breakers}),
                         media_type="application/json")
 
     return stats

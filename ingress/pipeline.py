@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +25,7 @@ from state.claims import publish_cancel
 from state.keys import KeyOwner
 from topics import names
 from topics.catalog import Catalog
-from topics.errors import InvalidRequest, SwitchyardError, Unavailable
+from topics.errors import ClientClosedRequest, InvalidRequest, SwitchyardError, Unavailable
 from topics.messages import Endpoint, ReplyFrame
 from topics.settings import IngressSettings
 
@@ -45,6 +46,8 @@ class Submission:
     timeout_s: float
     traceparent: str | None
     category: str | None = None  # the client's hint: the classifier stage then skips it
+    # Completes when the client disconnects: every attempt in flight is then cancelled.
+    client_gone: Callable[[], Awaitable[object]] | None = None
 
 
 class Pipeline:
@@ -65,18 +68,21 @@ class Pipeline:
         stream = FrameStream(self._replies.open(job.request_id), deadline)
         try:
             await self._publish(job)
-            first = await stream.first_answer()
+            first = await _unless_gone(stream.first_answer(), job.client_gone)
             if first.kind == "error":
                 raise SwitchyardError.from_frame_data(first.data)
         except BaseException as exc:
             self.close(job.request_id)
             if isinstance(exc, SwitchyardError) and exc.code == "deadline_exceeded":
                 await self.cancel(job.request_id, "deadline_exceeded")
+            elif isinstance(exc, ClientClosedRequest):
+                await self.cancel(job.request_id, "client_disconnected")
             raise
         return first, stream
 
     def close(self, request_id: str) -> None:
         self._replies.close(request_id)
+
 
     async def cancel(self, request_id: str, reason: str) -> None:
         self._metrics.cancels.labels(reason).inc()
@@ -130,6 +136,29 @@ class Pipeline:
                                  f"{int(self.settings.max_deadline_s * 1000)}]",
                                  code="invalid_header", param=param)
         return value
+
+
+async def _unless_gone(answer: Coroutine[Any, Any, ReplyFrame],
+                       client_gone: Callable[[], Awaitable[object]] | None) -> ReplyFrame:
+    """The answer, unless the client leaves first (then ClientClosedRequest)."""
+    if client_gone is None:
+        return await answer
+    waiting = asyncio.ensure_future(answer)
+    leaving = asyncio.ensure_future(client_gone())
+    try:
+        await asyncio.wait((waiting, leaving), return_when=asyncio.FIRST_COMPLETED)
+        if waiting.done():
+            return waiting.result()
+        raise ClientClosedRequest("the client disconnected before its answer")
+    finally:
+        waiting.cancel()
+        leaving.cancel()
+
+
+async def client_gone(request: Request) -> None:
+    """Returns once the client has disconnected (the body must have been read)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 class ModelRoute:

@@ -333,6 +333,11 @@ class CachedPosteriors:
 _CacheKey = tuple[str, frozenset[str]]
 
 
+def arm_keys(category: str, route: str) -> list[str]:
+    """The Redis keys of one arm's learning (to forget it: tests, an operator's reset)."""
+    return [_key(_POST, category, route), _key(_LAT, category, route)]
+
+
 def _key(prefix: str, category: str, route: str) -> str:
     return f"{prefix}{category}:{route}"
 

@@ -36,7 +36,9 @@ from typing import Any
 
 import redis.asyncio as redis
 
-_PREFIX = "sy:brk:"
+from topics.settings import RouterSettings
+
+KEY_PREFIX = "sy:brk:"
 WINDOW_BUCKETS = 10
 _MAX_CACHED = 4096
 
@@ -371,7 +373,7 @@ class Breakers:
 
 
 def _key(route: str, kind: str) -> str:
-    return f"{_PREFIX}{{{route}}}:{kind}"
+    return f"{KEY_PREFIX}{{{route}}}:{kind}"
 
 
 def _keys(routes: Sequence[str]) -> list[str]:
@@ -385,3 +387,15 @@ def _ms(value: bytes | str | int) -> int | None:
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
+
+
+def breaker_config(router: RouterSettings) -> BreakerConfig:
+    """The breakers' configuration from the router's settings: every process that reads or
+    writes breakers (routers, and the ingress for the stats route) must agree on it."""
+    return BreakerConfig(
+        window_s=router.breaker_window_s, min_calls=router.breaker_min_calls,
+        failure_rate=router.breaker_failure_rate,
+        consecutive_failures=router.breaker_consecutive_failures,
+        cooldown_s=router.breaker_cooldown_s, probes=router.breaker_probes,
+        probe_timeout_s=router.breaker_probe_timeout_s)
+

@@ -16,7 +16,9 @@ import pytest
 
 from compose.gateway import Gateway
 from compose.stack import LocalStack, free_port
+from state.breakers import KEY_PREFIX
 from state.keys import create_key
+from state.redis_client import make_redis
 from state.vault import MasterKeys
 from topics.catalog import load_catalog
 from topics.settings import RouterSettings, Settings, VaultSettings
@@ -54,7 +56,8 @@ class FakeAdmin:
 @pytest.fixture(scope="session")
 def stack() -> Iterator[LocalStack]:
     # Short session timeout: a killed router's partitions move to the survivor quickly.
-    base = Settings(router=RouterSettings(shutdown_grace_s=5))
+    # Short council member timeout: tests/test_modes_e2e.py drops a slow member.
+    base = Settings(router=RouterSettings(shutdown_grace_s=5, council_member_timeout_s=2.0))
     with LocalStack.ephemeral(base) as local:
         yield local
 
@@ -107,11 +110,26 @@ async def fake_admin(gateway: Gateway) -> AsyncIterator[FakeAdmin]:
 
 
 @pytest.fixture
-async def fake(fake_admin: FakeAdmin) -> AsyncIterator[FakeAdmin]:
-    """The fake upstream, reset to its defaults before and after the test."""
+async def fake(fake_admin: FakeAdmin, gateway: Gateway) -> AsyncIterator[FakeAdmin]:
+    """The fake upstream, reset to its defaults before and after the test, and every circuit
+    breaker closed: a test that injects failures must not leave routes open for the next."""
     await fake_admin.reset()
+    await reset_breakers(gateway)
     yield fake_admin
     await fake_admin.reset()
+    await reset_breakers(gateway)
+
+
+async def reset_breakers(gateway: Gateway) -> None:
+    client = make_redis(gateway.settings.redis)
+    try:
+        keys = [key async for key in client.scan_iter(match=f"{KEY_PREFIX}*")]
+        if keys:
+            await client.delete(*keys)
+    finally:
+        await client.aclose()
+    # Routers see it within their breaker cache's lifetime.
+    await asyncio.sleep(gateway.settings.router.breaker_cache_ttl_s)
 
 
 @pytest.fixture

@@ -102,6 +102,14 @@ class GatewayTimeout(SwitchyardError):
     retryable = True
 
 
+class ClientClosedRequest(SwitchyardError):
+    """The client left before its answer; nobody reads this error (nginx's 499)."""
+
+    status = 499
+    type = "client_error"
+    default_code = "client_closed_request"
+
+
 _BY_STATUS: dict[int, type[SwitchyardError]] = {
     cls.status: cls
     for cls in (InvalidRequest, Unauthorized, Forbidden, NotFound, PayloadTooLarge, Unprocessable,

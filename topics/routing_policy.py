@@ -182,11 +182,11 @@ def validate_against(policy: RoutingPolicy, catalog: Catalog) -> None:
         judge = catalog.model(policy.judge_model)
         if judge is None:
             raise _unknown_model(policy.judge_model, "judge_model")
-        if judge.kind != "chat" or (why := _exclusion(policy, judge, allowed)) is not None:
-            reason = "it is an embeddings model" if judge.kind != "chat" else \
-                f"this policy excludes it: {why}"
-            raise InvalidRequest(f"judge_model: {policy.judge_model!r} cannot judge: {reason}",
-                                 code="policy_conflict", param="judge_model")
+        # Not held to allowed_models: naming the judge is the tenant's permission to call it.
+        if judge.kind != "chat":
+            raise InvalidRequest(f"judge_model: {policy.judge_model!r} is an embeddings model; "
+                                 "a judge must be a chat model", code="policy_conflict",
+                                 param="judge_model")
     if not any(_exclusion(policy, m, allowed) is None for m in catalog.models):
         param = ("price_ceiling_per_mtok" if policy.price_ceiling_per_mtok is not None
                  else "allowed_models" if policy.allowed_models is not None

@@ -86,6 +86,7 @@ class _Run:
         self._hedged = hedged
         self._candidates = list(decision.ranked)
         self._running: dict[asyncio.Task[Report], int] = {}  # task → attempt number
+        self._routes: dict[int, tuple[Model, str]] = {}  # attempt → model, provider
         self._reports: list[Report] = []
         self._started = 0
         self._last_start = 0.0
@@ -165,11 +166,20 @@ class _Run:
                 self._env, self._decision, model, route, self._started, self._lead,
                 mode=self._decision.mode))
             self._running[task] = self._started
+            self._routes[self._started] = (model, route.provider)
             return True
         return False
 
     def _finished(self, task: asyncio.Task[Report]) -> None:
-        del self._running[task]
+        n = self._running.pop(task)
+        if task.cancelled():
+            # Dropped before it ever ran (the lead was taken in the same turn): no provider
+            # call was made, so nothing to record.
+            model, provider = self._routes[n]
+            self._reports.append(Report(n, model, provider, status="cancelled",
+                                        error=SwitchyardError("another route answered first",
+                                                              code="race_lost")))
+            return
         report = task.result()
         self._reports.append(report)
         if report.failed_before_answer and report.error is not None \

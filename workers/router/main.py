@@ -14,7 +14,7 @@ import redis.asyncio as redis
 from prometheus_client import CollectorRegistry
 
 from state.bandit import CachedPosteriors, PosteriorStore
-from state.breakers import BreakerConfig, Breakers
+from state.breakers import Breakers, breaker_config
 from state.claims import Claims
 from state.redis_client import make_redis
 from state.routing_policies import PolicyCache
@@ -96,12 +96,7 @@ async def run_router(settings: Settings, stop: asyncio.Event, *,
         store = PosteriorStore(client, half_life_s=cfg.bandit_half_life_s)
         # A random seed per process: workers must not draw in lockstep.
         seed = int.from_bytes(os.urandom(8), "big")
-        breakers = Breakers(client, BreakerConfig(
-            window_s=cfg.breaker_window_s, min_calls=cfg.breaker_min_calls,
-            failure_rate=cfg.breaker_failure_rate,
-            consecutive_failures=cfg.breaker_consecutive_failures,
-            cooldown_s=cfg.breaker_cooldown_s, probes=cfg.breaker_probes,
-            probe_timeout_s=cfg.breaker_probe_timeout_s), cache_ttl_s=cfg.breaker_cache_ttl_s)
+        breakers = Breakers(client, breaker_config(cfg), cache_ttl_s=cfg.breaker_cache_ttl_s)
         decider = Decider(catalog, PolicyCache(pool, ttl_s=cfg.policy_cache_ttl_s), store,
                           CachedPosteriors(store, ttl_s=cfg.posterior_cache_ttl_s),
                           ThompsonSampler(seed), breakers, feedback_rate=cfg.feedback_rate,

@@ -82,7 +82,11 @@ class RouterWorker:
                 if task is not None and task.cancelling():
                     interrupted = True
                     raise  # shutting down past the grace period
-                self._metrics.cancelled.inc()  # the client went away: nothing to answer
+                # The client went away (nobody reads this), or a bug cancelled the work
+                # (then the client must not wait for its deadline).
+                self._metrics.cancelled.inc()
+                await out.error(SwitchyardError("the request was cancelled",
+                                                code="request_cancelled"))
         finally:
             self._cancels.unregister(env.request_id)
             if not interrupted:
