@@ -239,6 +239,11 @@ class AttemptRunner:
             await self._record_usage(env, report, started_ms, mode)
         if report.status == "ok" and report.ttft_ms is not None:
             self._latency.observe(report.model.id, streamed, report.ttft_ms)
+        elif mode == "hedged" and report.ttft_ms is None and error is not None \
+                and error.code == "race_lost":
+            # A hedged-over attempt was slower than this: without it, the percentile would
+            # be learnt from the fast calls only and hedges would start ever earlier.
+            self._latency.observe(report.model.id, streamed, report.latency_ms)
         if report.status == "cancelled":
             return  # a client leaving, or a race lost, says nothing about the route
         if error is None or (error.retryable and error.code not in _NEUTRAL_CODES):

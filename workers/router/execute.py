@@ -173,8 +173,8 @@ class _Run:
     def _finished(self, task: asyncio.Task[Report]) -> None:
         n = self._running.pop(task)
         if task.cancelled():
-            # Dropped before it ever ran (the lead was taken in the same turn): no provider
-            # call was made, so nothing to record.
+            # Dropped before it could report (usually before it ever ran, the lead taken in
+            # the same turn). If it did reach the provider, its usage event is recorded.
             model, provider = self._routes[n]
             self._reports.append(Report(n, model, provider, status="cancelled",
                                         error=SwitchyardError("another route answered first",
