@@ -4,7 +4,7 @@
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: up test lint bench bootstrap clean model
+.PHONY: up test lint bench bench-fault bench-tail bootstrap clean model
 
 bootstrap:
 	@bash compose/bootstrap.sh
@@ -21,6 +21,14 @@ lint: bootstrap
 
 bench: bootstrap
 	$(BIN)/python -m bench.latency
+
+# A provider SIGKILLed under load and restarted: failover, circuit breaker, recovery.
+bench-fault: bootstrap
+	$(BIN)/python -m bench.fault
+
+# Heavy-tailed TTFT: one route vs speculative racing (2, 3 routes) vs hedging at p90.
+bench-tail: bootstrap
+	$(BIN)/python -m bench.tail
 
 # Retrain the prompt classifier: rewrites workers/classifier/model/prompt-classifier-v1.onnx
 # (byte-identical for the same data and library versions) and its metadata JSON.

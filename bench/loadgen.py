@@ -6,13 +6,25 @@ from __future__ import annotations
 
 import asyncio
 import os
+import platform
+import subprocess
+import tempfile
 import time
+import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiohttp
+import asyncpg
 import numpy as np
 import orjson
+
+from compose.gateway import Gateway
+from compose.stack import LocalStack, free_port
+from state.keys import create_key
+from topics.catalog import load_catalog
 
 
 @dataclass
@@ -38,9 +50,32 @@ class Result:
         return float(np.percentile(values, q)) if values else float("nan")
 
 
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """One request's outcome, for benchmarks that look past latency (e.g. at the routing
+    metadata of each answer)."""
+
+    scheduled: float  # perf_counter() at which the request was due to leave
+    finished: float  # perf_counter() at which its answer (or failure) was complete
+    status: int  # HTTP status; 0 when the transport failed or the stream broke
+    ttft_ms: float | None  # streamed: scheduled send → first content chunk
+    # Non-streamed: the body. Streamed: the last data event before [DONE] (the usage chunk,
+    # with the metadata, when `stream_options.include_usage` is set). Failures: the reason.
+    last: bytes
+
+    @property
+    def ok(self) -> bool:
+        return self.status == 200
+
+
+OnSample = Callable[[Sample], None]
+
+
 async def run_open_loop(session: aiohttp.ClientSession, url: str, headers: dict[str, str],
                         body: dict[str, Any], *, rate: float, duration_s: float, label: str,
-                        stream: bool = False) -> Result:
+                        stream: bool = False, on_sample: OnSample | None = None) -> Result:
+    """Send `rate * duration_s` requests at fixed intervals; `on_sample`, if given, sees each
+    request's outcome as it completes."""
     result = Result(label=label, rate=rate, duration_s=duration_s)
     payload = orjson.dumps(body)
     # perf_counter, not loop.time(): uvloop's clock has a 1 ms resolution.
@@ -53,39 +88,52 @@ async def run_open_loop(session: aiohttp.ClientSession, url: str, headers: dict[
         if delay > 0:
             await asyncio.sleep(delay)
         tasks.append(asyncio.create_task(
-            _one(session, url, headers, payload, scheduled, stream, result)))
+            _one(session, url, headers, payload, scheduled, stream, result, on_sample)))
     await asyncio.gather(*tasks)
     return result
 
 
 async def _one(session: aiohttp.ClientSession, url: str, headers: dict[str, str],
-               payload: bytes, scheduled: float, stream: bool, result: Result) -> None:
+               payload: bytes, scheduled: float, stream: bool, result: Result,
+               on_sample: OnSample | None = None) -> None:
+    ttft = None
     try:
         async with session.post(url, data=payload, headers=headers) as resp:
             if resp.status != 200:
+                text = await resp.read()
                 result.errors += 1
                 if len(result.error_samples) < 5:
-                    result.error_samples.append(f"{resp.status} {(await resp.text())[:200]}")
+                    reason = text.decode(errors="replace")[:200]
+                    result.error_samples.append(f"{resp.status} {reason}")
+                if on_sample is not None:
+                    on_sample(Sample(scheduled, time.perf_counter(), resp.status, None, text))
                 return
             if stream:
-                ttft = None
+                last = b""
                 async for line in resp.content:
                     if ttft is None and line.startswith(b"data:") and b'"content":"' in line \
                             and b'"content":""' not in line:
                         ttft = (time.perf_counter() - scheduled) * 1000
                     if line.startswith(b"data: [DONE]"):
                         break
+                    if line.startswith(b"data:"):
+                        last = line
                 else:
                     raise RuntimeError("stream ended without [DONE]")
                 if ttft is not None:
                     result.ttfts_ms.append(ttft)
             else:
-                await resp.read()
-        result.latencies_ms.append((time.perf_counter() - scheduled) * 1000)
+                last = await resp.read()
+        finished = time.perf_counter()
+        result.latencies_ms.append((finished - scheduled) * 1000)
+        if on_sample is not None:
+            on_sample(Sample(scheduled, finished, 200, ttft, last.removeprefix(b"data:").strip()))
     except (aiohttp.ClientError, RuntimeError, TimeoutError) as exc:
         result.errors += 1
         if len(result.error_samples) < 5:
             result.error_samples.append(repr(exc)[:200])
+        if on_sample is not None:
+            on_sample(Sample(scheduled, time.perf_counter(), 0, ttft, repr(exc).encode()))
 
 
 def cpu_seconds(pid: int) -> float:
@@ -122,3 +170,143 @@ def rss_mb(pid: int) -> float:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def machine(load_before: float | None = None) -> str:
+    """One line naming the machine and the services' versions, for a results section;
+    `load_before`: the 1-minute load average before the benchmark started anything."""
+    cpu = next((line.split(":", 1)[1].strip() for line in
+                Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), "unknown CPU")
+    redis = _version(["redis-server", "--version"]).split(" sha=")[0].replace(
+        "Redis server v=", "Redis ")
+    postgres = _version(["psql", "--version"]).split()[2]
+    return (f"Machine: {cpu}, {len(os.sched_getaffinity(0))} cores, Python "
+            f"{platform.python_version()}, Kafka 3.9.1 (KRaft), {redis}, PostgreSQL {postgres}; "
+            f"everything on one box; run {time.strftime('%Y-%m-%d %H:%M %Z')}"
+            + ("." if load_before is None else f"; 1-min load average {load_before:.2f} before "
+               "the run started (other work on the box)."))
+
+
+def _version(argv: list[str]) -> str:
+    return subprocess.run(argv, capture_output=True, text=True).stdout.strip()
+
+
+def write_section(path: Path, start: str, end: str, body: str) -> None:
+    """Replace the text between the `start` and `end` markers of `path` with `body` (the
+    markers kept), or append the marked section when the markers are not there yet."""
+    section = f"{start}\n{body.strip()}\n{end}"
+    text = path.read_text() if path.exists() else "# Benchmark results\n"
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        text = head + section + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip() + "\n\n" + section + "\n"
+    path.write_text(text)
+
+
+# --- Switchyard on the real stack, routing among providers that each have their own fake ---
+
+# Three cheap "fast"-class models of three providers, all OpenAI dialect.
+ROUTES: dict[str, str] = {"deepseek": "deepseek-chat", "mistral": "mistral-small-latest",
+                          "xai": "grok-4-1-fast"}
+
+
+def routing_policy(*, latency_only: bool = False) -> dict[str, Any]:
+    """A tenant routing policy admitting only ROUTES, with the default objective weights (the
+    cheapest route then takes nearly all traffic), or scored on latency alone (every answer of
+    a healthy fake then has the same reward, 1)."""
+    policy: dict[str, Any] = {"allowed_models": list(ROUTES.values())}
+    if latency_only:
+        policy["weights"] = {"cost": 0, "latency": 1, "quality": 0}
+    return policy
+
+
+class RoutedGateway:
+    """The gateway's processes plus one fake upstream process per provider of ROUTES (its own
+    port, so one provider can be killed and restarted), each started with `fake_flags` and its
+    own `--seed` (the i-th provider's is i: their random draws are independent, not in
+    lockstep). `with RoutedGateway(stack, ...):`."""
+
+    def __init__(self, stack: LocalStack, fake_flags: list[str], *, routers: int = 1,
+                 log: Callable[[str], None] = print) -> None:
+        self.stack = stack
+        self.fake_flags = fake_flags
+        self.ports = {provider: free_port() for provider in ROUTES}
+        catalog = load_catalog(stack.settings.catalog_path)
+        settings = stack.settings.model_copy(update={
+            "ingress": stack.settings.ingress.model_copy(update={"port": free_port()}),
+            "provider_base_urls": {p: f"{self.fake_url(p)}/v1" for p in ROUTES}})
+        keys = {catalog.providers[p].api_key_env: f"env-key-{p}" for p in ROUTES}
+        self.logs = Path(tempfile.mkdtemp(prefix="switchyard-bench-"))
+        self.gateway = Gateway(settings, self.logs, routers=routers, extra_env=keys, log=log)
+
+    def fake_url(self, provider: str) -> str:
+        return f"http://127.0.0.1:{self.ports[provider]}"
+
+    @property
+    def url(self) -> str:
+        return self.gateway.url
+
+    def start_fake(self, provider: str) -> None:
+        """Start (or restart, on the same port) the provider's fake; blocks until it answers."""
+        self.gateway.spawn(f"fake-{provider}", "fake-upstream", "--host", "127.0.0.1",
+                           "--port", str(self.ports[provider]), *self.fake_flags,
+                           "--seed", str(list(ROUTES).index(provider)))
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                with urllib.request.urlopen(f"{self.fake_url(provider)}/_fake/stats",
+                                            timeout=1):
+                    return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
+
+    def kill_fake(self, provider: str) -> None:
+        """SIGKILL the provider's fake, like a crash."""
+        self.gateway.kill(f"fake-{provider}")
+
+    def pids(self) -> dict[str, int]:
+        return {name: p.pid for name, p in self.gateway.processes.items()} | self.stack.pids()
+
+    async def tenant(self, name: str, policy: dict[str, Any] | None = None) -> str:
+        """A new API key of tenant `name`, whose routing policy is then set to `policy`."""
+        conn = await asyncpg.connect(self.stack.settings.postgres.dsn)
+        try:
+            _, api_key = await create_key(conn, name)
+        finally:
+            await conn.close()
+        if policy is not None:
+            async with aiohttp.ClientSession() as http, http.put(
+                    f"{self.url}/v1/routing/policy", json=policy,
+                    headers={"Authorization": f"Bearer {api_key}"}) as resp:
+                if resp.status != 200:
+                    raise RuntimeError(f"routing policy refused: {await resp.text()}")
+        return api_key
+
+    def __enter__(self) -> RoutedGateway:
+        self.logs.mkdir(parents=True, exist_ok=True)
+        try:
+            for provider in ROUTES:
+                self.start_fake(provider)
+            self.gateway.start()
+        except BaseException:
+            self.gateway.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.gateway.stop()
+
+
+def metadata(sample: Sample) -> dict[str, Any] | None:
+    """The routing metadata of an answer (None for a failure or an answer without any)."""
+    if not sample.ok:
+        return None
+    try:
+        meta = orjson.loads(sample.last).get("metadata")
+    except (orjson.JSONDecodeError, AttributeError):
+        return None
+    return meta if isinstance(meta, dict) else None
