@@ -118,6 +118,8 @@ def _routing(policy: Policy, mode: str | None) -> dict[str, Any]:
 
 def _extension(raw: object, mode_header: str | None, catalog: Catalog) -> dict[str, Any]:
     """The routing options the request sets itself (nothing set: the tenant's defaults)."""
+    if raw is None and mode_header is None:
+        return {}  # the common case, on every request: no model to build
     if raw is None:
         extension = Extension()
     elif not isinstance(raw, dict):
