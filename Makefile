@@ -4,7 +4,7 @@
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: up test lint bench bench-fault bench-tail bootstrap clean model
+.PHONY: up test lint bench bench-latency bench-fault bench-tail bootstrap clean model
 
 bootstrap:
 	@bash compose/bootstrap.sh
@@ -19,7 +19,12 @@ lint: bootstrap
 	$(BIN)/ruff check .
 	$(BIN)/mypy .
 
+# Switchyard against LiteLLM proxy, alternately in one run (installs LiteLLM in its own venv).
 bench: bootstrap
+	$(BIN)/python -m bench.compare
+
+# The latency Switchyard adds over the upstream, streaming and not.
+bench-latency: bootstrap
 	$(BIN)/python -m bench.latency
 
 # A provider SIGKILLed under load and restarted: failover, circuit breaker, recovery.

@@ -301,6 +301,7 @@ class Breakers:
         state after."""
         cfg = self._config
         held = list(self._tokens.get(route, ()))
+        issued = time.monotonic()
         state, released = await self._record(
             keys=[_key(route, "s"), _key(route, "w"), _key(route, "p")],
             args=[1 if success else 0, self._bucket_ms, WINDOW_BUCKETS, cfg.min_calls,
@@ -315,8 +316,13 @@ class Breakers:
                 self._tokens[route] = remaining
             else:
                 self._tokens.pop(route, None)
+        after = BreakerState(_text(state))
         self._invalidate(route)
-        return BreakerState(_text(state))
+        if after is BreakerState.CLOSED:
+            # What the script just said is as fresh as a read: without this, every outcome
+            # would cost the next request on the route a round trip in `acquire_probe`.
+            self._cache[route] = (issued, _Status(after, True))
+        return after
 
     async def views(self, routes: Sequence[str]) -> list[BreakerView]:
         """Every route's breaker, in order, read now (uncached). One round trip."""

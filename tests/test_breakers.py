@@ -146,10 +146,12 @@ async def test_concurrent_misses_share_one_read(r: redis.Redis, stack: LocalStac
     route, other = _route(), _route()
     await b.views([_route()])  # load the read script: a NOSCRIPT retry would count twice
 
+    expected = {route, other}
+
     async def burst() -> None:
         results = await asyncio.gather(
             *(b.closed_or_probing([route, other]) for _ in range(20)))
-        assert all(result == {route, other} for result in results)
+        assert all(result == expected for result in results)
 
     first = await _scripts_run(stack, r, burst, (route, other))
     [read] = first  # one read for both routes
@@ -157,9 +159,15 @@ async def test_concurrent_misses_share_one_read(r: redis.Redis, stack: LocalStac
     assert other in read
     assert await _scripts_run(stack, r, burst, (route, other)) == []  # cached
 
+    # An outcome that leaves the route closed is itself a fresh reading: still no read.
     await b.record(route, success=True)
+    assert await _scripts_run(stack, r, burst, (route, other)) == []
+    # One that opens it invalidates it: only that route is read again.
+    for _ in range(b.config.consecutive_failures):
+        await b.record(route, success=False)
+    expected = {other}
     again = await _scripts_run(stack, r, burst, (route, other))
-    [read] = again  # only the invalidated route is read again
+    [read] = again
     assert route in read
     assert other not in read
 

@@ -26,7 +26,9 @@ class KafkaSettings(BaseModel):
 
 class RedisSettings(BaseModel):
     url: str = "redis://127.0.0.1:16379/0"
-    max_connections: int = Field(default=64, ge=4)
+    # A router runs up to `router.max_in_flight` requests, each a few short Redis calls:
+    # too small a pool makes overload fail requests ("No connection available").
+    max_connections: int = Field(default=256, ge=4)
     pool_timeout_s: float = Field(default=5.0, gt=0)
 
 
