@@ -31,7 +31,15 @@ import asyncpg
 
 from bench.closed_loop import run_closed_loop
 from bench.compare_report import Memory, Phase, Report, render
-from bench.loadgen import Result, cpu_seconds, machine, rss_mb, run_open_loop, write_section
+from bench.loadgen import (
+    Result,
+    cpu_seconds,
+    machine,
+    process_tree,
+    rss_mb,
+    run_open_loop,
+    write_section,
+)
 from bench.peer import LiteLLM, ensure_installed, installed_version
 from compose.gateway import Gateway
 from compose.stack import LocalStack, free_port
@@ -222,22 +230,8 @@ def _rss(pids: dict[str, int]) -> dict[str, float]:
     """Resident MB per process (our Python processes: summed over the process tree, so an
     ingress with several uvicorn workers counts them all; PostgreSQL: the postmaster only, as
     its backends share memory)."""
-    return {name: sum(rss_mb(p) for p in _tree(pid)) if name not in ("postgres",)
+    return {name: sum(rss_mb(p) for p in process_tree(pid)) if name not in ("postgres",)
             else rss_mb(pid) for name, pid in pids.items()}
-
-
-def _tree(pid: int) -> list[int]:
-    found, todo = [], [pid]
-    while todo:
-        current = todo.pop()
-        found.append(current)
-        try:
-            for task in os.listdir(f"/proc/{current}/task"):
-                with open(f"/proc/{current}/task/{task}/children") as f:
-                    todo.extend(int(child) for child in f.read().split())
-        except FileNotFoundError:
-            continue
-    return found
 
 
 def _versions(install_s: float | None) -> str:

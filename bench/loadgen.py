@@ -140,7 +140,7 @@ def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of a process and all its descendants so far (Linux /proc):
     PostgreSQL's work happens in backends that are children of the postmaster."""
     total = 0.0
-    for proc in _tree(pid):
+    for proc in process_tree(pid):
         try:
             with open(f"/proc/{proc}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
@@ -150,7 +150,8 @@ def cpu_seconds(pid: int) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
-def _tree(pid: int) -> list[int]:
+def process_tree(pid: int) -> list[int]:
+    """A process and all its descendants (Linux /proc)."""
     found, todo = [], [pid]
     while todo:
         current = todo.pop()
