@@ -98,13 +98,15 @@ class _Run:
                             or executor._settings.hedge_percentile)
 
     async def execute(self, initial: int) -> list[Report]:
-        taken = asyncio.create_task(self._lead.taken.wait())
+        # Only when attempts can overlap is there anyone to cancel the moment one leads.
+        taken = (asyncio.create_task(self._lead.taken.wait())
+                 if self._width > 1 else None)
         try:
             for _ in range(initial):
                 await self._start()
             while self._running:
                 waiting: list[asyncio.Future[Any]] = [*self._running]
-                if not taken.done():
+                if taken is not None and not taken.done():
                     waiting.append(taken)
                 done, _ = await asyncio.wait(waiting, timeout=self._hedge_in(),
                                              return_when=asyncio.FIRST_COMPLETED)
@@ -119,7 +121,8 @@ class _Run:
                     while len(self._running) < self._width and await self._start():
                         pass
         finally:
-            taken.cancel()
+            if taken is not None:
+                taken.cancel()
             for task in self._running:
                 task.cancel()  # a client gone, or shutting down: every attempt stops
             for task in list(self._running):
