@@ -80,7 +80,13 @@ def _error(status: int, message: str) -> web.Response:
                         content_type="application/json")
 
 
-async def _read(request: web.Request, stats: FakeStats) -> dict[str, Any] | web.Response:
+async def _admitted(request: web.Request, model: str
+                    ) -> tuple[FakeConfig, FakeStats, dict[str, Any]] | web.Response:
+    """The call counted and admitted (or its injected failure), and its JSON body."""
+    admitted = admit(request, model)
+    if isinstance(admitted, Failure):
+        return _error(admitted.status, admitted.message)
+    cfg, stats = admitted
     try:
         body = orjson.loads(await request.read())
         if not isinstance(body, dict):
@@ -88,17 +94,14 @@ async def _read(request: web.Request, stats: FakeStats) -> dict[str, Any] | web.
     except (orjson.JSONDecodeError, _BadRequest) as exc:
         stats.errors_sent += 1
         return _error(400, str(exc))
-    return body
+    return cfg, stats, body
 
 
 async def _generate(request: web.Request, model: str, stream: bool) -> web.StreamResponse:
-    admitted = admit(request, model)
-    if isinstance(admitted, Failure):
-        return _error(admitted.status, admitted.message)
-    cfg, stats = admitted
-    body = await _read(request, stats)
-    if isinstance(body, web.Response):
-        return body
+    admitted = await _admitted(request, model)
+    if isinstance(admitted, web.Response):
+        return admitted
+    cfg, stats, body = admitted
     try:
         ask = _ask(body)
     except _BadRequest as exc:
@@ -259,13 +262,10 @@ async def _stream(request: web.Request, stats: FakeStats, cfg: FakeConfig, answe
 
 
 async def _embed(request: web.Request, model: str, batch: bool) -> web.StreamResponse:
-    admitted = admit(request, model)
-    if isinstance(admitted, Failure):
-        return _error(admitted.status, admitted.message)
-    cfg, stats = admitted
-    body = await _read(request, stats)
-    if isinstance(body, web.Response):
-        return body
+    admitted = await _admitted(request, model)
+    if isinstance(admitted, web.Response):
+        return admitted
+    cfg, stats, body = admitted
     try:
         if batch:
             _known(body, frozenset({"requests"}), "BatchEmbedContentsRequest")

@@ -83,10 +83,6 @@ class Report:
     reported: Usage | None = None  # what the provider said it used, if it said
     chunks: int = 0  # tokens streamed
 
-    @property
-    def failed_before_answer(self) -> bool:
-        return self.error is not None and not self.led
-
     def summary(self) -> dict[str, Any]:
         """This attempt as the response's metadata lists it."""
         out: dict[str, Any] = {"attempt": self.n, "provider": self.provider,

@@ -140,8 +140,7 @@ class Council:
         try:
             route = await self._resolver.resolve(model, env.tenant_id)
         except SwitchyardError as exc:
-            report = Report(n, model, model.provider, status="error", error=exc)
-            return report
+            return Report(n, model, model.provider, status="error", error=exc)
         # The judge's outcome is not evidence about serving this request's category.
         return await self._runner.run(env, decision, model, route, n, Lead(None),
                                       mode="council", body=body, teach=False,

@@ -58,10 +58,6 @@ class Decision:
     judge: Model | None = None
     council_output: CouncilOutput = "winner"
 
-    @property
-    def model(self) -> Model:
-        return self.ranked[0]
-
 
 class Decider:
     def __init__(self, catalog: Catalog, policies: PolicyCache, store: PosteriorStore,

@@ -18,9 +18,10 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any
+from typing import Any, NamedTuple
 
 from topics.catalog import Model
 from topics.errors import SwitchyardError, Unavailable
@@ -54,8 +55,11 @@ class Executor:
         width = decision.width
         failover = 0 if mode == "fixed" or not env.routing.fallback_enabled \
             else self._settings.max_attempts - 1
-        run = _Run(self, env, decision, Lead(out), budget=width + failover,
-                   width=width, hedged=mode == "hedged")
+        percentile = env.routing.hedge_percentile or self._settings.hedge_percentile
+        run = _Run(self._runner, self._resolver, env, decision, Lead(out),
+                   budget=width + failover, width=width,
+                   hedge_delay_s=(lambda model, streamed: self._hedge_delay_s(
+                       model, streamed, percentile)) if mode == "hedged" else None)
         t0 = time.perf_counter()
         reports = await run.execute(initial=width if mode == "speculative" else 1)
         winner = next((r for r in reports if r.led), None)
@@ -67,26 +71,33 @@ class Executor:
             await out.send("done", _done(env, winner, reports, mode,
                                          (time.perf_counter() - t0) * 1000))
 
-    def hedge_delay_s(self, model: Model, streamed: bool, percentile: float) -> float:
+    def _hedge_delay_s(self, model: Model, streamed: bool, percentile: float) -> float:
         observed = self._latency.percentile(model.id, streamed, percentile)
         return (self._settings.hedge_default_delay_ms if observed is None else observed) / 1000
+
+
+class _Started(NamedTuple):
+    n: int  # attempt number
+    model: Model
+    provider: str
 
 
 class _Run:
     """The attempts of one request."""
 
-    def __init__(self, executor: Executor, env: RequestEnvelope, decision: Decision,
-                 lead: Lead, *, budget: int, width: int, hedged: bool) -> None:
-        self._x = executor
+    def __init__(self, runner: AttemptRunner, resolver: RouteResolver, env: RequestEnvelope,
+                 decision: Decision, lead: Lead, *, budget: int, width: int,
+                 hedge_delay_s: Callable[[Model, bool], float] | None) -> None:
+        self._runner = runner
+        self._resolver = resolver
         self._env = env
         self._decision = decision
         self._lead = lead
         self._budget = budget
         self._width = width
-        self._hedged = hedged
+        self._hedge_delay_s = hedge_delay_s  # None: not hedging
         self._candidates = list(decision.ranked)
-        self._running: dict[asyncio.Task[Report], int] = {}  # task → attempt number
-        self._routes: dict[int, tuple[Model, str]] = {}  # attempt → model, provider
+        self._running: dict[asyncio.Task[Report], _Started] = {}
         self._reports: list[Report] = []
         self._started = 0
         self._last_start = 0.0
@@ -94,8 +105,6 @@ class _Run:
         self._errors: list[SwitchyardError] = []
         self._stop_starting = False
         self._streamed = bool(env.body.get("stream"))
-        self._percentile = (env.routing.hedge_percentile
-                            or executor._settings.hedge_percentile)
 
     async def execute(self, initial: int) -> list[Report]:
         # Only when attempts can overlap is there anyone to cancel the moment one leads.
@@ -142,10 +151,10 @@ class _Run:
         return last
 
     def _hedge_in(self) -> float | None:
-        if not (self._hedged and self._last_model is not None and self._can_start()
-                and len(self._running) < self._width):
+        if not (self._hedge_delay_s is not None and self._last_model is not None
+                and self._can_start() and len(self._running) < self._width):
             return None
-        delay = self._x.hedge_delay_s(self._last_model, self._streamed, self._percentile)
+        delay = self._hedge_delay_s(self._last_model, self._streamed)
         return max(self._last_start + delay - time.perf_counter(), 0.0)
 
     def _can_start(self) -> bool:
@@ -156,43 +165,42 @@ class _Run:
         """Start an attempt on the next candidate that can take one; False if none can."""
         while self._can_start():
             model = self._candidates.pop(0)
-            if not await self._x._runner.may_call(model):
+            if not await self._runner.may_call(model):
                 continue  # its breaker is open and another request holds the probe
             try:
-                route = await self._x._resolver.resolve(model, self._env.tenant_id)
+                route = await self._resolver.resolve(model, self._env.tenant_id)
             except SwitchyardError as exc:
                 self._errors.append(exc)  # e.g. no key for that provider: try the next
                 continue
             self._started += 1
             self._last_start, self._last_model = time.perf_counter(), model
-            task = asyncio.create_task(self._x._runner.run(
+            task = asyncio.create_task(self._runner.run(
                 self._env, self._decision, model, route, self._started, self._lead,
                 mode=self._decision.mode))
-            self._running[task] = self._started
-            self._routes[self._started] = (model, route.provider)
+            self._running[task] = _Started(self._started, model, route.provider)
             return True
         return False
 
     def _finished(self, task: asyncio.Task[Report]) -> None:
-        n = self._running.pop(task)
+        started = self._running.pop(task)
         if task.cancelled():
             # Dropped before it could report (usually before it ever ran, the lead taken in
             # the same turn). If it did reach the provider, its usage event is recorded.
-            model, provider = self._routes[n]
-            self._reports.append(Report(n, model, provider, status="cancelled",
-                                        error=SwitchyardError("another route answered first",
-                                                              code="race_lost")))
+            self._reports.append(Report(started.n, started.model, started.provider,
+                                        status="cancelled", error=SwitchyardError(
+                                            "another route answered first", code="race_lost")))
             return
         report = task.result()
         self._reports.append(report)
-        if report.failed_before_answer and report.error is not None \
-                and report.error.code != "race_lost":
-            self._errors.append(report.error)
-            if not report.error.retryable:
+        error = report.error
+        if error is not None and not report.led and error.code != "race_lost":
+            self._errors.append(error)
+            if not error.retryable:
                 self._stop_starting = True  # another route would be refused the same way
 
     def _cancel_others(self) -> None:
-        for task, n in self._running.items():
+        for task, started in self._running.items():
+            n = started.n
             if n != self._lead.holder and n not in self._lead.dropped:
                 self._lead.dropped.add(n)  # the attempt reports itself as a lost race
                 task.cancel()
