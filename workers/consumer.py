@@ -90,7 +90,9 @@ class ConsumerLoop(Generic[M]):
         handler: Handler[M],
         max_in_flight: int,
         shutdown_grace_s: float,
-        commit_interval_s: float = 0.05,
+        # Each commit is a write to the broker's offsets log; a crash redelivers at most
+        # this much finished work, which the claims and event ids absorb.
+        commit_interval_s: float = 0.5,
     ) -> None:
         self._consumer = consumer
         self._producer = producer

@@ -109,6 +109,8 @@ class AttemptRunner:
         self._latency = latency
         self._metrics = metrics
         self._breaker_seen: dict[str, str] = {}  # route → last state, for the metrics
+        # request id → its attempts' bookkeeping still being written
+        self._settling: dict[str, set[asyncio.Task[None]]] = {}
 
     async def run(self, env: RequestEnvelope, decision: Decision, model: Model, route: Route,
                   n: int, lead: Lead, *, mode: Mode, body: dict[str, Any] | None = None,
@@ -136,9 +138,10 @@ class AttemptRunner:
                     answer = await self._dialects[route.dialect].complete(
                         route, body, env.request_id)
                     report.reported = Usage.from_openai(answer.get("usage"))
-                if not report.led:  # an answer without a single token is an answer
+                if not report.led:  # not streamed: a whole answer
                     report.ttft_ms = (time.perf_counter() - t0) * 1000
-                    await self._take_lead(lead, report, route)
+                    # Not streamed: the executor sends `meta` with `done`, in one publish.
+                    await self._take_lead(lead, report, route, announce=False)
                 answer["model"] = model.id
                 report.answer = answer
             report.status = "ok"
@@ -166,9 +169,22 @@ class AttemptRunner:
             report.cost_usd = model.cost_usd(report.usage.prompt_tokens,
                                              report.usage.completion_tokens,
                                              report.usage.cached_tokens)
-            await self._settle(env, decision, report, route, started_ms, streamed,
-                               mode=mode, teach=teach)
+            self._metrics.observe(route.provider, report.status, report.latency_ms,
+                                  report.ttft_ms)
+            self._observe_latency(report, streamed, mode)
+            # The client's answer depends on none of the bookkeeping: it goes out first, and
+            # the worker awaits `settled` before the request's offset can be committed.
+            task = asyncio.create_task(self._settle(env, decision, report, route, started_ms,
+                                                    streamed, mode=mode, teach=teach))
+            self._settling.setdefault(env.request_id, set()).add(task)
         return report
+
+    async def settled(self, request_id: str) -> None:
+        """Wait until every attempt of the request has its usage event durable and its
+        outcome taught to the breaker and the bandit; raises if any of that failed."""
+        tasks = self._settling.pop(request_id, set())
+        if tasks:
+            await asyncio.gather(*tasks)
 
     async def _stream(self, route: Route, body: dict[str, Any], request_id: str, lead: Lead,
                       report: Report, t0: float) -> None:
@@ -216,11 +232,12 @@ class AttemptRunner:
                                  code="unsupported_endpoint", param="model")
         return await dialect.embed(route, body, request_id)
 
-    async def _take_lead(self, lead: Lead, report: Report, route: Route) -> None:
+    async def _take_lead(self, lead: Lead, report: Report, route: Route, *,
+                         announce: bool = True) -> None:
         if not lead.take(report.n):
             raise Lost
         report.led = True
-        if lead.out is not None:
+        if announce and lead.out is not None:
             await lead.out.send("meta", {"provider": route.provider, "model": report.model.id,
                                          "attempt": report.n})
 
@@ -228,18 +245,9 @@ class AttemptRunner:
                       route: Route, started_ms: int, streamed: bool, *, mode: Mode,
                       teach: bool) -> None:
         error = report.error
-        unreachable = error is not None and error.code == "upstream_unreachable"
-        self._metrics.observe(route.provider, report.status, report.latency_ms, report.ttft_ms)
-        if not unreachable:
+        if error is None or error.code != "upstream_unreachable":
             # A provider we could not even connect to did not serve (or bill) an attempt.
             await self._record_usage(env, report, started_ms, mode)
-        if report.status == "ok" and report.ttft_ms is not None:
-            self._latency.observe(report.model.id, streamed, report.ttft_ms)
-        elif mode == "hedged" and report.ttft_ms is None and error is not None \
-                and error.code == "race_lost":
-            # A hedged-over attempt was slower than this: without it, the percentile would
-            # be learnt from the fast calls only and hedges would start ever earlier.
-            self._latency.observe(report.model.id, streamed, report.latency_ms)
         if report.status == "cancelled":
             return  # a client leaving, or a race lost, says nothing about the route
         if error is None or (error.retryable and error.code not in _NEUTRAL_CODES):
@@ -256,6 +264,16 @@ class AttemptRunner:
                 prompt_tokens=report.usage.prompt_tokens,
                 completion_tokens=report.usage.completion_tokens,
                 cached_tokens=report.usage.cached_tokens)
+
+    def _observe_latency(self, report: Report, streamed: bool, mode: Mode) -> None:
+        error = report.error
+        if report.status == "ok" and report.ttft_ms is not None:
+            self._latency.observe(report.model.id, streamed, report.ttft_ms)
+        elif mode == "hedged" and report.ttft_ms is None and error is not None \
+                and error.code == "race_lost":
+            # A hedged-over attempt was slower than this: without it, the percentile would
+            # be learnt from the fast calls only and hedges would start ever earlier.
+            self._latency.observe(report.model.id, streamed, report.latency_ms)
 
     async def _record_usage(self, env: RequestEnvelope, report: Report, started_ms: int,
                             mode: Mode) -> None:

@@ -21,6 +21,7 @@ class FrameWriter:
         self._publisher = publisher
         self._producer = producer
         self._seq = 0
+        self._chunks = 0
 
     async def send(self, kind: FrameKind, data: dict[str, Any]) -> None:
         # A plain dict, not ReplyFrame: this is the hot path; readers validate.
@@ -28,7 +29,11 @@ class FrameWriter:
                               "data": data})
         self._seq += 1
         if self._reply.channel is not None:
-            self._publisher.publish(self._reply.channel, frame)
+            # Only a follow-on chunk may wait for company: the first is the client's TTFT.
+            urgent = kind != "chunk" or self._chunks == 0
+            if kind == "chunk":
+                self._chunks += 1
+            self._publisher.publish(self._reply.channel, frame, urgent=urgent)
             return
         assert self._reply.topic is not None
         key = self._request_id.encode()

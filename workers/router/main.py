@@ -91,7 +91,8 @@ async def run_router(settings: Settings, stop: asyncio.Event, *,
                         heartbeat_ttl_ms=cfg.heartbeat_ttl_ms)
         await claims.heartbeat()
         resources.push_async_callback(claims.retire)
-        publisher = await resources.enter_async_context(ReplyPublisher(client))
+        publisher = await resources.enter_async_context(ReplyPublisher(
+            client, flush_interval_s=cfg.reply_flush_interval_ms / 1000))
         cancels = CancelListener(client)
         store = PosteriorStore(client, half_life_s=cfg.bandit_half_life_s)
         # A random seed per process: workers must not draw in lockstep.
@@ -118,7 +119,7 @@ async def run_router(settings: Settings, stop: asyncio.Event, *,
                 judge_timeout_s=cfg.council_judge_timeout_s,
                 progress_every_s=cfg.council_progress_every_s)),
             frames=lambda env: FrameWriter(env.request_id, env.reply, publisher, producer),
-            cancels=cancels, metrics=metrics)
+            cancels=cancels, metrics=metrics, settled=runner.settled)
         loop = ConsumerLoop(consumer=consumer, producer=producer, topic=topic,
                             decode=RequestEnvelope.from_json, handler=worker.handle,
                             max_in_flight=cfg.max_in_flight,

@@ -1,13 +1,15 @@
 """One reply publisher per router process. Frames for the same ingress channel that pile up
-while a flush is in flight leave together: one PUBLISH carrying a JSON array of frames, all
-channels in one pipeline. At low load each frame leaves alone at once; under load the number
-of Redis round trips stops growing with the number of chunks. No timer, so batching never
-adds latency of its own."""
+before a flush leave together: one PUBLISH carrying a JSON array of frames, all channels in
+one pipeline, so the number of Redis writes stops growing with the number of chunks.
+
+What the client waits for (a request's meta, first chunk, done, error) is flushed at once.
+Follow-on stream chunks wait until `flush_interval_s` has passed since the previous flush,
+so the process publishes at most that often for them however many tokens are in flight; an
+isolated chunk, after a quiet spell, still leaves at once."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
 import redis.asyncio as redis
@@ -16,48 +18,76 @@ log = logging.getLogger(__name__)
 
 
 class ReplyPublisher:
-    def __init__(self, client: redis.Redis) -> None:
+    def __init__(self, client: redis.Redis, *, flush_interval_s: float = 0.0) -> None:
         self._redis = client
+        self._interval_s = flush_interval_s
         self._pending: dict[str, list[bytes]] = {}
         self._wake = asyncio.Event()
+        self._timer: asyncio.TimerHandle | None = None
+        self._last_flush = 0.0
+        self._closing = False
         self._task: asyncio.Task[None] | None = None
 
-    def publish(self, channel: str, frame: bytes) -> None:
-        """Queue one encoded frame; frames of a channel keep their order."""
+    def publish(self, channel: str, frame: bytes, *, urgent: bool = True) -> None:
+        """Queue one encoded frame; frames of a channel keep their order. A frame that is
+        not urgent may wait up to the flush interval for company."""
         self._pending.setdefault(channel, []).append(frame)
-        self._wake.set()
+        if self._wake.is_set():
+            return
+        if urgent:
+            self._wake.set()
+        elif self._timer is None:
+            loop = asyncio.get_running_loop()
+            delay_s = self._last_flush + self._interval_s - loop.time()
+            if delay_s <= 0:
+                self._wake.set()
+            else:
+                self._timer = loop.call_later(delay_s, self._wake.set)
 
     async def __aenter__(self) -> ReplyPublisher:
         self._task = asyncio.create_task(self._run())
         return self
 
     async def __aexit__(self, *_: object) -> None:
+        # Not cancelled: a flush cut short would lose the frames it had taken.
+        self._closing = True
+        self._wake.set()
         if self._task is not None:
-            self._wake.set()
-            await asyncio.sleep(0)  # let a last flush start
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        if self._pending:
-            await self._flush()
+            await self._task
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             await self._wake.wait()
             self._wake.clear()
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            self._last_flush = loop.time()
             try:
                 await self._flush()
             except redis.RedisError as exc:
                 # Those frames are lost; their readers see a sequence gap or their deadline
                 # and fail loudly. Nothing else to do from here.
                 log.warning("reply publish failed: %s", exc)
+            if self._closing:
+                if not self._pending:
+                    return
+                self._wake.set()
 
     async def _flush(self) -> None:
         batch, self._pending = self._pending, {}
         if not batch:
             return
+        if len(batch) == 1:  # the common case: one ingress; a pipeline costs more
+            ((channel, frames),) = batch.items()
+            await self._redis.publish(channel, _message(frames))
+            return
         async with self._redis.pipeline(transaction=False) as pipe:
             for channel, frames in batch.items():
-                pipe.publish(channel, frames[0] if len(frames) == 1
-                             else b"[" + b",".join(frames) + b"]")
+                pipe.publish(channel, _message(frames))
             await pipe.execute()
+
+
+def _message(frames: list[bytes]) -> bytes:
+    return frames[0] if len(frames) == 1 else b"[" + b",".join(frames) + b"]"

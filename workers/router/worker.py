@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from state.claims import ClaimResult, Claims
@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 class RouterWorker:
     def __init__(self, *, decider: Decider, executor: Executor, council: Council,
                  claims: Claims, frames: Callable[[RequestEnvelope], FrameWriter],
-                 cancels: CancelListener, metrics: RouterMetrics) -> None:
+                 cancels: CancelListener, metrics: RouterMetrics,
+                 settled: Callable[[str], Awaitable[None]]) -> None:
         self._decider = decider
         self._executor = executor
         self._council = council
@@ -34,6 +35,7 @@ class RouterWorker:
         self._frames = frames
         self._cancels = cancels
         self._metrics = metrics
+        self._settled = settled  # the attempts' bookkeeping, written after the answer
 
     async def handle(self, env: RequestEnvelope, _record: Any) -> None:
         out = self._frames(env)
@@ -89,7 +91,12 @@ class RouterWorker:
                                                 code="request_cancelled"))
         finally:
             self._cancels.unregister(env.request_id)
-            if not interrupted:
-                # An interrupted request keeps its running claim: once this worker's
-                # heartbeat is gone, its redelivery is reported as worker_lost, not skipped.
-                await self._claims.finish(env.request_id)
+            try:
+                # Before the offset can be committed: every attempt's usage event durable.
+                await self._settled(env.request_id)
+            finally:
+                if not interrupted:
+                    # An interrupted request keeps its running claim: once this worker's
+                    # heartbeat is gone, its redelivery is reported as worker_lost, not
+                    # skipped.
+                    await self._claims.finish(env.request_id)

@@ -1,0 +1,104 @@
+"""The router's reply publisher on the session stack's real Redis: what the client waits for
+leaves at once; follow-on stream chunks wait for company, at most one flush interval, and
+leave in one message with whatever else is pending, in order."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+
+import orjson
+import pytest
+import redis.asyncio as redis
+
+from compose.stack import LocalStack
+from state.redis_client import make_redis
+from workers.router.publisher import ReplyPublisher
+
+# Far longer than any message takes to arrive: a frame seen before it did not wait for it.
+LONG_S = 5.0
+
+
+@pytest.fixture
+async def r(stack: LocalStack) -> AsyncIterator[redis.Redis]:
+    client = make_redis(stack.settings.redis)
+    yield client
+    await client.aclose()
+
+
+class Channel:
+    """A subscribed reply channel: each Redis message as the list of frames it carries."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.name = f"test-reply-{uuid.uuid4().hex[:10]}"
+        self._pubsub = client.pubsub(ignore_subscribe_messages=True)
+
+    async def __aenter__(self) -> Channel:
+        await self._pubsub.subscribe(self.name)
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    async def message(self, within_s: float = 2.0) -> list[int]:
+        async with asyncio.timeout(within_s):
+            while True:
+                got = await self._pubsub.get_message(timeout=within_s)
+                if got is not None:
+                    decoded = orjson.loads(got["data"])
+                    return decoded if isinstance(decoded, list) else [decoded]
+
+
+async def test_what_the_client_waits_for_leaves_at_once(r: redis.Redis) -> None:
+    async with Channel(r) as channel, ReplyPublisher(r, flush_interval_s=LONG_S) as publisher:
+        publisher.publish(channel.name, b"0")
+        assert await channel.message() == [0]
+        publisher.publish(channel.name, b"1")  # urgent, though a flush just happened
+        assert await channel.message() == [1]
+
+
+async def test_follow_on_chunks_wait_for_company_and_leave_together(r: redis.Redis) -> None:
+    async with Channel(r) as channel, ReplyPublisher(r, flush_interval_s=0.3) as publisher:
+        publisher.publish(channel.name, b"0")
+        assert await channel.message() == [0]
+        for n in (1, 2, 3):
+            publisher.publish(channel.name, str(n).encode(), urgent=False)
+        assert await channel.message() == [1, 2, 3]
+
+
+async def test_a_chunk_after_a_quiet_spell_does_not_wait(r: redis.Redis) -> None:
+    async with Channel(r) as channel, ReplyPublisher(r, flush_interval_s=LONG_S) as publisher:
+        publisher.publish(channel.name, b"7", urgent=False)  # nothing flushed for ages
+        assert await channel.message() == [7]
+
+
+async def test_an_urgent_frame_takes_the_waiting_chunks_with_it_in_order(
+        r: redis.Redis) -> None:
+    async with Channel(r) as channel, ReplyPublisher(r, flush_interval_s=LONG_S) as publisher:
+        publisher.publish(channel.name, b"0")
+        assert await channel.message() == [0]
+        publisher.publish(channel.name, b"1", urgent=False)
+        publisher.publish(channel.name, b"2", urgent=False)
+        publisher.publish(channel.name, b"3")  # the done frame
+        assert await channel.message() == [1, 2, 3]
+
+
+async def test_chunks_still_waiting_at_shutdown_are_published(r: redis.Redis) -> None:
+    async with Channel(r) as channel:
+        async with ReplyPublisher(r, flush_interval_s=LONG_S) as publisher:
+            publisher.publish(channel.name, b"0")
+            assert await channel.message() == [0]
+            publisher.publish(channel.name, b"1", urgent=False)
+        assert await channel.message() == [1]
+
+
+async def test_frames_for_several_ingresses_leave_in_one_flush(r: redis.Redis) -> None:
+    async with Channel(r) as a, Channel(r) as b, \
+            ReplyPublisher(r, flush_interval_s=LONG_S) as publisher:
+        publisher.publish(a.name, b"0")
+        assert await a.message() == [0]
+        publisher.publish(a.name, b"1", urgent=False)
+        publisher.publish(b.name, b"2")
+        assert await a.message() == [1]
+        assert await b.message() == [2]
