@@ -44,18 +44,20 @@ async def ensure_topics(settings: KafkaSettings) -> list[str]:
         await admin.close()
 
 
-def make_producer(settings: KafkaSettings) -> AIOKafkaProducer:
+def make_producer(settings: KafkaSettings, *, linger_ms: int | None = None) -> AIOKafkaProducer:
+    """`linger_ms` overrides the settings' for a producer off the answer's path."""
     # acks=all + idempotence: an accepted request is durable before the client hears "accepted".
     return AIOKafkaProducer(
         bootstrap_servers=settings.bootstrap_servers,
         acks="all",
         enable_idempotence=True,
-        linger_ms=settings.linger_ms,
+        linger_ms=settings.linger_ms if linger_ms is None else linger_ms,
         request_timeout_ms=10_000,
     )
 
 
-def make_consumer(settings: KafkaSettings, group_id: str) -> AIOKafkaConsumer:
+def make_consumer(settings: KafkaSettings, group_id: str, *, fetch_min_bytes: int = 1,
+                  fetch_max_wait_ms: int = 100) -> AIOKafkaConsumer:
     # Offsets are committed by hand, per partition, only past finished work. Not subscribed
     # yet: the consumer loop subscribes with its rebalance listener.
     return AIOKafkaConsumer(
@@ -66,7 +68,9 @@ def make_consumer(settings: KafkaSettings, group_id: str) -> AIOKafkaConsumer:
         session_timeout_ms=settings.session_timeout_ms,
         heartbeat_interval_ms=settings.heartbeat_interval_ms,
         max_poll_records=500,
-        # Long-poll: a fetch returns as soon as data arrives, so a long wait costs no latency
-        # while idle consumers stop spinning the broker (measured: bench/RESULTS.md).
-        fetch_max_wait_ms=100,
+        # Long-poll: with the defaults a fetch returns as soon as data arrives, so the wait
+        # costs no latency while idle consumers stop spinning the broker. A consumer off the
+        # answer's path may ask for more bytes per fetch, trading delay for fewer fetches.
+        fetch_min_bytes=fetch_min_bytes,
+        fetch_max_wait_ms=fetch_max_wait_ms,
     )

@@ -70,7 +70,9 @@ class RouterSettings(BaseModel):
     # Stream chunks after a request's first leave at most this often (all requests' chunks
     # in one publish): one Redis write and one SSE write per chunk was the bound on token
     # relay. First chunks, meta, done and errors never wait. 0: no coalescing.
-    reply_flush_interval_ms: float = Field(default=2.0, ge=0, le=50)
+    reply_flush_interval_ms: float = Field(default=5.0, ge=0, le=50)
+    # Usage events are written after the answer; lingering lets many share one produce.
+    usage_linger_ms: int = Field(default=50, ge=0, le=1000)
     # How fast old outcomes fade toward the prior. bench/simulate.py: at 10 requests/s, 8 s
     # leaves a degraded provider within ~160 requests; longer half-lives lower regret but
     # leave later. Scale it with traffic: it should span ~100 requests of a category.
@@ -117,6 +119,10 @@ class UsageSettings(BaseModel):
     max_in_flight: int = Field(default=2048, ge=1)
     batch_max: int = Field(default=500, ge=1)
     batch_linger_ms: float = Field(default=5.0, ge=0)
+    # Billing is off the answer's path: the broker holds a fetch until this many bytes are
+    # there or the wait is over, so one fetch and one ledger statement carry many events.
+    fetch_min_bytes: int = Field(default=65_536, ge=1)
+    fetch_max_wait_ms: int = Field(default=200, ge=0, le=5000)
     shutdown_grace_s: float = Field(default=10.0, ge=0)
     metrics_port: int = 0
 

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
@@ -109,8 +111,8 @@ class AttemptRunner:
         self._latency = latency
         self._metrics = metrics
         self._breaker_seen: dict[str, str] = {}  # route → last state, for the metrics
-        # request id → its attempts' bookkeeping still being written
-        self._settling: dict[str, set[asyncio.Task[None]]] = {}
+        # request id → its attempts' bookkeeping, not yet written
+        self._settling: dict[str, list[Callable[[], Awaitable[None]]]] = {}
 
     async def run(self, env: RequestEnvelope, decision: Decision, model: Model, route: Route,
                   n: int, lead: Lead, *, mode: Mode, body: dict[str, Any] | None = None,
@@ -172,19 +174,30 @@ class AttemptRunner:
             self._metrics.observe(route.provider, report.status, report.latency_ms,
                                   report.ttft_ms)
             self._observe_latency(report, streamed, mode)
-            # The client's answer depends on none of the bookkeeping: it goes out first, and
-            # the worker awaits `settled` before the request's offset can be committed.
-            task = asyncio.create_task(self._settle(env, decision, report, route, started_ms,
-                                                    streamed, mode=mode, teach=teach))
-            self._settling.setdefault(env.request_id, set()).add(task)
+            # The client's answer waits for none of the bookkeeping: it is written once the
+            # request has answered (`settled`), before its offset can be committed. Started
+            # here, it would run ahead of the publish of the answer. A failure is taught at
+            # once: the breaker must count it before anyone can act on it (the client on a
+            # 502, the next request choosing a route).
+            later = self._settling.setdefault(env.request_id, [])
+            if report.error is None or report.error.code != "upstream_unreachable":
+                # A provider we could not even connect to did not serve (or bill) an attempt.
+                later.append(functools.partial(self._record_usage, env, report, started_ms,
+                                               mode))
+            lesson = functools.partial(self._teach, env, decision, report, streamed,
+                                       teach=teach)
+            if report.status in ("error", "timeout"):
+                await lesson()
+            else:
+                later.append(lesson)
         return report
 
     async def settled(self, request_id: str) -> None:
-        """Wait until every attempt of the request has its usage event durable and its
-        outcome taught to the breaker and the bandit; raises if any of that failed."""
-        tasks = self._settling.pop(request_id, set())
-        if tasks:
-            await asyncio.gather(*tasks)
+        """Write the bookkeeping of every attempt of the request: usage events (durable when
+        this returns), breaker outcomes, what the bandit learns. Raises if any of it failed."""
+        pending = self._settling.pop(request_id, [])
+        if pending:
+            await asyncio.gather(*(settle() for settle in pending))
 
     async def _stream(self, route: Route, body: dict[str, Any], request_id: str, lead: Lead,
                       report: Report, t0: float) -> None:
@@ -241,13 +254,10 @@ class AttemptRunner:
             await lead.out.send("meta", {"provider": route.provider, "model": report.model.id,
                                          "attempt": report.n})
 
-    async def _settle(self, env: RequestEnvelope, decision: Decision, report: Report,
-                      route: Route, started_ms: int, streamed: bool, *, mode: Mode,
-                      teach: bool) -> None:
+    async def _teach(self, env: RequestEnvelope, decision: Decision, report: Report,
+                     streamed: bool, *, teach: bool) -> None:
+        """The attempt's outcome to its route's breaker and, if `teach`, to the bandit."""
         error = report.error
-        if error is None or error.code != "upstream_unreachable":
-            # A provider we could not even connect to did not serve (or bill) an attempt.
-            await self._record_usage(env, report, started_ms, mode)
         if report.status == "cancelled":
             return  # a client leaving, or a race lost, says nothing about the route
         if error is None or (error.retryable and error.code not in _NEUTRAL_CODES):
