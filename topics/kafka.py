@@ -44,14 +44,13 @@ async def ensure_topics(settings: KafkaSettings) -> list[str]:
         await admin.close()
 
 
-def make_producer(settings: KafkaSettings, *, linger_ms: int | None = None) -> AIOKafkaProducer:
-    """`linger_ms` overrides the settings' for a producer off the answer's path."""
+def make_producer(settings: KafkaSettings) -> AIOKafkaProducer:
     # acks=all + idempotence: an accepted request is durable before the client hears "accepted".
     return AIOKafkaProducer(
         bootstrap_servers=settings.bootstrap_servers,
         acks="all",
         enable_idempotence=True,
-        linger_ms=settings.linger_ms if linger_ms is None else linger_ms,
+        linger_ms=settings.linger_ms,
         request_timeout_ms=10_000,
     )
 

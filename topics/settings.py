@@ -71,8 +71,6 @@ class RouterSettings(BaseModel):
     # in one publish): one Redis write and one SSE write per chunk was the bound on token
     # relay. First chunks, meta, done and errors never wait. 0: no coalescing.
     reply_flush_interval_ms: float = Field(default=5.0, ge=0, le=50)
-    # Usage events are written after the answer; lingering lets many share one produce.
-    usage_linger_ms: int = Field(default=50, ge=0, le=1000)
     # How fast old outcomes fade toward the prior. bench/simulate.py: at 10 requests/s, 8 s
     # leaves a degraded provider within ~160 requests; longer half-lives lower regret but
     # leave later. Scale it with traffic: it should span ~100 requests of a category.

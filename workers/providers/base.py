@@ -95,25 +95,58 @@ class SseEvent:
     data: bytes
 
 
-async def sse_events(resp: aiohttp.ClientResponse) -> AsyncIterator[SseEvent]:
-    """Server-sent events of a response, each `data` joined across its lines."""
-    event: str | None = None
-    data: list[bytes] = []
+async def sse_batches(resp: aiohttp.ClientResponse) -> AsyncIterator[list[SseEvent]]:
+    """Server-sent events of a response, each `data` joined across its lines, in the batches
+    that arrived together: one await per network read however many events it carried (a
+    readline per line cost two awaits per event)."""
+    parser = SseParser()
     while True:
-        line = await resp.content.readline()
-        if not line:  # end of body
-            if data:
-                yield SseEvent(event, b"\n".join(data))
+        raw = await resp.content.readany()
+        events = parser.feed(raw) if raw else parser.end()
+        if events:
+            yield events
+        if not raw:  # end of body
             return
-        line = line.rstrip(b"\r\n")
+
+
+class SseParser:
+    """Bytes in, complete events out; a line or event split across reads waits for the rest."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+        self._event: str | None = None
+        self._data: list[bytes] = []
+
+    def feed(self, raw: bytes) -> list[SseEvent]:
+        self._buffer += raw
+        cut = self._buffer.rfind(b"\n")
+        if cut < 0:
+            return []
+        complete = bytes(self._buffer[:cut])
+        del self._buffer[:cut + 1]
+        out: list[SseEvent] = []
+        for line in complete.split(b"\n"):
+            self._line(line.rstrip(b"\r"), out)
+        return out
+
+    def end(self) -> list[SseEvent]:
+        """The body ended: a last line without its newline, an event without its blank line."""
+        out: list[SseEvent] = []
+        if self._buffer:
+            self._line(bytes(self._buffer).rstrip(b"\r"), out)
+            self._buffer.clear()
+        self._line(b"", out)
+        return out
+
+    def _line(self, line: bytes, out: list[SseEvent]) -> None:
         if not line:
-            if data:
-                yield SseEvent(event, b"\n".join(data))
-            event, data = None, []
+            if self._data:
+                out.append(SseEvent(self._event, b"\n".join(self._data)))
+            self._event, self._data = None, []
         elif line.startswith(b"data:"):
-            data.append(line[5:].lstrip(b" "))
+            self._data.append(line[5:].lstrip(b" "))
         elif line.startswith(b"event:"):
-            event = line[6:].strip().decode()
+            self._event = line[6:].strip().decode()
         # comments (":") and other fields (id, retry) carry nothing we use
 
 
@@ -140,14 +173,15 @@ async def provider_events(route: Route,
                 resp = await stack.enter_async_context(open_response())
                 if resp.status != 200:
                     raise http_error(route.provider, resp.status, await resp.read())
-            events = sse_events(resp)
+            batches = sse_batches(resp)
             while True:
                 async with asyncio.timeout_at(deadline):
-                    event = await anext(events, None)
-                if event is None:
+                    batch = await anext(batches, None)
+                if batch is None:
                     return
                 phase, deadline = "next chunk", min(loop.time() + t.idle_s, end)
-                yield event
+                for event in batch:
+                    yield event
     except aiohttp.ClientError as exc:
         raise transport_error(route.provider, exc) from exc
     except TimeoutError as exc:

@@ -70,10 +70,6 @@ async def run_router(settings: Settings, stop: asyncio.Event, *,
         producer = make_producer(settings.kafka)
         await producer.start()
         resources.push_async_callback(producer.stop)
-        # Usage events leave after the answer: they may wait to share a produce request.
-        usage_producer = make_producer(settings.kafka, linger_ms=cfg.usage_linger_ms)
-        await usage_producer.start()
-        resources.push_async_callback(usage_producer.stop)
         client = make_redis(settings.redis)
         resources.push_async_callback(client.aclose)
         http = aiohttp.ClientSession(
@@ -110,7 +106,7 @@ async def run_router(settings: Settings, stop: asyncio.Event, *,
                                                 council_members=cfg.council_members,
                                                 judge_model=cfg.council_judge_model))
         latency = LatencyTracker()
-        runner = AttemptRunner(dialects=dialects(http), producer=usage_producer, decider=decider,
+        runner = AttemptRunner(dialects=dialects(http), producer=producer, decider=decider,
                                breakers=breakers, latency=latency, metrics=metrics)
         resolver = RouteResolver(catalog, route_config, tenant_keys.key_for)
         worker = RouterWorker(
