@@ -183,16 +183,21 @@ async def _memory(args: argparse.Namespace, session: aiohttp.ClientSession,
                   targets: dict[str, Target], body: dict[str, Any], pids: dict[str, int],
                   report: Report) -> None:
     """One long phase per gateway (closed loop: as fast as it sustains, never overloaded);
-    resident memory of every process before and after."""
+    resident memory of every process after a warm-up (a tenth of the phase: pools, caches,
+    the allocator's arenas and the JIT settle) and after the phase."""
     counts = {"switchyard": args.memory_requests, "litellm": args.peer_memory_requests}
     for name, count in counts.items():
+        warmup = max(count // 10, 1000)
+        await run_closed_loop(session, *targets[name], body,
+                              concurrency=args.memory_concurrency, duration_s=3600,
+                              label="warmup", max_requests=warmup)
         await _settle(pids)
         before = _rss(pids)
         result = await run_closed_loop(session, *targets[name], body,
                                        concurrency=args.memory_concurrency,
                                        duration_s=3600, label=name, max_requests=count)
         await _settle(pids)
-        report.memory.append(Memory(f"{name}: before its long phase", before))
+        report.memory.append(Memory(f"{name}: after a warm-up of {warmup:,} requests", before))
         report.memory.append(Memory(f"{name}: after {result.sent:,} requests", _rss(pids)))
         report.long_phases.append(result)
         log(f"compare: long phase {name}: {result.sent} requests, {result.achieved_rps:.1f} "

@@ -157,7 +157,8 @@ def _cpu_table(phases: list[Phase]) -> list[str]:
 def _memory_table(report: Report) -> list[str]:
     a = report.args
     lines = ["### Resident memory (MB)", "",
-             f"RSS from /proc, before and after a long phase per gateway: a closed loop of "
+             f"RSS from /proc, after a warm-up (a tenth of the phase's requests) and after a "
+             f"long phase per gateway: a closed loop of "
              f"{a.memory_concurrency} connections (as fast as the gateway sustains, so never "
              f"overloaded), {a.memory_requests:,} requests through Switchyard, then "
              f"{a.peer_memory_requests:,} through LiteLLM (what it serves in a few minutes "

@@ -1,0 +1,89 @@
+"""Quick A/B of one change: Switchyard against the fake upstream directly, at one rate, after a
+long warm-up at that rate (the Kafka broker's JIT takes tens of seconds to settle), alternated
+for a few rounds. Prints added p50/p99 (and TTFT when streaming) and CPU-ms per request per
+process; writes nothing. For the recorded figures use `make bench`.
+
+    python -m bench.ab RATE [--phase-s 20] [--rounds 2] [--warmup-s 30] [--stream]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import tempfile
+from pathlib import Path
+
+import aiohttp
+import asyncpg
+import httpx
+
+from bench.loadgen import cpu_seconds, run_open_loop
+from compose.gateway import Gateway
+from compose.stack import LocalStack, free_port
+from state.keys import create_key
+
+
+async def main(args: argparse.Namespace) -> None:
+    with LocalStack.ephemeral(log=lambda line: None) as stack:
+        fake_port = free_port()
+        settings = stack.settings.model_copy(update={
+            "ingress": stack.settings.ingress.model_copy(update={"port": free_port()}),
+            "fallback_upstream_url": f"http://127.0.0.1:{fake_port}/v1"})
+        conn = await asyncpg.connect(settings.postgres.dsn)
+        _, key = await create_key(conn, "bench-ab")
+        await conn.close()
+        logs = Path(tempfile.mkdtemp(prefix="switchyard-ab-"))
+        with Gateway(settings, logs, fake_upstream_port=fake_port,
+                     log=lambda line: None) as gateway:
+            pids = {n: p.pid for n, p in gateway.processes.items()} | stack.pids()
+            await _run(args, gateway.url, f"http://127.0.0.1:{fake_port}", key, pids)
+
+
+async def _run(args: argparse.Namespace, gateway_url: str, fake_url: str, key: str,
+               pids: dict[str, int]) -> None:
+    async with httpx.AsyncClient() as admin:
+        await admin.put(f"{fake_url}/_fake/config", json={
+            "tokens": 100 if args.stream else 16, "inter_token_ms": 1 if args.stream else 0})
+    body = {"model": "gpt-4o-mini", "stream": args.stream,
+            "messages": [{"role": "user", "content": "bench hello there"}]}
+    gateway = (f"{gateway_url}/v1/chat/completions",
+               {"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+    direct = (f"{fake_url}/v1/chat/completions", {"Content-Type": "application/json"})
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+                                     timeout=aiohttp.ClientTimeout(total=60)) as session:
+        await run_open_loop(session, *gateway, body, rate=args.rate,
+                            duration_s=args.warmup_s, label="warmup", stream=args.stream)
+        for n in range(args.rounds):
+            base = await run_open_loop(session, *direct, body, rate=args.rate,
+                                       duration_s=args.phase_s, label="direct",
+                                       stream=args.stream)
+            before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+            ours = await run_open_loop(session, *gateway, body, rate=args.rate,
+                                       duration_s=args.phase_s, label="switchyard",
+                                       stream=args.stream)
+            cpu_ms = {name: 1000 * (cpu_seconds(pid) - before[name]) / max(ours.sent, 1)
+                      for name, pid in pids.items()}
+            total = sum(v for name, v in cpu_ms.items() if name != "fake-upstream")
+            line = (f"round {n}: added p50 {ours.pct(50) - base.pct(50):+.2f} ms, "
+                    f"p99 {ours.pct(99) - base.pct(99):+.2f} ms, errors {ours.errors}")
+            if args.stream:
+                line += (f", TTFT p50 {ours.pct(50, True) - base.pct(50, True):+.2f} ms, "
+                         f"p99 {ours.pct(99, True) - base.pct(99, True):+.2f} ms")
+            shares = ", ".join(f"{name} {v:.2f}" for name, v in
+                               sorted(cpu_ms.items(), key=lambda item: -item[1]))
+            print(f"{line} | CPU-ms per request {total:.2f} ({shares})", flush=True)
+
+
+def parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.ab", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("rate", type=float, help="requests per second, open loop")
+    p.add_argument("--phase-s", type=float, default=20.0)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--warmup-s", type=float, default=30.0)
+    p.add_argument("--stream", action="store_true", help="100-token answers, 1 ms per token")
+    return p.parse_args()
+
+
+if __name__ == "__main__":
+    asyncio.run(main(parse()))
