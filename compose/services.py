@@ -32,12 +32,15 @@ POSTGRES_BINS = Path("/usr/lib/postgresql")
 
 # The full tiered JIT (C2), not C1 only: C1-only started the broker 0.45 s sooner, but under
 # load it cost more CPU per message and a millisecond per hop (bench.latency at 100 req/s:
-# added p50 7.1 → 6.0 ms, streaming TTFT +10.5 → +7.0 ms). The serial GC suits a small heap
-# on two cores.
+# added p50 7.1 → 6.0 ms, streaming TTFT +10.5 → +7.0 ms). The parallel collector, not the
+# serial one: at 100 req/s the serial collector paused the broker 15–29 ms every ~6 s (every
+# Kafka hop stalls with it, which is the gateway's p99), the parallel one 6–12 ms every
+# 10–30 s (-Xlog:gc, bench.ab 100).
 KAFKA_JVM_OPTS = (
     "-Xms256m",
     "-Xmx512m",
-    "-XX:+UseSerialGC",
+    "-XX:+UseParallelGC",
+    "-Xlog:gc:file=/tmp/probe/kafka-gc.log",
     "-Djava.awt.headless=true",
 )
 
