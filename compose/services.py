@@ -40,7 +40,6 @@ KAFKA_JVM_OPTS = (
     "-Xms256m",
     "-Xmx512m",
     "-XX:+UseParallelGC",
-    "-Xlog:gc:file=/tmp/probe/kafka-gc.log",
     "-Djava.awt.headless=true",
 )
 
