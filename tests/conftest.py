@@ -13,6 +13,7 @@ import asyncpg
 import httpx
 import openai
 import pytest
+import redis.asyncio as redis
 
 from compose.gateway import Gateway
 from compose.stack import LocalStack, free_port
@@ -93,6 +94,14 @@ async def pg(stack: LocalStack) -> AsyncIterator[asyncpg.Pool]:
     pool = await asyncpg.create_pool(stack.settings.postgres.dsn, min_size=1, max_size=4)
     yield pool
     await pool.close()
+
+
+@pytest.fixture
+async def r(stack: LocalStack) -> AsyncIterator[redis.Redis]:
+    """A client of the session stack's Redis (one worker's connection pool)."""
+    client = make_redis(stack.settings.redis)
+    yield client
+    await client.aclose()
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import math
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pytest
@@ -31,13 +31,6 @@ from workers.router.bandit import (
 )
 
 HL = 30.0
-
-
-@pytest.fixture
-async def r(stack: LocalStack) -> AsyncIterator[redis.Redis]:
-    client = make_redis(stack.settings.redis)
-    yield client
-    await client.aclose()
 
 
 def _cat() -> str:

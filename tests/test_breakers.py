@@ -22,13 +22,6 @@ CFG = BreakerConfig(window_s=10.0, min_calls=100, failure_rate=0.5, consecutive_
 
 
 @pytest.fixture
-async def r(stack: LocalStack) -> AsyncIterator[redis.Redis]:
-    client = make_redis(stack.settings.redis)
-    yield client
-    await client.aclose()
-
-
-@pytest.fixture
 async def r2(stack: LocalStack) -> AsyncIterator[redis.Redis]:
     """Another worker's connection pool."""
     client = make_redis(stack.settings.redis)
