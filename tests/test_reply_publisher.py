@@ -1,30 +1,28 @@
 """The router's reply publisher on the session stack's real Redis: what the client waits for
 leaves at once; follow-on stream chunks wait for company, at most one flush interval, and
-leave in one message with whatever else is pending, in order."""
+leave in one message with whatever else is pending, in order. A request's frame writer holds
+its `meta` for the frame that follows it."""
 
 from __future__ import annotations
 
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 import orjson
 import pytest
 import redis.asyncio as redis
+from aiokafka import AIOKafkaProducer
 
 from compose.stack import LocalStack
-from state.redis_client import make_redis
+from topics.kafka import make_producer
+from topics.messages import ReplyTarget
+from workers.router.frames import FrameWriter
 from workers.router.publisher import ReplyPublisher
 
 # Far longer than any message takes to arrive: a frame seen before it did not wait for it.
 LONG_S = 5.0
-
-
-@pytest.fixture
-async def r(stack: LocalStack) -> AsyncIterator[redis.Redis]:
-    client = make_redis(stack.settings.redis)
-    yield client
-    await client.aclose()
 
 
 class Channel:
@@ -41,7 +39,7 @@ class Channel:
     async def __aexit__(self, *_: object) -> None:
         await self._pubsub.aclose()  # type: ignore[no-untyped-call]
 
-    async def message(self, within_s: float = 2.0) -> list[int]:
+    async def message(self, within_s: float = 2.0) -> list[Any]:
         async with asyncio.timeout(within_s):
             while True:
                 got = await self._pubsub.get_message(timeout=within_s)
@@ -102,3 +100,29 @@ async def test_frames_for_several_ingresses_leave_in_one_flush(r: redis.Redis) -
         publisher.publish(b.name, b"2")
         assert await a.message() == [1]
         assert await b.message() == [2]
+
+
+@pytest.fixture
+async def producer(stack: LocalStack) -> AsyncIterator[AIOKafkaProducer]:
+    """Only for the frame writer's signature: a channel reply never touches Kafka."""
+    client = make_producer(stack.settings.kafka)
+    await client.start()
+    yield client
+    await client.stop()
+
+
+async def test_meta_leaves_with_the_frame_after_it_in_one_message(
+        r: redis.Redis, producer: AIOKafkaProducer) -> None:
+    async with Channel(r) as channel, ReplyPublisher(r, flush_interval_s=LONG_S) as publisher:
+        whole = FrameWriter("req-whole", ReplyTarget(channel=channel.name), publisher, producer)
+        await whole.send("meta", {"provider": "p"})
+        await whole.send("done", {"completion": {}})
+        assert [(f["kind"], f["seq"]) for f in await channel.message()] == [("meta", 0),
+                                                                          ("done", 1)]
+
+        streamed = FrameWriter("req-stream", ReplyTarget(channel=channel.name), publisher,
+                               producer)
+        await streamed.send("meta", {"provider": "p"})
+        await streamed.chunk({"n": 0})
+        await streamed.chunk({"n": 1})
+        assert [f["kind"] for f in await channel.message()] == ["meta", "chunk", "chunk"]

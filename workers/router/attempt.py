@@ -140,10 +140,9 @@ class AttemptRunner:
                     answer = await self._dialects[route.dialect].complete(
                         route, body, env.request_id)
                     report.reported = Usage.from_openai(answer.get("usage"))
-                if not report.led:  # not streamed: a whole answer
+                if not report.led:  # an answer without a single token is an answer
                     report.ttft_ms = (time.perf_counter() - t0) * 1000
-                    # Not streamed: the executor sends `meta` with `done`, in one publish.
-                    await self._take_lead(lead, report, route, announce=False)
+                    await self._take_lead(lead, report, route)
                 answer["model"] = model.id
                 report.answer = answer
             report.status = "ok"
@@ -245,12 +244,11 @@ class AttemptRunner:
                                  code="unsupported_endpoint", param="model")
         return await dialect.embed(route, body, request_id)
 
-    async def _take_lead(self, lead: Lead, report: Report, route: Route, *,
-                         announce: bool = True) -> None:
+    async def _take_lead(self, lead: Lead, report: Report, route: Route) -> None:
         if not lead.take(report.n):
             raise Lost
         report.led = True
-        if announce and lead.out is not None:
+        if lead.out is not None:
             await lead.out.send("meta", {"provider": route.provider, "model": report.model.id,
                                          "attempt": report.n})
 

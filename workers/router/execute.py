@@ -68,9 +68,6 @@ class Executor:
         elif winner.error is not None:
             await out.error(winner.error)  # after tokens: the stream ends with the error
         else:
-            if not env.body.get("stream"):  # a streamed answer announced itself on its lead
-                await out.send("meta", {"provider": winner.provider, "model": winner.model.id,
-                                        "attempt": winner.n})
             await out.send("done", _done(env, winner, reports, mode,
                                          (time.perf_counter() - t0) * 1000))
 

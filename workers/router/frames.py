@@ -21,22 +21,32 @@ class FrameWriter:
         self._publisher = publisher
         self._producer = producer
         self._seq = 0
-        self._chunks = 0
+        self._meta: bytes | None = None  # held until the frame after it
+        self._chunked = False  # a chunk has gone out
 
     async def send(self, kind: FrameKind, data: dict[str, Any]) -> None:
         # A plain dict, not ReplyFrame: this is the hot path; readers validate.
         frame = orjson.dumps({"request_id": self._request_id, "seq": self._seq, "kind": kind,
                               "data": data})
         self._seq += 1
+        if kind == "meta":
+            # Nobody waits on `meta` alone: it leaves with the frame after it (the first
+            # chunk, or a whole answer's `done`), in the same publish.
+            self._meta = frame
+            return
+        frames = [frame] if self._meta is None else [self._meta, frame]
+        self._meta = None
         if self._reply.channel is not None:
             # Only a follow-on chunk may wait for company: the first is the client's TTFT.
-            urgent = kind != "chunk" or self._chunks == 0
-            if kind == "chunk":
-                self._chunks += 1
-            self._publisher.publish(self._reply.channel, frame, urgent=urgent)
+            urgent = kind != "chunk" or not self._chunked
+            self._chunked = self._chunked or kind == "chunk"
+            for each in frames:
+                self._publisher.publish(self._reply.channel, each, urgent=urgent)
             return
         assert self._reply.topic is not None
         key = self._request_id.encode()
+        for held in frames[:-1]:  # same key, same partition, idempotent producer: in order
+            await self._producer.send(self._reply.topic, held, key=key)
         if kind in ("done", "error"):
             await self._producer.send_and_wait(self._reply.topic, frame, key=key)
         else:  # same key, same partition, idempotent producer: order is kept
