@@ -10,33 +10,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import tempfile
-from pathlib import Path
 
 import aiohttp
-import asyncpg
 import httpx
 
-from bench.loadgen import cpu_seconds, run_open_loop
-from compose.gateway import Gateway
-from compose.stack import LocalStack, free_port
-from state.keys import create_key
+from bench.loadgen import cpu_seconds, run_open_loop, single_upstream_gateway
 
 
 async def main(args: argparse.Namespace) -> None:
-    with LocalStack.ephemeral(log=lambda line: None) as stack:
-        fake_port = free_port()
-        settings = stack.settings.model_copy(update={
-            "ingress": stack.settings.ingress.model_copy(update={"port": free_port()}),
-            "fallback_upstream_url": f"http://127.0.0.1:{fake_port}/v1"})
-        conn = await asyncpg.connect(settings.postgres.dsn)
-        _, key = await create_key(conn, "bench-ab")
-        await conn.close()
-        logs = Path(tempfile.mkdtemp(prefix="switchyard-ab-"))
-        with Gateway(settings, logs, fake_upstream_port=fake_port,
-                     log=lambda line: None) as gateway:
-            pids = {n: p.pid for n, p in gateway.processes.items()} | stack.pids()
-            await _run(args, gateway.url, f"http://127.0.0.1:{fake_port}", key, pids)
+    async with single_upstream_gateway(lambda line: None) as served:
+        await _run(args, served.url, served.fake_url, served.api_key, served.pids)
 
 
 async def _run(args: argparse.Namespace, gateway_url: str, fake_url: str, key: str,

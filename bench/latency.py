@@ -12,19 +12,14 @@ import argparse
 import platform
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
-import asyncpg
 import httpx
 
-from bench.loadgen import Result, cpu_seconds, run_open_loop
-from compose.gateway import Gateway
-from compose.stack import LocalStack, free_port
-from state.keys import create_key
+from bench.loadgen import Result, cpu_seconds, run_open_loop, single_upstream_gateway
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 START, END = "<!-- bench.latency:start -->", "<!-- bench.latency:end -->"
@@ -32,22 +27,9 @@ MESSAGES = [{"role": "user", "content": "bench hello there"}]
 
 
 async def main(args: argparse.Namespace) -> None:
-    with LocalStack.ephemeral(log=lambda line: print(line, file=sys.stderr)) as stack:
-        fake_port = free_port()
-        settings = stack.settings.model_copy(update={
-            "ingress": stack.settings.ingress.model_copy(update={"port": free_port()}),
-            "fallback_upstream_url": f"http://127.0.0.1:{fake_port}/v1",
-        })
-        logs = Path(tempfile.mkdtemp(prefix="switchyard-bench-"))
-        conn = await asyncpg.connect(settings.postgres.dsn)
-        _, api_key = await create_key(conn, "bench")
-        await conn.close()
-        with Gateway(settings, logs, fake_upstream_port=fake_port,
-                     log=lambda line: print(line, file=sys.stderr)) as gateway:
-            pids = {name: p.pid for name, p in gateway.processes.items()}
-            pids |= stack.pids()
-            report = await _measure(args, gateway.url, f"http://127.0.0.1:{fake_port}", api_key,
-                                    pids)
+    async with single_upstream_gateway(lambda line: print(line, file=sys.stderr)) as served:
+        report = await _measure(args, served.url, served.fake_url, served.api_key,
+                                served.pids)
     command = "python -m bench.latency " + " ".join(sys.argv[1:])
     section = _render(report, command.strip(), args)
     print(section)

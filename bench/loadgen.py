@@ -5,13 +5,13 @@ and each latency is measured from its *scheduled* send time, so queueing is neve
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import platform
 import subprocess
 import tempfile
 import time
-import urllib.request
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ import asyncpg
 import numpy as np
 import orjson
 
+from compose.children import Children, wait_http
 from compose.gateway import Gateway
 from compose.stack import LocalStack, free_port
 from state.keys import create_key
@@ -223,7 +224,7 @@ def routing_policy(*, latency_only: bool = False) -> dict[str, Any]:
     return policy
 
 
-class RoutedGateway:
+class RoutedGateway(Children):
     """The gateway's processes plus one fake upstream process per provider of ROUTES (its own
     port, so one provider can be killed and restarted), each started with `fake_flags` and its
     own `--seed` (the i-th provider's is i: their random draws are independent, not in
@@ -254,16 +255,9 @@ class RoutedGateway:
         self.gateway.spawn(f"fake-{provider}", "fake-upstream", "--host", "127.0.0.1",
                            "--port", str(self.ports[provider]), *self.fake_flags,
                            "--seed", str(list(ROUTES).index(provider)))
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                with urllib.request.urlopen(f"{self.fake_url(provider)}/_fake/stats",
-                                            timeout=1):
-                    return
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.01)
+        name = f"fake-{provider}"
+        wait_http(f"{self.fake_url(provider)}/_fake/stats", 20,
+                  self.gateway.log_file(name), self.gateway.processes[name], poll_s=0.01)
 
     def kill_fake(self, provider: str) -> None:
         """SIGKILL the provider's fake, like a crash."""
@@ -287,19 +281,45 @@ class RoutedGateway:
                     raise RuntimeError(f"routing policy refused: {await resp.text()}")
         return api_key
 
-    def __enter__(self) -> RoutedGateway:
+    def start(self) -> None:
         self.logs.mkdir(parents=True, exist_ok=True)
-        try:
-            for provider in ROUTES:
-                self.start_fake(provider)
-            self.gateway.start()
-        except BaseException:
-            self.gateway.stop()
-            raise
-        return self
+        for provider in ROUTES:
+            self.start_fake(provider)
+        self.gateway.start()
 
-    def __exit__(self, *exc_info: object) -> None:
+    def stop(self) -> None:
         self.gateway.stop()
+
+
+@dataclass(frozen=True, slots=True)
+class Served:
+    """A gateway whose every route is one fake upstream, and what a benchmark needs of it."""
+
+    url: str
+    fake_url: str
+    api_key: str
+    pids: dict[str, int]  # our processes and the stack's services, by name
+
+
+@contextlib.asynccontextmanager
+async def single_upstream_gateway(log: Callable[[str], None]) -> AsyncIterator[Served]:
+    """A fresh stack and gateway, the fake upstream as the offline fallback for every model,
+    and an API key; all stopped on exit."""
+    with LocalStack.ephemeral(log=log) as stack:
+        fake_port = free_port()
+        settings = stack.settings.model_copy(update={
+            "ingress": stack.settings.ingress.model_copy(update={"port": free_port()}),
+            "fallback_upstream_url": f"http://127.0.0.1:{fake_port}/v1"})
+        conn = await asyncpg.connect(settings.postgres.dsn)
+        try:
+            _, api_key = await create_key(conn, "bench")
+        finally:
+            await conn.close()
+        logs = Path(tempfile.mkdtemp(prefix="switchyard-bench-"))
+        with Gateway(settings, logs, fake_upstream_port=fake_port, log=log) as gateway:
+            yield Served(gateway.url, f"http://127.0.0.1:{fake_port}", api_key,
+                         {name: p.pid for name, p in gateway.processes.items()}
+                         | stack.pids())
 
 
 def metadata(sample: Sample) -> dict[str, Any] | None:

@@ -13,13 +13,11 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 
+from compose.children import Children, wait_http
 from compose.stack import free_port
 
 # The newest litellm[proxy] whose pinned dependencies PyPI serves here: 1.110.x needs
@@ -101,7 +99,7 @@ ENV = {
 }
 
 
-class LiteLLM:
+class LiteLLM(Children):
     """LiteLLM proxy as a child process on a free loopback port."""
 
     def __init__(self, fake_url: str, log_dir: Path, *, workers: int = 1,
@@ -142,7 +140,7 @@ class LiteLLM:
             self._proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT,
                                           stdin=subprocess.DEVNULL, cwd=self._log_dir,
                                           start_new_session=True)
-        _wait_ready(f"{self.url}/health/liveliness", self._proc, 120, log_file)
+        wait_http(f"{self.url}/health/liveliness", 120, log_file, self._proc)
         self._log(f"peer: litellm on {self.url} (pid {self._proc.pid}, log {log_file})")
 
     def stop(self) -> None:
@@ -156,33 +154,3 @@ class LiteLLM:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
 
-    def __enter__(self) -> LiteLLM:
-        try:
-            self.start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.stop()
-
-
-def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout_s: float,
-                log_file: Path) -> None:
-    deadline = time.monotonic() + timeout_s
-    last = "no answer"
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"litellm exited with {proc.returncode}; see {log_file}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        except urllib.error.HTTPError as exc:
-            last = f"HTTP {exc.code}"
-        except OSError as exc:
-            last = str(exc)
-        time.sleep(0.25)
-    raise RuntimeError(f"litellm not ready after {timeout_s:.0f} s ({last}); see {log_file}")

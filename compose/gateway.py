@@ -8,21 +8,14 @@ import os
 import signal
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
-from types import TracebackType
 
+from compose.children import Children, wait_http
 from topics.settings import Settings
 
 
-class GatewayError(RuntimeError):
-    pass
-
-
-class Gateway:
+class Gateway(Children):
     def __init__(self, settings: Settings, log_dir: Path, *, routers: int = 1,
                  fake_upstream_port: int | None = None,
                  extra_env: dict[str, str] | None = None,
@@ -44,14 +37,15 @@ class Gateway:
         if self._fake_port is not None:
             self.spawn("fake-upstream", "fake-upstream", "--host", "127.0.0.1", "--port",
                        str(self._fake_port))
-            _wait_http(f"http://127.0.0.1:{self._fake_port}/_fake/stats", 20,
-                       self._log_dir / "fake-upstream.log")
+            wait_http(f"http://127.0.0.1:{self._fake_port}/_fake/stats", 20,
+                      self._log_dir / "fake-upstream.log", self.processes["fake-upstream"])
         self.spawn("usage", "usage")
         self.spawn("classifier", "classifier")
         for i in range(self._routers):
             self.spawn(f"router-{i}", "router")
         self.spawn("ingress", "ingress")
-        _wait_http(f"{self.url}/v1/health", 30, self._log_dir / "ingress.log")
+        wait_http(f"{self.url}/v1/health", 30, self._log_dir / "ingress.log",
+                  self.processes["ingress"])
         self._log(f"gateway: {self.url} (logs in {self._log_dir})")
 
     def spawn(self, name: str, *command: str,
@@ -87,31 +81,3 @@ class Gateway:
                     proc.kill()
                     proc.wait()
         self.processes.clear()
-
-    def __enter__(self) -> Gateway:
-        try:
-            self.start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.stop()
-
-
-def _wait_http(url: str, timeout_s: float, log_file: Path) -> None:
-    deadline = time.monotonic() + timeout_s
-    last = "no answer"
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        except urllib.error.HTTPError as exc:
-            last = f"HTTP {exc.code}"
-        except OSError as exc:
-            last = str(exc)
-        time.sleep(0.2)
-    raise GatewayError(f"{url} not healthy after {timeout_s:.0f}s ({last}); see {log_file}")
