@@ -34,22 +34,23 @@ class FrameWriter:
             # chunk, or a whole answer's `done`), in the same publish.
             self._meta = frame
             return
-        frames = [frame] if self._meta is None else [self._meta, frame]
-        self._meta = None
+        held, self._meta = self._meta, None
         if self._reply.channel is not None:
             # Only a follow-on chunk may wait for company: the first is the client's TTFT.
             urgent = kind != "chunk" or not self._chunked
             self._chunked = self._chunked or kind == "chunk"
-            for each in frames:
-                self._publisher.publish(self._reply.channel, each, urgent=urgent)
+            if held is not None:
+                self._publisher.publish(self._reply.channel, held, urgent=urgent)
+            self._publisher.publish(self._reply.channel, frame, urgent=urgent)
             return
         assert self._reply.topic is not None
         key = self._request_id.encode()
-        for held in frames[:-1]:  # same key, same partition, idempotent producer: in order
+        # Same key, same partition, idempotent producer: order is kept.
+        if held is not None:
             await self._producer.send(self._reply.topic, held, key=key)
         if kind in ("done", "error"):
             await self._producer.send_and_wait(self._reply.topic, frame, key=key)
-        else:  # same key, same partition, idempotent producer: order is kept
+        else:
             await self._producer.send(self._reply.topic, frame, key=key)
 
     async def chunk(self, chunk: dict[str, Any]) -> None:
