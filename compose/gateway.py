@@ -40,7 +40,8 @@ class Gateway(Children):
             wait_http(f"http://127.0.0.1:{self._fake_port}/_fake/stats", 20,
                       self._log_dir / "fake-upstream.log", self.processes["fake-upstream"])
         self.spawn("usage", "usage")
-        self.spawn("classifier", "classifier")
+        if not self.settings.router.classify_inline:
+            self.spawn("classifier", "classifier")
         for i in range(self._routers):
             self.spawn(f"router-{i}", "router")
         self.spawn("ingress", "ingress")
@@ -67,17 +68,20 @@ class Gateway(Children):
         proc.kill()
         proc.wait(timeout=30)
 
+    def terminate(self, name: str) -> None:
+        """Stop child `name` gracefully (SIGTERM: it drains), killing it after 25 s."""
+        proc = self.processes.pop(name)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=25)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
     def stop(self) -> None:
         # Front door first, so nothing new arrives while the workers drain.
         order = sorted(self.processes, key=lambda n: (n != "ingress", n.startswith("usage"),
                                                       n == "fake-upstream"))
         for name in order:
-            proc = self.processes[name]
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=25)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-        self.processes.clear()
+            self.terminate(name)

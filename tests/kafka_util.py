@@ -49,3 +49,13 @@ async def group_lag(settings: KafkaSettings, group: str, topic: str) -> int:
     finally:
         await consumer.stop()
         await admin.close()
+
+
+async def topic_size(settings: KafkaSettings, topic: str) -> int:
+    """How many records `topic` has had: the sum of its partitions' end offsets."""
+    consumer = _reader(settings, topic)
+    await consumer.start()
+    try:
+        return sum((await consumer.end_offsets(list(consumer.assignment()))).values())
+    finally:
+        await consumer.stop()

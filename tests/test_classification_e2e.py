@@ -1,5 +1,6 @@
 """Semantic routing end to end: prompts sent with `model: "auto"` are classified by the ONNX
-stage and served by the routes the tenant's policy prefers for their categories."""
+stage and served by the routes the tenant's policy prefers for their categories, whether the
+router classifies them itself (the default) or a classifier process does."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ import pytest
 from compose.gateway import Gateway
 from state.keys import create_key
 from tests.conftest import FakeAdmin, eventually
+from tests.kafka_util import topic_size
+from topics import names
 
 CODE_PROMPT = ("Write a Python function that returns the n-th Fibonacci number using "
                "memoization, with a docstring and type hints.")
@@ -52,3 +55,39 @@ async def test_auto_prompts_are_classified_and_served_by_the_pinned_route(
     row = await eventually(lambda: pg.fetchrow(
         "SELECT category FROM usage_events WHERE request_id = $1", request_id))
     assert row["category"] == category  # the label the classifier gave travels to the ledger
+
+
+async def test_a_classifier_stage_and_an_inline_classifying_router_share_the_requests(
+        gateway: Gateway, tenant: httpx.AsyncClient, fake: FakeAdmin,
+        pg: asyncpg.Pool) -> None:
+    """The split topology beside the default one, as during a switch between them: a
+    classifier process forwards its share of llm.requests to llm.classified, where a router
+    with classify_inline off picks it up. Every request is labelled whichever way it went."""
+    kafka = gateway.settings.kafka
+    forwarded_before = await topic_size(kafka, names.CLASSIFIED)
+    gateway.spawn("classifier", "classifier")
+    gateway.spawn("router-split", "router", env={"SWITCHYARD_ROUTER__CLASSIFY_INLINE": "false"})
+    request_ids: list[str] = []
+    try:
+        async def some_went_through_the_classifier_stage() -> bool:
+            response = await tenant.post("/v1/chat/completions", json={
+                "model": "auto", "messages": [{"role": "user", "content": CODE_PROMPT}]})
+            assert response.status_code == 200, response.text
+            assert response.json()["metadata"]["provider"] == "anthropic"
+            request_ids.append(response.headers["x-request-id"])
+            return await topic_size(kafka, names.CLASSIFIED) > forwarded_before
+
+        # Until the group rebalances, the session's router still reads every partition.
+        await eventually(some_went_through_the_classifier_stage, timeout_s=60, every_s=0.2)
+    finally:
+        gateway.terminate("classifier")
+        gateway.terminate("router-split")
+
+    rows = await eventually(lambda: _categories(pg, request_ids))
+    assert rows == ["code"] * len(request_ids)
+
+
+async def _categories(pg: asyncpg.Pool, request_ids: list[str]) -> list[str] | None:
+    rows = await pg.fetch("SELECT category FROM usage_events WHERE request_id = ANY($1)",
+                          request_ids)
+    return [row["category"] for row in rows] if len(rows) == len(request_ids) else None

@@ -101,8 +101,8 @@ async def test_request_queued_past_its_deadline_times_out_and_never_runs(
 
 
 async def _caught_up(settings: KafkaSettings) -> bool:
-    return (await group_lag(settings, "classifier", names.REQUESTS) == 0
-            and await group_lag(settings, "router", names.CLASSIFIED) == 0)
+    return (await group_lag(settings, names.REQUESTS_GROUP, names.REQUESTS) == 0
+            and await group_lag(settings, names.CLASSIFIED_GROUP, names.CLASSIFIED) == 0)
 
 
 async def test_batch_request_published_twice_is_answered_once_on_the_reply_topic(

@@ -115,6 +115,10 @@ def test_compose_file_runs_every_process_of_the_local_stack() -> None:
     services = compose_file()["services"]
     assert {"kafka", "redis", "postgres", "init", "ingress", "classifier", "router", "usage",
             "fake-upstream"} <= set(services)
+    # By default the routers classify; the classifier stage comes only with its profile.
+    assert services["classifier"]["profiles"] == ["split-classifier"]
+    assert (services["router"]["environment"]["SWITCHYARD_ROUTER__CLASSIFY_INLINE"]
+            == "${SWITCHYARD_ROUTER__CLASSIFY_INLINE:-true}")
     pom = (ROOT / "compose/kafka/pom.xml").read_text()
     kafka_version = re.search(r"<kafka.version>(.+)</kafka.version>", pom)
     assert kafka_version is not None

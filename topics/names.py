@@ -8,6 +8,14 @@ USAGE: Final = "llm.usage"
 AUDIT: Final = "audit.events"
 REPLIES: Final = "llm.replies"  # default reply topic for batch producers
 
+# Consumer groups. Every consumer of llm.requests is in REQUESTS_GROUP, whether it forwards
+# the labelled request to llm.classified (the classifier process) or routes it itself (a router
+# that classifies inline): the partitions are shared between them, and a change of topology
+# resumes where the other left off instead of replaying the topic.
+REQUESTS_GROUP: Final = "classifier"
+CLASSIFIED_GROUP: Final = "router"
+USAGE_GROUP: Final = "usage"
+
 CANCEL_CHANNEL: Final = "cancel"  # Redis pub/sub, broadcast to every router process
 
 

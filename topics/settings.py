@@ -55,6 +55,11 @@ class IngressSettings(BaseModel):
 
 
 class RouterSettings(BaseModel):
+    # Label prompts in this process, reading llm.requests, instead of reading llm.classified
+    # behind a classifier process: one Kafka hop (~1.5 ms) and one process's wake-ups fewer
+    # per request. False: the classifier runs as its own stage (`switchyard classifier`),
+    # e.g. to scale it apart from the routers.
+    classify_inline: bool = True
     max_in_flight: int = Field(default=512, ge=1)
     # How long a claim on a request id survives; longer than any request may run.
     claim_ttl_s: int = Field(default=3600, ge=60)

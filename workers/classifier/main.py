@@ -11,13 +11,11 @@ from topics.kafka import make_consumer, make_producer
 from topics.messages import RequestEnvelope
 from topics.settings import Settings
 from workers.classifier.model import PromptClassifier
-from workers.classifier.stage import ClassifierStage
+from workers.classifier.stage import ClassifierStage, Labeller
 from workers.consumer import ConsumerLoop
 from workers.runtime import run_process
 
 log = logging.getLogger(__name__)
-
-GROUP_ID = "classifier"
 
 
 async def run_classifier(settings: Settings, stop: asyncio.Event) -> None:
@@ -27,10 +25,10 @@ async def run_classifier(settings: Settings, stop: asyncio.Event) -> None:
         producer = make_producer(settings.kafka)
         await producer.start()
         resources.push_async_callback(producer.stop)
-        consumer = make_consumer(settings.kafka, GROUP_ID)
+        consumer = make_consumer(settings.kafka, names.REQUESTS_GROUP)
         await consumer.start()
         resources.push_async_callback(consumer.stop)
-        stage = ClassifierStage(classifier.classify, producer, max_batch=cfg.max_batch)
+        stage = ClassifierStage(Labeller(classifier.classify, max_batch=cfg.max_batch), producer)
         loop = ConsumerLoop(consumer=consumer, producer=producer, topic=names.REQUESTS,
                             decode=RequestEnvelope.from_json, handler=stage.handle,
                             max_in_flight=cfg.max_in_flight,

@@ -1,6 +1,10 @@
-"""The classifier stage: `llm.requests` in, `llm.classified` out, each chat request labelled
-with its prompt category. Requests that need no label pass straight through: embeddings, a
-request that already carries a category (a hint from its producer), and a pinned route."""
+"""The classifier stage: each chat request labelled with its prompt category. Requests that
+need no label pass straight through: embeddings, a request that already carries a category (a
+hint from its producer), and a pinned route.
+
+`Labeller` does the labelling; where it runs is the deployment's choice. `ClassifierStage` is
+the stage as its own process (`llm.requests` in, `llm.classified` out); a router started with
+`classify_inline` runs the same `Labeller` on `llm.requests` itself, one Kafka hop fewer."""
 
 from __future__ import annotations
 
@@ -26,19 +30,30 @@ class Prediction(Protocol):
     def version(self) -> str: ...
 
 
-class ClassifierStage:
-    def __init__(self, classify: Callable[[Sequence[str]], Sequence[Prediction]],
-                 producer: AIOKafkaProducer, *, max_batch: int) -> None:
+class Labeller:
+    """Labels requests, batching the ONNX calls of everything labelled in one loop turn."""
+
+    def __init__(self, classify: Callable[[Sequence[str]], Sequence[Prediction]], *,
+                 max_batch: int) -> None:
         self._batcher: MicroBatcher[str, Prediction] = MicroBatcher(classify,
                                                                     max_batch=max_batch)
+
+    async def label(self, env: RequestEnvelope) -> RequestEnvelope:
+        if not needs_label(env):
+            return env
+        prediction = await self._batcher.submit(prompt_text(env.body))
+        return env.model_copy(update={"category": prediction.label,
+                                      "confidence": round(prediction.confidence, 4),
+                                      "classifier_version": prediction.version})
+
+
+class ClassifierStage:
+    def __init__(self, labeller: Labeller, producer: AIOKafkaProducer) -> None:
+        self._labeller = labeller
         self._producer = producer
 
     async def handle(self, env: RequestEnvelope, record: Any) -> None:
-        if needs_label(env):
-            prediction = await self._batcher.submit(prompt_text(env.body))
-            env = env.model_copy(update={"category": prediction.label,
-                                         "confidence": round(prediction.confidence, 4),
-                                         "classifier_version": prediction.version})
+        env = await self._labeller.label(env)
         # Awaited: the input offset is committed only once the labelled copy is durable.
         await self._producer.send_and_wait(names.CLASSIFIED, env.to_json(), key=record.key,
                                            headers=list(record.headers or ()))

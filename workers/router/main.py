@@ -24,6 +24,8 @@ from topics.catalog import load_catalog
 from topics.kafka import make_consumer, make_producer
 from topics.messages import RequestEnvelope
 from topics.settings import Settings
+from workers.classifier.model import PromptClassifier
+from workers.classifier.stage import Labeller
 from workers.consumer import ConsumerLoop
 from workers.providers.anthropic import AnthropicMessages
 from workers.providers.base import Dialect, Timeouts
@@ -45,11 +47,8 @@ from workers.runtime import run_process, serve_metrics
 
 log = logging.getLogger(__name__)
 
-GROUP_ID = "router"
 
-
-async def run_router(settings: Settings, stop: asyncio.Event, *,
-                     topic: str = names.CLASSIFIED) -> None:
+async def run_router(settings: Settings, stop: asyncio.Event) -> None:
     catalog = load_catalog(settings.catalog_path)
     route_config = RouteConfig(
         provider_keys={name: os.environ.get(p.api_key_env) or None
@@ -61,6 +60,11 @@ async def run_router(settings: Settings, stop: asyncio.Event, *,
                           idle_s=settings.router.upstream_idle_timeout_s,
                           total_s=settings.router.upstream_total_timeout_s))
     cfg = settings.router
+    labeller, topic, group_id = None, names.CLASSIFIED, names.CLASSIFIED_GROUP
+    if cfg.classify_inline:
+        classifier = PromptClassifier(settings.classifier.model_path)
+        labeller = Labeller(classifier.classify, max_batch=settings.classifier.max_batch)
+        topic, group_id = names.REQUESTS, names.REQUESTS_GROUP
     worker_id = f"router-{uuid.uuid4().hex[:12]}"
     registry = CollectorRegistry()
     metrics = RouterMetrics(registry)
@@ -83,7 +87,7 @@ async def run_router(settings: Settings, stop: asyncio.Event, *,
         resources.push_async_callback(pool.close)
         tenant_keys = TenantKeys(pool, MasterKeys.from_settings(settings.vault),
                                  ttl_s=settings.vault.cache_ttl_s)
-        consumer = make_consumer(settings.kafka, GROUP_ID)
+        consumer = make_consumer(settings.kafka, group_id)
         await consumer.start()
         resources.push_async_callback(consumer.stop)
 
@@ -119,7 +123,8 @@ async def run_router(settings: Settings, stop: asyncio.Event, *,
                 judge_timeout_s=cfg.council_judge_timeout_s,
                 progress_every_s=cfg.council_progress_every_s)),
             frames=lambda env: FrameWriter(env.request_id, env.reply, publisher, producer),
-            cancels=cancels, metrics=metrics, settled=runner.settled)
+            cancels=cancels, metrics=metrics, settled=runner.settled,
+            label=labeller.label if labeller is not None else None)
         loop = ConsumerLoop(consumer=consumer, producer=producer, topic=topic,
                             decode=RequestEnvelope.from_json, handler=worker.handle,
                             max_in_flight=cfg.max_in_flight,

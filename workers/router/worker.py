@@ -1,5 +1,6 @@
-"""What the router does with one request: check its deadline, claim it, decide its routes
-and mode, and hand it to the executor (auto, fixed, speculative, hedged) or the council."""
+"""What the router does with one request: check its deadline, claim it, label it (when this
+router classifies), decide its routes and mode, and hand it to the executor (auto, fixed,
+speculative, hedged) or the council."""
 
 from __future__ import annotations
 
@@ -27,7 +28,9 @@ class RouterWorker:
     def __init__(self, *, decider: Decider, executor: Executor, council: Council,
                  claims: Claims, frames: Callable[[RequestEnvelope], FrameWriter],
                  cancels: CancelListener, metrics: RouterMetrics,
-                 settled: Callable[[str], Awaitable[None]]) -> None:
+                 settled: Callable[[str], Awaitable[None]],
+                 label: Callable[[RequestEnvelope], Awaitable[RequestEnvelope]] | None = None,
+                 ) -> None:
         self._decider = decider
         self._executor = executor
         self._council = council
@@ -36,6 +39,7 @@ class RouterWorker:
         self._cancels = cancels
         self._metrics = metrics
         self._settled = settled  # the attempts' bookkeeping, written after the answer
+        self._label = label  # set when this router classifies the requests it reads
 
     async def handle(self, env: RequestEnvelope, _record: Any) -> None:
         out = self._frames(env)
@@ -69,6 +73,8 @@ class RouterWorker:
         interrupted = False
         try:
             try:
+                if self._label is not None:
+                    env = await self._label(env)
                 decision = await self._decider.decide(env)
             except SwitchyardError as exc:
                 await out.error(exc)

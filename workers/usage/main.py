@@ -22,7 +22,6 @@ from workers.usage.batcher import UsageBatcher
 
 log = logging.getLogger(__name__)
 
-GROUP_ID = "usage"
 
 
 async def run_usage(settings: Settings, stop: asyncio.Event) -> None:
@@ -34,7 +33,8 @@ async def run_usage(settings: Settings, stop: asyncio.Event) -> None:
         producer = make_producer(settings.kafka)  # for the DLQ
         await producer.start()
         resources.push_async_callback(producer.stop)
-        consumer = make_consumer(settings.kafka, GROUP_ID, fetch_min_bytes=cfg.fetch_min_bytes,
+        consumer = make_consumer(settings.kafka, names.USAGE_GROUP,
+                                 fetch_min_bytes=cfg.fetch_min_bytes,
                                  fetch_max_wait_ms=cfg.fetch_max_wait_ms)
         await consumer.start()
         resources.push_async_callback(consumer.stop)
