@@ -93,7 +93,8 @@ def main(args: argparse.Namespace) -> None:
             }
             report = Report(
                 command="python -m bench.compare " + " ".join(sys.argv[1:]),
-                machine=machine(load_before), versions=_versions(install.seconds), args=args)
+                machine=machine(load_before), versions=_versions(install.seconds), args=args,
+                classify_inline=settings.router.classify_inline)
             report.memory.append(Memory("fresh (no request yet)", _rss(pids)))
             import uvloop
 
