@@ -59,7 +59,17 @@ class RouterWorker:
             await out.error(GatewayTimeout("the request waited past its deadline and was not "
                                            "executed", code="deadline_exceeded"))
             return
-        claim, owner = await self._claims.claim(env.request_id)
+        # The prompt is labelled while the claim's round trip is in flight; a request that is
+        # not ours after all has only cost a classification.
+        labelling = (asyncio.ensure_future(self._label(env)) if self._label is not None
+                     else None)
+        try:
+            claim, owner = await self._claims.claim(env.request_id)
+        except BaseException:
+            _discard(labelling)
+            raise
+        if claim is not ClaimResult.CLAIMED:
+            _discard(labelling)
         if claim is ClaimResult.ORPHANED:
             # The provider may already have run (and billed) it: report, never re-run.
             log.warning("request %s was interrupted with worker %s", env.request_id, owner)
@@ -73,8 +83,8 @@ class RouterWorker:
         interrupted = False
         try:
             try:
-                if self._label is not None:
-                    env = await self._label(env)
+                if labelling is not None:
+                    env = await labelling
                 decision = await self._decider.decide(env)
             except SwitchyardError as exc:
                 await out.error(exc)
@@ -106,3 +116,10 @@ class RouterWorker:
                     # heartbeat is gone, its redelivery is reported as worker_lost, not
                     # skipped.
                     await self._claims.finish(env.request_id)
+
+
+def _discard(task: asyncio.Future[RequestEnvelope] | None) -> None:
+    """Cancel work whose result nobody will read, and retrieve its outcome (no warning)."""
+    if task is not None:
+        task.cancel()
+        task.add_done_callback(lambda done: done.cancelled() or done.exception())
