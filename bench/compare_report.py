@@ -155,7 +155,10 @@ def _cpu_table(phases: list[Phase]) -> list[str]:
             if col is not None:
                 per_k[col] += 1000 * seconds / sent
         own = GATEWAY_PROCS[p.target]
-        cells = [f"{per_k[c]:.2f}" if c in own else "·" for c in CPU_COLUMNS]
+        ran = {c for c in CPU_COLUMNS if any(name.startswith(c) for name in p.cpu)}
+        # "·": not this target's; "–": not running in this setup (a router that classifies).
+        cells = [(f"{per_k[c]:.2f}" if c in ran else "–") if c in own else "·"
+                 for c in CPU_COLUMNS]
         total = sum(per_k[c] for c in own)
         lines.append(f"| {p.test} | {p.load} | {p.target} | {len(p.result.latencies_ms):,} | "
                      + " | ".join(cells)

@@ -24,7 +24,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="where the services keep their data and logs (wiped at start)")
     up.add_argument("--routers", type=int, default=1, help="router worker processes")
     sub.add_parser("ingress", help="run the HTTP ingress")
-    sub.add_parser("classifier", help="run the classifier stage")
+    sub.add_parser("classifier", help="run the classifier as its own stage (for routers "
+                   "started with SWITCHYARD_ROUTER__CLASSIFY_INLINE=false)")
     classify = sub.add_parser("classify", help="label prompts with the prompt classifier, "
                               "or score it on a labelled JSON Lines file")
     classify.add_argument("prompt", nargs="*", help="prompt(s) to label ('-': read stdin)")
