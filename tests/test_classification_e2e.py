@@ -65,10 +65,16 @@ async def test_a_classifier_stage_and_an_inline_classifying_router_share_the_req
     with classify_inline off picks it up. Every request is labelled whichever way it went."""
     kafka = gateway.settings.kafka
     forwarded_before = await topic_size(kafka, names.CLASSIFIED)
-    gateway.spawn("classifier", "classifier")
-    gateway.spawn("router-split", "router", env={"SWITCHYARD_ROUTER__CLASSIFY_INLINE": "false"})
+    gateway.spawn("classifier", "classifier",
+                  env={"SWITCHYARD_CLASSIFIER__READER_CHECK_INTERVAL_S": "0.3"})
     request_ids: list[str] = []
     try:
+        # Alone beside routers that classify inline, it would forward requests to nobody.
+        log = gateway.log_file("classifier")
+        await eventually(lambda: "no router reads llm.classified" in log.read_text(),
+                         timeout_s=30)
+        gateway.spawn("router-split", "router",
+                      env={"SWITCHYARD_ROUTER__CLASSIFY_INLINE": "false"})
         async def some_went_through_the_classifier_stage() -> bool:
             response = await tenant.post("/v1/chat/completions", json={
                 "model": "auto", "messages": [{"role": "user", "content": CODE_PROMPT}]})
@@ -81,7 +87,8 @@ async def test_a_classifier_stage_and_an_inline_classifying_router_share_the_req
         await eventually(some_went_through_the_classifier_stage, timeout_s=60, every_s=0.2)
     finally:
         gateway.terminate("classifier")
-        gateway.terminate("router-split")
+        if "router-split" in gateway.processes:
+            gateway.terminate("router-split")
 
     rows = await eventually(lambda: _categories(pg, request_ids))
     assert rows == ["code"] * len(request_ids)

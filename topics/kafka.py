@@ -73,3 +73,16 @@ def make_consumer(settings: KafkaSettings, group_id: str, *, fetch_min_bytes: in
         fetch_min_bytes=fetch_min_bytes,
         fetch_max_wait_ms=fetch_max_wait_ms,
     )
+
+
+async def group_members(settings: KafkaSettings, group_id: str) -> int:
+    """How many consumers are in `group_id` now (0 for a group nobody has joined)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap_servers)
+    await admin.start()
+    try:
+        (response,) = await admin.describe_consumer_groups([group_id])
+        # Raw DescribeGroups rows: (error_code, group_id, state, protocol_type, protocol,
+        # members, ...).
+        return sum(len(row[5]) for row in response.groups if row[1] == group_id)
+    finally:
+        await admin.close()

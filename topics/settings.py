@@ -137,6 +137,9 @@ class ClassifierSettings(BaseModel):
     # One ONNX call runs on the event loop: 16 prompts hold it ~3 ms (64 would hold it ~12 ms).
     max_batch: int = Field(default=16, ge=1)
     shutdown_grace_s: float = Field(default=10.0, ge=0)
+    # How often the classifier process checks that some router reads what it forwards (it
+    # warns if none does: its share of the requests would wait in llm.classified).
+    reader_check_interval_s: float = Field(default=30.0, gt=0)
 
 
 class VaultSettings(BaseModel):

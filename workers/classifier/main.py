@@ -6,10 +6,12 @@ import asyncio
 import contextlib
 import logging
 
+from aiokafka.errors import KafkaError
+
 from topics import names
-from topics.kafka import make_consumer, make_producer
+from topics.kafka import group_members, make_consumer, make_producer
 from topics.messages import RequestEnvelope
-from topics.settings import Settings
+from topics.settings import KafkaSettings, Settings
 from workers.classifier.model import PromptClassifier
 from workers.classifier.stage import ClassifierStage, Labeller
 from workers.consumer import ConsumerLoop
@@ -34,7 +36,30 @@ async def run_classifier(settings: Settings, stop: asyncio.Event) -> None:
                             max_in_flight=cfg.max_in_flight,
                             shutdown_grace_s=cfg.shutdown_grace_s)
         log.info("classifier %s consuming %s", classifier.version, names.REQUESTS)
-        await loop.run(stop)
+        check = asyncio.create_task(_warn_without_readers(settings.kafka,
+                                                          cfg.reader_check_interval_s))
+        try:
+            await loop.run(stop)
+        finally:
+            check.cancel()
+            await asyncio.gather(check, return_exceptions=True)
+
+
+async def _warn_without_readers(kafka: KafkaSettings, every_s: float) -> None:
+    """Routers that classify inline read llm.requests, not llm.classified. A classifier
+    process beside only such routers forwards its share of the requests to nobody."""
+    while True:
+        await asyncio.sleep(every_s)
+        try:
+            readers = await group_members(kafka, names.CLASSIFIED_GROUP)
+        except KafkaError as exc:
+            log.warning("could not check the readers of %s: %s", names.CLASSIFIED, exc)
+            continue
+        if readers == 0:
+            log.warning("no router reads %s (consumer group %r is empty): the requests this "
+                        "classifier forwards wait there. Start routers with "
+                        "SWITCHYARD_ROUTER__CLASSIFY_INLINE=false, or stop this process",
+                        names.CLASSIFIED, names.CLASSIFIED_GROUP)
 
 
 def main() -> None:
