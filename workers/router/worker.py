@@ -13,6 +13,7 @@ from typing import Any
 from state.claims import ClaimResult, Claims
 from topics.errors import GatewayTimeout, SwitchyardError, UpstreamError
 from topics.messages import RequestEnvelope
+from workers.classifier.stage import needs_label
 from workers.router.attempt import now_ms
 from workers.router.cancel import CancelListener
 from workers.router.council import Council
@@ -61,8 +62,8 @@ class RouterWorker:
             return
         # The prompt is labelled while the claim's round trip is in flight; a request that is
         # not ours after all has only cost a classification.
-        labelling = (asyncio.ensure_future(self._label(env)) if self._label is not None
-                     else None)
+        labelling = (asyncio.ensure_future(self._label(env))
+                     if self._label is not None and needs_label(env) else None)
         try:
             claim, owner = await self._claims.claim(env.request_id)
         except BaseException:
