@@ -53,18 +53,18 @@ class ChatCompletions(ModelRoute):
         """SSE events from frames. sse-starlette runs this and the disconnect listener in one
         task group: a client that goes away cancels this generator, and the router is told."""
         finished = False
-        last_chunk: dict[str, Any] = {}
+        last_chunk: ReplyFrame | None = None
         try:
             while frame.kind in _RELAYED:
                 # Every chunk that has already arrived leaves in one write.
                 out = []
                 while True:
                     if frame.kind == "chunk":
-                        last_chunk = frame.data
-                        out.append(b"data: " + orjson.dumps(frame.data) + b"\n\n")
+                        last_chunk = frame
+                        out.append(b"data: " + frame.raw + b"\n\n")  # relayed as it came
                     elif frame.kind == "progress":
                         # An SSE comment: clients and proxies see life, parsers skip it.
-                        out.append(b": progress " + orjson.dumps(frame.data) + b"\n\n")
+                        out.append(b": progress " + frame.raw + b"\n\n")
                     ready = stream.next_ready()
                     if ready is None:
                         break
@@ -78,7 +78,8 @@ class ChatCompletions(ModelRoute):
             finished = True
             if frame.kind == "done":
                 if include_usage and frame.data.get("usage"):
-                    yield b"data: " + orjson.dumps(_usage_chunk(last_chunk, frame.data)) + b"\n\n"
+                    template = last_chunk.data if last_chunk is not None else {}
+                    yield b"data: " + orjson.dumps(_usage_chunk(template, frame.data)) + b"\n\n"
                 yield b"data: [DONE]\n\n"
             else:
                 yield sse_error_event(SwitchyardError.from_frame_data(frame.data))

@@ -8,16 +8,14 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
 
-import orjson
 import pytest
 import redis.asyncio as redis
 from aiokafka import AIOKafkaProducer
 
 from compose.stack import LocalStack
 from topics.kafka import make_producer
-from topics.messages import ReplyTarget
+from topics.messages import ReplyFrame, ReplyTarget, encode_frame, parse_frames
 from workers.router.frames import FrameWriter
 from workers.router.publisher import ReplyPublisher
 
@@ -39,67 +37,73 @@ class Channel:
     async def __aexit__(self, *_: object) -> None:
         await self._pubsub.aclose()  # type: ignore[no-untyped-call]
 
-    async def message(self, within_s: float = 2.0) -> list[Any]:
+    async def message(self, within_s: float = 2.0) -> list[ReplyFrame]:
         async with asyncio.timeout(within_s):
             while True:
                 got = await self._pubsub.get_message(timeout=within_s)
                 if got is not None:
-                    decoded = orjson.loads(got["data"])
-                    return decoded if isinstance(decoded, list) else [decoded]
+                    return parse_frames(got["data"])
+
+    async def seqs(self) -> list[int]:
+        return [frame.seq for frame in await self.message()]
+
+
+def frame(seq: int) -> bytes:
+    return encode_frame("req-1", seq, "chunk", b"{}")
 
 
 async def test_what_the_client_waits_for_leaves_at_once(r: redis.Redis) -> None:
     async with Channel(r) as channel, ReplyPublisher(r, flush_interval_s=LONG_S) as publisher:
-        publisher.publish(channel.name, b"0")
-        assert await channel.message() == [0]
-        publisher.publish(channel.name, b"1")  # urgent, though a flush just happened
-        assert await channel.message() == [1]
+        publisher.publish(channel.name, frame(0))
+        assert await channel.seqs() == [0]
+        publisher.publish(channel.name, frame(1))  # urgent, though a flush just happened
+        assert await channel.seqs() == [1]
 
 
 async def test_follow_on_chunks_wait_for_company_and_leave_together(r: redis.Redis) -> None:
     async with Channel(r) as channel, ReplyPublisher(r, flush_interval_s=0.3) as publisher:
-        publisher.publish(channel.name, b"0")
-        assert await channel.message() == [0]
+        publisher.publish(channel.name, frame(0))
+        assert await channel.seqs() == [0]
         for n in (1, 2, 3):
-            publisher.publish(channel.name, str(n).encode(), urgent=False)
-        assert await channel.message() == [1, 2, 3]
+            publisher.publish(channel.name, frame(n), urgent=False)
+        assert await channel.seqs() == [1, 2, 3]
 
 
 async def test_a_chunk_after_a_quiet_spell_does_not_wait(r: redis.Redis) -> None:
     async with Channel(r) as channel, ReplyPublisher(r, flush_interval_s=LONG_S) as publisher:
-        publisher.publish(channel.name, b"7", urgent=False)  # nothing flushed for ages
-        assert await channel.message() == [7]
+        publisher.publish(channel.name, frame(7), urgent=False)  # nothing flushed for ages
+        assert await channel.seqs() == [7]
 
 
 async def test_an_urgent_frame_takes_the_waiting_chunks_with_it_in_order(
         r: redis.Redis) -> None:
     async with Channel(r) as channel, ReplyPublisher(r, flush_interval_s=LONG_S) as publisher:
-        publisher.publish(channel.name, b"0")
-        assert await channel.message() == [0]
-        publisher.publish(channel.name, b"1", urgent=False)
-        publisher.publish(channel.name, b"2", urgent=False)
-        publisher.publish(channel.name, b"3")  # the done frame
-        assert await channel.message() == [1, 2, 3]
+        publisher.publish(channel.name, frame(0))
+        assert await channel.seqs() == [0]
+        publisher.publish(channel.name, frame(1), urgent=False)
+        publisher.publish(channel.name, frame(2), urgent=False)
+        publisher.publish(channel.name, frame(3))  # the done frame
+        assert await channel.seqs() == [1, 2, 3]
 
 
 async def test_chunks_still_waiting_at_shutdown_are_published(r: redis.Redis) -> None:
     async with Channel(r) as channel:
         async with ReplyPublisher(r, flush_interval_s=LONG_S) as publisher:
-            publisher.publish(channel.name, b"0")
-            assert await channel.message() == [0]
-            publisher.publish(channel.name, b"1", urgent=False)
-        assert await channel.message() == [1]
+            publisher.publish(channel.name, frame(0))
+            assert await channel.seqs() == [0]
+            publisher.publish(channel.name, frame(1), urgent=False)
+        assert await channel.seqs() == [1]
 
 
 async def test_frames_for_several_ingresses_leave_in_one_flush(r: redis.Redis) -> None:
     async with Channel(r) as a, Channel(r) as b, \
             ReplyPublisher(r, flush_interval_s=LONG_S) as publisher:
-        publisher.publish(a.name, b"0")
-        assert await a.message() == [0]
-        publisher.publish(a.name, b"1", urgent=False)
-        publisher.publish(b.name, b"2")
-        assert await a.message() == [1]
-        assert await b.message() == [2]
+        publisher.publish(a.name, frame(0))
+        assert await a.seqs() == [0]
+        publisher.publish(a.name, frame(1), urgent=False)
+        publisher.publish(b.name, frame(2))
+        assert await a.seqs() == [1]
+        assert await b.seqs() == [2]
 
 
 @pytest.fixture
@@ -117,12 +121,13 @@ async def test_meta_leaves_with_the_frame_after_it_in_one_message(
         whole = FrameWriter("req-whole", ReplyTarget(channel=channel.name), publisher, producer)
         await whole.send("meta", {"provider": "p"})
         await whole.send("done", {"completion": {}})
-        assert [(f["kind"], f["seq"]) for f in await channel.message()] == [("meta", 0),
-                                                                          ("done", 1)]
+        assert [(f.kind, f.seq) for f in await channel.message()] == [("meta", 0), ("done", 1)]
 
         streamed = FrameWriter("req-stream", ReplyTarget(channel=channel.name), publisher,
                                producer)
         await streamed.send("meta", {"provider": "p"})
         await streamed.chunk({"n": 0})
         await streamed.chunk({"n": 1})
-        assert [f["kind"] for f in await channel.message()] == ["meta", "chunk", "chunk"]
+        frames = await channel.message()
+        assert [f.kind for f in frames] == ["meta", "chunk", "chunk"]
+        assert [f.data for f in frames] == [{"provider": "p"}, {"n": 0}, {"n": 1}]

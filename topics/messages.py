@@ -91,33 +91,73 @@ class RequestEnvelope(_Message):
     classifier_version: str | None = None
 
 
-class ReplyFrame(_Message):
-    """One step of a reply. `seq` starts at 0 and has no gaps; a gap means lost frames."""
+class ReplyFrame:
+    """One step of a reply. `seq` starts at 0 and has no gaps; a gap means lost frames.
 
-    request_id: str
-    seq: int = Field(ge=0)
-    kind: FrameKind
-    data: dict[str, Any] = Field(default_factory=dict)
+    On a Kafka reply topic a frame is one JSON message `{request_id, seq, kind, data}`. On a
+    Redis reply channel (router → ingress) it is `encode_frame`'s header line followed by
+    `data`'s JSON as it is: the ingress relays a chunk's bytes to its client without parsing
+    them (parsing built five dicts per chunk, and their garbage collection cost the ingress
+    more than the relay itself); other kinds are parsed and checked on arrival."""
+
+    __slots__ = ("_data", "kind", "raw", "request_id", "seq")
+
+    def __init__(self, request_id: str, seq: int, kind: FrameKind, raw: bytes,
+                 data: dict[str, Any] | None = None) -> None:
+        self.request_id = request_id
+        self.seq = seq
+        self.kind = kind
+        self.raw = raw  # `data` as JSON
+        self._data = data
+
+    @property
+    def data(self) -> dict[str, Any]:
+        if self._data is None:
+            self._data = _json_object(self.raw)
+        return self._data
 
 
-_FRAME_KINDS = frozenset(("meta", "progress", "chunk", "done", "error"))
+_FRAME_KINDS: dict[bytes, FrameKind] = {b"meta": "meta", b"progress": "progress",
+                                        b"chunk": "chunk", b"done": "done", b"error": "error"}
+
+
+def encode_frame(request_id: str, seq: int, kind: FrameKind, data: bytes) -> bytes:
+    """A frame for a reply channel: `<request_id> <seq> <kind> <len(data)>\\n` then `data`
+    (JSON). A channel message is one or more of them back to back."""
+    return b"%s %d %s %d\n%s" % (request_id.encode(), seq, kind.encode(), len(data), data)
 
 
 def parse_frames(raw: bytes) -> list[ReplyFrame]:
-    """One reply-channel message: a frame, or a JSON array of frames (a publisher's batch).
-
-    Checked by hand rather than by pydantic: this runs once per streamed chunk, and the
-    `data` payload is relayed as it is, not interpreted."""
-    decoded = orjson.loads(raw)
-    items = decoded if isinstance(decoded, list) else [decoded]
+    """The frames of one reply-channel message. Raises ValueError if any is malformed."""
+    if not raw:
+        raise ValueError("an empty reply message: no frames")
     frames = []
-    for item in items:
-        if not (isinstance(item, dict) and isinstance(item.get("request_id"), str)
-                and type(item.get("seq")) is int and item["seq"] >= 0
-                and item.get("kind") in _FRAME_KINDS and isinstance(item.get("data"), dict)):
-            raise ValueError(f"not a reply frame: {str(item)[:200]}")
-        frames.append(ReplyFrame.model_construct(**item))
+    pos, end = 0, len(raw)
+    while pos < end:
+        eol = raw.find(b"\n", pos)
+        header = raw[pos:eol].split(b" ") if eol > 0 else []
+        if len(header) != 4 or header[2] not in _FRAME_KINDS \
+                or not (header[1].isdigit() and header[3].isdigit()):
+            raise ValueError(f"not a reply frame header: {raw[pos:pos + 120]!r}")
+        pos = eol + 1 + int(header[3])
+        if pos > end:
+            raise ValueError(f"reply frame cut short: {raw[eol + 1:eol + 121]!r}")
+        kind = _FRAME_KINDS[header[2]]
+        data = raw[eol + 1:pos]
+        # A chunk is relayed as it is; what the ingress acts on is checked now.
+        parsed = None if kind == "chunk" else _json_object(data)
+        frames.append(ReplyFrame(header[0].decode(), int(header[1]), kind, data, parsed))
     return frames
+
+
+def _json_object(raw: bytes) -> dict[str, Any]:
+    try:
+        decoded = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise ValueError(f"reply frame data is not JSON ({exc}): {raw[:120]!r}") from None
+    if type(decoded) is not dict:
+        raise ValueError(f"reply frame data is not an object: {raw[:120]!r}")
+    return decoded
 
 
 class CancelRequest(_Message):

@@ -9,7 +9,7 @@ import orjson
 from aiokafka import AIOKafkaProducer
 
 from topics.errors import SwitchyardError
-from topics.messages import FrameKind, ReplyTarget
+from topics.messages import FrameKind, ReplyTarget, encode_frame
 from workers.router.publisher import ReplyPublisher
 
 
@@ -25,9 +25,13 @@ class FrameWriter:
         self._chunked = False  # a chunk has gone out
 
     async def send(self, kind: FrameKind, data: dict[str, Any]) -> None:
-        # A plain dict, not ReplyFrame: this is the hot path; readers validate.
-        frame = orjson.dumps({"request_id": self._request_id, "seq": self._seq, "kind": kind,
-                              "data": data})
+        # A channel frame carries the data's JSON after a header line, so that the ingress
+        # relays a chunk without parsing it; a reply topic gets one JSON message per frame.
+        if self._reply.channel is not None:
+            frame = encode_frame(self._request_id, self._seq, kind, orjson.dumps(data))
+        else:
+            frame = orjson.dumps({"request_id": self._request_id, "seq": self._seq,
+                                  "kind": kind, "data": data})
         self._seq += 1
         if kind == "meta":
             # Nobody waits on `meta` alone: it leaves with the frame after it (the first

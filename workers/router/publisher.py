@@ -1,6 +1,7 @@
 """One reply publisher per router process. Frames for the same ingress channel that pile up
-before a flush leave together: one PUBLISH carrying a JSON array of frames, all channels in
-one pipeline, so the number of Redis writes stops growing with the number of chunks.
+before a flush leave together: one PUBLISH carrying the encoded frames back to back
+(`topics.messages.encode_frame`), all channels in one pipeline, so the number of Redis writes
+stops growing with the number of chunks.
 
 What the client waits for (a request's meta, first chunk, done, error) is flushed at once.
 Follow-on stream chunks wait until `flush_interval_s` has passed since the previous flush,
@@ -81,13 +82,10 @@ class ReplyPublisher:
             return
         if len(batch) == 1:  # the common case: one ingress; a pipeline costs more
             ((channel, frames),) = batch.items()
-            await self._redis.publish(channel, _message(frames))
+            await self._redis.publish(channel, b"".join(frames))
             return
         async with self._redis.pipeline(transaction=False) as pipe:
             for channel, frames in batch.items():
-                pipe.publish(channel, _message(frames))
+                pipe.publish(channel, b"".join(frames))
             await pipe.execute()
 
-
-def _message(frames: list[bytes]) -> bytes:
-    return frames[0] if len(frames) == 1 else b"[" + b",".join(frames) + b"]"
