@@ -49,6 +49,7 @@ from state.vault import MasterKeys
 from topics import names
 from topics.catalog import load_catalog
 from topics.errors import SwitchyardError
+from topics.heap import settle_heap
 from topics.kafka import make_producer
 from topics.settings import Settings
 
@@ -103,6 +104,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 store=PosteriorStore(client, half_life_s=settings.router.bandit_half_life_s),
                 feedback_rate=settings.router.feedback_rate,
                 breakers=Breakers(client, breaker_config(settings.router)))
+            settle_heap()
             log.info("ingress ready; replies on %s", replies.channel)
             yield {
                 "chat": ChatCompletions(pipeline, auth, catalog),

@@ -11,6 +11,8 @@ from typing import Any
 import uvloop
 from prometheus_client import CollectorRegistry, start_http_server
 
+from topics.heap import settle_heap
+
 
 def run_process(main: Callable[[asyncio.Event], Coroutine[Any, Any, None]],
                 log_level: str) -> None:
@@ -23,6 +25,7 @@ def run_process(main: Callable[[asyncio.Event], Coroutine[Any, Any, None]],
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        settle_heap()  # what the worker imported; its clients and models are few objects
         await main(stop)
 
     uvloop.run(_run())
