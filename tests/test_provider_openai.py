@@ -3,6 +3,7 @@ provider failure lands in our taxonomy."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -129,6 +130,38 @@ async def test_idle_gap_timeout_between_chunks(adapter: OpenAICompat,
     with pytest.raises(SwitchyardError) as failure:
         await collect(adapter, fake, {"model": "x", "messages": MESSAGES}, idle_s=0.2)
     assert failure.value.code == "upstream_timeout"
+    assert "next chunk" in failure.value.message
+
+
+async def test_time_the_caller_spends_on_a_chunk_is_not_provider_silence(
+        adapter: OpenAICompat, fake: FakeUpstream) -> None:
+    fake.configure(inter_token_ms=20)
+    chunks = []
+    async for chunk in adapter.stream(route(fake, idle_s=0.15), {"model": "x",
+                                                                  "messages": MESSAGES}, "r"):
+        chunks.append(chunk)
+        await asyncio.sleep(0.3)  # longer than idle_s, while the provider keeps sending
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks
+                   if c["choices"])
+    assert text == expected_content(MESSAGES, 6)
+
+
+async def test_a_stream_that_stalls_after_a_slow_caller_still_times_out(
+        adapter: OpenAICompat, fake: FakeUpstream) -> None:
+    fake.configure(inter_token_ms=1500)
+    seen = 0
+
+    async def read_slowly() -> None:
+        nonlocal seen
+        async for _ in adapter.stream(route(fake, idle_s=0.2), {"model": "x",
+                                                                "messages": MESSAGES}, "r"):
+            seen += 1
+            await asyncio.sleep(0.3)
+
+    with pytest.raises(SwitchyardError) as failure:
+        await read_slowly()
+    # The role chunk and the first token arrive together; nothing after them.
+    assert (seen, failure.value.code) == (2, "upstream_timeout")
     assert "next chunk" in failure.value.message
 
 
