@@ -35,24 +35,21 @@ class RequestIdentity:
         started = time.perf_counter()
         metrics = self._metrics
 
+        started_response = False
+
         async def send_with_id(message: Message) -> None:
+            nonlocal started_response
             if message["type"] == "http.response.start":
+                started_response = True
                 headers = [h for h in message.get("headers", []) if h[0] != b"x-request-id"]
                 message["headers"] = [*headers, header]
                 metrics.requests.labels(route, str(message["status"])).inc()
                 metrics.latency.labels(route).observe(time.perf_counter() - started)
             await send(message)
 
-        started_response = False
-
-        async def tracking_send(message: Message) -> None:
-            nonlocal started_response
-            started_response = started_response or message["type"] == "http.response.start"
-            await send_with_id(message)
-
         metrics.in_flight.inc()
         try:
-            await self._app(scope, receive, tracking_send)
+            await self._app(scope, receive, send_with_id)
         except Exception:
             # The boundary for what no handler expected: still an OpenAI-shaped 500 with
             # its request id, never a traceback. Re-raised if the response already started.
