@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import time
 
 import aiohttp
 import httpx
 
-from bench.loadgen import cpu_seconds, run_open_loop, single_upstream_gateway
+from bench.loadgen import box_busy_s, cpu_seconds, run_open_loop, single_upstream_gateway
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -41,12 +42,16 @@ async def _run(args: argparse.Namespace, gateway_url: str, fake_url: str, key: s
                                        duration_s=args.phase_s, label="direct",
                                        stream=args.stream)
             before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+            before_box_s, before_own_s, t0 = box_busy_s(), time.process_time(), time.monotonic()
             ours = await run_open_loop(session, *gateway, body, rate=args.rate,
                                        duration_s=args.phase_s, label="switchyard",
                                        stream=args.stream)
             cpu_ms = {name: 1000 * (cpu_seconds(pid) - before[name]) / max(ours.sent, 1)
                       for name, pid in pids.items()}
             total = sum(v for name, v in cpu_ms.items() if name != "fake-upstream")
+            own_s = time.process_time() - before_own_s
+            cpu_ms["load-generator"] = 1000 * own_s / max(ours.sent, 1)
+            box_cores = (box_busy_s() - before_box_s) / (time.monotonic() - t0)
             line = (f"round {n}: added p50 {ours.pct(50) - base.pct(50):+.2f} ms, "
                     f"p99 {ours.pct(99) - base.pct(99):+.2f} ms, errors {ours.errors}")
             if args.stream:
@@ -54,7 +59,8 @@ async def _run(args: argparse.Namespace, gateway_url: str, fake_url: str, key: s
                          f"p99 {ours.pct(99, True) - base.pct(99, True):+.2f} ms")
             shares = ", ".join(f"{name} {v:.2f}" for name, v in
                                sorted(cpu_ms.items(), key=lambda item: -item[1]))
-            print(f"{line} | CPU-ms per request {total:.2f} ({shares})", flush=True)
+            print(f"{line} | CPU-ms per request {total:.2f} ({shares}) | box busy "
+                  f"{box_cores:.2f} cores", flush=True)
 
 
 def parse() -> argparse.Namespace:

@@ -33,6 +33,7 @@ from bench.closed_loop import run_closed_loop
 from bench.compare_report import Memory, Phase, Report, render
 from bench.loadgen import (
     Result,
+    box_busy_s,
     cpu_seconds,
     machine,
     process_tree,
@@ -137,11 +138,11 @@ async def _measure(args: argparse.Namespace, targets: dict[str, Target], fake: s
                                     duration_s=1, label="warmup", stream=stream)
                 await _settle(pids)
                 before, own_before = _cpu(pids), time.process_time()
-                box_before, wall_before = _box_busy(), time.monotonic()
+                box_before, wall_before = box_busy_s(), time.monotonic()
                 result = await run(name, targets[name])
                 await _settle(pids)
                 after, own_after = _cpu(pids), time.process_time()
-                box, wall = _box_busy() - box_before, time.monotonic() - wall_before
+                box, wall = box_busy_s() - box_before, time.monotonic() - wall_before
                 cpu = {n: after[n] - before[n] for n in after if n in before}
                 cpu["loadgen"] = own_after - own_before
                 other_cores = max(0.0, box - sum(cpu.values())) / wall
@@ -218,14 +219,6 @@ async def _settle(pids: dict[str, int], *, idle_cores: float = 0.3,
             return
         last = now
     log(f"compare: still busy after {max_wait_s:.0f} s; going on")
-
-
-def _box_busy() -> float:
-    """CPU-seconds the whole box has been busy (all cores, every process), from /proc/stat."""
-    with open("/proc/stat") as f:
-        fields = [int(x) for x in f.readline().split()[1:]]
-    idle = fields[3] + fields[4]  # idle, iowait
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
 def _cpu(pids: dict[str, int]) -> dict[str, float]:

@@ -98,6 +98,7 @@ async def _one(session: aiohttp.ClientSession, url: str, headers: dict[str, str]
                payload: bytes, scheduled: float, stream: bool, result: Result,
                on_sample: OnSample | None = None) -> None:
     ttft = None
+    events: StreamEvents | None = None
     try:
         async with session.post(url, data=payload, headers=headers) as resp:
             if resp.status != 200:
@@ -110,17 +111,13 @@ async def _one(session: aiohttp.ClientSession, url: str, headers: dict[str, str]
                     on_sample(Sample(scheduled, time.perf_counter(), resp.status, None, text))
                 return
             if stream:
-                last = b""
-                async for line in resp.content:
-                    if ttft is None and line.startswith(b"data:") and b'"content":"' in line \
-                            and b'"content":""' not in line:
-                        ttft = (time.perf_counter() - scheduled) * 1000
-                    if line.startswith(b"data: [DONE]"):
+                events = StreamEvents(scheduled)
+                async for raw in resp.content.iter_any():
+                    if events.feed(raw):
                         break
-                    if line.startswith(b"data:"):
-                        last = line
                 else:
                     raise RuntimeError("stream ended without [DONE]")
+                ttft, last = events.ttft_ms, events.last
                 if ttft is not None:
                     result.ttfts_ms.append(ttft)
             else:
@@ -130,11 +127,40 @@ async def _one(session: aiohttp.ClientSession, url: str, headers: dict[str, str]
         if on_sample is not None:
             on_sample(Sample(scheduled, finished, 200, ttft, last.removeprefix(b"data:").strip()))
     except (aiohttp.ClientError, RuntimeError, TimeoutError) as exc:
+        ttft = events.ttft_ms if events is not None else None
         result.errors += 1
         if len(result.error_samples) < 5:
             result.error_samples.append(repr(exc)[:200])
         if on_sample is not None:
             on_sample(Sample(scheduled, time.perf_counter(), 0, ttft, repr(exc).encode()))
+
+
+class StreamEvents:
+    """What the load generator needs of an SSE answer, read a network read at a time (a line
+    at a time cost the shared box more CPU than some of the processes it measures): when the
+    first content arrived, the last data event before [DONE], and whether [DONE] came."""
+
+    def __init__(self, scheduled: float) -> None:
+        self._scheduled = scheduled
+        self._pending = b""
+        self.ttft_ms: float | None = None
+        self.last = b""
+
+    def feed(self, raw: bytes) -> bool:
+        """Take one read; True once [DONE] has arrived."""
+        if b"\r" in raw:  # sse-starlette ends its own events (pings) with CRLF
+            raw = raw.replace(b"\r\n", b"\n")
+        *events, self._pending = (self._pending + raw).split(b"\n\n")
+        for event in events:
+            if not event.startswith(b"data:"):
+                continue  # a comment (progress, ping)
+            if event.startswith(b"data: [DONE]"):
+                return True
+            if self.ttft_ms is None and b'"content":"' in event \
+                    and b'"content":""' not in event:
+                self.ttft_ms = (time.perf_counter() - self._scheduled) * 1000
+            self.last = event
+        return False
 
 
 def cpu_seconds(pid: int) -> float:
@@ -149,6 +175,14 @@ def cpu_seconds(pid: int) -> float:
             continue  # exited meanwhile
         total += int(fields[11]) + int(fields[12])  # utime, stime
     return total / os.sysconf("SC_CLK_TCK")
+
+
+def box_busy_s() -> float:
+    """CPU-seconds the whole box has been busy (all cores, every process), from /proc/stat."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + fields[4]  # idle, iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
 def process_tree(pid: int) -> list[int]:
