@@ -11,6 +11,7 @@ import aiohttp
 import orjson
 import pytest
 import pytest_asyncio
+from aiohttp import web
 from openai.types import CreateEmbeddingResponse
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
@@ -163,6 +164,43 @@ async def test_a_stream_that_stalls_after_a_slow_caller_still_times_out(
     # The role chunk and the first token arrive together; nothing after them.
     assert (seen, failure.value.code) == (2, "upstream_timeout")
     assert "next chunk" in failure.value.message
+
+
+async def test_keep_alive_comments_alone_do_not_hold_off_the_idle_timeout(
+        adapter: OpenAICompat) -> None:
+    first = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m",
+             "choices": [{"index": 0, "delta": {"role": "assistant", "content": "hi"},
+                          "finish_reason": None}]}
+
+    async def stalls_behind_keep_alives(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(b"data: " + orjson.dumps(first) + b"\n\n")
+        for _ in range(40):  # 2 s of comments, never another event
+            await asyncio.sleep(0.05)
+            await resp.write(b": keep-alive\n\n")
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", stalls_behind_keep_alives)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    url = f"http://127.0.0.1:{runner.addresses[0][1]}/v1"
+    seen = []
+
+    async def read() -> None:
+        async for chunk in adapter.stream(Route("openai", "openai", url, None, "m",
+                                                Timeouts(idle_s=0.3)),
+                                          {"model": "x", "messages": MESSAGES}, "r"):
+            seen.append(chunk)
+
+    try:
+        with pytest.raises(SwitchyardError) as failure:
+            await asyncio.wait_for(read(), timeout=1.5)
+    finally:
+        await runner.cleanup()
+    assert (len(seen), failure.value.code) == (1, "upstream_timeout")
 
 
 async def test_total_timeout(adapter: OpenAICompat, fake: FakeUpstream) -> None:

@@ -167,8 +167,12 @@ async def provider_events(route: Route,
                 watch.reading(deadline)
                 raw = await resp.content.readany()
                 watch.idle()
-                phase, deadline = "next chunk", min(loop.time() + t.idle_s, end)
-                for event in parser.feed(raw) if raw else parser.end():
+                events = parser.feed(raw) if raw else parser.end()
+                # A read without a whole event (a keep-alive comment, half a line) is not
+                # progress: only events push the idle deadline back.
+                if events:
+                    phase, deadline = "next chunk", min(loop.time() + t.idle_s, end)
+                for event in events:
                     yield event
                 if not raw:  # end of body
                     return
