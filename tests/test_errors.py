@@ -131,6 +131,9 @@ async def test_bad_timeout_header_is_400(http: httpx.AsyncClient) -> None:
     b'{"schema_version": 1, "request_id": "r"}',  # JSON, but not a request envelope
     b'{"schema_version": 99, "request_id": "r", "tenant_id": "t", "key_id": "k", '
     b'"received_at_ms": 0, "deadline_ms": 0, "body": {}, "reply": {"topic": "x"}}',
+    # Whitespace in a request id would break the reply channel's frame headers.
+    b'{"schema_version": 1, "request_id": "r 1", "tenant_id": "t", "key_id": "k", '
+    b'"received_at_ms": 0, "deadline_ms": 0, "body": {}, "reply": {"topic": "x"}}',
 ])
 async def test_undecodable_request_goes_to_the_dlq_and_the_next_is_served(
         gateway: Gateway, client: openai.AsyncOpenAI, garbage: bytes) -> None:

@@ -74,7 +74,8 @@ class RequestEnvelope(_Message):
     """`llm.requests` (and, with classification fields, `llm.classified`)."""
 
     schema_version: Literal[1] = SCHEMA_VERSION
-    request_id: str = Field(min_length=1, max_length=128)
+    # No whitespace: a reply channel's frame header is space-separated.
+    request_id: str = Field(min_length=1, max_length=128, pattern=r"^\S+$")
     tenant_id: str = Field(min_length=1)
     key_id: str = Field(min_length=1)
     received_at_ms: int
