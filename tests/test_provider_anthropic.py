@@ -4,7 +4,8 @@ OpenAI out. Every completion and chunk it returns is parsed by the official `ope
 from __future__ import annotations
 
 import base64
-from collections.abc import AsyncIterator, Awaitable, Callable
+import contextlib
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -17,6 +18,7 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from compose.fake_scenario import Ask, plan
 from compose.fake_state import FakeConfig
 from compose.fake_upstream import FakeUpstream
+from tests.wire_server import Handler, serving
 from topics.errors import (
     GatewayTimeout,
     InvalidRequest,
@@ -636,19 +638,8 @@ async def _drain(chunks: AsyncIterator[dict[str, Any]], into: list[dict[str, Any
         into.append(chunk)
 
 
-class _server:
+@contextlib.asynccontextmanager
+async def _server(handler: Handler) -> AsyncIterator[str]:
     """A one-route Anthropic stand-in for wire shapes the fake never produces."""
-
-    def __init__(self, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> None:
-        app = web.Application()
-        app.router.add_post("/v1/messages", handler)
-        self._runner = web.AppRunner(app, access_log=None)
-
-    async def __aenter__(self) -> str:
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        return f"http://127.0.0.1:{self._runner.addresses[0][1]}/v1"
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self._runner.cleanup()
+    async with serving("/v1/messages", handler) as origin:
+        yield f"{origin}/v1"

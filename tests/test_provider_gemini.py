@@ -21,6 +21,7 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from compose.fake_gemini import embedding_of
 from compose.fake_state import FakeConfig
 from compose.fake_upstream import FakeUpstream
+from tests.wire_server import serving
 from topics.errors import (
     GatewayTimeout,
     InvalidRequest,
@@ -472,15 +473,8 @@ async def _stub(status: int, body: bytes, sse: bool = False) -> AsyncIterator[Ro
     async def answer(request: web.Request) -> web.Response:
         return web.Response(status=status, body=body,
                             content_type="text/event-stream" if sse else "application/json")
-    app = web.Application()
-    app.router.add_post("/v1beta/models/{tail}", answer)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    try:
-        yield _route(f"http://127.0.0.1:{runner.addresses[0][1]}")
-    finally:
-        await runner.cleanup()
+    async with serving("/v1beta/models/{tail}", answer) as origin:
+        yield _route(origin)
 
 
 def _sse(*events: dict[str, Any]) -> bytes:

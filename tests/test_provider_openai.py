@@ -17,6 +17,7 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from compose.fake_state import FakeConfig
 from compose.fake_upstream import FakeUpstream, expected_content
+from tests.wire_server import serving
 from topics.errors import SwitchyardError
 from workers.providers.base import Route, Timeouts
 from workers.providers.openai_compat import OpenAICompat
@@ -181,25 +182,17 @@ async def test_keep_alive_comments_alone_do_not_hold_off_the_idle_timeout(
             await resp.write(b": keep-alive\n\n")
         return resp
 
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", stalls_behind_keep_alives)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    url = f"http://127.0.0.1:{runner.addresses[0][1]}/v1"
     seen = []
 
-    async def read() -> None:
+    async def read(url: str) -> None:
         async for chunk in adapter.stream(Route("openai", "openai", url, None, "m",
                                                 Timeouts(idle_s=0.3)),
                                           {"model": "x", "messages": MESSAGES}, "r"):
             seen.append(chunk)
 
-    try:
+    async with serving("/v1/chat/completions", stalls_behind_keep_alives) as origin:
         with pytest.raises(SwitchyardError) as failure:
-            await asyncio.wait_for(read(), timeout=1.5)
-    finally:
-        await runner.cleanup()
+            await asyncio.wait_for(read(f"{origin}/v1"), timeout=1.5)
     assert (len(seen), failure.value.code) == (1, "upstream_timeout")
 
 
