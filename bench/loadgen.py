@@ -26,6 +26,7 @@ from compose.gateway import Gateway
 from compose.stack import LocalStack, free_port
 from state.keys import create_key
 from topics.catalog import load_catalog
+from workers.providers.base import SseParser
 
 
 @dataclass
@@ -60,8 +61,9 @@ class Sample:
     finished: float  # perf_counter() at which its answer (or failure) was complete
     status: int  # HTTP status; 0 when the transport failed or the stream broke
     ttft_ms: float | None  # streamed: scheduled send → first content chunk
-    # Non-streamed: the body. Streamed: the last data event before [DONE] (the usage chunk,
-    # with the metadata, when `stream_options.include_usage` is set). Failures: the reason.
+    # Non-streamed: the body. Streamed: the data of the last event before [DONE] (the usage
+    # chunk, with the metadata, when `stream_options.include_usage` is set). Failures: the
+    # reason.
     last: bytes
 
     @property
@@ -125,7 +127,7 @@ async def _one(session: aiohttp.ClientSession, url: str, headers: dict[str, str]
         finished = time.perf_counter()
         result.latencies_ms.append((finished - scheduled) * 1000)
         if on_sample is not None:
-            on_sample(Sample(scheduled, finished, 200, ttft, last.removeprefix(b"data:").strip()))
+            on_sample(Sample(scheduled, finished, 200, ttft, last))
     except (aiohttp.ClientError, RuntimeError, TimeoutError) as exc:
         ttft = events.ttft_ms if events is not None else None
         result.errors += 1
@@ -142,24 +144,19 @@ class StreamEvents:
 
     def __init__(self, scheduled: float) -> None:
         self._scheduled = scheduled
-        self._pending = b""
+        self._parser = SseParser()
         self.ttft_ms: float | None = None
         self.last = b""
 
     def feed(self, raw: bytes) -> bool:
         """Take one read; True once [DONE] has arrived."""
-        if b"\r" in raw:  # sse-starlette ends its own events (pings) with CRLF
-            raw = raw.replace(b"\r\n", b"\n")
-        *events, self._pending = (self._pending + raw).split(b"\n\n")
-        for event in events:
-            if not event.startswith(b"data:"):
-                continue  # a comment (progress, ping)
-            if event.startswith(b"data: [DONE]"):
+        for event in self._parser.feed(raw):
+            if event.data == b"[DONE]":
                 return True
-            if self.ttft_ms is None and b'"content":"' in event \
-                    and b'"content":""' not in event:
+            if self.ttft_ms is None and b'"content":"' in event.data \
+                    and b'"content":""' not in event.data:
                 self.ttft_ms = (time.perf_counter() - self._scheduled) * 1000
-            self.last = event
+            self.last = event.data
         return False
 
 
