@@ -136,7 +136,7 @@ def parse_frames(raw: bytes) -> list[ReplyFrame]:
     pos, end = 0, len(raw)
     while pos < end:
         eol = raw.find(b"\n", pos)
-        header = raw[pos:eol].split(b" ") if eol > 0 else []
+        header = raw[pos:eol].split(b" ") if eol >= 0 else []  # no newline: no header
         if len(header) != 4 or header[2] not in _FRAME_KINDS \
                 or not (header[1].isdigit() and header[3].isdigit()):
             raise ValueError(f"not a reply frame header: {raw[pos:pos + 120]!r}")

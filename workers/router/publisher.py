@@ -88,4 +88,3 @@ class ReplyPublisher:
             for channel, frames in batch.items():
                 pipe.publish(channel, b"".join(frames))
             await pipe.execute()
-
