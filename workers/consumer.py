@@ -111,11 +111,13 @@ class ConsumerLoop(Generic[M]):
         self._consumer.subscribe([self._topic], listener=_Rebalance(self))
         loop = asyncio.get_running_loop()
         next_commit = loop.time() + self._commit_interval_s
+        poll_ms = max(1, int(self._commit_interval_s * 1000))
         stopping = asyncio.ensure_future(stop.wait())
         try:
             while not stop.is_set():
-                fetch = asyncio.ensure_future(
-                    self._consumer.getmany(timeout_ms=100, max_records=self._max_in_flight))
+                # The wait only bounds how late an idle loop commits finished work.
+                fetch = asyncio.ensure_future(self._consumer.getmany(
+                    timeout_ms=poll_ms, max_records=self._max_in_flight))
                 await asyncio.wait({fetch, stopping}, return_when=asyncio.FIRST_COMPLETED)
                 if not fetch.done():
                     fetch.cancel()
