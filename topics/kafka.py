@@ -68,9 +68,10 @@ def make_consumer(settings: KafkaSettings, group_id: str, *, fetch_min_bytes: in
         heartbeat_interval_ms=settings.heartbeat_interval_ms,
         max_poll_records=500,
         # Long-poll: with the defaults a fetch returns as soon as data arrives, so the wait
-        # costs no latency, and an idle consumer costs the broker two fetches a second (at
-        # 100 ms, ten: a third of its idle CPU). A consumer off the answer's path may ask for
-        # more bytes per fetch, trading delay for fewer fetches.
+        # costs no latency, and an idle consumer makes two fetches a second (at 100 ms, ten:
+        # the router idled at ~10 CPU-ms/s instead of ~4, `python -m bench.idle`). A consumer
+        # off the answer's path may ask for more bytes per fetch, trading delay for fewer
+        # fetches.
         fetch_min_bytes=fetch_min_bytes,
         fetch_max_wait_ms=fetch_max_wait_ms,
     )
