@@ -28,6 +28,7 @@ from topics.catalog import Catalog
 from topics.errors import ClientClosedRequest, InvalidRequest, SwitchyardError, Unavailable
 from topics.messages import Endpoint, ReplyFrame
 from topics.settings import IngressSettings
+from topics.tasks import Interrupted, unless
 
 TIMEOUT_HEADER = "x-switchyard-timeout-ms"
 # Frames may trail the router's own deadline handling by a little; wait that much longer so
@@ -140,33 +141,17 @@ class Pipeline:
 
 async def _unless_gone(answer: Coroutine[Any, Any, ReplyFrame],
                        client_gone: Callable[[], Awaitable[object]] | None) -> ReplyFrame:
-    """The answer, unless the client leaves first (then ClientClosedRequest).
-
-    The answer is awaited in the caller's own task, and a client leaving cancels that task:
-    a task of its own for the answer cost every request one more wake-up between its first
-    frame's arrival and its response."""
+    """The answer, unless the client leaves first (then ClientClosedRequest). The answer is
+    awaited in the caller's own task (`topics.tasks.unless`): one wake-up fewer between its
+    first frame's arrival and the response."""
     if client_gone is None:
         return await answer
-    task = asyncio.current_task()
-    assert task is not None
-    gone = False
-
-    def on_leaving(leaving: asyncio.Future[object]) -> None:
-        nonlocal gone
-        if not leaving.cancelled() and leaving.exception() is None:
-            gone = True
-            task.cancel()
-
     leaving = asyncio.ensure_future(client_gone())
-    leaving.add_done_callback(on_leaving)
     try:
-        return await answer
-    except asyncio.CancelledError:
-        if gone and task.uncancel() == 0:  # our cancellation, nobody else's
-            raise ClientClosedRequest("the client disconnected before its answer") from None
-        raise
+        return await unless(answer, leaving)
+    except Interrupted:
+        raise ClientClosedRequest("the client disconnected before its answer") from None
     finally:
-        leaving.remove_done_callback(on_leaving)
         leaving.cancel()
 
 

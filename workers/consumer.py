@@ -14,6 +14,7 @@ from aiokafka.errors import CommitFailedError, KafkaError
 from pydantic import ValidationError
 
 from topics import names
+from topics.tasks import Interrupted, unless
 
 log = logging.getLogger(__name__)
 
@@ -112,32 +113,18 @@ class ConsumerLoop(Generic[M]):
         loop = asyncio.get_running_loop()
         next_commit = loop.time() + self._commit_interval_s
         poll_ms = max(1, int(self._commit_interval_s * 1000))
-        # The poll is awaited in this task rather than raced against `stop` in a task of its
-        # own: that cost two loop turns per fetch, and let aiokafka send its next fetch
-        # before the fetched work had started. `stop` interrupts a waiting poll instead.
-        this = asyncio.current_task()
-        assert this is not None
-        polling = False
-
-        def interrupt(_: object) -> None:
-            if polling:
-                this.cancel()
-
+        # The poll is awaited in this task, not raced against `stop` in a task of its own:
+        # that cost two loop turns per fetch, and let aiokafka send its next fetch before the
+        # fetched work had started.
         stopping = asyncio.ensure_future(stop.wait())
-        stopping.add_done_callback(interrupt)
         try:
             while not stop.is_set():
-                polling = True
                 try:
                     # The wait only bounds how late an idle loop commits finished work.
-                    fetched = await self._consumer.getmany(timeout_ms=poll_ms,
-                                                           max_records=self._max_in_flight)
-                except asyncio.CancelledError:
-                    if stop.is_set() and this.uncancel() == 0:
-                        break  # interrupted by `stop` alone
-                    raise
-                finally:
-                    polling = False
+                    fetched = await unless(self._consumer.getmany(
+                        timeout_ms=poll_ms, max_records=self._max_in_flight), stopping)
+                except Interrupted:
+                    break
                 for tp, records in fetched.items():
                     for record in records:
                         await self._slots.acquire()
