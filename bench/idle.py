@@ -16,7 +16,7 @@ import os
 import re
 import time
 
-from bench.loadgen import box_busy_s, cpu_seconds, single_upstream_gateway
+from bench.loadgen import box_busy_s, cpu_seconds, single_upstream_gateway, stat_ticks
 
 
 def thread_ticks(pid: int) -> dict[str, int]:
@@ -24,13 +24,10 @@ def thread_ticks(pid: int) -> dict[str, int]:
     out: collections.Counter[str] = collections.Counter()
     for tid in os.listdir(f"/proc/{pid}/task"):
         try:
-            with open(f"/proc/{pid}/task/{tid}/stat") as f:
-                stat = f.read()
+            name, ticks = stat_ticks(f"/proc/{pid}/task/{tid}/stat")
         except FileNotFoundError:
             continue  # exited meanwhile
-        name = stat[stat.index("(") + 1:stat.rindex(")")]
-        fields = stat[stat.rindex(")") + 2:].split()
-        out[re.sub(r"\d+", "N", name)] += int(fields[11]) + int(fields[12])
+        out[re.sub(r"\d+", "N", name)] += ticks
     return out
 
 

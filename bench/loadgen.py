@@ -163,15 +163,21 @@ class StreamEvents:
 def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of a process and all its descendants so far (Linux /proc):
     PostgreSQL's work happens in backends that are children of the postmaster."""
-    total = 0.0
+    ticks = 0
     for proc in process_tree(pid):
         try:
-            with open(f"/proc/{proc}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
+            ticks += stat_ticks(f"/proc/{proc}/stat")[1]
         except FileNotFoundError:
             continue  # exited meanwhile
-        total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / os.sysconf("SC_CLK_TCK")
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def stat_ticks(path: str) -> tuple[str, int]:
+    """A process's or thread's name and user + system clock ticks, from its /proc stat file."""
+    with open(path) as f:
+        stat = f.read()
+    fields = stat[stat.rindex(")") + 2:].split()
+    return stat[stat.index("(") + 1:stat.rindex(")")], int(fields[11]) + int(fields[12])
 
 
 def box_busy_s() -> float:
