@@ -9,6 +9,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient
 
+from topics import names
 from topics.settings import KafkaSettings
 
 
@@ -51,11 +52,18 @@ async def group_lag(settings: KafkaSettings, group: str, topic: str) -> int:
         await admin.close()
 
 
-async def topic_size(settings: KafkaSettings, topic: str) -> int:
-    """How many records `topic` has had: the sum of its partitions' end offsets."""
+async def request_ids_in(settings: KafkaSettings, topic: str, timeout_s: float = 20) -> set[str]:
+    """The request-id headers of every record `topic` holds now."""
     consumer = _reader(settings, topic)
     await consumer.start()
     try:
-        return sum((await consumer.end_offsets(list(consumer.assignment()))).values())
+        ends = await consumer.end_offsets(list(consumer.assignment()))
+        ids: set[str] = set()
+        async with asyncio.timeout(timeout_s):
+            while [tp for tp, end in ends.items() if await consumer.position(tp) < end]:
+                for part in (await consumer.getmany(timeout_ms=200)).values():
+                    ids.update(value.decode() for record in part
+                               for key, value in record.headers if key == names.H_REQUEST_ID)
+        return ids
     finally:
         await consumer.stop()

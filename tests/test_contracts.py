@@ -67,6 +67,19 @@ def test_commit_point_is_the_end_of_the_finished_prefix() -> None:
     assert tracker.committable() == {tp: 14, other: 6}
 
 
+def test_a_commit_that_failed_is_offered_again() -> None:
+    # A commit refused mid-rebalance or timed out must not lose the position: on a quiet
+    # partition nothing else would ever move the group's offset past that work.
+    tp = TopicPartition("t", 0)
+    tracker = OffsetTracker()
+    tracker.start(tp, 7)
+    tracker.finish(tp, 7)
+    assert tracker.committable() == {tp: 8}
+    assert tracker.committable() == {tp: 8}  # not confirmed yet: offered again
+    tracker.committed({tp: 8})
+    assert tracker.committable() == {}
+
+
 def test_a_revoked_partition_is_never_committed_by_its_old_owner() -> None:
     tp = TopicPartition("t", 0)
     tracker = OffsetTracker()

@@ -24,10 +24,12 @@ Handler = Callable[[M, Any], Awaitable[None]]
 
 class OffsetTracker:
     """Per partition, the offsets in flight in arrival order and whether each is finished.
-    The commit point is just past the longest finished prefix."""
+    The commit point is just past the longest finished prefix; it is offered until a commit
+    of it succeeds, so a commit that failed is retried, not lost."""
 
     def __init__(self) -> None:
         self._inflight: dict[TopicPartition, dict[int, bool]] = {}
+        self._finished: dict[TopicPartition, int] = {}
         self._committed: dict[TopicPartition, int] = {}
 
     def start(self, tp: TopicPartition, offset: int) -> None:
@@ -39,19 +41,17 @@ class OffsetTracker:
             offsets[offset] = True
 
     def committable(self) -> dict[TopicPartition, int]:
-        """Next offsets to commit for partitions whose finished prefix advanced."""
-        out: dict[TopicPartition, int] = {}
+        """Next offsets to commit for partitions whose finished prefix is past the last
+        successful commit."""
         for tp, offsets in self._inflight.items():
-            position = None
             # dicts keep insertion order, and a partition's records arrive in offset order
             for offset, done in list(offsets.items()):
                 if not done:
                     break
                 del offsets[offset]
-                position = offset + 1
-            if position is not None and position > self._committed.get(tp, -1):
-                out[tp] = position
-        return out
+                self._finished[tp] = offset + 1
+        return {tp: position for tp, position in self._finished.items()
+                if position > self._committed.get(tp, -1)}
 
     def committed(self, positions: dict[TopicPartition, int]) -> None:
         self._committed.update(positions)
@@ -59,6 +59,7 @@ class OffsetTracker:
     def forget(self, partitions: set[TopicPartition]) -> None:
         for tp in partitions:
             self._inflight.pop(tp, None)
+            self._finished.pop(tp, None)
             self._committed.pop(tp, None)
 
     def pending(self) -> int:
