@@ -183,14 +183,18 @@ class ConsumerLoop(Generic[M]):
                     record.offset, reason[:200])
 
     async def commit(self) -> None:
-        positions = self.tracker.committable()
+        # Only partitions still ours: one we lost would fail the whole commit, every time.
+        owned = self._consumer.assignment()
+        positions = {tp: position for tp, position in self.tracker.committable().items()
+                     if tp in owned}
         if not positions:
             return
         try:
             await self._consumer.commit(positions)
             self.tracker.committed(positions)
         except (CommitFailedError, KafkaError) as exc:
-            # A rebalance is under way; the work is redelivered and the claims absorb it.
+            # Refused mid-rebalance (the new owner is redelivered the work, and the claims
+            # absorb it) or failed outright: the positions are offered again next time.
             log.warning("commit failed (%s); will retry", exc)
 
     async def _drain(self) -> None:
