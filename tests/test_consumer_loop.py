@@ -1,6 +1,6 @@
 """The consume loop every worker runs, on the real broker: stopping it interrupts a waiting
 poll at once, finishes and commits the work in flight first, and an outside cancellation
-is not mistaken for a stop."""
+is not mistaken for a stop. A partition it lost does not hold up the others' commits."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from compose.stack import LocalStack
@@ -38,6 +38,7 @@ class Running:
     started: list[bytes] = field(default_factory=list)
     finished: list[bytes] = field(default_factory=list)
     task: asyncio.Task[None] | None = None
+    loop: ConsumerLoop[bytes] | None = None
 
     async def handle(self, message: bytes, _record: object) -> None:
         self.started.append(message)
@@ -59,10 +60,10 @@ async def running(stack: LocalStack) -> AsyncIterator[Running]:
     await producer.start()
     await consumer.start()
     state = Running(topic, group, producer, consumer)
-    loop = ConsumerLoop(consumer=consumer, producer=producer, topic=topic,
-                        decode=lambda raw: raw, handler=state.handle, max_in_flight=8,
-                        shutdown_grace_s=30, commit_interval_s=_POLL_S)
-    state.task = asyncio.create_task(loop.run(state.stop))
+    state.loop = ConsumerLoop(consumer=consumer, producer=producer, topic=topic,
+                              decode=lambda raw: raw, handler=state.handle, max_in_flight=8,
+                              shutdown_grace_s=30, commit_interval_s=_POLL_S)
+    state.task = asyncio.create_task(state.loop.run(state.stop))
     await eventually(consumer.assignment)
     try:
         yield state
@@ -106,3 +107,19 @@ async def test_a_cancellation_from_outside_is_not_taken_for_a_stop(running: Runn
     await asyncio.wait({running.task}, timeout=_POLL_S / 4)
     assert running.task.cancelled()
     assert not running.stop.is_set()
+
+
+async def test_a_partition_it_no_longer_owns_does_not_hold_up_the_others(
+        stack: LocalStack, running: Running) -> None:
+    assert running.loop is not None
+    # Finished work left from a partition this loop lost, as a rebalance can leave it.
+    lost = TopicPartition(running.topic, 7)
+    running.loop.tracker.start(lost, 0)
+    running.loop.tracker.finish(lost, 0)
+    running.release.set()
+    for n in range(4):
+        await running.producer.send_and_wait(running.topic, f"m{n}".encode())
+    await eventually(lambda: len(running.finished) == 4)
+
+    await running.loop.commit()
+    assert await group_lag(stack.settings.kafka, running.group, running.topic) == 0
