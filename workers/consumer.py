@@ -29,8 +29,7 @@ class OffsetTracker:
 
     def __init__(self) -> None:
         self._inflight: dict[TopicPartition, dict[int, bool]] = {}
-        self._finished: dict[TopicPartition, int] = {}
-        self._committed: dict[TopicPartition, int] = {}
+        self._uncommitted: dict[TopicPartition, int] = {}
 
     def start(self, tp: TopicPartition, offset: int) -> None:
         self._inflight.setdefault(tp, {})[offset] = False
@@ -44,23 +43,24 @@ class OffsetTracker:
         """Next offsets to commit for partitions whose finished prefix is past the last
         successful commit."""
         for tp, offsets in self._inflight.items():
-            # dicts keep insertion order, and a partition's records arrive in offset order
+            # dicts keep insertion order, and a partition's records are started in offset
+            # order, all from one assignment (ConsumerLoop._start)
             for offset, done in list(offsets.items()):
                 if not done:
                     break
                 del offsets[offset]
-                self._finished[tp] = offset + 1
-        return {tp: position for tp, position in self._finished.items()
-                if position > self._committed.get(tp, -1)}
+                self._uncommitted[tp] = offset + 1
+        return dict(self._uncommitted)
 
     def committed(self, positions: dict[TopicPartition, int]) -> None:
-        self._committed.update(positions)
+        for tp, position in positions.items():
+            if self._uncommitted.get(tp) == position:  # else it moved on meanwhile
+                del self._uncommitted[tp]
 
     def forget(self, partitions: set[TopicPartition]) -> None:
         for tp in partitions:
             self._inflight.pop(tp, None)
-            self._finished.pop(tp, None)
-            self._committed.pop(tp, None)
+            self._uncommitted.pop(tp, None)
 
     def pending(self) -> int:
         return sum(1 for offsets in self._inflight.values() for done in offsets.values()
@@ -72,10 +72,7 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         self._loop = loop
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
-        # Commit what is finished while we still own it; unfinished work on a revoked
-        # partition goes on, and its redelivery to the new owner is stopped by the claim.
-        await self._loop.commit()
-        self._loop.tracker.forget(set(revoked))
+        await self._loop.revoked(set(revoked))
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         log.info("assigned %s", sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned))
@@ -107,6 +104,8 @@ class ConsumerLoop(Generic[M]):
         self._commit_interval_s = commit_interval_s
         self._tasks: set[asyncio.Task[None]] = set()
         self.tracker = OffsetTracker()
+        # A fetch's records belong to the assignment it was made under, which ends here.
+        self._revocations = 0
 
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until `stop` is set, then drain in-flight work and commit."""
@@ -126,19 +125,36 @@ class ConsumerLoop(Generic[M]):
                         timeout_ms=poll_ms, max_records=self._max_in_flight), stopping)
                 except Interrupted:
                     break
-                for tp, records in fetched.items():
-                    for record in records:
-                        await self._slots.acquire()
-                        self.tracker.start(tp, record.offset)
-                        task = asyncio.create_task(self._process(tp, record))
-                        self._tasks.add(task)
-                        task.add_done_callback(self._tasks.discard)
+                await self._start(fetched)
                 if loop.time() >= next_commit:
                     await self.commit()
                     next_commit = loop.time() + self._commit_interval_s
         finally:
             stopping.cancel()
             await self._drain()
+
+    async def revoked(self, partitions: set[TopicPartition]) -> None:
+        """Commit what is finished while these are still ours, then let them go. Unfinished
+        work on them goes on; its redelivery to the new owner is stopped by the claim."""
+        await self.commit()
+        self.tracker.forget(partitions)
+        self._revocations += 1
+
+    async def _start(self, fetched: dict[TopicPartition, list[Any]]) -> None:
+        revocations = self._revocations
+        for tp, records in fetched.items():
+            for record in records:
+                await self._slots.acquire()
+                if self._revocations != revocations:
+                    # A rebalance while this waited for a slot: the rest is read again, from
+                    # the committed offset, by whoever owns the partition now (perhaps this
+                    # loop). Starting it here would put stale offsets ahead of that re-read.
+                    self._slots.release()
+                    return
+                self.tracker.start(tp, record.offset)
+                task = asyncio.create_task(self._process(tp, record))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
 
     async def _process(self, tp: TopicPartition, record: Any) -> None:
         try:
@@ -183,10 +199,7 @@ class ConsumerLoop(Generic[M]):
                     record.offset, reason[:200])
 
     async def commit(self) -> None:
-        # Only partitions still ours: one we lost would fail the whole commit, every time.
-        owned = self._consumer.assignment()
-        positions = {tp: position for tp, position in self.tracker.committable().items()
-                     if tp in owned}
+        positions = self.tracker.committable()
         if not positions:
             return
         try:
