@@ -36,6 +36,11 @@ async def read_topic(settings: KafkaSettings, topic: str, until: Callable[[list[
         await consumer.stop()
 
 
+async def caught_up(settings: KafkaSettings, group: str, topic: str) -> bool:
+    """Whether consumer group `group` has committed every message `topic` holds."""
+    return await group_lag(settings, group, topic) == 0
+
+
 async def group_lag(settings: KafkaSettings, group: str, topic: str) -> int:
     """Messages of `topic` not yet committed by consumer group `group`."""
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap_servers)
@@ -60,10 +65,11 @@ async def request_ids_in(settings: KafkaSettings, topic: str, timeout_s: float =
         ends = await consumer.end_offsets(list(consumer.assignment()))
         ids: set[str] = set()
         async with asyncio.timeout(timeout_s):
-            while [tp for tp, end in ends.items() if await consumer.position(tp) < end]:
-                for part in (await consumer.getmany(timeout_ms=200)).values():
-                    ids.update(value.decode() for record in part
-                               for key, value in record.headers if key == names.H_REQUEST_ID)
+            for tp, end in ends.items():
+                while await consumer.position(tp) < end:
+                    for record in (await consumer.getmany(tp, timeout_ms=200)).get(tp, []):
+                        ids.update(value.decode() for key, value in record.headers
+                                   if key == names.H_REQUEST_ID)
         return ids
     finally:
         await consumer.stop()

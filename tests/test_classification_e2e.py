@@ -14,9 +14,8 @@ import pytest
 from compose.gateway import Gateway
 from state.keys import create_key
 from tests.conftest import FakeAdmin, eventually
-from tests.kafka_util import group_lag, request_ids_in
+from tests.kafka_util import caught_up, request_ids_in
 from topics import names
-from topics.settings import KafkaSettings
 
 CODE_PROMPT = ("Write a Python function that returns the n-th Fibonacci number using "
                "memoization, with a docstring and type hints.")
@@ -93,7 +92,7 @@ async def test_a_classifier_stage_and_an_inline_classifying_router_share_the_req
                          every_s=0.2)
         # Everything forwarded is settled before the split router goes; nothing else reads
         # llm.classified, so what it left there would wait for good.
-        await eventually(lambda: _settled(kafka, names.CLASSIFIED_GROUP, names.CLASSIFIED),
+        await eventually(lambda: caught_up(kafka, names.CLASSIFIED_GROUP, names.CLASSIFIED),
                          timeout_s=30)
     finally:
         gateway.terminate("classifier")
@@ -108,7 +107,3 @@ async def _categories(pg: asyncpg.Pool, request_ids: list[str]) -> list[str] | N
     rows = await pg.fetch("SELECT category FROM usage_events WHERE request_id = ANY($1)",
                           request_ids)
     return [row["category"] for row in rows] if len(rows) == len(request_ids) else None
-
-
-async def _settled(kafka: KafkaSettings, group: str, topic: str) -> bool:
-    return await group_lag(kafka, group, topic) == 0

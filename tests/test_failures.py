@@ -18,7 +18,7 @@ from aiokafka import AIOKafkaProducer
 from compose.fake_upstream import expected_content
 from compose.gateway import Gateway
 from tests.conftest import FakeAdmin, eventually
-from tests.kafka_util import group_lag, read_topic
+from tests.kafka_util import caught_up, read_topic
 from topics import names
 from topics.kafka import make_producer
 from topics.settings import KafkaSettings
@@ -101,8 +101,8 @@ async def test_request_queued_past_its_deadline_times_out_and_never_runs(
 
 
 async def _caught_up(settings: KafkaSettings) -> bool:
-    return (await group_lag(settings, names.REQUESTS_GROUP, names.REQUESTS) == 0
-            and await group_lag(settings, names.CLASSIFIED_GROUP, names.CLASSIFIED) == 0)
+    return (await caught_up(settings, names.REQUESTS_GROUP, names.REQUESTS)
+            and await caught_up(settings, names.CLASSIFIED_GROUP, names.CLASSIFIED))
 
 
 async def test_batch_request_published_twice_is_answered_once_on_the_reply_topic(
