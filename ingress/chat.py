@@ -13,8 +13,9 @@ from sse_starlette import EventSourceResponse
 from starlette.requests import Request
 from starlette.responses import Response
 
+from ingress.call import Call
 from ingress.errors import error_response, sse_error_event
-from ingress.pipeline import ModelRoute, Submission, client_gone
+from ingress.pipeline import Pipeline, Submission, client_gone
 from ingress.policy import MODE_HEADER, admit
 from ingress.replies import FrameStream
 from ingress.schema import validate_chat
@@ -23,74 +24,76 @@ from topics.messages import ReplyFrame
 from topics.routing_policy import CATEGORIES
 
 
-class ChatCompletions(ModelRoute):
-    async def __call__(self, request: Request) -> Response:
-        request_id, owner, body = await self._begin(request)
-        chat = validate_chat(body, self._pipeline.settings.max_image_bytes)
-        admitted = admit(body, self._catalog, "chat", owner, request.headers.get("x-tenant-id"),
-                         request.headers.get(MODE_HEADER))
-        first, stream = await self._pipeline.submit(Submission(
-            request_id=request_id, owner=owner, endpoint="chat.completions",
-            body=admitted.body, routing=admitted.routing, metadata=admitted.metadata,
-            timeout_s=self._pipeline.timeout_s(request, admitted.timeout_ms),
-            traceparent=request.headers.get("traceparent"),
-            client_gone=lambda: client_gone(request),
-            category=_category_hint(request)))
-        if not chat.stream:
-            try:
-                while first.kind == "progress":  # nothing to show a client that waits whole
-                    first = await stream.next()
-            finally:
-                self._pipeline.close(request_id)
-            return _completion_response(first)
-        include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
-        return EventSourceResponse(
-            self._relay(request_id, first, stream, include_usage),
-            ping=15, send_timeout=30, headers={"x-request-id": request_id})
-
-    async def _relay(self, request_id: str, frame: ReplyFrame, stream: FrameStream,
-                     include_usage: bool) -> AsyncIterator[bytes]:
-        """SSE events from frames. sse-starlette runs this and the disconnect listener in one
-        task group: a client that goes away cancels this generator, and the router is told."""
-        finished = False
-        last_chunk: ReplyFrame | None = None
+async def chat_completions(call: Call) -> Response:
+    request, pipeline, owner = call.request, call.services.pipeline, call.principal
+    request_id = call.request_id
+    body = await pipeline.read_json(request)
+    chat = validate_chat(body, pipeline.settings.max_image_bytes)
+    admitted = admit(body, call.services.catalog, "chat", owner,
+                     request.headers.get("x-tenant-id"), request.headers.get(MODE_HEADER))
+    first, stream = await pipeline.submit(Submission(
+        request_id=request_id, owner=owner, endpoint="chat.completions",
+        body=admitted.body, routing=admitted.routing, metadata=admitted.metadata,
+        timeout_s=pipeline.timeout_s(request, admitted.timeout_ms),
+        traceparent=request.headers.get("traceparent"),
+        client_gone=lambda: client_gone(request),
+        category=_category_hint(request)))
+    if not chat.stream:
         try:
-            while frame.kind in _RELAYED:
-                # Every chunk that has already arrived leaves in one write.
-                out = []
-                while True:
-                    if frame.kind == "chunk":
-                        last_chunk = frame
-                        out.append(b"data: " + frame.raw + b"\n\n")  # relayed as it came
-                    elif frame.kind == "progress":
-                        # An SSE comment: clients and proxies see life, parsers skip it.
-                        out.append(b": progress " + frame.raw + b"\n\n")
-                    ready = stream.next_ready()
-                    if ready is None:
-                        break
-                    frame = ready
-                    if frame.kind not in _RELAYED:
-                        break
-                if out:
-                    yield b"".join(out)
-                if ready is None:
-                    frame = await stream.next()
-            finished = True
-            if frame.kind == "done":
-                if include_usage and frame.data.get("usage"):
-                    template = last_chunk.data if last_chunk is not None else {}
-                    yield b"data: " + orjson.dumps(_usage_chunk(template, frame.data)) + b"\n\n"
-                yield b"data: [DONE]\n\n"
-            else:
-                yield sse_error_event(SwitchyardError.from_frame_data(frame.data))
-        except SwitchyardError as exc:
-            finished = True  # lost frames or deadline: say so, never end cleanly
-            yield sse_error_event(exc)
+            while first.kind == "progress":  # nothing to show a client that waits whole
+                first = await stream.next()
         finally:
-            self._pipeline.close(request_id)
-            if not finished:
-                with anyio.CancelScope(shield=True):
-                    await self._pipeline.cancel(request_id, "client_disconnected")
+            pipeline.close(request_id)
+        return _completion_response(first)
+    include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
+    return EventSourceResponse(
+        _relay(pipeline, request_id, first, stream, include_usage),
+        ping=15, send_timeout=30, headers={"x-request-id": request_id})
+
+
+async def _relay(pipeline: Pipeline, request_id: str, frame: ReplyFrame, stream: FrameStream,
+                 include_usage: bool) -> AsyncIterator[bytes]:
+    """SSE events from frames. sse-starlette runs this and the disconnect listener in one
+    task group: a client that goes away cancels this generator, and the router is told."""
+    finished = False
+    last_chunk: ReplyFrame | None = None
+    try:
+        while frame.kind in _RELAYED:
+            # Every chunk that has already arrived leaves in one write.
+            out = []
+            while True:
+                if frame.kind == "chunk":
+                    last_chunk = frame
+                    out.append(b"data: " + frame.raw + b"\n\n")  # relayed as it came
+                elif frame.kind == "progress":
+                    # An SSE comment: clients and proxies see life, parsers skip it.
+                    out.append(b": progress " + frame.raw + b"\n\n")
+                ready = stream.next_ready()
+                if ready is None:
+                    break
+                frame = ready
+                if frame.kind not in _RELAYED:
+                    break
+            if out:
+                yield b"".join(out)
+            if ready is None:
+                frame = await stream.next()
+        finished = True
+        if frame.kind == "done":
+            if include_usage and frame.data.get("usage"):
+                template = last_chunk.data if last_chunk is not None else {}
+                yield b"data: " + orjson.dumps(_usage_chunk(template, frame.data)) + b"\n\n"
+            yield b"data: [DONE]\n\n"
+        else:
+            yield sse_error_event(SwitchyardError.from_frame_data(frame.data))
+    except SwitchyardError as exc:
+        finished = True  # lost frames or deadline: say so, never end cleanly
+        yield sse_error_event(exc)
+    finally:
+        pipeline.close(request_id)
+        if not finished:
+            with anyio.CancelScope(shield=True):
+                await pipeline.cancel(request_id, "client_disconnected")
 
 
 CATEGORY_HEADER = "x-switchyard-category"

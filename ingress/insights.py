@@ -3,45 +3,26 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
-import asyncpg
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from starlette.requests import Request
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
 
-from ingress.auth import Authenticator
 from ingress.bodies import read_body
+from ingress.call import Call
+from ingress.validation import parse_body
 from state.advisor import recommendations
-from state.bandit import PosteriorStore, Weights, feedback_weight
-from state.breakers import Breakers
+from state.bandit import Weights, feedback_weight
 from state.routing_policies import get_policy
-from topics.catalog import Catalog
-from topics.errors import NotFound, Unprocessable
+from topics.errors import NotFound
 from topics.routing_policy import CATEGORIES, GENERAL_CATEGORY
 
 
-def advisor_route(auth: Authenticator,
-                  pool: asyncpg.Pool) -> Callable[[Request], Awaitable[Response]]:
-    async def advisor(request: Request) -> Response:
-        owner = await auth.authenticate(request.headers.get("authorization"))
-        found = await recommendations(pool, owner.tenant_id)
-        return Response(orjson.dumps({"object": "list", "data": found}),
-                        media_type="application/json")
-
-    return advisor
-
-
-@dataclass(frozen=True, slots=True)
-class LearningDeps:
-    auth: Authenticator
-    pool: asyncpg.Pool
-    store: PosteriorStore
-    catalog: Catalog
-    feedback_rate: float
-    breakers: Breakers
+async def advisor(call: Call) -> Response:
+    found = await recommendations(call.services.pool, call.principal.tenant_id)
+    return Response(orjson.dumps({"object": "list", "data": found}),
+                    media_type="application/json")
 
 
 _MAX_FEEDBACK_BYTES = 4096  # a request id and a score
@@ -54,58 +35,44 @@ class Feedback(BaseModel):
     score: float = Field(ge=0, le=1)
 
 
-def feedback_route(deps: LearningDeps) -> Callable[[Request], Awaitable[Response]]:
+async def feedback(call: Call) -> Response:
     """POST /v1/feedback {request_id, score}: a quality score (0..1) for an answer, once per
     request; it feeds the quality part of the route's reward."""
-
-    async def feedback(request: Request) -> Response:
-        owner = await deps.auth.authenticate(request.headers.get("authorization"))
-        try:
-            given = Feedback.model_validate_json(await read_body(request, _MAX_FEEDBACK_BYTES))
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            param = ".".join(str(p) for p in first["loc"]) or "body"
-            raise Unprocessable(f"{param}: {first['msg']}", code="invalid_field",
-                                param=param) from None
-        served = await deps.pool.fetchrow(
-            "SELECT model, category FROM usage_events WHERE request_id = $1 AND tenant_id = $2"
-            " AND status = 'ok' ORDER BY finished_at DESC LIMIT 1",
-            given.request_id, owner.tenant_id)
-        if served is None:
-            # Unknown, someone else's, or not answered (yet): the same answer for all three.
-            raise NotFound(f"no answered request {given.request_id!r} for this tenant",
-                           code="request_not_found", param="request_id")
-        policy = await get_policy(deps.pool, owner.tenant_id)
-        weights = Weights(cost=policy.weights.cost, latency=policy.weights.latency,
-                          quality=policy.weights.quality)
-        counted = await deps.store.feedback(
-            given.request_id, served["category"] or GENERAL_CATEGORY, served["model"],
-            given.score, weight=feedback_weight(weights, deps.feedback_rate))
-        return Response(orjson.dumps({"object": "feedback", "request_id": given.request_id,
-                                      "model": served["model"], "counted": counted}),
-                        media_type="application/json")
-
-    return feedback
+    services, tenant_id = call.services, call.principal.tenant_id
+    given = parse_body(Feedback, await read_body(call.request, _MAX_FEEDBACK_BYTES))
+    served = await services.pool.fetchrow(
+        "SELECT model, category FROM usage_events WHERE request_id = $1 AND tenant_id = $2"
+        " AND status = 'ok' ORDER BY finished_at DESC LIMIT 1",
+        given.request_id, tenant_id)
+    if served is None:
+        # Unknown, someone else's, or not answered (yet): the same answer for all three.
+        raise NotFound(f"no answered request {given.request_id!r} for this tenant",
+                       code="request_not_found", param="request_id")
+    policy = await get_policy(services.pool, tenant_id)
+    weights = Weights(cost=policy.weights.cost, latency=policy.weights.latency,
+                      quality=policy.weights.quality)
+    counted = await services.posteriors.feedback(
+        given.request_id, served["category"] or GENERAL_CATEGORY, served["model"],
+        given.score,
+        weight=feedback_weight(weights, services.settings.router.feedback_rate))
+    return Response(orjson.dumps({"object": "feedback", "request_id": given.request_id,
+                                  "model": served["model"], "counted": counted}),
+                    media_type="application/json")
 
 
-def stats_route(deps: LearningDeps) -> Callable[[Request], Awaitable[Response]]:
+async def stats(call: Call) -> Response:
     """GET /v1/providers/stats: per route and category, what the shared posteriors hold; and
     per route, its circuit breaker as every router sees it."""
-    routes = [m.id for m in deps.catalog.models if m.kind == "chat"]
-    provider = {m.id: m.provider for m in deps.catalog.models}
-
-    async def stats(request: Request) -> Response:
-        await deps.auth.authenticate(request.headers.get("authorization"))
-        arms = await deps.store.stats([*CATEGORIES, GENERAL_CATEGORY], routes)
-        data = [{"provider": provider[arm.route], **asdict(arm)} for arm in arms
-                if arm.selections or arm.successes or arm.failures or arm.feedback]
-        views = await deps.breakers.views(routes)
-        # Routes that never failed are closed with nothing counted: listed only once seen.
-        breakers = [{"provider": provider[v.route], **asdict(v), "state": v.state.value}
-                    for v in views if v.calls_in_window or v.opened_at_ms is not None
-                    or v.state.value != "closed"]
-        return Response(orjson.dumps({"object": "list", "data": data,
-                                      "breakers": breakers}),
-                        media_type="application/json")
-
-    return stats
+    catalog = call.services.catalog
+    routes = [m.id for m in catalog.models if m.kind == "chat"]
+    provider = {m.id: m.provider for m in catalog.models}
+    arms = await call.services.posteriors.stats([*CATEGORIES, GENERAL_CATEGORY], routes)
+    data = [{"provider": provider[arm.route], **asdict(arm)} for arm in arms
+            if arm.selections or arm.successes or arm.failures or arm.feedback]
+    views = await call.services.breakers.views(routes)
+    # Routes that never failed are closed with nothing counted: listed only once seen.
+    breakers = [{"provider": provider[v.route], **asdict(v), "state": v.state.value}
+                for v in views if v.calls_in_window or v.opened_at_ms is not None
+                or v.state.value != "closed"]
+    return Response(orjson.dumps({"object": "list", "data": data, "breakers": breakers}),
+                    media_type="application/json")

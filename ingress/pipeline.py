@@ -16,15 +16,13 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from starlette.requests import Request
 
-from ingress.auth import Authenticator
 from ingress.bodies import read_body
 from ingress.metrics import IngressMetrics
 from ingress.replies import FrameStream, ReplyRouter
-from ingress.schema import parse_json_object
+from ingress.validation import parse_json_object
 from state.claims import publish_cancel
 from state.keys import KeyOwner
 from topics import names
-from topics.catalog import Catalog
 from topics.errors import ClientClosedRequest, InvalidRequest, SwitchyardError, Unavailable
 from topics.messages import Endpoint, ReplyFrame
 from topics.settings import IngressSettings
@@ -84,7 +82,6 @@ class Pipeline:
     def close(self, request_id: str) -> None:
         self._replies.close(request_id)
 
-
     async def cancel(self, request_id: str, reason: str) -> None:
         self._metrics.cancels.labels(reason).inc()
         # If Redis is down the request's deadline still bounds the wasted work.
@@ -115,8 +112,9 @@ class Pipeline:
             raise Unavailable(f"the request queue is unavailable: {exc}",
                               code="queue_unavailable") from exc
 
-    async def read_body(self, request: Request) -> bytes:
-        return await read_body(request, self.settings.max_body_bytes)
+    async def read_json(self, request: Request) -> dict[str, Any]:
+        """A model route's body as a JSON object, within the ingress's body limit."""
+        return parse_json_object(await read_body(request, self.settings.max_body_bytes))
 
     def timeout_s(self, request: Request, policy_timeout_ms: int | None) -> float:
         """The request's deadline: the header, else the policy's timeout_ms, else the default."""
@@ -159,18 +157,3 @@ async def client_gone(request: Request) -> None:
     """Returns once the client has disconnected (the body must have been read)."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
-
-
-class ModelRoute:
-    """What every model route starts with: the request's id, its caller, its body as JSON."""
-
-    def __init__(self, pipeline: Pipeline, auth: Authenticator, catalog: Catalog) -> None:
-        self._pipeline = pipeline
-        self._auth = auth
-        self._catalog = catalog
-
-    async def _begin(self, request: Request) -> tuple[str, KeyOwner, dict[str, Any]]:
-        request_id: str = request.scope["state"]["request_id"]
-        owner = await self._auth.authenticate(request.headers.get("authorization"))
-        body = parse_json_object(await self._pipeline.read_body(request))
-        return request_id, owner, body

@@ -8,8 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
+from ingress.validation import parse_model
 from state.keys import KeyOwner
 from topics.catalog import Catalog, Model
 from topics.errors import Forbidden, InvalidRequest, NotFound, Unprocessable
@@ -120,19 +121,7 @@ def _extension(raw: object, mode_header: str | None, catalog: Catalog) -> dict[s
     """The routing options the request sets itself (nothing set: the tenant's defaults)."""
     if raw is None and mode_header is None:
         return {}  # the common case, on every request: no model to build
-    if raw is None:
-        extension = Extension()
-    elif not isinstance(raw, dict):
-        raise Unprocessable("switchyard must be an object", code="invalid_field",
-                            param="switchyard")
-    else:
-        try:
-            extension = Extension.model_validate(raw)
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            param = ".".join(["switchyard", *(str(p) for p in first["loc"])])
-            raise Unprocessable(f"{param}: {first['msg']}", code="invalid_field",
-                                param=param) from None
+    extension = Extension() if raw is None else parse_model(Extension, raw, prefix="switchyard")
     mode = extension.mode
     if mode_header is not None:
         if mode is not None and mode != mode_header:
@@ -157,17 +146,7 @@ def _extension(raw: object, mode_header: str | None, catalog: Catalog) -> dict[s
 
 
 def _policy(raw: object) -> Policy:
-    if raw is None:
-        return Policy()
-    if not isinstance(raw, dict):
-        raise Unprocessable("policy must be an object", code="invalid_field", param="policy")
-    try:
-        return Policy.model_validate(raw)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        param = ".".join(["policy", *(str(p) for p in first["loc"])])
-        raise Unprocessable(f"{param}: {first['msg']}", code="invalid_field",
-                            param=param) from None
+    return Policy() if raw is None else parse_model(Policy, raw, prefix="policy")
 
 
 def _pin(model: Model, provider: str, catalog: Catalog) -> Model:

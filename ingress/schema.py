@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from topics.errors import InvalidRequest, PayloadTooLarge, Unprocessable
+from ingress.validation import parse_model
+from topics.errors import PayloadTooLarge, Unprocessable
 
 
 class _Open(BaseModel):
@@ -55,21 +55,8 @@ class ChatCompletionRequest(_Open):
     tools: list[Tool] | None = None
 
 
-def parse_json_object(raw: bytes) -> dict[str, Any]:
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidRequest(f"the body is not valid JSON: {exc}", code="invalid_json") from None
-    if not isinstance(body, dict):
-        raise InvalidRequest("the body must be a JSON object", code="invalid_json")
-    return body
-
-
 def validate_chat(body: dict[str, Any], max_image_bytes: int) -> ChatCompletionRequest:
-    try:
-        request = ChatCompletionRequest.model_validate(body)
-    except ValidationError as exc:
-        raise _unprocessable(exc) from None
+    request = parse_model(ChatCompletionRequest, body)
     for i, tool in enumerate(request.tools or ()):
         schema = tool.function.parameters
         if schema is not None and (schema.get("type") != "object"
@@ -90,16 +77,6 @@ def validate_chat(body: dict[str, Any], max_image_bytes: int) -> ChatCompletionR
     return request
 
 
-def _unprocessable(exc: ValidationError) -> Unprocessable:
-    first = exc.errors()[0]
-    param = ".".join(str(p) for p in first["loc"])
-    missing = first["type"] == "missing"
-    return Unprocessable(
-        f"{param}: {'is required' if missing else first['msg']}"
-        + (f" ({exc.error_count() - 1} more problems)" if exc.error_count() > 1 else ""),
-        code="missing_field" if missing else "invalid_field", param=param)
-
-
 class EmbeddingsRequest(_Open):
     model: str = Field(min_length=1)
     input: str | list[str] = Field(min_length=1)
@@ -108,10 +85,7 @@ class EmbeddingsRequest(_Open):
 
 
 def validate_embeddings(body: dict[str, Any]) -> EmbeddingsRequest:
-    try:
-        request = EmbeddingsRequest.model_validate(body)
-    except ValidationError as exc:
-        raise _unprocessable(exc) from None
+    request = parse_model(EmbeddingsRequest, body)
     if isinstance(request.input, list) and not all(request.input):
         raise Unprocessable("input: every item must be a non-empty string",
                             code="invalid_field", param="input")

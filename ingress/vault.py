@@ -6,35 +6,20 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
-import asyncpg
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
-from starlette.requests import Request
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 from starlette.responses import Response
 
-from ingress.auth import Authenticator
 from ingress.bodies import json_response, read_body
-from ingress.schema import parse_json_object
-from state.keys import KeyOwner
-from state.vault import (
-    MasterKeys,
-    delete_key,
-    list_keys,
-    no_stored_key,
-    put_key,
-    rotate_key,
-    vault_not_configured,
-)
+from ingress.call import Call
+from ingress.validation import parse_body
+from state import vault
+from state.vault import MasterKeys
 from topics.catalog import Catalog
-from topics.errors import InvalidRequest, Unprocessable
+from topics.errors import InvalidRequest
 
 log = logging.getLogger(__name__)
-
-Handler = Callable[[Request], Awaitable[Response]]
-M = TypeVar("M", bound=BaseModel)
 
 MIN_KEY_CHARS = 8  # shorter, and the last four characters shown would be most of it
 MAX_KEY_CHARS = 4096  # the longest real provider keys (JWTs) are far below this
@@ -97,70 +82,52 @@ class RotateKey(_Strict):
     api_key: ApiKey
 
 
-@dataclass(frozen=True, slots=True)
-class VaultDeps:
-    auth: Authenticator
-    catalog: Catalog
-    pool: asyncpg.Pool
-    keys: MasterKeys | None  # None: no master key configured, every vault route is a 503
+async def store_key(call: Call) -> Response:
+    owner, keys = call.principal, _master_keys(call)
+    body = parse_body(StoreKey, await read_body(call.request, MAX_BODY_BYTES))
+    _check_provider(call.services.catalog, body.provider)
+    stored = await vault.put_key(call.services.pool, keys, owner.tenant_id, body.provider,
+                                 body.api_key, body.config)
+    log.info("tenant %s stored its %s key", owner.tenant_id, body.provider)
+    return json_response(stored.public(), 201)
 
 
-def store_key_route(deps: VaultDeps) -> Handler:
-    async def store(request: Request) -> Response:
-        owner, keys = await _authorize(deps, request)
-        body = _parse(StoreKey, await read_body(request, MAX_BODY_BYTES))
-        _check_provider(deps.catalog, body.provider)
-        stored = await put_key(deps.pool, keys, owner.tenant_id, body.provider, body.api_key,
-                               body.config)
-        log.info("tenant %s stored its %s key", owner.tenant_id, body.provider)
-        return json_response(stored.public(), 201)
-
-    return store
+async def list_keys(call: Call) -> Response:
+    _master_keys(call)
+    stored = await vault.list_keys(call.services.pool, call.principal.tenant_id)
+    return json_response({"object": "list", "data": [s.public() for s in stored]})
 
 
-def list_keys_route(deps: VaultDeps) -> Handler:
-    async def listing(request: Request) -> Response:
-        owner, _ = await _authorize(deps, request)
-        stored = await list_keys(deps.pool, owner.tenant_id)
-        return json_response({"object": "list", "data": [s.public() for s in stored]})
-
-    return listing
-
-
-def rotate_key_route(deps: VaultDeps) -> Handler:
-    async def rotate(request: Request) -> Response:
-        owner, keys = await _authorize(deps, request)
-        provider: str = request.path_params["provider"]
-        body = _parse(RotateKey, await read_body(request, MAX_BODY_BYTES))
-        _check_provider(deps.catalog, provider)
-        stored = await rotate_key(deps.pool, keys, owner.tenant_id, provider, body.api_key)
-        log.info("tenant %s rotated its %s key", owner.tenant_id, provider)
-        return json_response(stored.public())
-
-    return rotate
+async def rotate_key(call: Call) -> Response:
+    owner, keys = call.principal, _master_keys(call)
+    provider: str = call.request.path_params["provider"]
+    body = parse_body(RotateKey, await read_body(call.request, MAX_BODY_BYTES))
+    _check_provider(call.services.catalog, provider)
+    stored = await vault.rotate_key(call.services.pool, keys, owner.tenant_id, provider,
+                                    body.api_key)
+    log.info("tenant %s rotated its %s key", owner.tenant_id, provider)
+    return json_response(stored.public())
 
 
-def delete_key_route(deps: VaultDeps) -> Handler:
-    async def delete(request: Request) -> Response:
-        owner, _ = await _authorize(deps, request)
-        provider: str = request.path_params["provider"]
-        # No catalog check: a key stored for a provider since dropped from the catalog must
-        # still be deletable. A name no key can have is answered without a query.
-        if not _PROVIDER_NAME.fullmatch(provider):
-            raise no_stored_key(provider[:64])
-        await delete_key(deps.pool, owner.tenant_id, provider)
-        log.info("tenant %s deleted its %s key", owner.tenant_id, provider)
-        return json_response({"provider": provider, "deleted": True})
-
-    return delete
+async def delete_key(call: Call) -> Response:
+    owner = call.principal
+    _master_keys(call)
+    provider: str = call.request.path_params["provider"]
+    # No catalog check: a key stored for a provider since dropped from the catalog must
+    # still be deletable. A name no key can have is answered without a query.
+    if not _PROVIDER_NAME.fullmatch(provider):
+        raise vault.no_stored_key(provider[:64])
+    await vault.delete_key(call.services.pool, owner.tenant_id, provider)
+    log.info("tenant %s deleted its %s key", owner.tenant_id, provider)
+    return json_response({"provider": provider, "deleted": True})
 
 
-async def _authorize(deps: VaultDeps, request: Request) -> tuple[KeyOwner, MasterKeys]:
-    # Authentication first: whether the vault is configured is nobody else's business.
-    owner = await deps.auth.authenticate(request.headers.get("authorization"))
-    if deps.keys is None:
-        raise vault_not_configured()
-    return owner, deps.keys
+def _master_keys(call: Call) -> MasterKeys:
+    # The caller is authenticated before this runs (`ingress/call.py`): whether the vault is
+    # configured is nobody else's business.
+    if call.services.master_keys is None:
+        raise vault.vault_not_configured()
+    return call.services.master_keys
 
 
 def _check_provider(catalog: Catalog, provider: str) -> None:
@@ -168,19 +135,3 @@ def _check_provider(catalog: Catalog, provider: str) -> None:
         raise InvalidRequest(
             f"unknown provider {provider[:64]!r}; known providers: "
             f"{', '.join(sorted(catalog.providers))}", code="unknown_provider", param="provider")
-
-
-def _parse(model: type[M], raw: bytes) -> M:
-    try:
-        return model.model_validate(parse_json_object(raw))
-    except ValidationError as exc:
-        # Only pydantic's message and location: its str() would echo the input, i.e. the key.
-        first = exc.errors(include_input=False, include_url=False)[0]
-        param = ".".join(str(p) for p in first["loc"])
-        missing = first["type"] == "missing"
-        reason = "is required" if missing else first["msg"].removeprefix("Value error, ")
-        raise Unprocessable(f"{param}: {reason}",
-                            code="missing_field" if missing else "invalid_field",
-                            param=param) from None
-
-

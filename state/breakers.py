@@ -36,7 +36,7 @@ from typing import Any
 
 import redis.asyncio as redis
 
-from topics.settings import RouterSettings
+from topics.settings import RouterSettings, default
 
 KEY_PREFIX = "sy:brk:"
 WINDOW_BUCKETS = 10
@@ -186,13 +186,30 @@ class BreakerState(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class BreakerConfig:
-    window_s: float = 10.0  # failure-rate window, in WINDOW_BUCKETS buckets
-    min_calls: int = 10  # the failure rate is only judged over at least this many calls
-    failure_rate: float = 0.5  # open when failures / calls in the window >= this
-    consecutive_failures: int = 5  # ...or after this many failures in a row
-    cooldown_s: float = 5.0  # open -> half-open after this long
-    probes: int = 1  # concurrent probe calls allowed while half-open
-    probe_timeout_s: float = 30.0  # a probe slot whose outcome never arrives is freed after this
+    """The breakers' configuration; its defaults are the router settings' `breaker_*`.
+    Every process that reads or writes breakers (routers, and the ingress for the stats
+    route) must agree on it: build it with `from_settings`."""
+
+    # failure-rate window, in WINDOW_BUCKETS buckets
+    window_s: float = default(RouterSettings, "breaker_window_s")
+    # the failure rate is only judged over at least this many calls
+    min_calls: int = default(RouterSettings, "breaker_min_calls")
+    # open when failures / calls in the window >= this
+    failure_rate: float = default(RouterSettings, "breaker_failure_rate")
+    # ...or after this many failures in a row
+    consecutive_failures: int = default(RouterSettings, "breaker_consecutive_failures")
+    cooldown_s: float = default(RouterSettings, "breaker_cooldown_s")  # open -> half-open
+    probes: int = default(RouterSettings, "breaker_probes")  # concurrent probes while half-open
+    # a probe slot whose outcome never arrives is freed after this
+    probe_timeout_s: float = default(RouterSettings, "breaker_probe_timeout_s")
+
+    @classmethod
+    def from_settings(cls, router: RouterSettings) -> BreakerConfig:
+        return cls(window_s=router.breaker_window_s, min_calls=router.breaker_min_calls,
+                   failure_rate=router.breaker_failure_rate,
+                   consecutive_failures=router.breaker_consecutive_failures,
+                   cooldown_s=router.breaker_cooldown_s, probes=router.breaker_probes,
+                   probe_timeout_s=router.breaker_probe_timeout_s)
 
     def __post_init__(self) -> None:
         if not self.window_s > 0 or not self.probe_timeout_s > 0 or not self.cooldown_s >= 0:
@@ -227,8 +244,8 @@ class Breakers:
 
     Redis errors propagate: whether to route blind when Redis is down is the caller's call."""
 
-    def __init__(self, client: redis.Redis, config: BreakerConfig = BreakerConfig(),
-                 *, cache_ttl_s: float = 0.05) -> None:
+    def __init__(self, client: redis.Redis, config: BreakerConfig, *,
+                 cache_ttl_s: float = default(RouterSettings, "breaker_cache_ttl_s")) -> None:
         self._config = config
         self._cache_ttl_s = cache_ttl_s
         self._bucket_ms = max(1, math.ceil(config.window_s * 1000 / WINDOW_BUCKETS))
@@ -393,15 +410,3 @@ def _ms(value: bytes | str | int) -> int | None:
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
-
-
-def breaker_config(router: RouterSettings) -> BreakerConfig:
-    """The breakers' configuration from the router's settings: every process that reads or
-    writes breakers (routers, and the ingress for the stats route) must agree on it."""
-    return BreakerConfig(
-        window_s=router.breaker_window_s, min_calls=router.breaker_min_calls,
-        failure_rate=router.breaker_failure_rate,
-        consecutive_failures=router.breaker_consecutive_failures,
-        cooldown_s=router.breaker_cooldown_s, probes=router.breaker_probes,
-        probe_timeout_s=router.breaker_probe_timeout_s)
-

@@ -18,7 +18,7 @@ import pytest
 
 from compose.gateway import Gateway
 from state.bandit import PosteriorStore, arm_keys
-from state.breakers import Breakers, breaker_config
+from state.breakers import BreakerConfig, Breakers
 from state.keys import create_key
 from state.redis_client import make_redis
 from tests.conftest import FakeAdmin, eventually
@@ -93,7 +93,7 @@ async def prefer(gateway: Gateway, route: str) -> None:
 async def breakers(gateway: Gateway) -> AsyncIterator[Breakers]:
     """This test process as one more router: the same breakers, the same Redis."""
     client = make_redis(gateway.settings.redis)
-    yield Breakers(client, breaker_config(gateway.settings.router), cache_ttl_s=0)
+    yield Breakers(client, BreakerConfig.from_settings(gateway.settings.router), cache_ttl_s=0)
     await client.aclose()
 
 

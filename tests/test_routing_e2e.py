@@ -111,7 +111,7 @@ async def _accepted(call: Any) -> httpx.Response | None:
      "request_id"),
     ({"request_id": "r", "score": 1.5}, 422, "invalid_field", "score"),
     ({"request_id": "r", "score": "good"}, 422, "invalid_field", "score"),
-    ({"score": 0.5}, 422, "invalid_field", "request_id"),
+    ({"score": 0.5}, 422, "missing_field", "request_id"),
 ])
 async def test_bad_feedback_is_refused(http: httpx.AsyncClient, body: dict[str, Any],
                                        status: int, code: str, param: str) -> None:

@@ -7,6 +7,7 @@ top-level fields are `SWITCHYARD_<FIELD>`. The README's configuration reference 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import orjson
 from pydantic import BaseModel, Field, SecretStr
@@ -206,6 +207,12 @@ class Settings(BaseSettings):
             elif value is not None:
                 env[f"SWITCHYARD_{name.upper()}"] = _env_value(value)
         return env
+
+
+def default(section: type[BaseModel], field: str) -> Any:
+    """A setting's declared default, for the plain config objects built from a section
+    (e.g. `state.breakers.BreakerConfig`): defaults are declared once, here."""
+    return section.model_fields[field].default
 
 
 def _env_value(value: object) -> str:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
 from aiokafka.errors import KafkaError
 
+from state.runtime import Needs, open_runtime
 from topics import names
-from topics.kafka import group_members, make_consumer, make_producer
+from topics.kafka import group_members
 from topics.messages import RequestEnvelope
 from topics.settings import KafkaSettings, Settings
 from workers.classifier.model import PromptClassifier
@@ -23,13 +23,9 @@ log = logging.getLogger(__name__)
 async def run_classifier(settings: Settings, stop: asyncio.Event) -> None:
     cfg = settings.classifier
     classifier = PromptClassifier(cfg.model_path)
-    async with contextlib.AsyncExitStack() as resources:
-        producer = make_producer(settings.kafka)
-        await producer.start()
-        resources.push_async_callback(producer.stop)
-        consumer = make_consumer(settings.kafka, names.REQUESTS_GROUP)
-        await consumer.start()
-        resources.push_async_callback(consumer.stop)
+    async with open_runtime(settings, Needs(redis=False, postgres=False)) as runtime:
+        producer = runtime.producer
+        consumer = await runtime.consumer(names.REQUESTS_GROUP)
         stage = ClassifierStage(Labeller(classifier.classify, max_batch=cfg.max_batch), producer)
         loop = ConsumerLoop(consumer=consumer, producer=producer, topic=names.REQUESTS,
                             decode=RequestEnvelope.from_json, handler=stage.handle,

@@ -19,15 +19,25 @@ from typing import Any, Protocol, runtime_checkable
 import aiohttp
 
 from topics.errors import SwitchyardError
+from topics.settings import RouterSettings, default
 from workers.providers.errors import timed_out, transport_error
 
 
 @dataclass(frozen=True, slots=True)
 class Timeouts:
-    connect_s: float = 5.0
-    ttft_s: float = 60.0  # request sent → first byte of the answer
-    idle_s: float = 30.0  # longest silence between two stream events
-    total_s: float = 300.0
+    connect_s: float = default(RouterSettings, "upstream_connect_timeout_s")
+    # request sent → first byte of the answer
+    ttft_s: float = default(RouterSettings, "upstream_ttft_timeout_s")
+    # longest silence between two stream events
+    idle_s: float = default(RouterSettings, "upstream_idle_timeout_s")
+    total_s: float = default(RouterSettings, "upstream_total_timeout_s")
+
+    @classmethod
+    def from_settings(cls, router: RouterSettings) -> Timeouts:
+        return cls(connect_s=router.upstream_connect_timeout_s,
+                   ttft_s=router.upstream_ttft_timeout_s,
+                   idle_s=router.upstream_idle_timeout_s,
+                   total_s=router.upstream_total_timeout_s)
 
 
 @dataclass(frozen=True, slots=True)

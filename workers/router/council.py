@@ -18,6 +18,7 @@ from typing import Any
 from topics.catalog import Model
 from topics.errors import SwitchyardError, UpstreamError
 from topics.messages import RequestEnvelope
+from topics.settings import RouterSettings
 from workers.router.attempt import AttemptRunner, Lead, Report
 from workers.router.decide import Decision
 from workers.router.frames import FrameWriter
@@ -34,10 +35,17 @@ from workers.router.routes import RouteResolver
 
 @dataclass(frozen=True, slots=True)
 class CouncilSettings:
-    quorum: int = 2  # answers needed for a verdict (fewer members: all of them)
-    member_timeout_s: float = 60.0
-    judge_timeout_s: float = 60.0
-    progress_every_s: float = 2.0
+    quorum: int  # answers needed for a verdict (fewer members: all of them)
+    member_timeout_s: float
+    judge_timeout_s: float
+    progress_every_s: float
+
+    @classmethod
+    def from_settings(cls, router: RouterSettings) -> CouncilSettings:
+        return cls(quorum=router.council_quorum,
+                   member_timeout_s=router.council_member_timeout_s,
+                   judge_timeout_s=router.council_judge_timeout_s,
+                   progress_every_s=router.council_progress_every_s)
 
 
 class Council:

@@ -26,6 +26,7 @@ from topics.routing_policy import (
     admits,
     eligible_routes,
 )
+from topics.settings import RouterSettings
 from workers.router.bandit import Outcome, ThompsonSampler, outcome_weight, reward
 
 # Latency a route should meet before its latency score starts to fall, by model class:
@@ -38,10 +39,16 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class ModeDefaults:
-    race_routes: int = 2  # speculative
-    hedge_routes: int = 2  # hedged: the first route and at most this many minus one hedges
-    council_members: int = 3
-    judge_model: str | None = None  # the council's judge when neither request nor policy names one
+    race_routes: int  # speculative
+    hedge_routes: int  # hedged: the first route and at most this many minus one hedges
+    council_members: int
+    judge_model: str | None  # the council's judge when neither request nor policy names one
+
+    @classmethod
+    def from_settings(cls, router: RouterSettings) -> ModeDefaults:
+        return cls(race_routes=router.race_routes, hedge_routes=router.hedge_routes,
+                   council_members=router.council_members,
+                   judge_model=router.council_judge_model)
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,7 +69,7 @@ class Decision:
 class Decider:
     def __init__(self, catalog: Catalog, policies: PolicyCache, store: PosteriorStore,
                  posteriors: CachedPosteriors, sampler: ThompsonSampler, breakers: Breakers,
-                 *, feedback_rate: float, defaults: ModeDefaults = ModeDefaults()) -> None:
+                 *, feedback_rate: float, defaults: ModeDefaults) -> None:
         self._catalog = catalog
         self._policies = policies
         self._store = store

@@ -26,6 +26,7 @@ from typing import Any, NamedTuple
 from topics.catalog import Model
 from topics.errors import SwitchyardError, Unavailable
 from topics.messages import RequestEnvelope
+from topics.settings import RouterSettings
 from workers.router.attempt import AttemptRunner, Lead, Report
 from workers.router.decide import Decision
 from workers.router.frames import FrameWriter
@@ -37,9 +38,14 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class ExecutionSettings:
-    max_attempts: int = 3  # failover budget of a one-route request
-    hedge_percentile: float = 90.0
-    hedge_default_delay_ms: float = 1000.0  # before a route has enough observations
+    max_attempts: int  # failover budget of a one-route request
+    hedge_percentile: float
+    hedge_default_delay_ms: float  # before a route has enough observations
+
+    @classmethod
+    def from_settings(cls, router: RouterSettings) -> ExecutionSettings:
+        return cls(max_attempts=router.max_attempts, hedge_percentile=router.hedge_percentile,
+                   hedge_default_delay_ms=router.hedge_default_delay_ms)
 
 
 class Executor:

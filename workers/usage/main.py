@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Sequence
 from typing import Any
 
-import asyncpg
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
+from state.runtime import Needs, open_runtime
 from state.usage import record_usage
 from topics import names
-from topics.kafka import make_consumer, make_producer
 from topics.messages import UsageEvent
 from topics.settings import Settings
 from workers.consumer import ConsumerLoop
@@ -23,28 +21,21 @@ from workers.usage.batcher import UsageBatcher
 log = logging.getLogger(__name__)
 
 
-
 async def run_usage(settings: Settings, stop: asyncio.Event) -> None:
     cfg = settings.usage
-    async with contextlib.AsyncExitStack() as resources:
-        pool = await asyncpg.create_pool(settings.postgres.dsn, min_size=settings.postgres.pool_min,
-                                         max_size=settings.postgres.pool_max)
-        resources.push_async_callback(pool.close)
-        producer = make_producer(settings.kafka)  # for the DLQ
-        await producer.start()
-        resources.push_async_callback(producer.stop)
-        consumer = make_consumer(settings.kafka, names.USAGE_GROUP,
-                                 fetch_min_bytes=cfg.fetch_min_bytes,
-                                 fetch_max_wait_ms=cfg.fetch_max_wait_ms)
-        await consumer.start()
-        resources.push_async_callback(consumer.stop)
+    # The producer is for the DLQ; no Redis: billing never waits on it.
+    async with open_runtime(settings, Needs(redis=False)) as runtime:
+        pool = runtime.pool
+        consumer = await runtime.consumer(names.USAGE_GROUP,
+                                          fetch_min_bytes=cfg.fetch_min_bytes,
+                                          fetch_max_wait_ms=cfg.fetch_max_wait_ms)
 
         registry = CollectorRegistry()
         written = Counter("switchyard_usage_events", "Usage events offered to the ledger "
                           "(replays included; the ledger keeps each once)", registry=registry)
         batch_seconds = Histogram("switchyard_usage_batch_seconds", "One ledger statement",
                                   registry=registry)
-        resources.callback(serve_metrics(registry, cfg.metrics_port))
+        runtime.on_close_sync(serve_metrics(registry, cfg.metrics_port))
 
         async def write(events: Sequence[UsageEvent]) -> None:
             with batch_seconds.time():
@@ -56,7 +47,7 @@ async def run_usage(settings: Settings, stop: asyncio.Event) -> None:
         async def handle(event: UsageEvent, _record: Any) -> None:
             await batcher.add(event)
 
-        loop = ConsumerLoop(consumer=consumer, producer=producer, topic=names.USAGE,
+        loop = ConsumerLoop(consumer=consumer, producer=runtime.producer, topic=names.USAGE,
                             decode=UsageEvent.from_json, handler=handle,
                             max_in_flight=cfg.max_in_flight, shutdown_grace_s=cfg.shutdown_grace_s)
         log.info("usage worker consuming %s", names.USAGE)

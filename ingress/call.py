@@ -1,0 +1,72 @@
+"""How a route of `ingress/routes.py` becomes a Starlette endpoint: the one authentication
+step, and the `Call` every handler receives.
+
+A handler is `async def handler(call: Call) -> Response`. It never authenticates: the route
+table states what each route requires (`Access`), and the endpoint built here establishes the
+request's principal before the handler runs, or answers 401 without running it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from enum import StrEnum
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from ingress.services import Services
+from state.keys import KeyOwner
+from topics.errors import Unauthorized
+
+
+class Access(StrEnum):
+    """What a route requires of its caller."""
+
+    PUBLIC = "public"  # nothing: probes and scrapes
+    AUTHENTICATED = "authenticated"  # a valid API key of some tenant
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    request: Request
+    services: Services
+    caller: KeyOwner | None  # None only on public routes
+
+    @property
+    def principal(self) -> KeyOwner:
+        """Who is calling; a public route that asks has a bug, reported as a 401."""
+        if self.caller is None:
+            raise Unauthorized("this route needs an API key")
+        return self.caller
+
+    @property
+    def request_id(self) -> str:
+        request_id: str = self.request.scope["state"]["request_id"]  # ingress/middleware.py
+        return request_id
+
+
+Handler = Callable[[Call], Awaitable[Response]]
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """One line of the route table."""
+
+    method: str
+    path: str
+    handler: Handler
+    access: Access
+
+    def route(self) -> Route:
+        handler, access = self.handler, self.access
+
+        async def endpoint(request: Request) -> Response:
+            services: Services = request.scope["state"]["services"]
+            caller = None
+            if access is not Access.PUBLIC:
+                caller = await services.auth.authenticate(request.headers.get("authorization"))
+            return await handler(Call(request, services, caller))
+
+        return Route(self.path, endpoint, methods=[self.method], name=handler.__name__)

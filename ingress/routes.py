@@ -1,0 +1,38 @@
+"""Every HTTP route of the ingress, once: method, path, handler, and what it requires.
+
+Adding a route is a handler (`async def handler(call: Call) -> Response`, see
+`ingress/call.py`) plus one line here. Nothing else lists routes: the app, the metrics'
+route labels and the generated API reference (`docs/api.md`) all read this table.
+"""
+
+from __future__ import annotations
+
+from ingress import chat, embeddings, insights, ops, routing_policy, vault
+from ingress.call import Access, Endpoint
+
+PUBLIC, AUTHENTICATED = Access.PUBLIC, Access.AUTHENTICATED
+
+ROUTES: tuple[Endpoint, ...] = (
+    Endpoint("POST", "/v1/chat/completions", chat.chat_completions, AUTHENTICATED),
+    Endpoint("POST", "/v1/infer", chat.chat_completions, AUTHENTICATED),  # the seed's name
+    Endpoint("POST", "/v1/embeddings", embeddings.embeddings, AUTHENTICATED),
+    Endpoint("GET", "/v1/models", ops.models, AUTHENTICATED),
+    Endpoint("GET", "/v1/advisor", insights.advisor, AUTHENTICATED),
+    Endpoint("POST", "/v1/feedback", insights.feedback, AUTHENTICATED),
+    Endpoint("GET", "/v1/providers/stats", insights.stats, AUTHENTICATED),
+    Endpoint("POST", "/v1/vault/keys", vault.store_key, AUTHENTICATED),
+    Endpoint("GET", "/v1/vault/keys", vault.list_keys, AUTHENTICATED),
+    Endpoint("POST", "/v1/vault/keys/{provider}/rotate", vault.rotate_key, AUTHENTICATED),
+    Endpoint("DELETE", "/v1/vault/keys/{provider}", vault.delete_key, AUTHENTICATED),
+    Endpoint("GET", "/v1/routing/policy", routing_policy.get_policy, AUTHENTICATED),
+    Endpoint("PUT", "/v1/routing/policy", routing_policy.put_policy, AUTHENTICATED),
+    Endpoint("DELETE", "/v1/routing/policy", routing_policy.delete_policy, AUTHENTICATED),
+    Endpoint("GET", "/v1/health", ops.health, PUBLIC),
+    Endpoint("GET", "/metrics", ops.metrics, PUBLIC),
+)
+
+
+def metric_paths() -> frozenset[str]:
+    """The paths that get their own metrics label; templated paths and unknown ones share
+    "other" (label values stay bounded whatever clients send)."""
+    return frozenset(e.path for e in ROUTES if "{" not in e.path)

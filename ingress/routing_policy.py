@@ -1,0 +1,56 @@
+"""The tenant's routing policy: GET, PUT and DELETE /v1/routing/policy. The tenant is the one
+of the bearer API key. PUT replaces the whole policy (fields left out take their defaults).
+
+Every answer has one shape: {"object": "routing.policy", "source": "stored" | "default",
+"updated_at": unix seconds | null, "policy": {...every field...}}; DELETE adds "deleted".
+Routers see a change within SWITCHYARD_ROUTER__POLICY_CACHE_TTL_S.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from starlette.responses import Response
+
+from ingress.bodies import json_response, read_body
+from ingress.call import Call
+from ingress.validation import parse_body
+from state import routing_policies
+from state.routing_policies import EffectivePolicy, read_policy
+from topics.routing_policy import RoutingPolicy, validate_against
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 64 * 1024  # a policy naming every model of the catalog is a few KiB
+
+
+async def get_policy(call: Call) -> Response:
+    # Read from PostgreSQL, not a cache: a PUT is visible to the next GET.
+    return json_response(_view(await read_policy(call.services.pool, call.principal.tenant_id)))
+
+
+async def put_policy(call: Call) -> Response:
+    tenant_id = call.principal.tenant_id
+    policy = parse_body(RoutingPolicy, await read_body(call.request, MAX_BODY_BYTES))
+    validate_against(policy, call.services.catalog)
+    stored = await routing_policies.put_policy(call.services.pool, tenant_id, policy)
+    log.info("tenant %s replaced its routing policy", tenant_id)
+    return json_response(_view(stored))
+
+
+async def delete_policy(call: Call) -> Response:
+    tenant_id = call.principal.tenant_id
+    # Idempotent: deleting the default is not an error, "deleted" says what happened.
+    deleted = await routing_policies.delete_policy(call.services.pool, tenant_id)
+    if deleted:
+        log.info("tenant %s went back to the default routing policy", tenant_id)
+    return json_response({**_view(EffectivePolicy(RoutingPolicy(), "default", None)),
+                          "deleted": deleted})
+
+
+def _view(effective: EffectivePolicy) -> dict[str, Any]:
+    updated = effective.updated_at
+    return {"object": "routing.policy", "source": effective.source,
+            "updated_at": None if updated is None else int(updated.timestamp()),
+            "policy": effective.policy.public()}

@@ -1,0 +1,37 @@
+"""What the ingress's handlers share: built once by the lifespan in `ingress/app.py` from the
+process's runtime (`state/runtime.py`), handed to every handler as `Call.services`
+(`ingress/call.py`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import asyncpg
+import redis.asyncio as redis
+from aiokafka import AIOKafkaProducer
+
+from ingress.auth import Authenticator
+from ingress.metrics import IngressMetrics
+from ingress.pipeline import Pipeline
+from state.bandit import PosteriorStore
+from state.breakers import Breakers
+from state.vault import MasterKeys
+from topics.catalog import Catalog
+from topics.settings import Settings
+
+
+@dataclass(frozen=True, slots=True)
+class Services:
+    settings: Settings
+    catalog: Catalog
+    auth: Authenticator
+    pipeline: Pipeline
+    metrics: IngressMetrics
+    producer: AIOKafkaProducer
+    redis: redis.Redis
+    pool: asyncpg.Pool
+    posteriors: PosteriorStore
+    breakers: Breakers
+    # None: no master key configured; every vault route answers 503.
+    master_keys: MasterKeys | None
+    model_listing: bytes  # GET /v1/models, the same for every caller (`ingress/ops.py`)

@@ -1,0 +1,112 @@
+"""The resources a process opens against our infrastructure, owned by one context per process.
+
+Every process (`ingress/app.py`'s lifespan, `workers/router/main.py`, `workers/usage/main.py`,
+`workers/classifier/main.py`) enters `open_runtime` once, asks for what it needs, and gets
+every resource closed in reverse order when it leaves, however it leaves. The Kafka clients
+come from `topics/kafka.py` (the one place that knows aiokafka's knobs) and the Redis client
+from `state/redis_client.py`; this module only owns their lifetimes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import asyncpg
+import redis.asyncio as redis
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+from state.redis_client import make_redis
+from topics.kafka import make_consumer, make_producer
+from topics.settings import Settings
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Needs:
+    """What a process connects to. A process that does not need PostgreSQL must not fail
+    to start, or wait, because PostgreSQL is down."""
+
+    kafka: bool = True
+    redis: bool = True
+    postgres: bool = True
+
+
+class Runtime:
+    """One process's shared clients. Asking for one the process did not open is a bug in
+    that process's start-up, reported as such."""
+
+    def __init__(self, settings: Settings, resources: contextlib.AsyncExitStack) -> None:
+        self.settings = settings
+        self._resources = resources
+        self._producer: AIOKafkaProducer | None = None
+        self._redis: redis.Redis | None = None
+        self._pool: asyncpg.Pool | None = None
+
+    @property
+    def producer(self) -> AIOKafkaProducer:
+        return _opened(self._producer, "kafka")
+
+    @property
+    def redis(self) -> redis.Redis:
+        return _opened(self._redis, "redis")
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        return _opened(self._pool, "postgres")
+
+    async def consumer(self, group_id: str, *, fetch_min_bytes: int = 1,
+                       fetch_max_wait_ms: int = 500) -> AIOKafkaConsumer:
+        """A started consumer of `group_id`, stopped with the runtime (before the producer,
+        so a consumer's last commit still has its broker connections)."""
+        consumer = make_consumer(self.settings.kafka, group_id,
+                                 fetch_min_bytes=fetch_min_bytes,
+                                 fetch_max_wait_ms=fetch_max_wait_ms)
+        await consumer.start()
+        self._resources.push_async_callback(consumer.stop)
+        return consumer
+
+    async def enter(self, context: contextlib.AbstractAsyncContextManager[T]) -> T:
+        """Enter `context` now and leave it when the runtime closes."""
+        return await self._resources.enter_async_context(context)
+
+    def on_close(self, callback: Callable[..., Awaitable[Any]], *args: Any) -> None:
+        """Await `callback(*args)` when the runtime closes (in reverse order of registration)."""
+        self._resources.push_async_callback(callback, *args)
+
+    def on_close_sync(self, callback: Callable[[], Any]) -> None:
+        self._resources.callback(callback)
+
+    async def _open(self, needs: Needs) -> None:
+        if needs.kafka:
+            producer = make_producer(self.settings.kafka)
+            await producer.start()
+            self._resources.push_async_callback(producer.stop)
+            self._producer = producer
+        if needs.redis:
+            client = make_redis(self.settings.redis)
+            self._resources.push_async_callback(client.aclose)
+            self._redis = client
+        if needs.postgres:
+            pg = self.settings.postgres
+            pool = await asyncpg.create_pool(pg.dsn, min_size=pg.pool_min, max_size=pg.pool_max)
+            self._resources.push_async_callback(pool.close)
+            self._pool = pool
+
+
+@contextlib.asynccontextmanager
+async def open_runtime(settings: Settings, needs: Needs | None = None) -> AsyncIterator[Runtime]:
+    """Open what `needs` names (everything by default); close all of it on the way out."""
+    async with contextlib.AsyncExitStack() as resources:
+        runtime = Runtime(settings, resources)
+        await runtime._open(needs or Needs())
+        yield runtime
+
+
+def _opened(resource: T | None, name: str) -> T:
+    if resource is None:
+        raise RuntimeError(f"this process did not open {name} (see its Needs)")
+    return resource
