@@ -23,7 +23,7 @@ def model_listing(catalog: Catalog) -> bytes:
     facts ride along as extra fields on each model."""
     return orjson.dumps({"object": "list", "data": [
         {"id": m.id, "object": "model", "created": 0, "owned_by": m.provider,
-         "kind": m.kind, "class": m.class_, "aliases": m.aliases,
+         "kind": m.kind, "class": m.class_, "aliases": m.aliases, "serves": m.serves,
          "capabilities": m.capabilities, "context_window": m.context_window,
          "pricing": {"currency": "USD", "unit": "1M tokens",
                      "input_per_mtok": str(m.input_per_mtok),

@@ -15,6 +15,7 @@ from state.keys import KeyOwner
 from topics.catalog import Catalog, Model
 from topics.errors import Forbidden, InvalidRequest, NotFound, Unprocessable
 from topics.messages import MODES
+from topics.routing_policy import MAX_FALLBACKS, check_fallback
 
 # optimize_for → objective weights (cost, latency, quality) for the router.
 _WEIGHTS: dict[str, dict[str, float]] = {
@@ -81,8 +82,13 @@ def _admit(body: dict[str, Any], catalog: Catalog, kind: Literal["chat", "embedd
     if metadata is not None and not isinstance(metadata, dict):
         raise Unprocessable("metadata must be an object", code="invalid_field",
                             param="metadata")
+    chain = body.pop("models", None)
     name = str(body.get("model"))
     if name == AUTO and kind == "chat":
+        if chain is not None:
+            raise InvalidRequest("models (a fallback chain) needs a named model; with "
+                                 "'auto' the router chooses among every eligible model",
+                                 code="invalid_field", param="models")
         # The router chooses, per category, under the tenant's routing policy.
         if policy.provider is not None and policy.provider not in catalog.providers:
             raise InvalidRequest(f"policy.provider {policy.provider!r} is not a provider",
@@ -99,10 +105,33 @@ def _admit(body: dict[str, Any], catalog: Catalog, kind: Literal["chat", "embedd
                              code="wrong_model_kind", param="model")
     if policy.provider is not None:
         model = _pin(model, policy.provider, catalog)
-    body["model"] = model.id  # aliases and substitutions resolved once, here
-    return Admission(model=model, body=body,
-                     routing=_routing(policy, mode="fixed" if policy.provider else None),
-                     metadata=metadata, timeout_ms=policy.timeout_ms)
+    routing = _routing(policy, mode="fixed" if policy.provider else None)
+    if chain is not None:
+        routing["fallbacks"] = _fallbacks(chain, name, model, catalog)
+    # Aliases and substitutions resolved once, here; a name several providers serve stays
+    # as it is, for the router to choose among them.
+    if not catalog.is_shared_name(name):
+        body["model"] = model.id
+    return Admission(model=model, body=body, routing=routing, metadata=metadata,
+                     timeout_ms=policy.timeout_ms)
+
+
+def _fallbacks(chain: object, name: str, model: Model, catalog: Catalog) -> list[str]:
+    """The body's `models` (OpenRouter's fallback list; the OpenAI SDK sends it through
+    `extra_body`) as the catalog's names, the requested model itself left out."""
+    if not isinstance(chain, list) or not all(isinstance(n, str) for n in chain):
+        raise Unprocessable("models must be a list of model names", code="invalid_field",
+                            param="models")
+    if len(chain) > MAX_FALLBACKS + 1:
+        raise Unprocessable(f"models: at most {MAX_FALLBACKS} fallbacks",
+                            code="invalid_field", param="models")
+    out: list[str] = []
+    for i, fallback in enumerate(chain):
+        if fallback == name or fallback in out:
+            continue  # OpenRouter's lists start with the model itself
+        check_fallback(catalog, model, fallback, f"models.{i}")
+        out.append(fallback)
+    return out
 
 
 def _routing(policy: Policy, mode: str | None) -> dict[str, Any]:

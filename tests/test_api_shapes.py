@@ -25,10 +25,12 @@ async def test_infer_is_chat_completions_under_the_seed_name(http: httpx.AsyncCl
     assert body["object"] == "chat.completion"
     assert body["choices"][0]["message"]["content"].startswith("shapes-0 ")
     metadata = body["metadata"]
-    # The seed's four fields, then ours: the model, the mode and every attempt made.
+    # The seed's four fields, then ours: the model, the mode, whether a fallback served it
+    # and every attempt made.
     assert set(metadata) == {"provider", "model", "latency_ms", "cost_usd", "cache_hit",
-                             "mode", "attempts"}
+                             "mode", "fallback", "attempts"}
     assert metadata["mode"] == "auto"
+    assert metadata["fallback"] is False
     assert [a["status"] for a in metadata["attempts"]] == ["ok"]
     assert metadata["attempts"][0]["cost_usd"] == metadata["cost_usd"]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, cast
@@ -24,6 +24,7 @@ from topics.routing_policy import (
     CATEGORIES,
     RoutingPolicy,
     eligible_routes,
+    route_tiers,
     unit_price,
     validate_against,
 )
@@ -67,7 +68,7 @@ DEFAULT = {
     "weights": {"cost": 1.0, "latency": 1.0, "quality": 1.0},
     "allowed_providers": None, "allowed_models": None, "price_ceiling_per_mtok": None,
     "pinned_routes": {}, "default_mode": "auto", "allow_substitution": False,
-    "judge_model": None, "council_output": "winner",
+    "judge_model": None, "council_output": "winner", "fallbacks": {},
 }
 
 
@@ -88,6 +89,7 @@ async def test_put_get_delete_round_trip(tenant: Tenant, pg: asyncpg.Pool,
         "allow_substitution": True,
         "judge_model": "gpt-4o-mini",
         "council_output": "synthesis",
+        "fallbacks": {"gpt-4o-mini": ["claude-sonnet", "codestral-latest"]},
     }
     # gpt-4.1 is not in the catalog: refused, and nothing is stored.
     assert_error(await tenant.http.put(POLICY, json=policy), 400, "unknown_model",
@@ -196,7 +198,7 @@ async def test_no_auth_is_401_on_every_policy_route(gateway: Gateway) -> None:
 # ------------------------------------------------------------------------- eligibility
 
 
-def ids(models: list[Any]) -> list[str]:
+def ids(models: Sequence[Any]) -> list[str]:
     return [m.id for m in models]
 
 
@@ -264,6 +266,58 @@ def test_a_named_model_without_and_with_substitution(catalog: Catalog) -> None:
     assert ids(eligible_routes(catalog, emb, category=None,
                                requested_model="text-embedding-3-small")) == [
         "text-embedding-3-small"]
+
+
+def test_a_named_model_comes_first_then_its_fallbacks_then_its_class(
+        catalog: Catalog) -> None:
+    """Tiers are tried in order; the router ranks only within a tier."""
+    policy = RoutingPolicy(allow_substitution=True, allowed_providers=("openai", "mistral"),
+                           fallbacks={"gpt-4o": ("mistral-large-latest", "gpt-4o-mini")})
+    assert [ids(t) for t in route_tiers(catalog, policy, category=None,
+                                        requested_model="gpt-4o")] == [
+        ["gpt-4o"], ["mistral-large-latest"], ["gpt-4o-mini"], ["gpt-5.5", "gpt-5.4"]]
+    # The request's own chain takes the place of the policy's; the named model stays first.
+    assert [ids(t) for t in route_tiers(catalog, policy, category=None,
+                                        requested_model="gpt-4o",
+                                        fallbacks=("gpt-5.4",))] == [
+        ["gpt-4o"], ["gpt-5.4"], ["gpt-5.5", "mistral-large-latest"]]
+    # A fallback the policy excludes is skipped, not refused.
+    narrow = RoutingPolicy(allowed_providers=("openai",),
+                           fallbacks={"gpt-4o": ("mistral-large-latest", "gpt-4o-mini")})
+    assert ids(eligible_routes(catalog, narrow, category=None, requested_model="gpt-4o")) == [
+        "gpt-4o", "gpt-4o-mini"]
+    # A policy's chain names the model as it likes (an alias): the request's name finds it.
+    aliased = RoutingPolicy(fallbacks={"claude-opus": ("gpt-4o",)})
+    assert ids(eligible_routes(catalog, aliased, category=None,
+                               requested_model="claude-opus-4-6")) == [
+        "claude-opus-4-6", "gpt-4o"]
+
+
+def test_one_models_routes_at_several_providers(catalog: Catalog) -> None:
+    groq, together = "groq/llama-3.3-70b-versatile", "together/llama-3.3-70b-instruct-turbo"
+    plain = RoutingPolicy()
+    # Its shared name: one tier, the router load-balances.
+    assert [ids(t) for t in route_tiers(catalog, plain, category=None,
+                                        requested_model="llama-3.3-70b")] == [[groq, together]]
+    # A route's own id: that route, then the other provider's.
+    assert [ids(t) for t in route_tiers(catalog, plain, category=None,
+                                        requested_model=together)] == [[together], [groq]]
+    only_groq = RoutingPolicy(allowed_providers=("groq",))
+    assert ids(eligible_routes(catalog, only_groq, category=None,
+                               requested_model="llama-3.3-70b")) == [groq]
+
+
+def test_fallbacks_in_a_policy_are_checked_against_the_catalog(catalog: Catalog) -> None:
+    validate_against(RoutingPolicy(fallbacks={"gpt-4o": ("claude-opus",)}), catalog)
+    for fallbacks, code, param in [
+        ({"gpt-9": ("gpt-4o",)}, "unknown_model", "fallbacks.gpt-9"),
+        ({"gpt-4o": ("gpt-9",)}, "unknown_model", "fallbacks.gpt-4o.0"),
+        ({"gpt-4o": ("gpt-4o-mini", "text-embedding-3-small")}, "wrong_model_kind",
+         "fallbacks.gpt-4o.1"),
+    ]:
+        with pytest.raises(SwitchyardError) as refused:
+            validate_against(RoutingPolicy(fallbacks=fallbacks), catalog)
+        assert (refused.value.code, refused.value.param) == (code, param)
 
 
 def test_a_named_model_outside_the_policy_is_a_clear_403(catalog: Catalog) -> None:

@@ -47,6 +47,9 @@ class Model(BaseModel):
     kind: Literal["chat", "embedding"] = "chat"
     class_: ModelClass = Field(alias="class")
     aliases: list[str] = Field(default_factory=list)
+    # The one model this route serves when other providers serve it too: routes with the same
+    # `serves` are one model's routes (named by this, the router load-balances among them).
+    serves: str | None = None
     capabilities: list[Capability]
     timeouts: TimeoutOverrides = TimeoutOverrides()
     context_window: int = Field(gt=0)
@@ -70,6 +73,7 @@ class Catalog(BaseModel):
     providers: dict[str, Provider]
     models: list[Model]
     _by_id: dict[str, Model] = PrivateAttr(default_factory=dict)
+    _routes: dict[str, tuple[Model, ...]] = PrivateAttr(default_factory=dict)
 
     @model_validator(mode="after")
     def _consistent(self) -> Catalog:
@@ -80,11 +84,37 @@ class Catalog(BaseModel):
                 if name in self._by_id:
                     raise ValueError(f"model name {name!r} is listed twice")
                 self._by_id[name] = model
+        for model in self.models:
+            if model.serves is not None:
+                self._routes[model.serves] = (*self._routes.get(model.serves, ()), model)
+        for name, routes in self._routes.items():
+            if name in self._by_id:
+                raise ValueError(f"serves {name!r} is also a model id or alias")
+            if len({m.kind for m in routes}) > 1:
+                raise ValueError(f"the routes serving {name!r} are not all of one kind")
         return self
 
     def model(self, name: str) -> Model | None:
-        """The model called `name` (its id or an alias)."""
-        return self._by_id.get(name)
+        """The model called `name` (its id or an alias, or the name several routes serve:
+        then the first of them)."""
+        found = self._by_id.get(name)
+        if found is None and name in self._routes:
+            return self._routes[name][0]
+        return found
+
+    def routes_of(self, name: str) -> tuple[Model, ...]:
+        """Every route of the model called `name`, the named route first: a route id or alias
+        gives that route, then the other providers' routes of the same model; a `serves`
+        name gives all of them in catalog order. Empty for an unknown name."""
+        found = self._by_id.get(name)
+        if found is None:
+            return self._routes.get(name, ())
+        others = self._routes.get(found.serves, ()) if found.serves is not None else ()
+        return (found, *(m for m in others if m is not found))
+
+    def is_shared_name(self, name: str) -> bool:
+        """Whether `name` is one that several providers' routes serve (no route preferred)."""
+        return name not in self._by_id and name in self._routes
 
 
 def load_catalog(path: Path) -> Catalog:

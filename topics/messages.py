@@ -46,6 +46,9 @@ class RoutingOptions(_Message):
     mode: Mode | None = None  # None: the tenant policy's default_mode
     weights: ObjectiveWeights = ObjectiveWeights()
     allowed_providers: list[str] | None = None
+    # The request's own fallback chain after its model, in order (OpenRouter's `models`).
+    # None: the tenant policy's `fallbacks` for that model.
+    fallbacks: list[str] | None = None
     price_ceiling_per_mtok: Decimal | None = None
     fallback_enabled: bool = True
     # speculative / hedged: routes started at most; council: members asked.

@@ -4,9 +4,10 @@ The model is the contract (stored as JSON in PostgreSQL, served and replaced ove
 two functions are pure and shared by the ingress (validation) and the router (eligibility):
 
 - `validate_against(policy, catalog)` checks the names a policy uses against the catalog.
-- `eligible_routes(catalog, policy, category=..., requested_model=...)` is the set of models
-  the router may choose from for one request. It never returns an empty list: when the
-  policy leaves nothing it raises the 403 that says which rule excluded what.
+- `route_tiers(catalog, policy, category=..., requested_model=..., fallbacks=...)` is what
+  the router may serve one request with, in the order it tries them (`eligible_routes`,
+  the same flattened). It never returns nothing: when the policy leaves nothing it raises
+  the 403 that says which rule excluded what.
 
 The default policy is `RoutingPolicy()`: equal weights, every provider and model, no price
 ceiling, no pinned routes, mode `auto`, no substitution, i.e. what the gateway did before
@@ -75,6 +76,9 @@ Price = Annotated[Decimal, BeforeValidator(_no_bool),
 NameList = Annotated[tuple[Name, ...] | None,
                      Field(default=None, min_length=1, max_length=MAX_LIST_ITEMS),
                      AfterValidator(_unique)]
+MAX_FALLBACKS = 8  # attempts are bounded anyway; a longer chain is a mistake
+FallbackChain = Annotated[tuple[Name, ...], Field(min_length=1, max_length=MAX_FALLBACKS),
+                          AfterValidator(_unique)]
 
 
 class PolicyWeights(BaseModel):
@@ -110,8 +114,12 @@ class RoutingPolicy(BaseModel):
     # Council mode: the model that judges the members' answers, and what is returned.
     judge_model: Name | None = None
     council_output: CouncilOutput = "winner"
-    # A named model may be served by another eligible chat model of its class.
+    # A named model may be served by another eligible chat model of its class (after the
+    # named model and its fallbacks, ranked by the router).
     allow_substitution: StrictBool = False
+    # Per named model, what serves it, in order, when it cannot: {"gpt-4o": ["claude-opus"]}.
+    # A request's own `models` list takes the place of this one.
+    fallbacks: dict[Name, FallbackChain] = Field(default_factory=dict)
 
     def public(self) -> dict[str, Any]:
         """The JSON shape (what a PUT accepts): the price as a decimal string."""
@@ -178,6 +186,12 @@ def validate_against(policy: RoutingPolicy, catalog: Catalog) -> None:
         if (why := _exclusion(policy, model, allowed)) is not None:
             raise InvalidRequest(f"{param}: this policy excludes {name!r}: {why}",
                                  code="policy_conflict", param=param)
+    for name, chain in policy.fallbacks.items():
+        model = catalog.model(name)
+        if model is None:
+            raise _unknown_model(name, f"fallbacks.{name}")
+        for i, fallback in enumerate(chain):
+            check_fallback(catalog, model, fallback, f"fallbacks.{name}.{i}")
     if policy.judge_model is not None:
         judge = catalog.model(policy.judge_model)
         if judge is None:
@@ -197,20 +211,47 @@ def validate_against(policy: RoutingPolicy, catalog: Catalog) -> None:
             code="policy_conflict", param=param)
 
 
+def check_fallback(catalog: Catalog, model: Model, name: str, param: str) -> Model:
+    """The catalog's model for a fallback `name` of `model`, or the error naming `param`."""
+    fallback = catalog.model(name)
+    if fallback is None:
+        raise _unknown_model(name, param)
+    if fallback.kind != model.kind:
+        raise InvalidRequest(f"{param}: {name!r} is a {fallback.kind} model and cannot serve "
+                             f"the {model.kind} model {model.id!r}", code="wrong_model_kind",
+                             param=param)
+    return fallback
+
+
 def _unknown_model(name: str, param: str) -> InvalidRequest:
     return InvalidRequest(f"{param}: unknown model {name!r}; GET /v1/models lists them",
                           code="unknown_model", param=param)
 
 
 def eligible_routes(catalog: Catalog, policy: RoutingPolicy, *, category: str | None,
-                    requested_model: str) -> list[Model]:
-    """The models the router may serve this request with, preferred first; never empty.
+                    requested_model: str, fallbacks: tuple[str, ...] | None = None
+                    ) -> list[Model]:
+    """`route_tiers`, flattened: every route the router may use, in tier order."""
+    return [m for tier in route_tiers(catalog, policy, category=category,
+                                      requested_model=requested_model, fallbacks=fallbacks)
+            for m in tier]
 
-    - `requested_model == "auto"`: the category's pinned route alone, if the policy has one
-      and it is still eligible; else every eligible chat model (the router chooses).
-    - A named model (id or alias): that model if eligible; with `allow_substitution`, then
-      every other eligible chat model of its class (the named one first when eligible).
-      Embeddings models are never substituted (another model's vectors are incompatible).
+
+def route_tiers(catalog: Catalog, policy: RoutingPolicy, *, category: str | None,
+                requested_model: str, fallbacks: tuple[str, ...] | None = None
+                ) -> list[tuple[Model, ...]]:
+    """The models the router may serve this request with, as tiers tried in order; the router
+    ranks the routes within a tier (the bandit) and never across tiers. Never empty.
+
+    - `requested_model == "auto"`: one tier, the category's pinned route alone if the policy
+      has one and it is still eligible; else every eligible chat model (the router chooses).
+    - A named model (id or alias): that model first, alone; then the other providers' routes
+      of the same model (catalog `serves`); then each fallback in order (the request's own
+      `fallbacks`, else the policy's `fallbacks` for that model), each followed by its other
+      providers' routes; then, with `allow_substitution`, every other eligible chat model of
+      its class. A name several providers serve (a `serves` name) is one tier of all of them.
+      Embeddings models are never substituted (another model's vectors are incompatible),
+      but may be named as fallbacks.
 
     Eligible: admitted by allowed_providers, allowed_models and the price ceiling
     (`unit_price(model) <= price_ceiling_per_mtok`). Raises 404 `model_not_found` for a name
@@ -228,20 +269,39 @@ def eligible_routes(catalog: Catalog, policy: RoutingPolicy, *, category: str | 
         pinned = catalog.model(pin) if pin is not None else None
         # A pin that stopped being eligible (catalog changed) falls back to the router's choice.
         # By identity: pydantic's == would compare every field of every model, per request.
-        return [pinned] if pinned is not None and any(m is pinned for m in chat) else chat
+        return [(pinned,) if pinned is not None and any(m is pinned for m in chat)
+                else tuple(chat)]
     model = catalog.model(requested_model)
     if model is None:
         raise NotFound(f"model {requested_model!r} does not exist; GET /v1/models lists them",
                        code="model_not_found", param="model")
-    why = _exclusion(policy, model, allowed)
-    routes = [model] if why is None else []
+    seen: set[str] = set()
+
+    def tier(models: Iterable[Model]) -> tuple[Model, ...]:
+        fresh = tuple(m for m in models if m.id not in seen
+                      and _exclusion(policy, m, allowed) is None)
+        seen.update(m.id for m in models)
+        return fresh
+
+    named = catalog.routes_of(requested_model)
+    tiers = [tier(named)] if catalog.is_shared_name(requested_model) \
+        else [tier(named[:1]), tier(named[1:])]
+    chain = fallbacks if fallbacks is not None else policy.fallbacks.get(requested_model)
+    if chain is None:
+        chain = next((c for name, c in policy.fallbacks.items()
+                      if catalog.model(name) is model), ())
+    for name in chain:
+        routes = catalog.routes_of(name)
+        tiers += [tier(routes[:1]), tier(routes[1:])]
     if policy.allow_substitution and model.kind == "chat":
-        routes += [m for m in catalog.models if m.kind == "chat" and m.class_ == model.class_
-                   and m.id != model.id and _exclusion(policy, m, allowed) is None]
-    if not routes:
+        tiers.append(tier(m for m in catalog.models
+                          if m.kind == "chat" and m.class_ == model.class_))
+    tiers = [t for t in tiers if t]
+    if not tiers:
+        why = _exclusion(policy, model, allowed)
         substitution = ("and embeddings models are never substituted" if model.kind != "chat"
                         else f"and no other {model.class_} model is eligible"
                         if policy.allow_substitution else "and allow_substitution is off")
         raise Forbidden(f"the tenant's routing policy does not allow {requested_model!r}: "
                         f"{why}, {substitution}", code="model_not_allowed", param="model")
-    return routes
+    return tiers

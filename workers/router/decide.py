@@ -20,11 +20,12 @@ from topics.catalog import Catalog, Model
 from topics.errors import InvalidRequest, NotFound, Unavailable
 from topics.messages import CouncilOutput, Mode, ObjectiveWeights, RequestEnvelope
 from topics.routing_policy import (
+    AUTO,
     GENERAL_CATEGORY,
     PolicyWeights,
     RoutingPolicy,
     admits,
-    eligible_routes,
+    route_tiers,
 )
 from topics.settings import RouterSettings
 from workers.router.bandit import Outcome, ThompsonSampler, outcome_weight, reward
@@ -64,6 +65,12 @@ class Decision:
     width: int = 1  # routes raced or hedged at most; council members
     judge: Model | None = None
     council_output: CouncilOutput = "winner"
+    # The routes that answer as the request asked: the named model's own routes, or for
+    # "auto" the router's first choice(s). An answer from any other is a fallback.
+    primary: frozenset[str] = frozenset()
+
+    def is_fallback(self, model: Model) -> bool:
+        return model.id not in self.primary
 
 
 class Decider:
@@ -82,8 +89,11 @@ class Decider:
 
     async def decide(self, env: RequestEnvelope) -> Decision:
         policy = await self._policies.policy_for(env.tenant_id)
-        routes = eligible_routes(self._catalog, policy, category=env.category,
-                                 requested_model=str(env.body.get("model")))
+        fallbacks = env.routing.fallbacks
+        tiers = route_tiers(self._catalog, policy, category=env.category,
+                            requested_model=str(env.body.get("model")),
+                            fallbacks=tuple(fallbacks) if fallbacks is not None else None)
+        routes = [m for t in tiers for m in t]
         peers = tuple(m for m in self._catalog.models
                       if m.kind == routes[0].kind and admits(self._catalog, policy, m))
         if env.routing.allowed_providers:  # the request's own pin (seed `policy.provider`)
@@ -103,17 +113,37 @@ class Decider:
         weights = _weights(env.routing.weights, policy.weights)
         routes = await self._selectable(routes)
         if len(routes) > 1:
-            posteriors = await self._posteriors.get(category, [m.id for m in routes])
-            order = self._sampler.rank([(posteriors[m.id].alpha, posteriors[m.id].beta)
-                                        for m in routes])
-            routes = [routes[i] for i in order]
+            routes = await self._ranked(category, routes, tiers)
             # A stats-only counter: counted alongside the provider call, not before it.
             task = asyncio.create_task(self._store.note_selection(category, routes[0].id))
             self._counting.add(task)
             task.add_done_callback(self._counted)
+        # Asked for: the named model's routes, and whatever a race or hedge starts at once.
+        named = str(env.body.get("model")) != AUTO
+        primary = {m.id for m in tiers[0]} if named else set()
+        if not named or width > 1:
+            primary.update(m.id for m in routes[:width])
         return Decision(tuple(routes), category, weights, peers, mode=mode, width=width,
                         judge=judge,
-                        council_output=env.routing.council_output or policy.council_output)
+                        council_output=env.routing.council_output or policy.council_output,
+                        primary=frozenset(primary))
+
+    async def _ranked(self, category: str, routes: list[Model],
+                      tiers: list[tuple[Model, ...]]) -> list[Model]:
+        """`routes` in the order they are tried: tier by tier, each tier by one Thompson
+        draw (`topics/bandit.py`) over its routes' posteriors. One tier ("auto", or a name
+        several providers serve) is the bandit's choice alone; a named model stays first."""
+        posteriors = await self._posteriors.get(category, [m.id for m in routes])
+        kept = {m.id for m in routes}
+        ordered: list[Model] = []
+        for tier in tiers:
+            members = [m for m in tier if m.id in kept]
+            if len(members) > 1:
+                order = self._sampler.rank([(posteriors[m.id].alpha, posteriors[m.id].beta)
+                                            for m in members])
+                members = [members[i] for i in order]
+            ordered += members
+        return ordered
 
     def _width(self, mode: Mode, requested: int | None, eligible: int) -> int:
         if mode in ("auto", "fixed"):

@@ -75,7 +75,8 @@ class Executor:
             await out.error(winner.error)  # after tokens: the stream ends with the error
         else:
             await out.send("done", _done(env, winner, reports, mode,
-                                         (time.perf_counter() - t0) * 1000))
+                                         (time.perf_counter() - t0) * 1000,
+                                         decision.is_fallback(winner.model)))
 
     def _hedge_delay_s(self, model: Model, streamed: bool, percentile: float) -> float:
         observed = self._latency.percentile(model.id, streamed, percentile)
@@ -213,7 +214,7 @@ class _Run:
 
 
 def _done(env: RequestEnvelope, winner: Report, reports: list[Report], mode: str,
-          latency_ms: float) -> dict[str, Any]:
+          latency_ms: float, fallback: bool) -> dict[str, Any]:
     done: dict[str, Any] = {"usage": winner.usage.to_openai()}
     if winner.answer is not None and not env.body.get("stream"):
         done["embeddings" if env.endpoint == "embeddings" else "completion"] = winner.answer
@@ -223,5 +224,8 @@ def _done(env: RequestEnvelope, winner: Report, reports: list[Report], mode: str
         # What the request cost: every attempt, the failed and the abandoned included.
         "cost_usd": str(sum((r.cost_usd for r in reports), Decimal(0))),
         "cache_hit": False, "mode": mode,
+        # Served by a route other than the one the request asked for (or, for "auto", the
+        # router's first choice): a fallback in the chain, a substitute, or a failover.
+        "fallback": fallback,
         "attempts": [r.summary() for r in reports]}
     return done
