@@ -4,7 +4,7 @@
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: up test lint bench bench-latency bench-fault bench-tail bootstrap clean model
+.PHONY: up test lint bench bench-latency bench-fault bench-tail bootstrap clean model docs
 
 bootstrap:
 	@bash compose/bootstrap.sh
@@ -40,6 +40,11 @@ bench-tail: bootstrap
 model: bootstrap
 	$(BIN)/python -m pip install -q -e '.[train]'
 	$(BIN)/python -m workers.classifier.train
+
+# Rewrite the generated blocks of docs/ (configuration, error codes) from the code;
+# `python -m compose.reference --check` only compares (tests/test_reference_docs.py runs it).
+docs: bootstrap
+	$(BIN)/python -m compose.reference
 
 clean:
 	rm -rf .stack bench/out

@@ -1,0 +1,659 @@
+"""The generated parts of docs/: the configuration table and the error reference.
+
+Hand-kept reference tables drift from the code they describe, so these are printed from it.
+`python -m compose.reference` (`make docs`) rewrites each block in place between its markers,
+`<!-- generated:NAME -->` … `<!-- /generated:NAME -->`; `python -m compose.reference --check`
+only compares, and exits 1 naming every block that differs. tests/test_reference_docs.py runs
+the check, so a change to a setting or an error code that is not regenerated fails the tests.
+
+Configuration comes from the settings models of topics/settings.py: one row per environment
+variable, with its type and constraints, its default and the field's `description`. A field
+without a description stops the generator: an undocumented setting is a bug.
+
+Error codes are read from the source with `ast` rather than from a hand-kept list, so that a
+code is found wherever it is raised and moves with the code. Under topics/, state/, ingress/
+and workers/ the scanner collects:
+
+- calls of an error class of topics/errors.py (status and `type` from the class) with a literal
+  `code=` keyword, or with none (the class's default code); a conditional expression whose
+  branches are literals counts as each branch;
+- dict literals with "message" and "code" keys: error bodies built by hand (their `type` is the
+  literal beside the code; their status, which only the response call knows, is in
+  BODY_STATUS).
+
+Everything else that sets a code -- a code computed at run time, or a call whose error class is
+chosen at run time -- is a *computed site* and must be listed in COMPUTED, keyed by module and
+enclosing function, with how it resolves. An unlisted computed site stops the generator, so a
+new computed code cannot go undocumented; a listed site that no longer exists stops it too.
+
+A code's one-line meaning is the message literal of the call that raises it. Where a code has
+no literal message, or several different ones, MEANINGS says what it means instead; a code left
+without a meaning stops the generator.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import re
+import sys
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
+from annotated_types import Ge, Gt, Le, Lt
+from pydantic import BaseModel, SecretStr
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings
+
+from topics import errors as error_tree
+from topics.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+SCANNED = ("topics", "state", "ingress", "workers")
+DOCS = ROOT / "docs"
+
+
+class ReferenceProblem(Exception):
+    """The code and its documentation disagree in a way only a person can settle."""
+
+
+# ---------------------------------------------------------------------------- configuration
+
+
+@dataclass(frozen=True, slots=True)
+class Variable:
+    """One environment variable the settings read."""
+
+    section: str  # the settings field it is nested under ("" for top-level fields)
+    name: str
+    type: str
+    default: str
+    description: str
+
+
+def variables(settings: type[BaseSettings] = Settings) -> list[Variable]:
+    """Every variable, in declaration order, named as pydantic-settings reads them (the names
+    `Settings.env_names()` lists). Fails on a field without a description."""
+    prefix = str(settings.model_config.get("env_prefix", ""))
+    nested = str(settings.model_config.get("env_nested_delimiter", "__"))
+    found: list[Variable] = []
+    for name, field in settings.model_fields.items():
+        section = field.annotation
+        if isinstance(section, type) and issubclass(section, BaseModel):
+            found += [_variable(name, f"{prefix}{name}{nested}{sub}".upper(), subfield)
+                      for sub, subfield in section.model_fields.items()]
+        else:
+            found.append(_variable("", f"{prefix}{name}".upper(), field))
+    undocumented = [v.name for v in found if not v.description]
+    if undocumented:
+        raise ReferenceProblem("settings without a description (add Field(description=...) "
+                               f"in topics/settings.py): {', '.join(undocumented)}")
+    return found
+
+
+def _variable(section: str, name: str, field: FieldInfo) -> Variable:
+    return Variable(section, name, _type_name(field), _default_text(field),
+                    " ".join((field.description or "").split()))
+
+
+def _type_name(field: FieldInfo) -> str:
+    """The Python type, with the field's bounds: what a value must be to be accepted."""
+    annotation = field.annotation
+    name = annotation.__name__ if isinstance(annotation, type) else str(annotation)
+    bounds = [text for constraint in field.metadata for text in _bound(constraint)]
+    return f"`{name.replace('typing.', '')}`" + (f" {', '.join(bounds)}" if bounds else "")
+
+
+_BOUNDS = ((Ge, "ge", "≥"), (Gt, "gt", ">"), (Le, "le", "≤"), (Lt, "lt", "<"))
+
+
+def _bound(constraint: object) -> Iterator[str]:
+    for kind, attribute, sign in _BOUNDS:
+        if isinstance(constraint, kind):
+            yield f"{sign} {getattr(constraint, attribute)}"
+
+
+def _default_text(field: FieldInfo) -> str:
+    """The default as a reader would write it in the environment. A secret is never shown
+    (only whether it is empty), and a path inside the repository is shown relative to it:
+    the table must not depend on the machine that printed it."""
+    value = field.get_default(call_default_factory=True)
+    if value is None:
+        return "unset"
+    if isinstance(value, SecretStr):
+        return "`**********` (secret)" if str(value) else "empty (secret)"
+    if isinstance(value, Path):
+        return f"`{_repo_relative(value)}`"
+    if isinstance(value, bool):
+        return f"`{str(value).lower()}`"
+    if isinstance(value, dict | list):
+        return f"`{orjson.dumps(value).decode()}`"
+    return f"`{value}`" if str(value) else "empty"
+
+
+def _repo_relative(path: Path) -> str:
+    """Relative to the checkout that printed it, so every checkout prints the same table."""
+    try:
+        return path.resolve().relative_to(ROOT).as_posix()
+    except ValueError:
+        return path.as_posix() if not path.is_absolute() else path.name
+
+
+def configuration_markdown(settings: type[BaseSettings] = Settings) -> str:
+    """One table per settings section, top-level variables last, in declaration order."""
+    rows = variables(settings)
+    sections = [*dict.fromkeys(v.section for v in rows if v.section), ""]
+    out: list[str] = []
+    for section in sections:
+        members = [v for v in rows if v.section == section]
+        if members:
+            prefix = str(settings.model_config.get("env_prefix", ""))
+            out += [_section_heading(settings, section, prefix), ""]
+            out += _table(("variable", "type", "default", "description"),
+                          [(f"`{v.name}`", v.type, v.default, v.description) for v in members])
+            out.append("")
+    return "\n".join(out[:-1]) + "\n"
+
+
+def _section_heading(settings: type[BaseSettings], section: str, prefix: str) -> str:
+    """The section's variable prefix as a heading, its model's docstring under it."""
+    if not section:
+        return "### Top-level settings"
+    model = settings.model_fields[section].annotation
+    summary = " ".join((getattr(model, "__doc__", None) or "").split("\n\n")[0].split())
+    return f"### `{prefix}{section.upper()}__…`" + (f"\n\n{summary}" if summary else "")
+
+
+def _table(header: tuple[str, ...], rows: Iterable[tuple[str, ...]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    return lines + ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
+
+
+def _cell(text: str) -> str:
+    """Table-safe: a pipe would end the cell (escaped even in code spans, as GFM wants), and
+    `<word` outside a code span would open an HTML tag."""
+    parts = text.replace("|", "\\|").split("`")
+    return "`".join(re.sub(r"<(?=[A-Za-z/!?])", "&lt;", part) if i % 2 == 0 else part
+                    for i, part in enumerate(parts))
+
+
+# ------------------------------------------------------------------------------ error codes
+
+
+@dataclass(frozen=True, slots=True)
+class Site:
+    """One place in the source that gives a client-visible error its code."""
+
+    module: str  # path from the repository root, e.g. "ingress/policy.py"
+    function: str  # enclosing qualified name, "<module>" at top level
+    line: int
+    error_class: str | None  # a class of topics/errors.py; None: chosen at run time or a body
+    codes: tuple[str | None, ...] | None  # literal codes (None: the class default); None: computed
+    message: str | None  # the message literal, run-time parts shown as {name}
+    body_type: str | None = None  # the `type` literal of a hand-built error body
+
+
+@dataclass(frozen=True, slots=True)
+class Raised:
+    """A code a client can receive, with the status and type it comes with."""
+
+    code: str
+    status: int
+    type: str
+    module: str
+    message: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorCode:
+    """One row of the error reference."""
+
+    status: int
+    type: str
+    code: str
+    modules: tuple[str, ...]
+    meaning: str
+
+
+@dataclass(frozen=True, slots=True)
+class Computed:
+    """How a computed site resolves: `why` is printed nowhere, it is for the next reader."""
+
+    why: str
+    resolve: Callable[[], list[Raised]]
+
+
+def error_classes() -> dict[str, type[error_tree.SwitchyardError]]:
+    """Every class of the error tree by name, the root included."""
+    found: dict[str, type[error_tree.SwitchyardError]] = {}
+    pending: list[type[error_tree.SwitchyardError]] = [error_tree.SwitchyardError]
+    while pending:
+        cls = pending.pop()
+        found[cls.__name__] = cls
+        pending += cls.__subclasses__()
+    return found
+
+
+def scan_source(source: str, module: str, classes: Iterable[str]) -> list[Site]:
+    """The sites of one module's source. Takes source text, not a path, so that a test can
+    show what the scanner finds in a snippet."""
+    tree = ast.parse(source)
+    scanner = _Scanner(module, frozenset(classes), _constants(tree))
+    scanner.visit(tree)
+    return scanner.sites
+
+
+def _constants(tree: ast.Module) -> dict[str, str]:
+    """Module-level string constants (`MODE_HEADER = "x-switchyard-mode"`), so that a message
+    naming one reads as the client sees it."""
+    found: dict[str, str] = {}
+    for stmt in tree.body:
+        target = (stmt.targets[0] if isinstance(stmt, ast.Assign) and len(stmt.targets) == 1
+                  else stmt.target if isinstance(stmt, ast.AnnAssign) else None)
+        value = stmt.value if isinstance(stmt, ast.Assign | ast.AnnAssign) else None
+        if (isinstance(target, ast.Name) and isinstance(value, ast.Constant)
+                and isinstance(value.value, str)):
+            found[target.id] = value.value
+    return found
+
+
+def scan_tree(root: Path = ROOT, packages: Iterable[str] = SCANNED) -> list[Site]:
+    """Every site under the packages whose errors reach clients (compose/, bench/ and tests/
+    raise none a client sees; the fake upstream's errors are the providers')."""
+    classes = error_classes()
+    return [site for package in packages for path in sorted((root / package).rglob("*.py"))
+            for site in scan_source(path.read_text(), path.relative_to(root).as_posix(),
+                                    classes)]
+
+
+class _Scanner(ast.NodeVisitor):
+    def __init__(self, module: str, classes: frozenset[str], constants: dict[str, str]) -> None:
+        self.module = module
+        self.classes = classes
+        self.constants = constants
+        self.scope: list[str] = []
+        self.sites: list[Site] = []
+
+    def _scoped(self, node: ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef) -> None:
+        self.scope.append(node.name)
+        self.generic_visit(node)
+        self.scope.pop()
+
+    visit_FunctionDef = visit_AsyncFunctionDef = visit_ClassDef = _scoped
+
+    def _site(self, node: ast.expr, error_class: str | None,
+              codes: tuple[str | None, ...] | None, message: str | None,
+              body_type: str | None = None) -> None:
+        self.sites.append(Site(self.module, ".".join(self.scope) or "<module>", node.lineno,
+                               error_class, codes, message, body_type))
+
+    def visit_Call(self, node: ast.Call) -> None:
+        callee = _callee(node.func)
+        code = next((k.value for k in node.keywords if k.arg == "code"), None)
+        if callee in self.classes or code is not None:
+            known = callee if callee in self.classes else None
+            for branch, message in _branches(code, _message(node)):
+                codes = (None,) if branch is None else _literal_codes(branch)
+                self._site(node, known, codes if known else None,
+                           None if message is None else _text(message, self.constants))
+        self.generic_visit(node)
+
+    def visit_Dict(self, node: ast.Dict) -> None:
+        fields = {k.value: v for k, v in zip(node.keys, node.values, strict=True)
+                  if isinstance(k, ast.Constant) and isinstance(k.value, str)}
+        if "code" in fields and "message" in fields:
+            kind = fields.get("type")
+            self._site(node, None, _literal_codes(fields["code"]),
+                       _text(fields["message"], self.constants),
+                       kind.value if isinstance(kind, ast.Constant)
+                       and isinstance(kind.value, str) else None)
+        self.generic_visit(node)
+
+
+def _callee(func: ast.expr) -> str | None:
+    """`Forbidden(...)` and `errors.Forbidden(...)` both name Forbidden."""
+    if isinstance(func, ast.Name):
+        return func.id
+    return func.attr if isinstance(func, ast.Attribute) else None
+
+
+def _literal_codes(node: ast.expr) -> tuple[str | None, ...] | None:
+    """The codes an expression can take when they are all written out, else None (computed).
+    A None code means the error class's default."""
+    if isinstance(node, ast.Constant) and (node.value is None or isinstance(node.value, str)):
+        return (node.value,)
+    if isinstance(node, ast.IfExp):
+        body, orelse = _literal_codes(node.body), _literal_codes(node.orelse)
+        return body + orelse if body is not None and orelse is not None else None
+    return None
+
+
+def _message(call: ast.Call) -> ast.expr | None:
+    if call.args:
+        return call.args[0]
+    return next((k.value for k in call.keywords if k.arg == "message"), None)
+
+
+def _branches(code: ast.expr | None, message: ast.expr | None
+              ) -> Iterator[tuple[ast.expr | None, ast.expr | None]]:
+    """A code and a message chosen by the same condition, paired branch by branch, so that
+    each code keeps its own message (`"a" if c else "b"`, `code="x" if c else "y"`)."""
+    if (isinstance(code, ast.IfExp) and isinstance(message, ast.IfExp)
+            and ast.dump(code.test) == ast.dump(message.test)):
+        yield from _branches(code.body, message.body)
+        yield from _branches(code.orelse, message.orelse)
+    else:
+        yield code, message
+
+
+def _text(node: ast.expr, constants: Mapping[str, str]) -> str | None:
+    """A string expression as a reader would see it: module constants filled in, other
+    run-time parts as {name} (or {…} for anything longer than a name)."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return node.value
+    if isinstance(node, ast.JoinedStr):
+        return "".join(_text(part, constants) or "" for part in node.values)
+    if isinstance(node, ast.FormattedValue):
+        if isinstance(node.value, ast.Name) and node.value.id in constants:
+            value = constants[node.value.id]
+            return repr(value) if node.conversion == ord("r") else value
+        simple = isinstance(node.value, ast.Name | ast.Attribute)
+        return "{" + (ast.unparse(node.value) if simple else "…") + "}"
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
+        left, right = _text(node.left, constants), _text(node.right, constants)
+        return left + right if left is not None and right is not None else None
+    return None
+
+
+def _raised(cls: type[error_tree.SwitchyardError], code: str | None, module: str,
+            message: str | None) -> Raised:
+    return Raised(code or cls.default_code, cls.status, cls.type, module, message)
+
+
+def _taxonomy() -> list[tuple[str, type[error_tree.SwitchyardError], bool]]:
+    """(kind, class, retryable) of each kind of provider failure, as provider_error() reads
+    them; imported, not parsed, since the class is picked from a dict at run time."""
+    from workers.providers import errors as provider_errors
+
+    return [(kind.value, *provider_errors._TAXONOMY[kind]) for kind in provider_errors.Kind]
+
+
+def _provider_taxonomy() -> list[Raised]:
+    """provider_error() builds `upstream_<kind>` with the class its taxonomy assigns."""
+    return [_raised(cls, f"upstream_{kind}", "workers/providers/errors.py", None)
+            for kind, cls, _retryable in _taxonomy()]
+
+
+def _starlette_not_found() -> list[Raised]:
+    return [_raised(error_tree.NotFound, "not_found", "ingress/errors.py", None)]
+
+
+# Sites whose code or class is decided at run time, and what they can produce.
+COMPUTED: dict[tuple[str, str], Computed] = {
+    ("topics/errors.py", "SwitchyardError.to_dict"): Computed(
+        "serialises an error's own code; every code is documented where it is raised",
+        list),
+    ("topics/errors.py", "SwitchyardError.from_frame_data"): Computed(
+        "rebuilds, in the ingress, an error a worker sent in an error frame: its code was set "
+        "(and is documented) where the worker raised it", list),
+    ("ingress/errors.py", "on_http_exception"): Computed(
+        "Starlette's own HTTPException: 405 has its literal code; the routing table raises "
+        "only 404 besides, as not_found (no module of ours raises HTTPException)",
+        _starlette_not_found),
+    ("workers/providers/errors.py", "provider_error"): Computed(
+        "f'upstream_{kind.value}' with the class _TAXONOMY gives each Kind", _provider_taxonomy),
+    ("workers/router/execute.py", "_Run.failure"): Computed(
+        "re-raises the last attempt's error with '(after N attempts)' in its message; the code "
+        "is that error's own", list),
+}
+
+# Statuses of hand-built error bodies (dict literals), which the scanner cannot see.
+BODY_STATUS: dict[str, int] = {
+    "dependency_down": 503,  # ingress/ops.py: GET /v1/health when a dependency is down
+}
+
+# One-line meanings for codes whose messages do not say it alone (none, or several).
+MEANINGS: dict[str, str] = {
+    "attempt_timeout": "one call had its own time limit and missed it: a council member "
+                       "(`SWITCHYARD_ROUTER__COUNCIL_MEMBER_TIMEOUT_S`) or the judge "
+                       "(`SWITCHYARD_ROUTER__COUNCIL_JUDGE_TIMEOUT_S`)",
+    "deadline_exceeded": "the request's deadline passed: in the queue (never executed) or during "
+                         "the call",
+    "dependency_down": "`GET /v1/health`: Kafka, Redis or PostgreSQL did not answer in time; "
+                       "`checks` says which and why",
+    "image_too_large": "a data-URL image is larger than `SWITCHYARD_INGRESS__MAX_IMAGE_BYTES`",
+    "invalid_api_key": "the API key is unknown or revoked, or the Authorization header is not "
+                       "`Bearer <key>`",
+    "invalid_field": "a field fails validation; `param` names it (e.g. `messages.0.role`, "
+                     "`weights.cost`, `policy.timeout_ms`)",
+    "invalid_header": "`x-switchyard-category` is not a category, or `x-switchyard-timeout-ms` "
+                      "(or the seed shape's `policy.timeout_ms`) is not a number of milliseconds "
+                      "within (0, `SWITCHYARD_INGRESS__MAX_DEADLINE_S`]",
+    "invalid_json": "the body is not valid JSON, or not a JSON object",
+    "invalid_request": "a request field the chosen provider's dialect cannot translate is "
+                       "malformed (`param` names it), e.g. a message without content or a tool "
+                       "call without an id",
+    "missing_field": "a required field is missing; `param` names it",
+    "model_not_found": "the model (or council judge) is not in the catalog; `GET /v1/models` "
+                       "lists them",
+    "not_found": "no route matches the path",
+    "policy_conflict": "a routing policy (stored or the seed shape's `policy`) at odds with "
+                       "itself or the catalog: a pinned route or judge that is not an eligible "
+                       "chat model, a policy that admits no model, a pinned provider without such "
+                       "a model",
+    "queue_unavailable": "Kafka did not acknowledge the request (the request queue is down): "
+                         "nothing was queued, retry later",
+    "race_lost": "another route answered first (recorded for the losing attempt in usage events "
+                 "and `metadata.attempts`; never the request's error)",
+    "reply_incomplete": "the answer ended without its final frame",
+    "request_too_large": "the body is larger than the route's limit: "
+                         "`SWITCHYARD_INGRESS__MAX_BODY_BYTES` on model routes, 64 KiB on the "
+                         "vault and routing-policy routes, 4 KiB on `POST /v1/feedback`",
+    "unknown_provider": "a provider name that is not in the catalog (seed `policy.provider`, a "
+                        "vault key, a routing policy's `allowed_providers`)",
+    "unsupported_parameter": "a request parameter the route's provider cannot honour (refused, "
+                             "never dropped); the message names the parameter and the provider",
+    "upstream_auth": "the provider refused the gateway's (or the tenant's stored) key or account "
+                     "(HTTP 401/403 or its equivalent); not retried",
+    "upstream_bad_request": "the provider refused the request as invalid (another 4xx); not "
+                            "retried",
+    "upstream_bad_response": "the provider answered something that is not its wire format "
+                             "(malformed JSON, a wrong shape, the wrong number of embeddings)",
+    "upstream_content_filtered": "the provider refused the request's or the answer's content; not "
+                                 "retried",
+    "upstream_overloaded": "the provider says it is overloaded (HTTP 503/529 or its equivalent)",
+    "upstream_rate_limited": "the provider rate-limited the gateway (HTTP 429 or its equivalent)",
+    "upstream_server_error": "the provider failed (5xx, an error event inside its stream, an "
+                             "unusable answer)",
+    "upstream_stream_cut": "the provider ended the stream or the connection before the answer was "
+                           "complete",
+    "upstream_timeout": "the provider reported a timeout (HTTP 408/504), or missed the connect, "
+                        "first-token, idle or total timeout",
+    "vault_misconfigured": "`SWITCHYARD_VAULT__MASTER_KEYS` or `SWITCHYARD_VAULT__ACTIVE_KEY_ID` "
+                           "is malformed (the message says which key; never its value)",
+    "vault_not_configured": "the vault has no master key (`SWITCHYARD_VAULT__MASTER_KEYS` unset); "
+                            "the rest of the gateway runs",
+}
+
+
+def resolve(sites: Iterable[Site], computed: Mapping[tuple[str, str], Computed] = COMPUTED,
+            body_status: Mapping[str, int] = BODY_STATUS) -> list[Raised]:
+    """Every (code, status, type, module) the sites can produce. Fails on a computed site that
+    is not listed, a listed one that is gone, and a hand-built body without a status."""
+    classes = error_classes()
+    sites = list(sites)
+    raised: list[Raised] = []
+    unlisted: list[str] = []
+    seen: set[tuple[str, str]] = set()
+    for site in sites:
+        key = (site.module, site.function)
+        if site.codes is None or (site.error_class is None and site.body_type is None):
+            if key not in computed:
+                unlisted.append(f"{site.module}:{site.line} in {site.function}")
+            elif key not in seen:
+                seen.add(key)
+                raised += computed[key].resolve()
+        elif site.error_class is not None:
+            raised += [_raised(classes[site.error_class], code, site.module, site.message)
+                       for code in site.codes]
+        else:
+            raised += [_body(site, code, body_status) for code in site.codes]
+    _require(not unlisted, "error codes or classes decided at run time, not listed in COMPUTED in "
+             "compose/reference.py (say what they resolve to): " + "; ".join(unlisted))
+    gone = sorted(f"{m} {f}" for m, f in set(computed) - {(s.module, s.function) for s in sites})
+    _require(not gone, "COMPUTED lists sites that no longer exist: " + "; ".join(gone))
+    return raised
+
+
+def _body(site: Site, code: str | None, body_status: Mapping[str, int]) -> Raised:
+    if code is None or code not in body_status or site.body_type is None:
+        raise ReferenceProblem(f"{site.module}:{site.line} builds an error body with code "
+                               f"{code!r}: add its HTTP status to BODY_STATUS in "
+                               "compose/reference.py")
+    return Raised(code, body_status[code], site.body_type, site.module, site.message)
+
+
+def _require(condition: bool, problem: str) -> None:
+    if not condition:
+        raise ReferenceProblem(problem)
+
+
+def error_codes(raised: Iterable[Raised], meanings: Mapping[str, str] = MEANINGS,
+                body_status: Mapping[str, int] = BODY_STATUS) -> list[ErrorCode]:
+    """One row per (status, code, type), sorted by status then code, each with a meaning."""
+    groups: dict[tuple[int, str, str], list[Raised]] = {}
+    for item in raised:
+        groups.setdefault((item.status, item.code, item.type), []).append(item)
+    by_code: dict[str, list[Raised]] = {}
+    for (_status, code, _type), items in groups.items():
+        by_code.setdefault(code, []).extend(items)
+    found = {code: _meaning(code, items, meanings) for code, items in by_code.items()}
+    unexplained = sorted(code for code, meaning in found.items() if meaning is None)
+    _require(not unexplained, "error codes without a literal message, or with several "
+             "different ones: add a one-line meaning to MEANINGS in compose/reference.py: "
+             + ", ".join(unexplained))
+    stale = sorted((set(meanings) | set(body_status)) - set(by_code))
+    _require(not stale, "MEANINGS or BODY_STATUS in compose/reference.py name codes nothing "
+             f"raises any more: {', '.join(stale)}")
+    return [ErrorCode(status, kind, code, tuple(sorted({r.module for r in items})),
+                      str(found[code]))
+            for (status, code, kind), items in sorted(groups.items())]
+
+
+def _meaning(code: str, items: list[Raised], meanings: Mapping[str, str]) -> str | None:
+    """The curated meaning, else the one message literal every site raises it with."""
+    if code in meanings:
+        return meanings[code]
+    messages = {item.message for item in items}
+    return messages.pop() if len(messages) == 1 else None
+
+
+def errors_markdown(root: Path = ROOT) -> str:
+    """Every code a client can receive, by status then code, with where it is raised."""
+    rows = error_codes(resolve(scan_tree(root)))
+    return "\n".join(_table(
+        ("status", "code", "type", "meaning", "raised in"),
+        [(str(r.status), f"`{r.code}`", f"`{r.type}`", r.meaning,
+          ", ".join(f"`{m}`" for m in r.modules)) for r in rows])) + "\n"
+
+
+def error_classes_markdown() -> str:
+    """The error tree itself: what each class means on the wire, by status."""
+    classes = sorted(error_classes().values(), key=lambda c: (c.status, c.__name__))
+    return "\n".join(_table(
+        ("class", "status", "type", "default code", "retryable by default"),
+        [(f"`{c.__name__}`", str(c.status), f"`{c.type}`", f"`{c.default_code}`",
+          "yes" if c.retryable else "no") for c in classes])) + "\n"
+
+
+def provider_errors_markdown() -> str:
+    """The provider taxonomy: what each kind of provider failure becomes for the client, and
+    whether another route (or a later try) is attempted."""
+    rows = [(f"`{kind}`", str(cls.status), f"`upstream_{kind}`", "yes" if retryable else "no")
+            for kind, cls, retryable in _taxonomy()]
+    return "\n".join(_table(("kind", "status", "code", "retried on another route"),
+                            rows)) + "\n"
+
+
+# ----------------------------------------------------------------------------- the blocks
+
+
+# block name → (document under docs/, what prints it)
+BLOCKS: dict[str, tuple[str, Callable[[], str]]] = {
+    "configuration": ("configuration.md", configuration_markdown),
+    "error-classes": ("errors.md", error_classes_markdown),
+    "provider-errors": ("errors.md", provider_errors_markdown),
+    "errors": ("errors.md", errors_markdown),
+}
+
+
+def _pattern(name: str) -> re.Pattern[str]:
+    return re.compile(rf"(<!-- generated:{re.escape(name)} -->\n)(.*?)(<!-- /generated:"
+                      rf"{re.escape(name)} -->)", re.DOTALL)
+
+
+def render(text: str, name: str, content: str) -> str:
+    """`text` with block `name` holding `content` (a blank line either side, for Markdown).
+    Fails when the document has no such block or more than one."""
+    pattern = _pattern(name)
+    _require(len(pattern.findall(text)) == 1,
+             f"expected one '<!-- generated:{name} -->' … '<!-- /generated:{name} -->' block")
+    return pattern.sub(lambda m: f"{m[1]}\n{content}\n{m[3]}", text)
+
+
+def regenerate(docs: Path = DOCS, blocks: Mapping[str, tuple[str, Callable[[], str]]] = BLOCKS
+               ) -> dict[Path, tuple[str, str, list[str]]]:
+    """For each document: (committed text, generated text, names of the blocks that differ)."""
+    result: dict[Path, tuple[str, str, list[str]]] = {}
+    for name, (document, produce) in blocks.items():
+        path = docs / document
+        if path not in result:
+            text = path.read_text()
+            result[path] = (text, text, [])
+        old, new, stale = result[path]
+        updated = render(new, name, produce())
+        result[path] = (old, updated, [*stale, name] if updated != new else stale)
+    return result
+
+
+def stale_blocks(docs: Path = DOCS,
+                 blocks: Mapping[str, tuple[str, Callable[[], str]]] = BLOCKS) -> list[str]:
+    """`document: block` for every committed block that differs from what the code prints."""
+    return _names(docs, regenerate(docs, blocks))
+
+
+def _names(docs: Path, results: Mapping[Path, tuple[str, str, list[str]]]) -> list[str]:
+    return [f"{path.relative_to(docs.parent).as_posix()}: {name}"
+            for path, (_old, _new, stale) in results.items() for name in stale]
+
+
+def main(argv: list[str] | None = None, docs: Path = DOCS) -> int:
+    """Rewrite (or, with --check, compare) every block; 0 when all is well, 1 when --check
+    found blocks that differ, 2 when the code and the generator's lists disagree."""
+    parser = argparse.ArgumentParser(prog="python -m compose.reference", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true",
+                        help="change nothing; exit 1 listing the blocks that differ")
+    args = parser.parse_args(argv)
+    try:
+        results = regenerate(docs)
+    except ReferenceProblem as exc:
+        print(f"compose.reference: {exc}", file=sys.stderr)
+        return 2
+    stale = _names(docs, results)
+    if args.check:
+        for line in stale:
+            print(f"out of date: {line} (run `make docs`)", file=sys.stderr)
+        return 1 if stale else 0
+    for path, (old, new, _) in results.items():
+        if new != old:
+            path.write_text(new)
+    for line in stale:
+        print(f"rewrote {line}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
