@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import inspect
 import re
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -427,10 +428,10 @@ MEANINGS: dict[str, str] = {
     "invalid_api_key": "the API key is unknown or revoked, or the Authorization header is not "
                        "`Bearer <key>`",
     "invalid_field": "a field fails validation; `param` names it (e.g. `messages.0.role`, "
-                     "`weights.cost`, `policy.timeout_ms`)",
+                     "`weights.cost`, `policy.timeout_ms`, `models`)",
     "invalid_header": "`x-switchyard-category` is not a category, or `x-switchyard-timeout-ms` "
-                      "(or the seed shape's `policy.timeout_ms`) is not a number of milliseconds "
-                      "within (0, `SWITCHYARD_INGRESS__MAX_DEADLINE_S`]",
+                      "is not a number of milliseconds within "
+                      "(0, `SWITCHYARD_INGRESS__MAX_DEADLINE_S`]",
     "invalid_json": "the body is not valid JSON, or not a JSON object",
     "invalid_request": "a request field the chosen provider's dialect cannot translate is "
                        "malformed (`param` names it), e.g. a message without content or a tool "
@@ -473,6 +474,9 @@ MEANINGS: dict[str, str] = {
                         "first-token, idle or total timeout",
     "vault_misconfigured": "`SWITCHYARD_VAULT__MASTER_KEYS` or `SWITCHYARD_VAULT__ACTIVE_KEY_ID` "
                            "is malformed (the message says which key; never its value)",
+    "wrong_model_kind": "a model of the wrong kind for where it is named: an embeddings model on "
+                        "chat completions (or the reverse), or a fallback of another kind than "
+                        "the model it serves",
     "vault_not_configured": "the vault has no master key (`SWITCHYARD_VAULT__MASTER_KEYS` unset); "
                             "the rest of the gateway runs",
 }
@@ -581,7 +585,24 @@ def provider_errors_markdown() -> str:
 
 
 # block name → (document under docs/, what prints it)
+def routes_markdown() -> str:
+    """The route table of `ingress/routes.py`: method, path, what it requires, and the first
+    line of its handler's docstring."""
+    from ingress.routes import ROUTES
+
+    rows = []
+    for endpoint in ROUTES:
+        doc = inspect.getdoc(endpoint.handler)
+        _require(bool(doc), f"handler {endpoint.handler.__module__}."
+                 f"{endpoint.handler.__name__} has no docstring: its first line is the "
+                 "route's description in docs/api.md")
+        summary = " ".join((doc or "").split("\n\n")[0].split())
+        rows.append((f"`{endpoint.method} {endpoint.path}`", endpoint.access.value, summary))
+    return "\n".join(_table(("route", "requires", "what"), rows)) + "\n"
+
+
 BLOCKS: dict[str, tuple[str, Callable[[], str]]] = {
+    "routes": ("api.md", routes_markdown),
     "configuration": ("configuration.md", configuration_markdown),
     "error-classes": ("errors.md", error_classes_markdown),
     "provider-errors": ("errors.md", provider_errors_markdown),

@@ -25,6 +25,8 @@ from topics.routing_policy import CATEGORIES
 
 
 async def chat_completions(call: Call) -> Response:
+    """OpenAI Chat Completions, `stream: false` and `stream: true` (SSE,
+    `stream_options.include_usage`, final `data: [DONE]`); the seed product's `/v1/infer`."""
     request, pipeline, owner = call.request, call.services.pipeline, call.principal
     request_id = call.request_id
     body = await pipeline.read_json(request)

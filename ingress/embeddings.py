@@ -15,6 +15,7 @@ from topics.errors import UpstreamError
 
 
 async def embeddings(call: Call) -> Response:
+    """OpenAI embeddings, for OpenAI-compatible and Gemini embedding models."""
     request, pipeline, owner = call.request, call.services.pipeline, call.principal
     body = await pipeline.read_json(request)
     validate_embeddings(body)

@@ -11,6 +11,7 @@ from starlette.responses import Response
 
 from topics.errors import (
     InvalidRequest,
+    MethodNotAllowed,
     NotFound,
     PayloadTooLarge,
     SwitchyardError,
@@ -48,7 +49,8 @@ async def on_switchyard_error(_request: Request, exc: Exception) -> Response:
 async def on_http_exception(_request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     if exc.status_code == 405:
-        return error_response(InvalidRequest("method not allowed", code="method_not_allowed"))
+        return error_response(MethodNotAllowed("method not allowed"),
+                              headers=dict(exc.headers or {}))
     cls = _HTTP_TO_ERROR.get(exc.status_code, SwitchyardError)
     error = cls(str(exc.detail), code="not_found" if exc.status_code == 404 else None)
     return Response(error_body(error), status_code=exc.status_code,

@@ -20,6 +20,7 @@ from topics.routing_policy import CATEGORIES, GENERAL_CATEGORY
 
 
 async def advisor(call: Call) -> Response:
+    """Recommendations from the tenant's usage ledger, each with the figures behind it."""
     found = await recommendations(call.services.pool, call.principal.tenant_id)
     return Response(orjson.dumps({"object": "list", "data": found}),
                     media_type="application/json")
@@ -36,8 +37,8 @@ class Feedback(BaseModel):
 
 
 async def feedback(call: Call) -> Response:
-    """POST /v1/feedback {request_id, score}: a quality score (0..1) for an answer, once per
-    request; it feeds the quality part of the route's reward."""
+    """A quality score (0..1) for an answered request, `{request_id, score}`, once per request;
+    it feeds the quality part of the route's reward."""
     services, tenant_id = call.services, call.principal.tenant_id
     given = parse_body(Feedback, await read_body(call.request, _MAX_FEEDBACK_BYTES))
     served = await services.pool.fetchrow(
@@ -61,8 +62,8 @@ async def feedback(call: Call) -> Response:
 
 
 async def stats(call: Call) -> Response:
-    """GET /v1/providers/stats: per route and category, what the shared posteriors hold; and
-    per route, its circuit breaker as every router sees it."""
+    """Per route and category, what the shared posteriors hold (selections, successes,
+    failures, latency, feedback); per route, its circuit breaker as every router sees it."""
     catalog = call.services.catalog
     routes = [m.id for m in catalog.models if m.kind == "chat"]
     provider = {m.id: m.provider for m in catalog.models}

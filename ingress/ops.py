@@ -15,6 +15,8 @@ from topics.catalog import Catalog
 
 
 async def models(call: Call) -> Response:
+    """The model catalog in OpenAI's list shape, plus prices, context window, capabilities,
+    class, aliases and `serves`."""
     return Response(call.services.model_listing, media_type="application/json")
 
 
@@ -33,6 +35,7 @@ def model_listing(catalog: Catalog) -> bytes:
 
 
 async def health(call: Call) -> Response:
+    """Checks Kafka, Redis and PostgreSQL; 503 with `checks` naming what is down."""
     checks = _dependency_checks(call.services)
     timeout_s = call.services.settings.ingress.health_timeout_s
 
@@ -70,5 +73,6 @@ def _dependency_checks(services: Services) -> dict[str, Callable[[], Awaitable[o
 
 
 async def metrics(call: Call) -> Response:
+    """Prometheus metrics of this ingress process."""
     return Response(generate_latest(call.services.metrics.registry),
                     media_type=CONTENT_TYPE_LATEST)

@@ -23,7 +23,13 @@ from ingress.validation import parse_json_object
 from state.claims import publish_cancel
 from state.keys import KeyOwner
 from topics import names
-from topics.errors import ClientClosedRequest, InvalidRequest, SwitchyardError, Unavailable
+from topics.errors import (
+    ClientClosedRequest,
+    InvalidRequest,
+    SwitchyardError,
+    Unavailable,
+    Unprocessable,
+)
 from topics.messages import Endpoint, ReplyFrame
 from topics.settings import IngressSettings
 from topics.tasks import Interrupted, unless
@@ -119,21 +125,22 @@ class Pipeline:
     def timeout_s(self, request: Request, policy_timeout_ms: int | None) -> float:
         """The request's deadline: the header, else the policy's timeout_ms, else the default."""
         raw = request.headers.get(TIMEOUT_HEADER)
+        limit_ms = int(self.settings.max_deadline_s * 1000)
         if raw is None:
             if policy_timeout_ms is None:
                 return self.settings.default_deadline_s
-            raw, param = str(policy_timeout_ms), "policy.timeout_ms"
-        else:
-            param = TIMEOUT_HEADER
+            if policy_timeout_ms > limit_ms:  # a body field: its type was checked already
+                raise Unprocessable(f"policy.timeout_ms: must be within (0, {limit_ms}]",
+                                    code="invalid_field", param="policy.timeout_ms")
+            return policy_timeout_ms / 1000
         try:
             value = float(raw) / 1000
         except ValueError:
-            raise InvalidRequest(f"{param} must be a number of milliseconds",
-                                 code="invalid_header", param=param) from None
+            raise InvalidRequest(f"{TIMEOUT_HEADER} must be a number of milliseconds",
+                                 code="invalid_header", param=TIMEOUT_HEADER) from None
         if not 0 < value <= self.settings.max_deadline_s:
-            raise InvalidRequest(f"{param} must be within (0, "
-                                 f"{int(self.settings.max_deadline_s * 1000)}]",
-                                 code="invalid_header", param=param)
+            raise InvalidRequest(f"{TIMEOUT_HEADER} must be within (0, {limit_ms}]",
+                                 code="invalid_header", param=TIMEOUT_HEADER)
         return value
 
 

@@ -26,11 +26,13 @@ MAX_BODY_BYTES = 64 * 1024  # a policy naming every model of the catalog is a fe
 
 
 async def get_policy(call: Call) -> Response:
+    """The tenant's effective routing policy, `"source": "stored"` or `"default"`."""
     # Read from PostgreSQL, not a cache: a PUT is visible to the next GET.
     return json_response(_view(await read_policy(call.services.pool, call.principal.tenant_id)))
 
 
 async def put_policy(call: Call) -> Response:
+    """Replace the tenant's routing policy (fields left out take their defaults)."""
     tenant_id = call.principal.tenant_id
     policy = parse_body(RoutingPolicy, await read_body(call.request, MAX_BODY_BYTES))
     validate_against(policy, call.services.catalog)
@@ -40,6 +42,7 @@ async def put_policy(call: Call) -> Response:
 
 
 async def delete_policy(call: Call) -> Response:
+    """Back to the default routing policy → `"deleted": true` or `false`."""
     tenant_id = call.principal.tenant_id
     # Idempotent: deleting the default is not an error, "deleted" says what happened.
     deleted = await routing_policies.delete_policy(call.services.pool, tenant_id)

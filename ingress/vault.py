@@ -83,6 +83,7 @@ class RotateKey(_Strict):
 
 
 async def store_key(call: Call) -> Response:
+    """Store the tenant's own key for a provider, `{provider, api_key, config}` → 201."""
     owner, keys = call.principal, _master_keys(call)
     body = parse_body(StoreKey, await read_body(call.request, MAX_BODY_BYTES))
     _check_provider(call.services.catalog, body.provider)
@@ -93,12 +94,14 @@ async def store_key(call: Call) -> Response:
 
 
 async def list_keys(call: Call) -> Response:
+    """The tenant's stored provider keys, last four characters only."""
     _master_keys(call)
     stored = await vault.list_keys(call.services.pool, call.principal.tenant_id)
     return json_response({"object": "list", "data": [s.public() for s in stored]})
 
 
 async def rotate_key(call: Call) -> Response:
+    """Replace a stored provider key, `{api_key}`."""
     owner, keys = call.principal, _master_keys(call)
     provider: str = call.request.path_params["provider"]
     body = parse_body(RotateKey, await read_body(call.request, MAX_BODY_BYTES))
@@ -110,6 +113,7 @@ async def rotate_key(call: Call) -> Response:
 
 
 async def delete_key(call: Call) -> Response:
+    """Forget a stored provider key → `{"provider", "deleted": true}`."""
     owner = call.principal
     _master_keys(call)
     provider: str = call.request.path_params["provider"]

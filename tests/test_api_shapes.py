@@ -59,6 +59,7 @@ async def test_policy_timeout_ms_is_the_deadline(http: httpx.AsyncClient,
     ({"provider": "deepseek"}, 400, "policy_conflict", "policy.provider"),  # no frontier model
     ("fast", 422, "invalid_field", "policy"),
     ({"timeout_ms": -5}, 422, "invalid_field", "policy.timeout_ms"),
+    ({"timeout_ms": 10_000_000}, 422, "invalid_field", "policy.timeout_ms"),
     ({"optimize_for": "vibes"}, 422, "invalid_field", "policy.optimize_for"),
     ({"fallback_enabled": "yes"}, 422, "invalid_field", "policy.fallback_enabled"),
     ({"surprise": 1}, 422, "invalid_field", "policy.surprise"),

@@ -117,7 +117,7 @@ async def test_the_openai_sdk_raises_its_typed_errors(gateway: Gateway) -> None:
 async def test_unknown_route_and_wrong_method_are_openai_shaped(
         http: httpx.AsyncClient) -> None:
     assert_openai_error(await http.get("/v1/nope"), 404, "not_found")
-    assert_openai_error(await http.get("/v1/chat/completions"), 400, "method_not_allowed")
+    assert_openai_error(await http.get("/v1/chat/completions"), 405, "method_not_allowed")
 
 
 async def test_bad_timeout_header_is_400(http: httpx.AsyncClient) -> None:

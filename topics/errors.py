@@ -60,6 +60,12 @@ class NotFound(SwitchyardError):
     default_code = "not_found"
 
 
+class MethodNotAllowed(SwitchyardError):
+    status = 405
+    type = "invalid_request_error"
+    default_code = "method_not_allowed"
+
+
 class PayloadTooLarge(SwitchyardError):
     status = 413
     type = "invalid_request_error"
@@ -112,6 +118,7 @@ class ClientClosedRequest(SwitchyardError):
 
 _BY_STATUS: dict[int, type[SwitchyardError]] = {
     cls.status: cls
-    for cls in (InvalidRequest, Unauthorized, Forbidden, NotFound, PayloadTooLarge, Unprocessable,
+    for cls in (InvalidRequest, Unauthorized, Forbidden, NotFound, MethodNotAllowed,
+                PayloadTooLarge, Unprocessable,
                 RateLimited, UpstreamError, Unavailable, GatewayTimeout)
 }
