@@ -148,7 +148,7 @@ class _Run:
                     await self._start()
                     continue
                 for task in self._running.keys() & done:
-                    self._finished(task)
+                    await self._finished(task)
                 if not self._lead.taken.is_set():
                     while len(self._running) < self._width and await self._start():
                         pass
@@ -206,14 +206,15 @@ class _Run:
             return True
         return False
 
-    def _retry_later(self, failed: _Started, error: SwitchyardError) -> bool:
-        """Call the route that failed with `error` again after its wait, if it may be;
-        False if not (the request fails over, or fails)."""
+    async def _retry_later(self, failed: _Started, error: SwitchyardError) -> bool:
+        """Call the route that failed with `error` again after its wait, if it may be (its
+        breaker, which has counted the failure, still lets it be called); False if not (the
+        request fails over, or fails)."""
         if self._stop_starting or self._lead.taken.is_set():
             return False
         retry = failed.retry + 1
         wait_ms = self._retry.wait_ms(error, retry, self._env.deadline_ms - now_ms())
-        if wait_ms is None:
+        if wait_ms is None or not await self._runner.may_call(failed.model):
             return False
         self._started += 1
         log.info("request %s: %s failed (%s); calling it again in %.0f ms (retry %d)",
@@ -232,7 +233,7 @@ class _Run:
         return await self._runner.run(self._env, self._decision, model, route, n, self._lead,
                                       mode=self._decision.mode)
 
-    def _finished(self, task: asyncio.Task[Report]) -> None:
+    async def _finished(self, task: asyncio.Task[Report]) -> None:
         started = self._running.pop(task)
         if task.cancelled():
             # Dropped before it could report (usually before it ever ran, the lead taken in
@@ -249,7 +250,7 @@ class _Run:
             if not error.retryable:
                 self._stop_starting = True  # another route would be refused the same way
             else:
-                self._retry_later(started, error)
+                await self._retry_later(started, error)
 
     def _cancel_others(self) -> None:
         for task, started in self._running.items():
