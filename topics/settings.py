@@ -87,8 +87,8 @@ class RouterSettings(BaseModel):
     feedback_rate: float = Field(default=0.1, ge=0, le=1)
     # How long a router keeps a tenant's routing policy before reading it again.
     policy_cache_ttl_s: float = Field(default=5.0, ge=0)
-    # Failover: attempts one request may make (the first included) on retryable failures
-    # before its first token.
+    # Failover: routes one request may try (the first included) on retryable failures
+    # before its first token; each route is called up to 1 + route_retries times.
     max_attempts: int = Field(default=3, ge=1, le=10)
     route_retries: int = Field(default=2, ge=0, le=10, description=(
         "Calls to the same route after its first, before the request fails over to the "
