@@ -33,11 +33,12 @@ from compose.fake_scenario import (
     Plan,
     admit,
     answer_ready,
+    fail,
     failing,
     plan,
     send_stream,
 )
-from compose.fake_state import FakeConfig, FakeStats
+from compose.fake_state import STATE_KEY, FakeConfig, FakeStats
 
 _SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"}
 _STOP = {"stop": "end_turn", "length": "max_tokens", "tool_call": "tool_use"}
@@ -80,7 +81,7 @@ async def _messages(request: web.Request) -> web.StreamResponse:
     model = body.get("model") if isinstance(body, dict) else None
     admitted = admit(request, model if isinstance(model, str) else None)
     if isinstance(admitted, Failure):
-        return _failure(admitted)
+        return await fail(request, request.app[STATE_KEY].stats, admitted, _failure)
     cfg, stats = admitted
     try:
         if body is _NOT_JSON:
@@ -89,8 +90,8 @@ async def _messages(request: web.Request) -> web.StreamResponse:
     except _BadRequest as exc:
         stats.errors_sent += 1
         return _error(400, str(exc))
-    if (failure := failing(cfg, stats, str(body["model"]))) is not None:
-        return _failure(failure)
+    if (failure := failing(request, cfg, stats, str(body["model"]))) is not None:
+        return await fail(request, stats, failure, _failure)
     answer = plan(cfg, ask)
     mid = f"msg_{uuid.uuid4().hex[:24]}"
     message = _message(mid, body["model"], answer)

@@ -24,11 +24,12 @@ from compose.fake_scenario import (
     Plan,
     admit,
     answer_ready,
+    fail,
     failing,
     plan,
     send_stream,
 )
-from compose.fake_state import FakeConfig, FakeStats
+from compose.fake_state import STATE_KEY, FakeConfig, FakeStats
 
 _SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 _STATUS = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED",
@@ -81,11 +82,12 @@ def _error(status: int, message: str) -> web.Response:
 
 
 async def _admitted(request: web.Request, model: str
-                    ) -> tuple[FakeConfig, FakeStats, dict[str, Any]] | web.Response:
+                    ) -> tuple[FakeConfig, FakeStats, dict[str, Any]] | web.StreamResponse:
     """The call counted and admitted (or its injected failure), and its JSON body."""
     admitted = admit(request, model)
     if isinstance(admitted, Failure):
-        return _error(admitted.status, admitted.message)
+        return await fail(request, request.app[STATE_KEY].stats, admitted,
+                          lambda f: _error(f.status, f.message))
     cfg, stats = admitted
     try:
         body = orjson.loads(await request.read())
@@ -99,7 +101,7 @@ async def _admitted(request: web.Request, model: str
 
 async def _generate(request: web.Request, model: str, stream: bool) -> web.StreamResponse:
     admitted = await _admitted(request, model)
-    if isinstance(admitted, web.Response):
+    if isinstance(admitted, web.StreamResponse):
         return admitted
     cfg, stats, body = admitted
     try:
@@ -107,8 +109,8 @@ async def _generate(request: web.Request, model: str, stream: bool) -> web.Strea
     except _BadRequest as exc:
         stats.errors_sent += 1
         return _error(400, str(exc))
-    if (failure := failing(cfg, stats, model)) is not None:
-        return _error(failure.status, failure.message)
+    if (failure := failing(request, cfg, stats, model)) is not None:
+        return await fail(request, stats, failure, lambda f: _error(f.status, f.message))
     answer = plan(cfg, ask)
     gen = body.get("generationConfig") or {}
     top = int(gen.get("logprobs") or 0) if gen.get("responseLogprobs") else None
@@ -263,7 +265,7 @@ async def _stream(request: web.Request, stats: FakeStats, cfg: FakeConfig, answe
 
 async def _embed(request: web.Request, model: str, batch: bool) -> web.StreamResponse:
     admitted = await _admitted(request, model)
-    if isinstance(admitted, web.Response):
+    if isinstance(admitted, web.StreamResponse):
         return admitted
     cfg, stats, body = admitted
     try:

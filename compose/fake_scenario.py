@@ -11,8 +11,9 @@ import asyncio
 import math
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import orjson
 from aiohttp import web
@@ -23,6 +24,8 @@ from compose.fake_state import CONFIG_HEADER, REQUEST_ID_HEADER, STATE_KEY, Fake
 
 # Bounds how late a disconnect is noticed when the runner does not cancel handlers.
 _POLL_S = 0.1
+# An event a broken server sends mid-stream: its data is not JSON.
+_MALFORMED = b'data: {"id": "broken", "choices": [{"delta": {"content": "trunc\n\n'
 # Where a fixed answer splits into streamed pieces: after each run of spaces.
 _WORD_END = re.compile(r"(?<= )(?=[^ ])")
 
@@ -34,6 +37,9 @@ class Failure:
     status: int
     kind: Literal["overloaded", "server_error", "rate_limited", "bad_request"]
     message: str
+    # How it shows: an error status, or (for injected faults) a reset or a hang.
+    mode: Literal["status", "reset", "hang"] = "status"
+    retry_after: str | None = None  # the Retry-After header of an error status
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +81,7 @@ def admit(request: web.Request, model: str | None) -> tuple[FakeConfig, FakeStat
     stats = state.stats
     stats.requests_total += 1
     headers = request.headers
+    request[_CALL_KEY] = stats.log_call(model, headers.get(REQUEST_ID_HEADER))
     if (rid := headers.get(REQUEST_ID_HEADER)) is not None:
         stats.calls_by_request_id[rid] = stats.calls_by_request_id.get(rid, 0) + 1
     if model is not None:
@@ -96,13 +103,16 @@ def admit(request: web.Request, model: str | None) -> tuple[FakeConfig, FakeStat
         return Failure(400, "bad_request", f"bad {CONFIG_HEADER}: {exc}")
     if cfg.outage:
         stats.errors_sent += 1
-        return Failure(503, "overloaded", "The service is overloaded, try again later.")
+        return _logged(request, Failure(503, "overloaded",
+                                        "The service is overloaded, try again later.",
+                                        retry_after=cfg.retry_after))
+    if cfg.fail_first > state.failed_first.get(model or "", 0):
+        state.failed_first[model or ""] = state.failed_first.get(model or "", 0) + 1
+        stats.errors_sent += 1
+        return _logged(request, _injected(cfg))
     if cfg.error_rate > 0 and state.rng.random() < cfg.error_rate:
         stats.errors_sent += 1
-        kind: Literal["rate_limited", "server_error"] = (
-            "rate_limited" if cfg.error_status == 429 else "server_error")
-        return Failure(cfg.error_status, kind,
-                       "The server had an error while processing your request. Sorry about that!")
+        return _logged(request, _injected(cfg))
     # No draw at all with the tail off, so seeded runs replay as they did before it existed.
     ttft = cfg.ttft_ms
     if cfg.ttft_sigma > 0:
@@ -114,15 +124,47 @@ def admit(request: web.Request, model: str | None) -> tuple[FakeConfig, FakeStat
     return cfg, stats
 
 
-def failing(cfg: FakeConfig, stats: FakeStats, model: str) -> Failure | None:
+def _injected(cfg: FakeConfig) -> Failure:
+    kind: Literal["rate_limited", "server_error"] = (
+        "rate_limited" if cfg.error_status == 429 else "server_error")
+    return Failure(cfg.error_status, kind,
+                   "The server had an error while processing your request. Sorry about that!",
+                   mode=cfg.fail_mode, retry_after=cfg.retry_after)
+
+
+_CALL_KEY = web.RequestKey("fake_call", dict[str, Any])
+
+
+def _logged(request: web.Request, failure: Failure) -> Failure:
+    request[_CALL_KEY]["fault"] = (f"status {failure.status}" if failure.mode == "status"
+                                   else failure.mode)
+    return failure
+
+
+def failing(request: web.Request, cfg: FakeConfig, stats: FakeStats,
+            model: str) -> Failure | None:
     """The injected failure for a model listed in `fail_models`, else None."""
     if model not in cfg.fail_models:
         return None
     stats.errors_sent += 1
-    kind: Literal["rate_limited", "server_error"] = (
-        "rate_limited" if cfg.error_status == 429 else "server_error")
-    return Failure(cfg.error_status, kind,
-                   "The server had an error while processing your request. Sorry about that!")
+    return _logged(request, _injected(cfg))
+
+
+async def fail(request: web.Request, stats: FakeStats, failure: Failure,
+               respond: Callable[[Failure], web.Response]) -> web.StreamResponse:
+    """Act a failure out: `respond` renders an error status in the dialect's own shape (with
+    the failure's Retry-After); a reset closes the connection before any response; a hang
+    answers nothing until the client leaves."""
+    if failure.mode == "reset":
+        if request.transport is not None:
+            request.transport.abort()
+        return web.Response(status=499)  # nobody left to read it: aiohttp drops it quietly
+    if failure.mode == "hang" and not await answer_ready(request, stats, cfg=None):
+        return web.Response(status=499)
+    response = respond(failure)
+    if failure.retry_after is not None:
+        response.headers["Retry-After"] = failure.retry_after
+    return response
 
 
 def plan(cfg: FakeConfig, ask: Ask) -> Plan:
@@ -177,12 +219,13 @@ async def pause(request: web.Request, ms: float) -> None:
             raise ConnectionResetError("client went away")
 
 
-async def answer_ready(request: web.Request, stats: FakeStats, cfg: FakeConfig) -> bool:
-    """Wait `ttft_ms` before a non-streamed answer; False if the client left meanwhile
-    (counted). The caller then returns a 499, which lets aiohttp drop the dead connection
-    quietly (raising would log a 500)."""
+async def answer_ready(request: web.Request, stats: FakeStats,
+                       cfg: FakeConfig | None) -> bool:
+    """Wait `ttft_ms` (None: an hour) before a non-streamed answer; False if the client left
+    meanwhile (counted). The caller then returns a 499, which lets aiohttp drop the dead
+    connection quietly (raising would log a 500)."""
     try:
-        await pause(request, cfg.ttft_ms)
+        await pause(request, 3_600_000 if cfg is None else cfg.ttft_ms)
     except ConnectionResetError:
         stats.disconnects += 1
         return False
@@ -198,15 +241,21 @@ async def send_stream(request: web.Request, resp: web.StreamResponse, stats: Fak
     """Stream an answer as a provider does: after `ttft_ms` the opening events with the first
     piece, then one piece every `inter_token_ms` (pieces due together leave in one write),
     then the closing events. With `cut_after_tokens`, the connection is aborted after that
-    many pieces, closing events unsent. A client that leaves is counted, promptly."""
+    many pieces, closing events unsent. With `malformed_after_tokens`, events that are not
+    JSON come after that many pieces; with `omit_done`, the last closing event (the stream's
+    terminator) is left out. A client that leaves is counted, promptly."""
     stats.open_streams += 1
     try:
         await pause(request, cfg.ttft_ms)
         await resp.prepare(request)
         pending = list(opening)
+        if cfg.omit_done:
+            closing = closing[:-1]
         for i, piece in enumerate(pieces):
             if i == cfg.cut_after_tokens:
                 break
+            if i == cfg.malformed_after_tokens:
+                pending.extend([_MALFORMED] * cfg.malformed_events)
             if i > 0 and cfg.inter_token_ms > 0:
                 await resp.write(b"".join(pending))
                 pending.clear()

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import random
+import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 DEFAULT_MODELS = ("gpt-4o-mini", "gpt-4o", "gpt-4.1-mini", "o3-mini")
 CONFIG_HEADER = "x-fake-config"
+CALL_LOG_MAX = 10_000
 REQUEST_ID_HEADER = "X-Client-Request-Id"
 
 
@@ -37,6 +39,25 @@ class FakeConfig(BaseModel):
     # Requests for these (upstream) models fail with error_status: one route degrades, the
     # others stay healthy.
     fail_models: list[str] = Field(default_factory=list)
+    # The first this-many calls of each model, counted from when the config was last set
+    # (or the fake reset), fail with error_status, then the model is healthy: a transient
+    # fault ("500 once": fail_first=1).
+    fail_first: int = Field(0, ge=0)
+    # How every injected failure (error_rate, fail_models, fail_first) shows: an HTTP error
+    # with error_status ("status"); the connection closed before any response, as a crashed
+    # server or a reset does ("reset"); or no answer at all, the request held open until the
+    # client leaves ("hang").
+    fail_mode: Literal["status", "reset", "hang"] = "status"
+    # The Retry-After header (seconds or an HTTP date) of injected error statuses, outage
+    # included. None: none sent.
+    retry_after: str | None = None
+    # Streams: after this many tokens, `malformed_events` events whose data is not JSON,
+    # then the rest of the answer as usual.
+    malformed_after_tokens: int | None = Field(None, ge=0)
+    malformed_events: int = Field(1, ge=1)
+    # Streams end cleanly after their finish reason and usage but without their terminator
+    # (OpenAI's `data: [DONE]`, Anthropic's message_stop), as some compatible servers do.
+    omit_done: bool = False
     # A fixed text answer, streamed word by word, instead of the generated "word-i" tokens.
     answer: str | None = None
     # Answer a council's judge prompt (candidate blocks, see fake_judge) with a JSON verdict
@@ -75,6 +96,17 @@ class FakeStats:
     cut_streams: int = 0
     errors_sent: int = 0
     last_authorization: str | None = None
+    # Every call, in order: {"model", "at" (Unix time, seconds), "request_id", "fault" (what
+    # was injected: "status 429", "reset", "hang"; None)}. The most recent CALL_LOG_MAX kept.
+    call_log: list[dict[str, Any]] = field(default_factory=list)
+
+    def log_call(self, model: str | None, request_id: str | None) -> dict[str, Any]:
+        entry: dict[str, Any] = {"model": model, "at": time.time(), "request_id": request_id,
+                                 "fault": None}
+        self.call_log.append(entry)
+        if len(self.call_log) > CALL_LOG_MAX:
+            del self.call_log[:len(self.call_log) - CALL_LOG_MAX]
+        return entry
 
     def reset(self) -> None:
         # open_streams is live state, not a counter: zeroing it would drive it negative.
@@ -87,11 +119,17 @@ class FakeState:
     config: FakeConfig
     rng: random.Random
     stats: FakeStats = field(default_factory=FakeStats)
+    # fail_first's count: calls of each model failed since the config was last set.
+    failed_first: dict[str, int] = field(default_factory=dict)
+
+    def configure(self, config: FakeConfig) -> None:
+        self.config = config
+        self.failed_first.clear()
 
     def reset(self) -> None:
         # A shared fake must not leak one test's knobs into the next, so knobs go back too.
         self.stats.reset()
-        self.config = self.initial
+        self.configure(self.initial)
         self.rng.seed(self.config.seed)
 
 

@@ -15,7 +15,7 @@ import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
-from typing import Any
+from typing import Any, Literal, get_args, get_origin
 
 import orjson
 from aiohttp import web
@@ -28,6 +28,7 @@ from compose.fake_scenario import (
     Plan,
     admit,
     answer_ready,
+    fail,
     failing,
     plan,
     send_stream,
@@ -79,6 +80,11 @@ def _error(status: int, message: str, etype: str, stats: FakeStats | None = None
     return web.Response(status=status, body=orjson.dumps(body), content_type="application/json")
 
 
+def _failure(failure: Failure) -> web.Response:
+    etype = {"rate_limited": "rate_limit_error", "bad_request": "invalid_request_error"}
+    return _error(failure.status, failure.message, etype.get(failure.kind, "server_error"))
+
+
 _FINISH = {"stop": "stop", "length": "length", "tool_call": "tool_calls"}
 
 
@@ -128,9 +134,7 @@ async def _chat(request: web.Request) -> web.StreamResponse:
         body = None  # refused below, once the call is counted like any other
     admitted = admit(request, _model_of(body))
     if isinstance(admitted, Failure):
-        etype = {"rate_limited": "rate_limit_error", "bad_request": "invalid_request_error"}
-        return _error(admitted.status, admitted.message,
-                      etype.get(admitted.kind, "server_error"))
+        return await fail(request, request.app[STATE_KEY].stats, admitted, _failure)
     cfg, stats = admitted
     try:
         if not isinstance(body, dict):
@@ -142,8 +146,8 @@ async def _chat(request: web.Request) -> web.StreamResponse:
     except (ValueError, TypeError, KeyError):
         msg = "Expected a JSON object with 'model' (string) and 'messages' (non-empty array)."
         return _error(400, msg, "invalid_request_error", stats)
-    if (failure := failing(cfg, stats, model)) is not None:
-        return _error(failure.status, failure.message, "server_error")
+    if (failure := failing(request, cfg, stats, model)) is not None:
+        return await fail(request, stats, failure, _failure)
 
     cid = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
@@ -222,7 +226,7 @@ def _deltas(plan_: Plan) -> list[bytes]:
         for piece in plan_.pieces]
 
 
-async def _embeddings(request: web.Request) -> web.Response:
+async def _embeddings(request: web.Request) -> web.StreamResponse:
     """Deterministic vectors (a hash of each input) with usage, like OpenAI's endpoint."""
     try:
         body = orjson.loads(await request.read())
@@ -230,7 +234,8 @@ async def _embeddings(request: web.Request) -> web.Response:
         body = None
     admitted = admit(request, _model_of(body))
     if isinstance(admitted, Failure):
-        return _error(admitted.status, admitted.message, admitted.kind)
+        return await fail(request, request.app[STATE_KEY].stats, admitted,
+                          lambda f: _error(f.status, f.message, f.kind))
     try:
         inputs = body["input"]
         inputs = [inputs] if isinstance(inputs, str) else list(inputs)
@@ -268,7 +273,7 @@ async def _config(request: web.Request) -> web.Response:
             patch = orjson.loads(await request.read())
             if not isinstance(patch, dict):
                 raise ValueError("config must be a JSON object")
-            state.config = state.config.merged(patch)
+            state.configure(state.config.merged(patch))
         except (ValueError, ValidationError) as exc:
             return _error(400, f"invalid config: {exc}", "invalid_request_error")
         if "seed" in patch:
@@ -320,7 +325,7 @@ class FakeUpstream:
 
     @config.setter
     def config(self, config: FakeConfig) -> None:
-        self.app[STATE_KEY].config = config
+        self.app[STATE_KEY].configure(config)
         self.app[STATE_KEY].rng.seed(config.seed)
 
     def configure(self, **knobs: Any) -> FakeConfig:
@@ -381,6 +386,8 @@ def main(argv: list[str] | None = None) -> None:
             p.add_argument(flag, action="store_true")
         elif info.default_factory is not None:  # lists and per_model: given as JSON
             p.add_argument(flag, type=orjson.loads, default=None, help="JSON")
+        elif get_origin(info.annotation) is Literal:
+            p.add_argument(flag, choices=get_args(info.annotation), default=info.default)
         else:
             kinds: dict[object, Callable[[str], object]] = {float: float, str | None: str}
             kind = kinds.get(info.annotation, int)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 
 import orjson
 from starlette.exceptions import HTTPException
@@ -30,6 +31,9 @@ def error_body(exc: SwitchyardError) -> bytes:
 
 
 def error_response(exc: SwitchyardError, headers: dict[str, str] | None = None) -> Response:
+    if exc.retry_after_s is not None:
+        # Whole seconds, rounded up: the client must not come back before the provider said.
+        headers = {**(headers or {}), "Retry-After": str(max(math.ceil(exc.retry_after_s), 0))}
     return Response(error_body(exc), status_code=exc.status, headers=headers,
                     media_type="application/json")
 

@@ -601,3 +601,46 @@ async def test_calls_by_model(client: openai.AsyncOpenAI, fake: FakeUpstream) ->
         async with http.post("/_fake/reset") as r:
             assert (await r.json())["calls_by_model"] == {}
     assert fake.stats.requests_total == 0
+
+
+async def test_transient_faults_and_the_call_log(client: openai.AsyncOpenAI,
+                                                 fake: FakeUpstream) -> None:
+    async with aiohttp.ClientSession(fake.base_url) as http:
+        async with http.put("/_fake/config", json={"fail_first": 1, "error_status": 429,
+                                                   "retry_after": "2"}) as r:
+            assert r.status == 200
+        with pytest.raises(openai.RateLimitError) as failure:
+            await client.chat.completions.create(model="a", messages=MSGS)
+        assert failure.value.response.headers["retry-after"] == "2"
+        await client.chat.completions.create(model="a", messages=MSGS)  # once only, per model
+        with pytest.raises(openai.RateLimitError):
+            await client.chat.completions.create(model="b", messages=MSGS)
+        async with http.get("/_fake/stats") as r:
+            log = (await r.json())["call_log"]
+    assert [(c["model"], c["fault"]) for c in log] == [("a", "status 429"), ("a", None),
+                                                       ("b", "status 429")]
+    assert log[0]["at"] <= log[1]["at"] <= log[2]["at"] <= time.time()
+
+    fake.configure(fail_first=1, fail_mode="reset")  # setting the config starts a new count
+    with pytest.raises(openai.APIConnectionError):
+        await client.chat.completions.create(model="a", messages=MSGS)
+    fake.configure(fail_first=0, error_rate=1.0, fail_mode="hang")
+    with pytest.raises(openai.APITimeoutError):
+        await client.chat.completions.create(model="a", messages=MSGS, timeout=0.3)
+    await _wait_for(lambda: fake.stats.disconnects == 1)
+    assert [c["fault"] for c in fake.stats.call_log[-2:]] == ["reset", "hang"]
+
+
+async def test_a_stream_without_done_still_parses(client: openai.AsyncOpenAI,
+                                                  fake: FakeUpstream) -> None:
+    fake.configure(omit_done=True)
+    async with aiohttp.ClientSession(fake.base_url) as http, http.post(
+            "/v1/chat/completions", json={"model": MODEL, "messages": MSGS, "stream": True,
+                                          "stream_options": {"include_usage": True}}) as r:
+        raw = await r.read()
+    assert b"[DONE]" not in raw
+    assert raw.count(b'"finish_reason":"stop"') == 1
+    stream = await client.chat.completions.create(
+        model=MODEL, messages=MSGS, stream=True, stream_options={"include_usage": True})
+    chunks = [c async for c in stream]
+    assert chunks[-1].usage is not None

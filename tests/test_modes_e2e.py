@@ -204,9 +204,13 @@ async def test_a_breaker_opened_by_one_worker_is_honoured_by_another(
 async def test_a_breaker_opened_by_the_router_is_seen_everywhere(
         tenant: Tenant, fake: FakeAdmin, breakers: Breakers) -> None:
     await fake.configure(per_model={B: {"error_rate": 1.0, "error_status": 500}})
+    # Each request calls B again after its 500 (route_retries): fewer requests than
+    # consecutive_failures open the breaker, each of them answered with B's error.
     for _ in range(breakers.config.consecutive_failures):
         response = await tenant.chat(model=B, mode="fixed")
         assert response.status_code == 502
+        if (await breakers.views([B]))[0].state.value == "open":
+            break
     views = {v.route: v for v in await breakers.views([B])}
     assert views[B].state.value == "open"
     assert views[B].retry_at_ms is not None

@@ -643,3 +643,12 @@ async def _server(handler: Handler) -> AsyncIterator[str]:
     """A one-route Anthropic stand-in for wire shapes the fake never produces."""
     async with serving("/v1/messages", handler) as origin:
         yield f"{origin}/v1"
+
+
+async def test_stream_ending_after_message_delta_without_message_stop_is_whole(
+        dialect: AnthropicMessages, route: Route, fake: FakeUpstream) -> None:
+    fake.configure(omit_done=True, malformed_after_tokens=1)  # a malformed event too
+    chunks = await stream(dialect, route)
+    assert content_of(chunks) == "hello-0 hello-1 hello-2 hello-3 hello-4 "
+    assert finish_of(chunks) == "stop"
+    assert chunks[-1]["usage"]["completion_tokens"] == 5

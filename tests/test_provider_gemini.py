@@ -592,3 +592,18 @@ async def test_embeddings_usage_when_reported(dialect: GeminiGenerateContent) ->
     assert result["usage"] == {"prompt_tokens": 3, "total_tokens": 3}
     assert result.pop("usage_estimated") is False
     CreateEmbeddingResponse.model_validate(result)
+
+
+async def test_a_malformed_chunk_mid_stream_is_skipped(dialect: GeminiGenerateContent,
+                                                       route: Route,
+                                                       fake: FakeUpstream) -> None:
+    fake.configure(malformed_after_tokens=2)
+    assert _text(await _stream(dialect, route, {"messages": MSGS})) == _words("hello", 5)
+
+
+async def test_a_retry_delay_in_the_error_body_is_the_retry_after(
+        dialect: GeminiGenerateContent, route: Route, fake: FakeUpstream) -> None:
+    fake.configure(error_rate=1.0, error_status=429)
+    with pytest.raises(SwitchyardError) as info:
+        await _complete(dialect, route, {"messages": MSGS})
+    assert (info.value.status, info.value.retry_after_s, info.value.transient) == (429, 1.0, True)

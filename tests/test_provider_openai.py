@@ -14,13 +14,15 @@ import pytest_asyncio
 from aiohttp import web
 from openai.types import CreateEmbeddingResponse
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
+from prometheus_client import CollectorRegistry
 
 from compose.fake_state import FakeConfig
 from compose.fake_upstream import FakeUpstream, expected_content
 from tests.wire_server import serving
 from topics.errors import SwitchyardError
-from workers.providers.base import Route, Timeouts
+from workers.providers.base import MAX_MALFORMED_IN_A_ROW, Route, Timeouts
 from workers.providers.openai_compat import OpenAICompat
+from workers.router.metrics import RouterMetrics
 
 MESSAGES: list[dict[str, Any]] = [{"role": "user", "content": "adapter test"}]
 TOOLS = [{"type": "function", "function": {
@@ -217,3 +219,71 @@ async def test_embeddings(adapter: OpenAICompat, fake: FakeUpstream) -> None:
     parsed = CreateEmbeddingResponse.model_validate(result)
     assert len(parsed.data) == 2
     assert parsed.usage.prompt_tokens == 3
+
+
+# --- transient faults and stream ends (tests/test_provider_faults.py drives them end to end)
+
+async def test_a_stream_ending_after_its_finish_reason_without_done_is_whole(
+        adapter: OpenAICompat, fake: FakeUpstream) -> None:
+    fake.configure(omit_done=True)
+    chunks = await collect(adapter, fake, {"model": "x", "messages": MESSAGES})
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks
+                   if c["choices"]) == expected_content(MESSAGES, 6)
+    assert chunks[-1]["usage"]["completion_tokens"] == 6
+
+
+async def test_malformed_events_are_skipped_and_counted_unless_they_keep_coming(
+        fake: FakeUpstream) -> None:
+    registry = CollectorRegistry()
+    metrics = RouterMetrics(registry)
+    async with aiohttp.ClientSession() as session:
+        adapter = OpenAICompat(session, metrics.malformed_event)
+        fake.configure(malformed_after_tokens=2, malformed_events=MAX_MALFORMED_IN_A_ROW)
+        chunks = await collect(adapter, fake, {"model": "x", "messages": MESSAGES})
+        assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks
+                       if c["choices"]) == expected_content(MESSAGES, 6)
+        assert registry.get_sample_value("switchyard_router_malformed_stream_events_total",
+                                         {"provider": "openai"}) == MAX_MALFORMED_IN_A_ROW
+
+        fake.configure(malformed_events=MAX_MALFORMED_IN_A_ROW + 1)
+        with pytest.raises(SwitchyardError) as failure:
+            await collect(adapter, fake, {"model": "x", "messages": MESSAGES})
+        assert (failure.value.code, failure.value.status) == ("upstream_bad_stream", 502)
+
+
+async def test_a_whole_answer_gets_the_first_byte_timeout(adapter: OpenAICompat,
+                                                          fake: FakeUpstream) -> None:
+    fake.configure(error_rate=1.0, fail_mode="hang")
+    started = asyncio.get_running_loop().time()
+    with pytest.raises(SwitchyardError) as failure:
+        await adapter.complete(route(fake, ttft_s=0.3, total_s=30),
+                               {"model": "x", "messages": MESSAGES}, "r")
+    assert asyncio.get_running_loop().time() - started < 2
+    assert (failure.value.code, failure.value.status) == ("upstream_timeout", 504)
+    assert "first byte" in failure.value.message
+    assert not failure.value.transient  # another wait on a silent route: failed over instead
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+async def test_a_connection_closed_before_the_headers_is_transient(
+        adapter: OpenAICompat, fake: FakeUpstream, streamed: bool) -> None:
+    fake.configure(fail_first=1, fail_mode="reset")
+    body = {"model": "x", "messages": MESSAGES}
+    call = collect(adapter, fake, body) if streamed else adapter.complete(route(fake), body, "r")
+    with pytest.raises(SwitchyardError) as failure:
+        await call
+    assert (failure.value.code, failure.value.transient) == ("upstream_connection_reset", True)
+    assert fake.stats.call_log[-1]["fault"] == "reset"
+    await collect(adapter, fake, body)  # the next call is answered
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+async def test_an_error_status_carries_its_retry_after(
+        adapter: OpenAICompat, fake: FakeUpstream, streamed: bool) -> None:
+    fake.configure(error_rate=1.0, error_status=429, retry_after="7")
+    body = {"model": "x", "messages": MESSAGES}
+    call = collect(adapter, fake, body) if streamed else adapter.complete(route(fake), body, "r")
+    with pytest.raises(SwitchyardError) as failure:
+        await call
+    assert (failure.value.status, failure.value.retry_after_s) == (429, 7.0)
+    assert failure.value.transient

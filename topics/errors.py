@@ -15,25 +15,39 @@ class SwitchyardError(Exception):
     retryable: bool = False  # the class default; an instance may say otherwise
 
     def __init__(self, message: str, *, code: str | None = None, param: str | None = None,
-                 retryable: bool | None = None):
+                 retryable: bool | None = None, retry_after_s: float | None = None,
+                 transient: bool = False):
         super().__init__(message)
         self.message = message
         self.code = code or self.default_code
         self.param = param
         self.retryable = type(self).retryable if retryable is None else retryable
+        # When the client may try again, in seconds (a provider's `Retry-After`): the ingress
+        # sends it as the response's `Retry-After` header.
+        self.retry_after_s = retry_after_s
+        # A passing fault of the provider before any answer (5xx, 429, a connection refused
+        # or reset before the response headers): worth another call to the same route.
+        # Known to the router only; never sent in a frame.
+        self.transient = transient
 
     def to_dict(self) -> dict[str, Any]:
         return {"message": self.message, "type": self.type, "code": self.code,
                 "param": self.param}
 
     def to_frame_data(self) -> dict[str, Any]:
-        return {"status": self.status, **self.to_dict()}
+        data = {"status": self.status, **self.to_dict()}
+        if self.retry_after_s is not None:
+            data["retry_after_s"] = self.retry_after_s
+        return data
 
     @staticmethod
     def from_frame_data(data: dict[str, Any]) -> SwitchyardError:
         cls = _BY_STATUS.get(int(data.get("status", 500)), SwitchyardError)
+        retry_after = data.get("retry_after_s")
         return cls(str(data.get("message", "error")), code=data.get("code"),
-                   param=data.get("param"))
+                   param=data.get("param"),
+                   retry_after_s=float(retry_after) if isinstance(retry_after, int | float)
+                   else None)
 
 
 class InvalidRequest(SwitchyardError):

@@ -165,8 +165,24 @@ class RouterSettings(BaseModel):
         "again.")
     max_attempts: int = Field(
         default=3, ge=1, le=10,
-        description="Failover budget: attempts one request may make (the first included) on "
-        "retryable failures before its first token.")
+        description="Failover budget: routes one request may try (the first included) on "
+        "retryable failures before its first token; each route is called up to "
+        "1 + `route_retries` times.")
+    route_retries: int = Field(default=2, ge=0, le=10, description=(
+        "Calls to the same route after its first, before the request fails over to the "
+        "next, on a transient provider fault before the first token (HTTP 429, 500, 502, "
+        "503, 504; a connection refused or closed before the response headers). Each waits "
+        "a jittered exponential backoff, or the provider's Retry-After; none is made if that "
+        "wait would not fit the request's deadline."))
+    retry_backoff_base_ms: float = Field(default=200.0, gt=0, description=(
+        "Backoff before the first retry on a route; it doubles with each retry, up to "
+        "`retry_backoff_cap_ms`, and is jittered to between half and all of that."))
+    retry_backoff_cap_ms: float = Field(default=2000.0, gt=0, description=(
+        "The longest backoff between two calls to a route."))
+    retry_after_max_ms: float = Field(default=5000.0, ge=0, description=(
+        "The longest Retry-After a route's retry waits; a provider asking for more (or more "
+        "than the request's deadline leaves) is failed over at once, and if no route "
+        "answers, the client gets the provider's status with its Retry-After."))
     race_routes: int = Field(
         default=2, ge=2, le=8,
         description="Speculative mode: routes raced at once, unless the request's "

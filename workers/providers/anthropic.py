@@ -17,7 +17,6 @@ cache reads + cache writes, cached = cache reads, completion = output tokens."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncGenerator
 from typing import Any
@@ -27,15 +26,16 @@ import orjson
 
 from topics.errors import SwitchyardError, UpstreamError
 from workers.providers.anthropic_translate import to_messages_request
-from workers.providers.base import Route, SseEvent, Usage, provider_events
-from workers.providers.errors import (
-    Kind,
-    kind_of_status,
-    provider_error,
-    stream_cut,
-    timed_out,
-    transport_error,
+from workers.providers.base import (
+    MalformedEvents,
+    MalformedHook,
+    Route,
+    SseEvent,
+    Usage,
+    provider_answer,
+    provider_events,
 )
+from workers.providers.errors import Kind, kind_of_status, provider_error, stream_cut
 
 API_VERSION = "2023-06-01"
 
@@ -63,22 +63,16 @@ _FINISH = {
 
 
 class AnthropicMessages:
-    def __init__(self, session: aiohttp.ClientSession) -> None:
+    def __init__(self, session: aiohttp.ClientSession,
+                 on_malformed: MalformedHook | None = None) -> None:
         self._session = session
+        self._on_malformed = on_malformed
 
     async def complete(self, route: Route, body: dict[str, Any],
                        request_id: str) -> dict[str, Any]:
         request = to_messages_request(route.provider, body, route.upstream_model)
-        try:
-            async with asyncio.timeout(route.timeouts.total_s), self._post(
-                    route, request.payload, request_id) as resp:
-                raw = await resp.read()
-                if resp.status != 200:
-                    raise http_error(route.provider, resp.status, raw)
-        except aiohttp.ClientError as exc:
-            raise transport_error(route.provider, exc) from exc
-        except TimeoutError as exc:
-            raise timed_out(route.provider, "answer") from exc
+        raw = await provider_answer(
+            route, lambda: self._post(route, request.payload, request_id), http_error)
         message = _json(route.provider, raw, "a response")
         return to_completion(route, message, request.json_tool)
 
@@ -87,13 +81,20 @@ class AnthropicMessages:
         request = to_messages_request(route.provider, body, route.upstream_model)
         payload = {**request.payload, "stream": True}
         translator = StreamTranslator(route, request.json_tool)
+        events = MalformedEvents(route.provider, request_id, self._on_malformed)
         async for event in provider_events(
                 route, lambda: self._post(route, payload, request_id), http_error):
-            for chunk in translator.feed(event):
+            if event.event == "ping":
+                continue
+            data = events.parse(event.data)
+            if data is None:
+                continue
+            for chunk in translator.feed_data(event.event, data):
                 yield chunk
             if translator.done:
                 return
-        raise stream_cut(route.provider)  # the body ended without message_stop
+        for chunk in translator.end():  # the body ended without message_stop
+            yield chunk
 
     def _post(self, route: Route, payload: dict[str, Any], request_id: str) -> Any:
         headers = {"content-type": "application/json", "anthropic-version": API_VERSION,
@@ -176,8 +177,11 @@ class StreamTranslator:
     def feed(self, event: SseEvent) -> list[dict[str, Any]]:
         if event.event == "ping":
             return []
-        data = _json(self._provider, event.data, "a stream event")
-        kind = data.get("type") or event.event
+        return self.feed_data(event.event, _json(self._provider, event.data, "a stream event"))
+
+    def feed_data(self, name: str | None, data: dict[str, Any]) -> list[dict[str, Any]]:
+        """`feed` for an event whose data is already parsed."""
+        kind = data.get("type") or name
         if kind == "error":
             raise stream_error(self._provider, data)
         if kind == "message_start":
@@ -197,12 +201,21 @@ class StreamTranslator:
                                 if v is not None})
             return []
         if kind == "message_stop":
-            self.done = True
-            finish = finish_reason(self._stop_reason, bool(self._calls))
-            usage = usage_of(self._usage).to_openai()
-            return [self._chunk({}, finish), {**self._envelope(), "choices": [],
-                                              "usage": usage}]
+            return self._finish()
         return []  # content_block_stop, and event types added after this was written
+
+    def end(self) -> list[dict[str, Any]]:
+        """The body ended without `message_stop`: the answer is whole if its `message_delta`
+        said why it stopped (its usage came with it); else the stream was cut."""
+        if self._stop_reason is None:
+            raise stream_cut(self._provider)
+        return self._finish()
+
+    def _finish(self) -> list[dict[str, Any]]:
+        self.done = True
+        finish = finish_reason(self._stop_reason, bool(self._calls))
+        usage = usage_of(self._usage).to_openai()
+        return [self._chunk({}, finish), {**self._envelope(), "choices": [], "usage": usage}]
 
     def _block_start(self, index: int, block: dict[str, Any]) -> list[dict[str, Any]]:
         kind = block.get("type")

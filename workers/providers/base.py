@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import math
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
@@ -17,16 +18,26 @@ from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import aiohttp
+import orjson
 
-from topics.errors import SwitchyardError
+from topics.errors import SwitchyardError, UpstreamError
 from topics.settings import RouterSettings, default
-from workers.providers.errors import timed_out, transport_error
+from workers.providers.errors import timed_out, transport_error, with_retry_after
+
+log = logging.getLogger(__name__)
+
+# A stream may carry a malformed event (a `data:` line that is not a JSON object) and stay
+# valid: the event is skipped. This many in a row, and the stream is broken.
+MAX_MALFORMED_IN_A_ROW = 3
+
+# Told the provider's name each time one of its streams had a malformed event skipped.
+MalformedHook = Callable[[str], None]
 
 
 @dataclass(frozen=True, slots=True)
 class Timeouts:
     connect_s: float = default(RouterSettings, "upstream_connect_timeout_s")
-    # request sent → first byte of the answer
+    # request sent → first event of a stream, or the response headers of a whole answer
     ttft_s: float = default(RouterSettings, "upstream_ttft_timeout_s")
     # longest silence between two stream events
     idle_s: float = default(RouterSettings, "upstream_idle_timeout_s")
@@ -148,15 +159,43 @@ class SseParser:
 
 
 ErrorReader = Callable[[str, int, bytes], SwitchyardError]
+Opener = Callable[[], AbstractAsyncContextManager[aiohttp.ClientResponse]]
 
 
-async def provider_events(route: Route,
-                          open_response: Callable[[], AbstractAsyncContextManager[
-                              aiohttp.ClientResponse]],
+async def provider_answer(route: Route, open_response: Opener,
+                          http_error: ErrorReader) -> bytes:
+    """The body of a provider's whole (not streamed) answer under the route's timeouts: the
+    response headers within `ttft_s`, the body within `total_s`. Transport failures and
+    timeouts come out as our errors; a non-200 status through `http_error`, with the
+    response's `Retry-After`."""
+    loop = asyncio.get_running_loop()
+    t = route.timeouts
+    end = loop.time() + t.total_s
+    first = loop.time() + t.ttft_s
+    phase, answering = ("first byte" if first < end else "answer"), False
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            async with asyncio.timeout_at(min(first, end)):
+                resp = await stack.enter_async_context(open_response())
+            phase, answering = "answer", True
+            async with asyncio.timeout_at(end):
+                raw = await resp.read()
+            if resp.status != 200:
+                raise with_retry_after(http_error(route.provider, resp.status, raw),
+                                       resp.headers)
+            return raw
+    except aiohttp.ClientError as exc:
+        raise transport_error(route.provider, exc, answering=answering) from exc
+    except TimeoutError as exc:
+        raise timed_out(route.provider, phase) from exc
+
+
+async def provider_events(route: Route, open_response: Opener,
                           http_error: ErrorReader) -> AsyncIterator[SseEvent]:
     """The events of a provider's streamed answer under the route's timeouts: the first
     event within `ttft_s`, each next one within `idle_s`, all within `total_s`. Transport
-    failures and timeouts come out as our errors; a non-200 status through `http_error`.
+    failures and timeouts come out as our errors; a non-200 status through `http_error`,
+    with the response's `Retry-After`.
 
     Events are parsed a network read at a time (one await per read however many events it
     carried). The deadlines bound only this generator's own waits, never a `yield`: a
@@ -165,12 +204,16 @@ async def provider_events(route: Route,
     t = route.timeouts
     end = loop.time() + t.total_s
     phase, deadline = "first token", min(loop.time() + t.ttft_s, end)
+    answering = False
     try:
         async with contextlib.AsyncExitStack() as stack:
             async with asyncio.timeout_at(deadline):
                 resp = await stack.enter_async_context(open_response())
+                answering = True
                 if resp.status != 200:
-                    raise http_error(route.provider, resp.status, await resp.read())
+                    raise with_retry_after(
+                        http_error(route.provider, resp.status, await resp.read()),
+                        resp.headers)
             watch = stack.enter_context(ReadWatch(resp.content))
             parser = SseParser()
             while True:
@@ -187,9 +230,41 @@ async def provider_events(route: Route,
                 if not raw:  # end of body
                     return
     except aiohttp.ClientError as exc:
-        raise transport_error(route.provider, exc) from exc
+        raise transport_error(route.provider, exc, answering=answering) from exc
     except TimeoutError as exc:
         raise timed_out(route.provider, phase) from exc
+
+
+class MalformedEvents:
+    """The JSON objects of one stream's events, a malformed one skipped: logged (without its
+    payload, which is the client's answer), told to `on_malformed`, and forgiven, unless
+    more than `MAX_MALFORMED_IN_A_ROW` come in a row (`upstream_bad_stream`)."""
+
+    def __init__(self, provider: str, request_id: str,
+                 on_malformed: MalformedHook | None) -> None:
+        self._provider = provider
+        self._request_id = request_id
+        self._on_malformed = on_malformed
+        self._in_a_row = 0
+
+    def parse(self, data: bytes) -> dict[str, Any] | None:
+        """The event's JSON object, or None if it is to be skipped."""
+        try:
+            parsed = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            parsed = None
+        if isinstance(parsed, dict):
+            self._in_a_row = 0
+            return parsed
+        self._in_a_row += 1
+        log.warning("%s sent a malformed stream event (%d bytes, %d in a row) for request %s",
+                    self._provider, len(data), self._in_a_row, self._request_id)
+        if self._on_malformed is not None:
+            self._on_malformed(self._provider)
+        if self._in_a_row > MAX_MALFORMED_IN_A_ROW:
+            raise UpstreamError(f"{self._provider} sent {self._in_a_row} malformed stream "
+                                "events in a row", code="upstream_bad_stream", retryable=True)
+        return None
 
 
 class ReadWatch:

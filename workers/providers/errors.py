@@ -3,7 +3,11 @@ of these kinds; the provider's own message is kept in ours."""
 
 from __future__ import annotations
 
+import email.utils
 import enum
+import math
+import time
+from collections.abc import Mapping
 
 import aiohttp
 
@@ -39,9 +43,56 @@ _TAXONOMY: dict[Kind, tuple[type[SwitchyardError], bool]] = {
 }
 
 
-def provider_error(kind: Kind, provider: str, message: str) -> SwitchyardError:
+# What the provider said with an HTTP status that another call to the same route may not
+# say: rate limits, overload, server errors and its gateways' timeouts.
+_TRANSIENT = frozenset({Kind.RATE_LIMITED, Kind.OVERLOADED, Kind.SERVER_ERROR, Kind.TIMEOUT})
+
+
+def provider_error(kind: Kind, provider: str, message: str, *,
+                   retry_after_s: float | None = None) -> SwitchyardError:
+    """Our error for what the provider said with an HTTP status (or in a stream's error
+    event); `retry_after_s`: when it said to come back."""
     cls, retryable = _TAXONOMY[kind]
-    return cls(f"{provider}: {message}", code=f"upstream_{kind.value}", retryable=retryable)
+    return cls(f"{provider}: {message}", code=f"upstream_{kind.value}", retryable=retryable,
+               retry_after_s=retry_after_s, transient=kind in _TRANSIENT)
+
+
+def retry_after_s(headers: Mapping[str, str], now: float | None = None) -> float | None:
+    """Seconds the provider asks us to wait, from its response headers, or None if it did not
+    say (or said nothing usable). `Retry-After` is delay-seconds or an HTTP date (RFC 9110
+    §10.2.3); OpenAI also sends `retry-after-ms`, which is more precise and wins. A date in
+    the past is 0; a negative, non-finite or unparseable value is ignored."""
+    raw_ms = headers.get("retry-after-ms")
+    if raw_ms is not None:
+        try:
+            ms = float(raw_ms.strip())
+        except ValueError:
+            ms = math.nan
+        if math.isfinite(ms) and ms >= 0:
+            return ms / 1000
+    raw = headers.get("retry-after")
+    if raw is None:
+        return None
+    raw = raw.strip()
+    try:
+        seconds = float(raw)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(raw)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when.tzinfo is None:  # HTTP dates are GMT; a zone-less one is read as such
+            return None
+        wait = when.timestamp() - (time.time() if now is None else now)
+        return max(wait, 0.0)
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None
+
+
+def with_retry_after(error: SwitchyardError, headers: Mapping[str, str]) -> SwitchyardError:
+    """`error` carrying the `Retry-After` of the response it was read from, if it has one."""
+    if error.retry_after_s is None:
+        error.retry_after_s = retry_after_s(headers)
+    return error
 
 
 def kind_of_status(status: int) -> Kind:
@@ -64,7 +115,19 @@ def stream_cut(provider: str) -> SwitchyardError:
                          code="upstream_stream_cut", retryable=True)
 
 
-def transport_error(provider: str, exc: aiohttp.ClientError) -> SwitchyardError:
+def transport_error(provider: str, exc: aiohttp.ClientError, *,
+                    answering: bool = True) -> SwitchyardError:
+    """Our error for a failed connection. `answering`: the response headers had arrived.
+    Before them, a refused connection or one closed without an answer is transient: nothing
+    was answered, and another call may well be."""
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return UpstreamError(f"{provider} unreachable: {exc}", code="upstream_unreachable",
+                             retryable=True, transient=True)
+    if not answering and isinstance(exc, aiohttp.ServerDisconnectedError
+                                    | aiohttp.ClientOSError):
+        return UpstreamError(f"{provider} closed the connection without answering",
+                             code="upstream_connection_reset", retryable=True,
+                             transient=True)
     if isinstance(exc, aiohttp.ClientPayloadError | aiohttp.ServerDisconnectedError):
         return UpstreamError(f"{provider} cut the connection mid-answer",
                              code="upstream_stream_cut", retryable=True)

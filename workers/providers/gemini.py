@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import math
 import struct
 import time
 from collections.abc import AsyncGenerator
@@ -19,14 +20,20 @@ import aiohttp
 import orjson
 
 from topics.errors import InvalidRequest, SwitchyardError, UpstreamError
-from workers.providers.base import Route, Usage, provider_events
+from workers.providers.base import (
+    MalformedEvents,
+    MalformedHook,
+    Route,
+    Usage,
+    provider_answer,
+    provider_events,
+)
 from workers.providers.errors import (
     Kind,
     kind_of_status,
     provider_error,
     stream_cut,
     timed_out,
-    transport_error,
     unsupported,
 )
 from workers.providers.gemini_translate import make_call_id, to_gemini
@@ -58,27 +65,29 @@ _EMBED_BATCH = 100  # the most requests batchEmbedContents takes at once
 
 
 class GeminiGenerateContent:
-    def __init__(self, session: aiohttp.ClientSession) -> None:
+    def __init__(self, session: aiohttp.ClientSession,
+                 on_malformed: MalformedHook | None = None) -> None:
         self._session = session
+        self._on_malformed = on_malformed
 
     async def complete(self, route: Route, body: dict[str, Any],
                        request_id: str) -> dict[str, Any]:
         payload = to_gemini(route.provider, body)
-        try:
-            async with asyncio.timeout(route.timeouts.total_s):
-                data = await self._call(route, "generateContent", payload, request_id)
-        except TimeoutError as exc:
-            raise timed_out(route.provider, "answer") from exc
+        data = await self._call(route, "generateContent", payload, request_id)
         return completion(route, data, request_id)
 
     async def stream(self, route: Route, body: dict[str, Any],
                      request_id: str) -> AsyncGenerator[dict[str, Any], None]:
         payload = to_gemini(route.provider, body)
         translator = ChunkTranslator(route, request_id)
+        events = MalformedEvents(route.provider, request_id, self._on_malformed)
         async for event in provider_events(
                 route, lambda: self._post(route, "streamGenerateContent?alt=sse", payload,
                                           request_id), http_error):
-            for chunk in translator.feed(_json(route.provider, event.data)):
+            data = events.parse(event.data)
+            if data is None:
+                continue
+            for chunk in translator.feed(_checked(route.provider, data)):
                 yield chunk
         yield translator.finish()  # Gemini has no [DONE]: the body's end is the stream's end
 
@@ -120,13 +129,8 @@ class GeminiGenerateContent:
 
     async def _call(self, route: Route, method: str, payload: dict[str, Any],
                     request_id: str) -> dict[str, Any]:
-        try:
-            async with self._post(route, method, payload, request_id) as resp:
-                raw = await resp.read()
-                if resp.status != 200:
-                    raise http_error(route.provider, resp.status, raw)
-        except aiohttp.ClientError as exc:
-            raise transport_error(route.provider, exc) from exc
+        raw = await provider_answer(
+            route, lambda: self._post(route, method, payload, request_id), http_error)
         return _json(route.provider, raw)
 
     def _post(self, route: Route, method: str, payload: dict[str, Any],
@@ -153,6 +157,10 @@ def _json(provider: str, raw: bytes) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise UpstreamError(f"{provider} sent a response that is not a JSON object",
                             code="upstream_bad_response")
+    return _checked(provider, data)
+
+
+def _checked(provider: str, data: dict[str, Any]) -> dict[str, Any]:
     if isinstance(data.get("error"), dict):  # a failure reported inside a stream
         raise google_error(provider, int(data["error"].get("code") or 500), data["error"])
     return data
@@ -333,10 +341,25 @@ def http_error(provider: str, status: int, raw: bytes) -> SwitchyardError:
 
 def google_error(provider: str, status: int, error: dict[str, Any]) -> SwitchyardError:
     kind = _STATUS_KIND.get(str(error.get("status")), kind_of_status(status))
-    reasons = {d.get("reason") for d in error.get("details") or () if isinstance(d, dict)}
+    details = [d for d in error.get("details") or () if isinstance(d, dict)]
+    reasons = {d.get("reason") for d in details}
     if "API_KEY_INVALID" in reasons:
         kind = Kind.AUTH  # Google says 400 INVALID_ARGUMENT for a bad key: our fault, not theirs
-    return provider_error(kind, provider, str(error.get("message") or f"HTTP {status}"))
+    return provider_error(kind, provider, str(error.get("message") or f"HTTP {status}"),
+                          retry_after_s=_retry_delay(details))
+
+
+def _retry_delay(details: list[dict[str, Any]]) -> float | None:
+    """A google.rpc.RetryInfo's `retryDelay` (a protobuf Duration in JSON: "1.5s")."""
+    for detail in details:
+        delay = detail.get("retryDelay")
+        if str(detail.get("@type", "")).endswith("RetryInfo") and isinstance(delay, str):
+            try:
+                seconds = float(delay.removesuffix("s"))
+            except ValueError:
+                return None
+            return seconds if 0 <= seconds < math.inf else None
+    return None
 
 
 def embedding_request(provider: str, body: dict[str, Any]) -> tuple[list[str], int | None, bool]:

@@ -6,7 +6,6 @@ upstream model name; usage is always requested on streams, because billing needs
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncGenerator
 from typing import Any
 
@@ -14,20 +13,21 @@ import aiohttp
 import orjson
 
 from topics.errors import SwitchyardError, UpstreamError
-from workers.providers.base import Route, provider_events
-from workers.providers.errors import (
-    Kind,
-    kind_of_status,
-    provider_error,
-    stream_cut,
-    timed_out,
-    transport_error,
+from workers.providers.base import (
+    MalformedEvents,
+    MalformedHook,
+    Route,
+    provider_answer,
+    provider_events,
 )
+from workers.providers.errors import Kind, kind_of_status, provider_error, stream_cut
 
 
 class OpenAICompat:
-    def __init__(self, session: aiohttp.ClientSession) -> None:
+    def __init__(self, session: aiohttp.ClientSession,
+                 on_malformed: MalformedHook | None = None) -> None:
         self._session = session
+        self._on_malformed = on_malformed
 
     async def complete(self, route: Route, body: dict[str, Any],
                        request_id: str) -> dict[str, Any]:
@@ -42,16 +42,8 @@ class OpenAICompat:
 
     async def _call(self, route: Route, path: str, payload: dict[str, Any],
                     request_id: str) -> dict[str, Any]:
-        try:
-            async with asyncio.timeout(route.timeouts.total_s), self._post(
-                    route, payload, request_id, path) as resp:
-                raw = await resp.read()
-                if resp.status != 200:
-                    raise http_error(route.provider, resp.status, raw)
-        except aiohttp.ClientError as exc:
-            raise transport_error(route.provider, exc) from exc
-        except TimeoutError as exc:
-            raise timed_out(route.provider, "answer") from exc
+        raw = await provider_answer(
+            route, lambda: self._post(route, payload, request_id, path), http_error)
         try:
             result: dict[str, Any] = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
@@ -64,12 +56,26 @@ class OpenAICompat:
         payload = {**body, "model": route.upstream_model, "stream": True,
                    "stream_options": {**(body.get("stream_options") or {}),
                                       "include_usage": True}}
+        events = MalformedEvents(route.provider, request_id, self._on_malformed)
+        finished: dict[int, bool] = {}  # each choice seen → whether it has its finish_reason
         async for event in provider_events(
                 route, lambda: self._post(route, payload, request_id), http_error):
             if event.data == b"[DONE]":
                 return
-            yield _chunk(route, event.data)
-        raise stream_cut(route.provider)
+            chunk = events.parse(event.data)
+            if chunk is None:
+                continue
+            if isinstance(chunk.get("error"), dict):  # some servers report failures in-stream
+                raise provider_error(kind_of_status(500), route.provider,
+                                     str(chunk["error"].get("message") or "stream error"))
+            for choice in chunk.get("choices") or ():
+                index = choice.get("index", 0)
+                finished[index] = finished.get(index, False) or bool(choice.get("finish_reason"))
+            yield chunk
+        # Some compatible servers end the body without `[DONE]`: with every choice finished,
+        # the answer is whole (its usage came before the end, if at all).
+        if not finished or not all(finished.values()):
+            raise stream_cut(route.provider)
 
     def _post(self, route: Route, payload: dict[str, Any], request_id: str,
               path: str = "/chat/completions") -> Any:
@@ -79,18 +85,6 @@ class OpenAICompat:
         return self._session.post(
             f"{route.base_url}{path}", data=orjson.dumps(payload), headers=headers,
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=route.timeouts.connect_s))
-
-
-def _chunk(route: Route, data: bytes) -> dict[str, Any]:
-    try:
-        chunk: dict[str, Any] = orjson.loads(data)
-    except orjson.JSONDecodeError as exc:
-        raise UpstreamError(f"{route.provider} sent a malformed stream event",
-                            code="upstream_bad_response") from exc
-    if isinstance(chunk.get("error"), dict):  # some servers report failures in-stream
-        raise provider_error(kind_of_status(500), route.provider,
-                             str(chunk["error"].get("message") or "stream error"))
-    return chunk
 
 
 def http_error(provider: str, status: int, raw: bytes) -> SwitchyardError:

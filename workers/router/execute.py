@@ -1,9 +1,12 @@
 """How a request's attempts are scheduled in the modes that return one route's answer.
 
 - auto: the bandit's best route; on a retryable failure before the first token, the next
-  best, within the attempt budget and the deadline. A failure after tokens reached the client
-  ends the stream with an error event: never a truncated answer that looks complete.
-- fixed: one route, no failover.
+  best, within the attempt budget and the deadline. A transient fault (429, 5xx, a connection
+  refused or reset before the headers) is first retried on the same route, after a backoff
+  or the provider's Retry-After, when that fits the deadline (workers/router/retry.py).
+  A failure after tokens reached the client ends the stream with an error event: never a
+  truncated answer that looks complete.
+- fixed: one route, no failover (its transient faults are retried as in auto).
 - speculative: N routes at once; the first to answer streams, the others are cancelled at
   once (their connections closed), each attempt's usage recorded.
 - hedged: one route; the next starts only if the first has not answered within that route's
@@ -27,10 +30,13 @@ from topics.catalog import Model
 from topics.errors import SwitchyardError, Unavailable
 from topics.messages import RequestEnvelope
 from topics.settings import RouterSettings
-from workers.router.attempt import AttemptRunner, Lead, Report
+from workers.providers.base import Route
+from workers.router.attempt import AttemptRunner, Lead, Report, now_ms
 from workers.router.decide import Decision
 from workers.router.frames import FrameWriter
 from workers.router.latency import LatencyTracker
+from workers.router.metrics import RouterMetrics
+from workers.router.retry import RetryPolicy
 from workers.router.routes import RouteResolver
 
 log = logging.getLogger(__name__)
@@ -38,23 +44,27 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class ExecutionSettings:
-    max_attempts: int  # failover budget of a one-route request
+    max_attempts: int  # failover budget of a one-route request: routes, not calls
     hedge_percentile: float
     hedge_default_delay_ms: float  # before a route has enough observations
+    retry: RetryPolicy  # calls to the same route again
 
     @classmethod
     def from_settings(cls, router: RouterSettings) -> ExecutionSettings:
         return cls(max_attempts=router.max_attempts, hedge_percentile=router.hedge_percentile,
-                   hedge_default_delay_ms=router.hedge_default_delay_ms)
+                   hedge_default_delay_ms=router.hedge_default_delay_ms,
+                   retry=RetryPolicy.from_settings(router))
 
 
 class Executor:
     def __init__(self, runner: AttemptRunner, resolver: RouteResolver,
-                 latency: LatencyTracker, settings: ExecutionSettings) -> None:
+                 latency: LatencyTracker, settings: ExecutionSettings,
+                 metrics: RouterMetrics | None = None) -> None:
         self._runner = runner
         self._resolver = resolver
         self._latency = latency
         self._settings = settings
+        self._metrics = metrics
 
     async def run(self, env: RequestEnvelope, decision: Decision, out: FrameWriter) -> None:
         mode = decision.mode
@@ -63,7 +73,8 @@ class Executor:
             else self._settings.max_attempts - 1
         percentile = env.routing.hedge_percentile or self._settings.hedge_percentile
         run = _Run(self._runner, self._resolver, env, decision, Lead(out),
-                   budget=width + failover, width=width,
+                   budget=width + failover, width=width, retry=self._settings.retry,
+                   metrics=self._metrics,
                    hedge_delay_s=(lambda model, streamed: self._hedge_delay_s(
                        model, streamed, percentile)) if mode == "hedged" else None)
         t0 = time.perf_counter()
@@ -87,6 +98,8 @@ class _Started(NamedTuple):
     n: int  # attempt number
     model: Model
     provider: str
+    route: Route
+    retry: int  # 0: the route's first call
 
 
 class _Run:
@@ -94,19 +107,23 @@ class _Run:
 
     def __init__(self, runner: AttemptRunner, resolver: RouteResolver, env: RequestEnvelope,
                  decision: Decision, lead: Lead, *, budget: int, width: int,
+                 retry: RetryPolicy, metrics: RouterMetrics | None,
                  hedge_delay_s: Callable[[Model, bool], float] | None) -> None:
         self._runner = runner
         self._resolver = resolver
         self._env = env
         self._decision = decision
         self._lead = lead
-        self._budget = budget
+        self._budget = budget  # routes, each with its retries
         self._width = width
+        self._retry = retry
+        self._metrics = metrics
         self._hedge_delay_s = hedge_delay_s  # None: not hedging
         self._candidates = list(decision.ranked)
         self._running: dict[asyncio.Task[Report], _Started] = {}
         self._reports: list[Report] = []
-        self._started = 0
+        self._started = 0  # attempts: calls, retries included (their usage `attempt`)
+        self._routes = 0
         self._last_start = 0.0
         self._last_model: Model | None = None
         self._errors: list[SwitchyardError] = []
@@ -132,7 +149,7 @@ class _Run:
                     await self._start()
                     continue
                 for task in self._running.keys() & done:
-                    self._finished(task)
+                    await self._finished(task)
                 if not self._lead.taken.is_set():
                     while len(self._running) < self._width and await self._start():
                         pass
@@ -154,7 +171,8 @@ class _Run:
         last = self._errors[-1]
         if self._started > 1:
             last = type(last)(f"{last.message} (after {self._started} attempts)",
-                              code=last.code, param=last.param, retryable=last.retryable)
+                              code=last.code, param=last.param, retryable=last.retryable,
+                              retry_after_s=last.retry_after_s)
         return last
 
     def _hedge_in(self) -> float | None:
@@ -166,7 +184,7 @@ class _Run:
 
     def _can_start(self) -> bool:
         return (not self._stop_starting and bool(self._candidates)
-                and self._started < self._budget and not self._lead.taken.is_set())
+                and self._routes < self._budget and not self._lead.taken.is_set())
 
     async def _start(self) -> bool:
         """Start an attempt on the next candidate that can take one; False if none can."""
@@ -180,15 +198,43 @@ class _Run:
                 self._errors.append(exc)  # e.g. no key for that provider: try the next
                 continue
             self._started += 1
+            self._routes += 1
             self._last_start, self._last_model = time.perf_counter(), model
             task = asyncio.create_task(self._runner.run(
                 self._env, self._decision, model, route, self._started, self._lead,
                 mode=self._decision.mode))
-            self._running[task] = _Started(self._started, model, route.provider)
+            self._running[task] = _Started(self._started, model, route.provider, route, 0)
             return True
         return False
 
-    def _finished(self, task: asyncio.Task[Report]) -> None:
+    async def _retry_later(self, failed: _Started, error: SwitchyardError) -> bool:
+        """Call the route that failed with `error` again after its wait, if it may be (its
+        breaker, which has counted the failure, still lets it be called); False if not (the
+        request fails over, or fails)."""
+        if self._stop_starting or self._lead.taken.is_set():
+            return False
+        retry = failed.retry + 1
+        wait_ms = self._retry.wait_ms(error, retry, self._env.deadline_ms - now_ms())
+        if wait_ms is None or not await self._runner.may_call(failed.model):
+            return False
+        self._started += 1
+        log.info("request %s: %s failed (%s); calling it again in %.0f ms (retry %d)",
+                 self._env.request_id, failed.model.id, error.code, wait_ms, retry)
+        if self._metrics is not None:
+            self._metrics.route_retries.labels(failed.provider, error.code).inc()
+        task = asyncio.create_task(self._call_later(wait_ms / 1000, failed.model, failed.route,
+                                                    self._started))
+        self._running[task] = failed._replace(n=self._started, retry=retry)
+        return True
+
+    async def _call_later(self, wait_s: float, model: Model, route: Route, n: int) -> Report:
+        # Cancelled while it waits (another attempt answered, the client left): it never
+        # reached the provider, and reports as an attempt cancelled before it ran.
+        await asyncio.sleep(wait_s)
+        return await self._runner.run(self._env, self._decision, model, route, n, self._lead,
+                                      mode=self._decision.mode)
+
+    async def _finished(self, task: asyncio.Task[Report]) -> None:
         started = self._running.pop(task)
         if task.cancelled():
             # Dropped before it could report (usually before it ever ran, the lead taken in
@@ -204,6 +250,8 @@ class _Run:
             self._errors.append(error)
             if not error.retryable:
                 self._stop_starting = True  # another route would be refused the same way
+            else:
+                await self._retry_later(started, error)
 
     def _cancel_others(self) -> None:
         for task, started in self._running.items():

@@ -25,7 +25,7 @@ from workers.classifier.model import PromptClassifier
 from workers.classifier.stage import Labeller
 from workers.consumer import ConsumerLoop
 from workers.providers.anthropic import AnthropicMessages
-from workers.providers.base import Dialect, Timeouts
+from workers.providers.base import Dialect, MalformedHook, Timeouts
 from workers.providers.gemini import GeminiGenerateContent
 from workers.providers.openai_compat import OpenAICompat
 from workers.router.attempt import AttemptRunner
@@ -92,12 +92,14 @@ async def run_router(settings: Settings, stop: asyncio.Event) -> None:
                           ThompsonSampler(seed), breakers, feedback_rate=cfg.feedback_rate,
                           defaults=ModeDefaults.from_settings(cfg))
         latency = LatencyTracker()
-        runner = AttemptRunner(dialects=dialects(http), producer=producer, decider=decider,
+        runner = AttemptRunner(dialects=dialects(http, metrics.malformed_event),
+                               producer=producer, decider=decider,
                                breakers=breakers, latency=latency, metrics=metrics)
         resolver = RouteResolver(catalog, route_config, tenant_keys.key_for)
         worker = RouterWorker(
             decider=decider, claims=claims,
-            executor=Executor(runner, resolver, latency, ExecutionSettings.from_settings(cfg)),
+            executor=Executor(runner, resolver, latency, ExecutionSettings.from_settings(cfg),
+                              metrics),
             council=Council(runner, resolver, CouncilSettings.from_settings(cfg)),
             frames=lambda env: FrameWriter(env.request_id, env.reply, publisher, producer),
             cancels=cancels, metrics=metrics, settled=runner.settled,
@@ -118,10 +120,12 @@ async def run_router(settings: Settings, stop: asyncio.Event) -> None:
         log.info("router %s stopped", worker_id)
 
 
-def dialects(http: aiohttp.ClientSession) -> dict[str, Dialect]:
+def dialects(http: aiohttp.ClientSession,
+             on_malformed: MalformedHook | None = None) -> dict[str, Dialect]:
     """One adapter per wire protocol, all sharing the process's HTTP pool."""
-    return {"openai": OpenAICompat(http), "anthropic": AnthropicMessages(http),
-            "gemini": GeminiGenerateContent(http)}
+    return {"openai": OpenAICompat(http, on_malformed),
+            "anthropic": AnthropicMessages(http, on_malformed),
+            "gemini": GeminiGenerateContent(http, on_malformed)}
 
 
 async def _heartbeat(claims: Claims, every_s: float) -> None:

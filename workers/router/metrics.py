@@ -23,6 +23,13 @@ class RouterMetrics:
                                ["reason"], registry=registry)
         self.cancelled = Counter("switchyard_router_cancelled",
                                  "Attempts cancelled by their client", registry=registry)
+        self.malformed_events = Counter(
+            "switchyard_router_malformed_stream_events", "Malformed events (a data line that "
+            "is not a JSON object) skipped in providers' streams", ["provider"],
+            registry=registry)
+        self.route_retries = Counter(
+            "switchyard_router_route_retries", "Calls made again to the same route after a "
+            "transient fault", ["provider", "reason"], registry=registry)
         self.breaker_state = Gauge(
             "switchyard_router_breaker_state", "A route's circuit breaker as this router last "
             "saw it: 0 closed, 1 half-open, 2 open", ["route"], registry=registry)
@@ -34,6 +41,9 @@ class RouterMetrics:
         if state == "open" and before != "open":
             self.breaker_opened.labels(route).inc()
         self.breaker_state.labels(route).set(_BREAKER_VALUES[state])
+
+    def malformed_event(self, provider: str) -> None:
+        self.malformed_events.labels(provider).inc()
 
     def observe(self, provider: str, status: str, latency_ms: float,
                 ttft_ms: float | None) -> None:
