@@ -36,6 +36,7 @@ from compose.fake_scenario import (
     fail,
     failing,
     plan,
+    refusing,
     send_stream,
 )
 from compose.fake_state import STATE_KEY, FakeConfig, FakeStats
@@ -93,6 +94,8 @@ async def _messages(request: web.Request) -> web.StreamResponse:
     if (failure := failing(request, cfg, stats, str(body["model"]))) is not None:
         return await fail(request, stats, failure, _failure)
     answer = plan(cfg, ask)
+    if (refusal := refusing(request, cfg, stats, ask, answer, "anthropic")) is not None:
+        return await fail(request, stats, refusal, _failure)
     mid = f"msg_{uuid.uuid4().hex[:24]}"
     message = _message(mid, body["model"], answer)
     if body.get("stream"):
@@ -163,7 +166,8 @@ def _ask(request: web.Request, body: object) -> Ask:
     json_mode = isinstance(fmt, dict) and fmt.get("type") == "json_schema"
     return Ask(last_user_text=last_user, all_texts=all_texts, tools=tools,
                tool_choice=tool_choice, json_mode=json_mode, max_tokens=max_tokens,
-               after_tool_result=after_result)
+               after_tool_result=after_result,
+               prefill=isinstance(messages[-1], dict) and messages[-1].get("role") == "assistant")
 
 
 def _tool_id(answer: Plan) -> str:

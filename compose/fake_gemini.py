@@ -27,6 +27,7 @@ from compose.fake_scenario import (
     fail,
     failing,
     plan,
+    refusing,
     send_stream,
 )
 from compose.fake_state import STATE_KEY, FakeConfig, FakeStats
@@ -112,6 +113,8 @@ async def _generate(request: web.Request, model: str, stream: bool) -> web.Strea
     if (failure := failing(request, cfg, stats, model)) is not None:
         return await fail(request, stats, failure, lambda f: _error(f.status, f.message))
     answer = plan(cfg, ask)
+    if (refusal := refusing(request, cfg, stats, ask, answer, "gemini")) is not None:
+        return await fail(request, stats, refusal, lambda f: _error(f.status, f.message))
     gen = body.get("generationConfig") or {}
     top = int(gen.get("logprobs") or 0) if gen.get("responseLogprobs") else None
     meta = {"modelVersion": model, "responseId": uuid.uuid4().hex[:22]}
@@ -163,7 +166,8 @@ def _ask(body: dict[str, Any]) -> Ask:
     return Ask(last_user_text=last_user, all_texts=texts, tools=tools, tool_choice=choice,
                json_mode=gen.get("responseMimeType") == "application/json",
                max_tokens=int(limit) if limit is not None else None,
-               after_tool_result=any("functionResponse" in p for p in contents[-1]["parts"]))
+               after_tool_result=any("functionResponse" in p for p in contents[-1]["parts"]),
+               prefill=contents[-1].get("role") == "model")
 
 
 def _known(obj: dict[str, Any], fields: frozenset[str], where: str) -> None:

@@ -35,7 +35,8 @@ class Failure:
     """An injected (or request-format) failure; each dialect renders it in its error shape."""
 
     status: int
-    kind: Literal["overloaded", "server_error", "rate_limited", "bad_request"]
+    kind: Literal["overloaded", "server_error", "rate_limited", "bad_request",
+                  "context_length", "content_filter"]
     message: str
     # How it shows: an error status, or (for injected faults) a reset or a hang.
     mode: Literal["status", "reset", "hang"] = "status"
@@ -53,6 +54,7 @@ class Ask:
     json_mode: bool = False
     max_tokens: int | None = None
     after_tool_result: bool = False  # the last message carries a tool result
+    prefill: bool = False  # the conversation ends with an assistant message to continue
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +150,44 @@ def failing(request: web.Request, cfg: FakeConfig, stats: FakeStats,
         return None
     stats.errors_sent += 1
     return _logged(request, _injected(cfg))
+
+
+Dialect = Literal["openai", "anthropic", "gemini"]
+
+# What each provider says, word for word where it documents it.
+_CONTEXT = {
+    "openai": "This model's maximum context length is {window} tokens. However, your messages "
+              "resulted in {tokens} tokens. Please reduce the length of the messages.",
+    "anthropic": "prompt is too long: {tokens} tokens > {window} maximum",
+    "gemini": "The input token count ({tokens}) exceeds the maximum number of tokens allowed "
+              "({window}).",
+}
+_FILTERED = {
+    "openai": "The response was filtered due to the prompt triggering the content management "
+              "policy. Please modify your prompt and retry.",
+    "anthropic": "Output blocked by content filtering policy",
+    "gemini": "The request was blocked by the content policy.",
+}
+_PREFILL = ("This model does not support assistant message prefill. The conversation must end "
+            "with a user message.")
+
+
+def refusing(request: web.Request, cfg: FakeConfig, stats: FakeStats, ask: Ask, plan_: Plan,
+             dialect: Dialect) -> Failure | None:
+    """The 400 a model that cannot take this request answers (`context_window`,
+    `content_filter`, `rejects_prefill`), else None."""
+    failure = None
+    if cfg.content_filter:
+        failure = Failure(400, "content_filter", _FILTERED[dialect])
+    elif cfg.rejects_prefill and ask.prefill:
+        failure = Failure(400, "bad_request", _PREFILL)
+    elif cfg.context_window is not None and plan_.prompt_tokens > cfg.context_window:
+        failure = Failure(400, "context_length", _CONTEXT[dialect].format(
+            window=cfg.context_window, tokens=plan_.prompt_tokens))
+    if failure is None:
+        return None
+    stats.errors_sent += 1
+    return _logged(request, failure)
 
 
 async def fail(request: web.Request, stats: FakeStats, failure: Failure,

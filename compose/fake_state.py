@@ -43,6 +43,13 @@ class FakeConfig(BaseModel):
     # (or the fake reset), fail with error_status, then the model is healthy: a transient
     # fault ("500 once": fail_first=1).
     fail_first: int = Field(0, ge=0)
+    # Refusals a real model makes of a request it cannot take, each a 400 in the dialect's
+    # own words: a prompt (as counted for usage) over `context_window` tokens; every request
+    # (`content_filter`, the provider's content policy); a conversation that ends with an
+    # assistant message (`rejects_prefill`, as models without prefill support do).
+    context_window: int | None = Field(None, ge=1)
+    content_filter: bool = False
+    rejects_prefill: bool = False
     # How every injected failure (error_rate, fail_models, fail_first) shows: an HTTP error
     # with error_status ("status"); the connection closed before any response, as a crashed
     # server or a reset does ("reset"); or no answer at all, the request held open until the

@@ -31,6 +31,7 @@ from compose.fake_scenario import (
     fail,
     failing,
     plan,
+    refusing,
     send_stream,
 )
 from compose.fake_state import (
@@ -73,16 +74,21 @@ def expected_content(messages: Sequence[Mapping[str, object]], tokens: int) -> s
     return "".join(_answer_tokens(messages, tokens))
 
 
-def _error(status: int, message: str, etype: str, stats: FakeStats | None = None) -> web.Response:
+def _error(status: int, message: str, etype: str, stats: FakeStats | None = None,
+           code: str | None = None) -> web.Response:
     if stats is not None:
         stats.errors_sent += 1
-    body = {"error": {"message": message, "type": etype, "param": None, "code": None}}
+    body = {"error": {"message": message, "type": etype, "param": None, "code": code}}
     return web.Response(status=status, body=orjson.dumps(body), content_type="application/json")
 
 
 def _failure(failure: Failure) -> web.Response:
-    etype = {"rate_limited": "rate_limit_error", "bad_request": "invalid_request_error"}
-    return _error(failure.status, failure.message, etype.get(failure.kind, "server_error"))
+    etype = {"rate_limited": "rate_limit_error", "bad_request": "invalid_request_error",
+             "context_length": "invalid_request_error",
+             "content_filter": "invalid_request_error"}
+    code = {"context_length": "context_length_exceeded", "content_filter": "content_filter"}
+    return _error(failure.status, failure.message, etype.get(failure.kind, "server_error"),
+                  code=code.get(failure.kind))
 
 
 _FINISH = {"stop": "stop", "length": "length", "tool_call": "tool_calls"}
@@ -119,7 +125,8 @@ def _ask(body: dict[str, Any]) -> Ask:
         tools=tools, tool_choice=choice if isinstance(choice, str) else None,
         json_mode=isinstance(fmt, dict) and fmt.get("type") in ("json_object", "json_schema"),
         max_tokens=limit if isinstance(limit, int) else None,
-        after_tool_result=isinstance(messages[-1], dict) and messages[-1].get("role") == "tool")
+        after_tool_result=isinstance(messages[-1], dict) and messages[-1].get("role") == "tool",
+        prefill=isinstance(messages[-1], dict) and messages[-1].get("role") == "assistant")
 
 
 def _model_of(body: object) -> str | None:
@@ -142,11 +149,13 @@ async def _chat(request: web.Request) -> web.StreamResponse:
         messages, model = body["messages"], body["model"]
         if not isinstance(messages, list) or not messages or not isinstance(model, str):
             raise TypeError
-        plan_ = plan(cfg, _ask(body))
+        ask = _ask(body)
+        plan_ = plan(cfg, ask)
     except (ValueError, TypeError, KeyError):
         msg = "Expected a JSON object with 'model' (string) and 'messages' (non-empty array)."
         return _error(400, msg, "invalid_request_error", stats)
-    if (failure := failing(request, cfg, stats, model)) is not None:
+    if (failure := failing(request, cfg, stats, model)
+            or refusing(request, cfg, stats, ask, plan_, "openai")) is not None:
         return await fail(request, stats, failure, _failure)
 
     cid = f"chatcmpl-{uuid.uuid4().hex}"

@@ -457,11 +457,20 @@ MEANINGS: dict[str, str] = {
     "unsupported_parameter": "a request parameter the route's provider cannot honour (refused, "
                              "never dropped); the message names the parameter and the provider",
     "upstream_auth": "the provider refused the gateway's (or the tenant's stored) key or account "
-                     "(HTTP 401/403 or its equivalent); not retried",
+                     "(HTTP 401/403 or its equivalent): that route's breaker opens and the "
+                     "request fails over to another route (another provider of the model "
+                     "first); not retried on the same route",
     "upstream_bad_request": "the provider refused the request as invalid (another 4xx); not "
                             "retried",
     "upstream_bad_response": "the provider answered something that is not its wire format "
                              "(malformed JSON, a wrong shape, the wrong number of embeddings)",
+    "upstream_context_length_exceeded": "the model said the prompt (and `max_tokens`) does not "
+                                        "fit its context window; the router fails over to a "
+                                        "model whose window is larger, if the request may go "
+                                        "to one, and returns this if none answers",
+    "context_length_exceeded": "the prompt and `max_tokens` surely exceed the context window of "
+                               "every model that may serve the request (an estimate that errs "
+                               "low; checked before any provider is called)",
     "upstream_content_filtered": "the provider refused the request's or the answer's content; not "
                                  "retried",
     "upstream_overloaded": "the provider says it is overloaded (HTTP 503/529 or its equivalent)",

@@ -312,17 +312,19 @@ class Breakers:
         self._tokens.setdefault(route, []).append(token)
         return True
 
-    async def record(self, route: str, success: bool) -> BreakerState:
+    async def record(self, route: str, success: bool, *, open_now: bool = False) -> BreakerState:
         """Count one outcome and apply the transitions (one script). If this process holds a
         live probe slot for the route, the outcome is the probe's and releases it. Returns the
-        state after."""
+        state after. `open_now`: a failure that says the route can serve nobody (the
+        provider refused our key): a closed route opens at once."""
         cfg = self._config
         held = list(self._tokens.get(route, ()))
         issued = time.monotonic()
         state, released = await self._record(
             keys=[_key(route, "s"), _key(route, "w"), _key(route, "p")],
             args=[1 if success else 0, self._bucket_ms, WINDOW_BUCKETS, cfg.min_calls,
-                  repr(float(cfg.failure_rate)), cfg.consecutive_failures, self._cooldown_ms,
+                  repr(float(cfg.failure_rate)),
+                  1 if open_now and not success else cfg.consecutive_failures, self._cooldown_ms,
                   self._ttl_ms, *held])
         # The released token, and every one before it (dead), are done with; all are when
         # none was live.

@@ -6,6 +6,7 @@ served it and whether that was a fallback."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -128,3 +129,122 @@ async def test_a_bad_fallback_chain_is_refused_before_it_is_queued(
     assert caught.value.status_code == status
     error: Any = caught.value.body
     assert (error["code"], error["param"]) == (code, param), error
+
+
+# --- What each kind of provider error decides -------------------------------------------------
+
+BIGGER = "gpt-4.1-mini"  # a context window of ~1M tokens, against NAMED's 128K
+LONG: Any = [{"role": "user", "content": "a long prompt " * 30}]  # ~100 tokens at the fake
+
+
+async def _create(tenant: Tenant, stream: bool, messages: Any = LONG, **extra: Any) -> Any:
+    """The answer's metadata, streamed or not, through the official SDK."""
+    if not stream:
+        completion = await tenant.sdk.chat.completions.create(
+            model=NAMED, messages=messages, extra_body=extra or None)
+        return getattr(completion, "metadata", None)
+    chunks = [c async for c in await tenant.sdk.chat.completions.create(
+        model=NAMED, messages=messages, stream=True, stream_options={"include_usage": True},
+        extra_body=extra or None)]
+    return (chunks[-1].model_extra or {})["metadata"]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+async def test_a_prompt_too_long_moves_to_a_model_whose_window_fits(
+        tenant: Tenant, fake: FakeAdmin, stream: bool) -> None:
+    await fake.configure(per_model={NAMED: {"context_window": 20},
+                                    "gpt-4o": {"context_window": 20}})
+    # gpt-4o's window is no larger than NAMED's: it is never asked.
+    metadata = await _create(tenant, stream, models=["gpt-4o", BIGGER])
+    assert (metadata["model"], metadata["fallback"]) == (BIGGER, True)
+    assert [a["status"] for a in metadata["attempts"]] == ["error", "ok"]
+    calls = (await fake.stats())["calls_by_model"]
+    assert "gpt-4o" not in calls
+    assert calls[NAMED] == 1  # a refusal is not retried
+    # Without a larger model to go to, the caller gets the provider's own refusal.
+    with pytest.raises(openai.BadRequestError) as refused:
+        await _create(tenant, stream)
+    assert refused.value.code == "upstream_context_length_exceeded"
+
+
+async def test_a_prompt_that_cannot_fit_skips_the_small_windows_up_front(
+        tenant: Tenant, fake: FakeAdmin) -> None:
+    huge: Any = [{"role": "user", "content": "x" * 900_000}]  # > 128K tokens at any rate
+    metadata = await _create(tenant, False, messages=huge, models=[BIGGER])
+    assert metadata["model"] == BIGGER
+    assert NAMED not in (await fake.stats())["calls_by_model"]
+    with pytest.raises(openai.BadRequestError) as refused:
+        await _create(tenant, False, messages=huge)
+    assert (refused.value.code, refused.value.param) == ("context_length_exceeded", "messages")
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+async def test_a_content_filter_refusal_is_returned_as_it_is(
+        tenant: Tenant, fake: FakeAdmin, stream: bool) -> None:
+    await fake.configure(per_model={NAMED: {"content_filter": True}})
+    with pytest.raises(openai.BadRequestError) as refused:
+        await _create(tenant, stream, models=[FALLBACK])
+    assert refused.value.code == "upstream_content_filtered"
+    assert "content management policy" in refused.value.message
+    assert (await fake.stats())["calls_by_model"] == {NAMED: 1}  # no retry, no substitute
+
+
+async def test_a_fallbacks_own_refusal_does_not_hide_the_primarys_error(
+        tenant: Tenant, fake: FakeAdmin) -> None:
+    """The primary is down; the fallback cannot continue an assistant prefill. What the
+    caller needs to hear is why the model it asked for did not answer."""
+    await fake.configure(fail_models=[NAMED], error_status=503, retry_after="1",
+                         per_model={"claude-haiku-4-5": {"rejects_prefill": True}})
+    prefill: Any = [*HELLO, {"role": "assistant", "content": "Certainly! Here"}]
+    with pytest.raises(openai.APIStatusError) as failed:
+        await _create(tenant, False, messages=prefill, models=[FALLBACK])
+    assert failed.value.status_code == 503
+    assert failed.value.response.headers["retry-after"] == "1"
+    assert failed.value.code == "upstream_overloaded"
+    assert f"the last, on {FALLBACK}: upstream_bad_request" in failed.value.message
+
+
+async def test_our_key_refused_fails_over_to_another_provider_and_opens_the_breaker(
+        tenant: Tenant, fake: FakeAdmin, gateway: Gateway) -> None:
+    groq, together = "groq/llama-3.3-70b-versatile", "together/llama-3.3-70b-instruct-turbo"
+    await fake.configure(fail_models=["llama-3.3-70b-versatile"], error_status=401)
+    metadata = await tenant.ask(groq)
+    assert (metadata["model"], metadata["fallback"]) == (together, True)
+    assert (await fake.stats())["calls_by_model"]["llama-3.3-70b-versatile"] == 1
+    stats = await tenant.sdk.get("/providers/stats", cast_to=dict[str, Any])
+    assert {b["route"]: b["state"] for b in stats["breakers"]}.get(groq) == "open"
+    # While it is open, the route is not called at all.
+    assert (await tenant.ask(groq))["model"] == together
+    assert (await fake.stats())["calls_by_model"]["llama-3.3-70b-versatile"] == 1
+
+
+async def test_an_outage_is_served_by_the_fallback_and_the_primary_takes_back_over(
+        tenant: Tenant, fake: FakeAdmin, pg: asyncpg.Pool) -> None:
+    await fake.configure(fail_models=[NAMED], error_status=503)
+    during = [await _answered(tenant) for _ in range(8)]
+    assert {model for model, _ in during} == {FALLBACK}
+    # Accounting: the fallback's model and usage are what was billed; failed calls cost 0.
+    rows = await pg.fetch("SELECT model, status, cost_usd FROM usage_events"
+                          " WHERE request_id = $1 ORDER BY attempt", during[0][1])
+    assert [r["model"] for r in rows][-1] == FALLBACK
+    assert all(r["cost_usd"] == 0 for r in rows if r["status"] != "ok")
+    assert [r["status"] for r in rows].count("ok") == 1
+    assert rows[-1]["cost_usd"] > 0
+
+    await fake.configure(fail_models=[])
+    healed = asyncio.get_running_loop().time()
+    await eventually(lambda: _back_on_the_primary(tenant), timeout_s=20, every_s=0.5)
+    back_after_s = asyncio.get_running_loop().time() - healed
+    assert back_after_s < 10  # the breaker's cool-down (5 s) and one probe
+    assert [(await _answered(tenant))[0] for _ in range(5)] == [NAMED] * 5
+
+
+async def _answered(tenant: Tenant) -> tuple[str, str]:
+    raw = await tenant.sdk.chat.completions.with_raw_response.create(
+        model=NAMED, messages=HELLO, extra_body={"models": [FALLBACK]})
+    metadata: Any = getattr(raw.parse(), "metadata", None)
+    return metadata["model"], raw.headers["x-request-id"]
+
+
+async def _back_on_the_primary(tenant: Tenant) -> bool:
+    return (await _answered(tenant))[0] == NAMED

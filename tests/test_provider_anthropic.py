@@ -376,9 +376,14 @@ ERRORS = [  # knobs → our class, code, retryable, HTTP status we answer with
     ({"error_rate": 1, "error_status": 500}, UpstreamError, "upstream_server_error", True, 502),
     ({"error_rate": 1, "error_status": 504}, GatewayTimeout, "upstream_timeout", True, 504),
     ({"error_rate": 1, "error_status": 400}, InvalidRequest, "upstream_bad_request", False, 400),
-    ({"error_rate": 1, "error_status": 401}, UpstreamError, "upstream_auth", False, 502),
-    ({"error_rate": 1, "error_status": 403}, UpstreamError, "upstream_auth", False, 502),
-    ({"error_rate": 1, "error_status": 402}, UpstreamError, "upstream_auth", False, 502),
+    # Our key refused: another provider may still serve (the route's breaker opens).
+    ({"error_rate": 1, "error_status": 401}, UpstreamError, "upstream_auth", True, 502),
+    ({"error_rate": 1, "error_status": 403}, UpstreamError, "upstream_auth", True, 502),
+    ({"error_rate": 1, "error_status": 402}, UpstreamError, "upstream_auth", True, 502),
+    # Too long for this model: a larger window may take it. Filtered: returned as it is.
+    ({"context_window": 1, "prompt_tokens_override": 50}, InvalidRequest,
+     "upstream_context_length_exceeded", True, 400),
+    ({"content_filter": True}, InvalidRequest, "upstream_content_filtered", False, 400),
 ]
 
 

@@ -273,7 +273,8 @@ async def test_json_mode(dialect: GeminiGenerateContent, route: Route) -> None:
     ({"error_rate": 1, "error_status": 504}, GatewayTimeout, "upstream_timeout", True, "error"),
     ({"error_rate": 1, "error_status": 400}, InvalidRequest, "upstream_bad_request", False,
      "error"),
-    ({"error_rate": 1, "error_status": 403}, UpstreamError, "upstream_auth", False, "error"),
+    ({"error_rate": 1, "error_status": 403}, UpstreamError, "upstream_auth", True, "error"),
+    ({"context_window": 1}, InvalidRequest, "upstream_context_length_exceeded", True, "token"),
 ])
 async def test_upstream_errors(dialect: GeminiGenerateContent, route: Route, fake: FakeUpstream,
                                knobs: dict[str, Any], cls: type[SwitchyardError], code: str,

@@ -94,8 +94,11 @@ async def test_json_mode_answers_a_json_document(adapter: OpenAICompat,
     ({"error_rate": 1.0, "error_status": 429}, 429, "upstream_rate_limited", True),
     ({"outage": True}, 503, "upstream_overloaded", True),
     ({"error_rate": 1.0, "error_status": 500}, 502, "upstream_server_error", True),
-    ({"error_rate": 1.0, "error_status": 401}, 502, "upstream_auth", False),
+    # Our key refused: another provider may still serve (the route's breaker opens).
+    ({"error_rate": 1.0, "error_status": 401}, 502, "upstream_auth", True),
     ({"error_rate": 1.0, "error_status": 400}, 400, "upstream_bad_request", False),
+    ({"context_window": 1}, 400, "upstream_context_length_exceeded", True),
+    ({"content_filter": True}, 400, "upstream_content_filtered", False),
     ({"error_rate": 1.0, "error_status": 504}, 504, "upstream_timeout", True),
 ])
 async def test_each_failure_lands_in_the_taxonomy_with_the_providers_message(

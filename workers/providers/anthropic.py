@@ -35,7 +35,13 @@ from workers.providers.base import (
     provider_answer,
     provider_events,
 )
-from workers.providers.errors import Kind, kind_of_status, provider_error, stream_cut
+from workers.providers.errors import (
+    Kind,
+    kind_of_status,
+    provider_error,
+    refine_bad_request,
+    stream_cut,
+)
 
 API_VERSION = "2023-06-01"
 
@@ -271,8 +277,8 @@ def _classify(error: object, fallback: Kind) -> tuple[Kind, str | None]:
     if not isinstance(error, dict):
         return fallback, None
     message = error.get("message")
-    return (_KIND_OF_TYPE.get(str(error.get("type")), fallback),
-            str(message) if message else None)
+    kind = _KIND_OF_TYPE.get(str(error.get("type")), fallback)
+    return (refine_bad_request(kind, str(message or "")), str(message) if message else None)
 
 
 def http_error(provider: str, status: int, raw: bytes) -> SwitchyardError:

@@ -27,20 +27,37 @@ class Kind(enum.Enum):
     TIMEOUT = "timeout"
     AUTH = "auth"
     BAD_REQUEST = "bad_request"
+    CONTEXT_LENGTH = "context_length_exceeded"
     CONTENT_FILTERED = "content_filtered"
     SERVER_ERROR = "server_error"
 
 
-# kind → (our error class, retryable on another route or later)
+# kind → (our error class, retryable on another route or later). What decides the rest:
+# - AUTH: our key for that provider is wrong. The same route will not answer (no same-route
+#   retry) and its breaker opens (workers/router/attempt.py), but another provider may.
+# - CONTEXT_LENGTH: the prompt does not fit this model; a model with a larger context
+#   window may take it (workers/router/execute.py fails over to those only).
+# - BAD_REQUEST, CONTENT_FILTERED: the caller's request itself; returned as they are.
 _TAXONOMY: dict[Kind, tuple[type[SwitchyardError], bool]] = {
     Kind.RATE_LIMITED: (RateLimited, True),
     Kind.OVERLOADED: (Unavailable, True),
     Kind.TIMEOUT: (GatewayTimeout, True),
-    Kind.AUTH: (UpstreamError, False),  # our key is wrong: another try will not fix it
+    Kind.AUTH: (UpstreamError, True),
     Kind.BAD_REQUEST: (InvalidRequest, False),
+    Kind.CONTEXT_LENGTH: (InvalidRequest, True),
     Kind.CONTENT_FILTERED: (InvalidRequest, False),
     Kind.SERVER_ERROR: (UpstreamError, True),
 }
+
+CONTEXT_LENGTH_CODE = f"upstream_{Kind.CONTEXT_LENGTH.value}"
+AUTH_CODE = f"upstream_{Kind.AUTH.value}"
+
+# How providers say "the prompt does not fit": OpenAI and compatible servers
+# ("maximum context length", code context_length_exceeded), Anthropic ("prompt is too
+# long"), Gemini ("exceeds the maximum number of tokens allowed").
+_CONTEXT_PHRASES = ("context length", "context_length", "context window",
+                    "prompt is too long", "maximum number of tokens", "too many tokens")
+_FILTER_CODES = frozenset({"content_filter", "content_policy_violation"})
 
 
 # What the provider said with an HTTP status that another call to the same route may not
@@ -93,6 +110,19 @@ def with_retry_after(error: SwitchyardError, headers: Mapping[str, str]) -> Swit
     if error.retry_after_s is None:
         error.retry_after_s = retry_after_s(headers)
     return error
+
+
+def refine_bad_request(kind: Kind, message: str, code: object = None) -> Kind:
+    """A 400's kind from what the provider said: a context-length or content-filter refusal
+    is told apart from any other request error by its code, else by its words."""
+    if kind is not Kind.BAD_REQUEST:
+        return kind
+    text = message.lower()
+    if code == "context_length_exceeded" or any(p in text for p in _CONTEXT_PHRASES):
+        return Kind.CONTEXT_LENGTH
+    if code in _FILTER_CODES or ("content" in text and ("filter" in text or "policy" in text)):
+        return Kind.CONTENT_FILTERED
+    return kind
 
 
 def kind_of_status(status: int) -> Kind:

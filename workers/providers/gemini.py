@@ -32,6 +32,7 @@ from workers.providers.errors import (
     Kind,
     kind_of_status,
     provider_error,
+    refine_bad_request,
     stream_cut,
     timed_out,
     unsupported,
@@ -343,9 +344,10 @@ def google_error(provider: str, status: int, error: dict[str, Any]) -> Switchyar
     kind = _STATUS_KIND.get(str(error.get("status")), kind_of_status(status))
     details = [d for d in error.get("details") or () if isinstance(d, dict)]
     reasons = {d.get("reason") for d in details}
+    message = str(error.get("message") or f"HTTP {status}")
     if "API_KEY_INVALID" in reasons:
         kind = Kind.AUTH  # Google says 400 INVALID_ARGUMENT for a bad key: our fault, not theirs
-    return provider_error(kind, provider, str(error.get("message") or f"HTTP {status}"),
+    return provider_error(refine_bad_request(kind, message), provider, message,
                           retry_after_s=_retry_delay(details))
 
 

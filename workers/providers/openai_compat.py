@@ -20,7 +20,12 @@ from workers.providers.base import (
     provider_answer,
     provider_events,
 )
-from workers.providers.errors import Kind, kind_of_status, provider_error, stream_cut
+from workers.providers.errors import (
+    kind_of_status,
+    provider_error,
+    refine_bad_request,
+    stream_cut,
+)
 
 
 class OpenAICompat:
@@ -89,14 +94,14 @@ class OpenAICompat:
 
 def http_error(provider: str, status: int, raw: bytes) -> SwitchyardError:
     """OpenAI-style error bodies: {"error": {"message", "type", "code"}}."""
-    message = f"HTTP {status}"
+    message, code = f"HTTP {status}", None
     try:
         body = orjson.loads(raw)
         if isinstance(body, dict) and isinstance(body.get("error"), dict):
             message = str(body["error"].get("message") or message)
+            code = body["error"].get("code")
     except orjson.JSONDecodeError:
         message = raw[:200].decode(errors="replace") or message
-    kind = kind_of_status(status)
-    if kind is Kind.BAD_REQUEST and "content" in message.lower() and "filter" in message.lower():
-        kind = Kind.CONTENT_FILTERED  # e.g. Azure's content_filter refusals
-    return provider_error(kind, provider, message)
+    # Azure's content_filter and OpenAI's context_length_exceeded say so in `code`.
+    return provider_error(refine_bad_request(kind_of_status(status), message, code), provider,
+                          message)

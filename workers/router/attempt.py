@@ -28,6 +28,7 @@ from topics.catalog import Model
 from topics.errors import GatewayTimeout, InvalidRequest, SwitchyardError
 from topics.messages import Mode, RequestEnvelope, UsageEvent, UsageStatus
 from workers.providers.base import Dialect, Embedder, Route, Usage
+from workers.providers.errors import AUTH_CODE, CONTEXT_LENGTH_CODE
 from workers.router.decide import Decider, Decision
 from workers.router.frames import FrameWriter
 from workers.router.latency import LatencyTracker
@@ -36,8 +37,12 @@ from workers.router.metrics import RouterMetrics
 # Failures that say nothing about the route's health (the request or our key is at fault).
 _NO_USAGE = Usage(0, 0)
 
+# Failures that say nothing about a route's health: the request itself was at fault (a
+# prompt too long for that model included). `upstream_auth` is not among them: a refused key
+# opens the route's breaker at once.
 _NEUTRAL_CODES = frozenset({"upstream_bad_request", "upstream_content_filtered",
-                            "upstream_auth", "unsupported_parameter", "unsupported_endpoint"})
+                            CONTEXT_LENGTH_CODE, "unsupported_parameter",
+                            "unsupported_endpoint"})
 
 
 def now_ms() -> int:
@@ -260,7 +265,9 @@ class AttemptRunner:
             return  # a client leaving, or a race lost, says nothing about the route
         if error is None or (error.retryable and error.code not in _NEUTRAL_CODES):
             before = self._breaker_seen.get(report.model.id)
-            state = await self._breakers.record(report.model.id, error is None)
+            state = await self._breakers.record(
+                report.model.id, error is None,
+                open_now=error is not None and error.code == AUTH_CODE)
             self._breaker_seen[report.model.id] = state.value
             if state.value != before:
                 self._metrics.breaker(report.model.id, before, state.value)

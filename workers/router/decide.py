@@ -107,6 +107,7 @@ class Decider:
             routes = routes[:1]
         elif len(routes) > 1:
             routes = _capable(routes, env.body)
+        routes = _fitting(routes, env.body)
         width = self._width(mode, env.routing.routes, len(routes))
         judge = self._judge(env, policy) if mode == "council" else None
         category = env.category or GENERAL_CATEGORY
@@ -210,6 +211,42 @@ def _capable(routes: list[Model], body: dict[str, Any]) -> list[Model]:
         raise InvalidRequest(f"no eligible model supports {', '.join(sorted(needs))}",
                              code="no_capable_route", param="model")
     return capable
+
+
+# Characters per token at the high end of real text (English averages about 4): the estimate
+# errs low, so a route is skipped up front only when the prompt surely cannot fit; a
+# provider's own context-length refusal fails over for the rest (workers/router/execute.py).
+_CHARS_PER_TOKEN_HIGH = 6
+
+
+def _fitting(routes: list[Model], body: dict[str, Any]) -> list[Model]:
+    """The routes whose context window can hold the prompt and the requested output."""
+    needed = min_tokens_needed(body)
+    if needed <= min(m.context_window for m in routes):
+        return routes  # the usual case: every route fits
+    largest = max(m.context_window for m in routes)
+    fitting = [m for m in routes if m.context_window >= needed]
+    if not fitting:
+        raise InvalidRequest(f"the prompt and max_tokens need at least {needed} tokens, more "
+                             f"than the context window of any eligible model (the largest "
+                             f"holds {largest})", code="context_length_exceeded",
+                             param="messages")
+    return fitting
+
+
+def min_tokens_needed(body: dict[str, Any]) -> int:
+    """A low estimate of the tokens a chat request needs: its text at the high end of
+    characters per token, plus the output it asks for."""
+    chars = 0
+    for message in body.get("messages") or ():
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, str):
+            chars += len(content)
+        elif isinstance(content, list):
+            chars += sum(len(p["text"]) for p in content
+                         if isinstance(p, dict) and isinstance(p.get("text"), str))
+    output = body.get("max_completion_tokens") or body.get("max_tokens") or 0
+    return chars // _CHARS_PER_TOKEN_HIGH + (output if isinstance(output, int) else 0)
 
 
 def required_capabilities(body: dict[str, Any]) -> set[str]:

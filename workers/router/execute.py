@@ -31,6 +31,7 @@ from topics.errors import SwitchyardError, Unavailable
 from topics.messages import RequestEnvelope
 from topics.settings import RouterSettings
 from workers.providers.base import Route
+from workers.providers.errors import CONTEXT_LENGTH_CODE
 from workers.router.attempt import AttemptRunner, Lead, Report, now_ms
 from workers.router.decide import Decision
 from workers.router.frames import FrameWriter
@@ -126,7 +127,9 @@ class _Run:
         self._routes = 0
         self._last_start = 0.0
         self._last_model: Model | None = None
-        self._errors: list[SwitchyardError] = []
+        # Every failure, with the model it happened on.
+        self._errors: list[tuple[Model, SwitchyardError]] = []
+        self._min_window = 0  # after a context-length refusal: the window that was too small
         self._stop_starting = False
         self._streamed = bool(env.body.get("stream"))
 
@@ -165,15 +168,21 @@ class _Run:
         return sorted(self._reports, key=lambda r: r.n)
 
     def failure(self) -> SwitchyardError:
-        """Why no route answered: the last error, with how many routes were tried."""
+        """Why no route answered: the first route's own (latest) error, which a fallback's
+        refusal of its own must not hide (a fallback that cannot take an assistant prefill
+        says nothing about why the model asked for failed), with how many attempts were
+        made and how the last one ended."""
         if not self._errors:
             return Unavailable("no eligible route could be called", code="no_route_available")
-        last = self._errors[-1]
-        if self._started > 1:
-            last = type(last)(f"{last.message} (after {self._started} attempts)",
-                              code=last.code, param=last.param, retryable=last.retryable,
-                              retry_after_s=last.retry_after_s)
-        return last
+        first = self._errors[0][0]
+        primary = next(e for m, e in reversed(self._errors) if m is first)
+        if self._started <= 1:
+            return primary
+        last_model, last = self._errors[-1]
+        then = "" if last is primary else f"; the last, on {last_model.id}: {last.code}"
+        return type(primary)(f"{primary.message} (after {self._started} attempts{then})",
+                             code=primary.code, param=primary.param,
+                             retryable=primary.retryable, retry_after_s=primary.retry_after_s)
 
     def _hedge_in(self) -> float | None:
         if not (self._hedge_delay_s is not None and self._last_model is not None
@@ -190,12 +199,14 @@ class _Run:
         """Start an attempt on the next candidate that can take one; False if none can."""
         while self._can_start():
             model = self._candidates.pop(0)
+            if model.context_window <= self._min_window:
+                continue  # a model whose window is no larger already said it does not fit
             if not await self._runner.may_call(model):
                 continue  # its breaker is open and another request holds the probe
             try:
                 route = await self._resolver.resolve(model, self._env.tenant_id)
             except SwitchyardError as exc:
-                self._errors.append(exc)  # e.g. no key for that provider: try the next
+                self._errors.append((model, exc))  # e.g. no key for that provider: the next
                 continue
             self._started += 1
             self._routes += 1
@@ -247,7 +258,10 @@ class _Run:
         self._reports.append(report)
         error = report.error
         if error is not None and not report.led and error.code != "race_lost":
-            self._errors.append(error)
+            self._errors.append((started.model, error))
+            if error.code == CONTEXT_LENGTH_CODE:
+                # Only a larger context window may take this prompt.
+                self._min_window = max(self._min_window, started.model.context_window)
             if not error.retryable:
                 self._stop_starting = True  # another route would be refused the same way
             else:
