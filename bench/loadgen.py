@@ -26,6 +26,7 @@ from compose.gateway import Gateway
 from compose.stack import LocalStack, free_port
 from state.keys import create_key
 from topics.catalog import load_catalog
+from topics.settings import RouterSettings, Settings
 from workers.providers.base import SseParser
 
 
@@ -336,16 +337,21 @@ class Served:
     fake_url: str
     api_key: str
     pids: dict[str, int]  # our processes and the stack's services, by name
+    settings: Settings  # the gateway's
 
 
 @contextlib.asynccontextmanager
-async def single_upstream_gateway(log: Callable[[str], None]) -> AsyncIterator[Served]:
+async def single_upstream_gateway(log: Callable[[str], None],
+                                  router: RouterSettings | None = None
+                                  ) -> AsyncIterator[Served]:
     """A fresh stack and gateway, the fake upstream as the offline fallback for every model,
-    and an API key; all stopped on exit."""
+    and an API key; all stopped on exit. `router`: the routers' settings, if not the
+    defaults."""
     with LocalStack.ephemeral(log=log) as stack:
         fake_port = free_port()
         settings = stack.settings.model_copy(update={
             "ingress": stack.settings.ingress.model_copy(update={"port": free_port()}),
+            "router": router or stack.settings.router,
             "fallback_upstream_url": f"http://127.0.0.1:{fake_port}/v1"})
         conn = await asyncpg.connect(settings.postgres.dsn)
         try:
@@ -356,7 +362,7 @@ async def single_upstream_gateway(log: Callable[[str], None]) -> AsyncIterator[S
         with Gateway(settings, logs, fake_upstream_port=fake_port, log=log) as gateway:
             yield Served(gateway.url, f"http://127.0.0.1:{fake_port}", api_key,
                          {name: p.pid for name, p in gateway.processes.items()}
-                         | stack.pids())
+                         | stack.pids(), settings)
 
 
 def metadata(sample: Sample) -> dict[str, Any] | None:
