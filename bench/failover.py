@@ -181,11 +181,11 @@ def _report(rows: list[Row], timeline: list[tuple[float, str]], outage_s: float)
     after = [model for t, model in timeline if t >= outage_s]
     lines = [
         "### Provider fault catalogue (`python -m bench.failover`)", "",
-        f"{machine().rstrip('.')}. Primary `{PRIMARY}`, fallback `{FALLBACK}`, one fake upstream; the "
-        "fault is injected for the primary only (except where the fallback's own refusal is "
-        "the point). Through the official OpenAI SDK, no client retries; routers with "
-        "first-byte timeout 5 s, idle timeout 3 s, `route_retries` 2. \"chain\": the request "
-        "sends `models: [fallback]`.", "",
+        f"{machine().rstrip('.')}. Primary `{PRIMARY}`, fallback `{FALLBACK}`, one fake "
+        "upstream; the fault is injected for the primary only (except where the fallback's "
+        "own refusal is the point). Through the official OpenAI SDK, no client retries; "
+        "routers with first-byte timeout 5 s, idle timeout 3 s, `route_retries` 2. "
+        "\"chain\": the request sends `models: [fallback]`.", "",
         "| scenario | chain | primary calls | fallback calls | what the client got | s |",
         "| --- | --- | ---: | ---: | --- | ---: |",
         *map(_line, rows), "",
