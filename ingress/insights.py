@@ -17,7 +17,7 @@ from ingress.bodies import read_body
 from state.advisor import recommendations
 from state.bandit import PosteriorStore, Weights, feedback_weight
 from state.breakers import Breakers
-from state.routing_policies import get_policy
+from state.routing_policy import get_policy
 from topics.catalog import Catalog
 from topics.errors import NotFound, Unprocessable
 from topics.routing_policy import CATEGORIES, GENERAL_CATEGORY

@@ -22,7 +22,7 @@ from starlette.responses import Response
 from ingress.auth import Authenticator
 from ingress.bodies import json_response, read_body
 from ingress.schema import parse_json_object
-from state.routing_policies import EffectivePolicy, delete_policy, put_policy, read_policy
+from state.routing_policy import EffectivePolicy, delete_policy, put_policy, read_policy
 from topics.catalog import Catalog
 from topics.errors import Unprocessable
 from topics.routing_policy import PolicyWeights, RoutingPolicy, validate_against

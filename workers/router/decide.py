@@ -15,7 +15,7 @@ from typing import Any
 
 from state.bandit import CachedPosteriors, PosteriorStore, Weights
 from state.breakers import Breakers
-from state.routing_policies import PolicyCache
+from state.routing_policy import PolicyCache
 from topics.catalog import Catalog, Model
 from topics.errors import InvalidRequest, NotFound, Unavailable
 from topics.messages import CouncilOutput, Mode, ObjectiveWeights, RequestEnvelope

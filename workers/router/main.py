@@ -17,7 +17,7 @@ from state.bandit import CachedPosteriors, PosteriorStore
 from state.breakers import Breakers, breaker_config
 from state.claims import Claims
 from state.redis_client import make_redis
-from state.routing_policies import PolicyCache
+from state.routing_policy import PolicyCache
 from state.vault import MasterKeys, TenantKeys
 from topics import names
 from topics.catalog import load_catalog
