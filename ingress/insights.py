@@ -15,9 +15,10 @@ from starlette.responses import Response
 from ingress.auth import Authenticator
 from ingress.bodies import read_body
 from state.advisor import recommendations
-from state.bandit import PosteriorStore, Weights, feedback_weight
+from state.bandit import PosteriorStore
 from state.breakers import Breakers
 from state.routing_policy import get_policy
+from topics.bandit import feedback_weight
 from topics.catalog import Catalog
 from topics.errors import NotFound, Unprocessable
 from topics.routing_policy import CATEGORIES, GENERAL_CATEGORY
@@ -76,8 +77,7 @@ def feedback_route(deps: LearningDeps) -> Callable[[Request], Awaitable[Response
             raise NotFound(f"no answered request {given.request_id!r} for this tenant",
                            code="request_not_found", param="request_id")
         policy = await get_policy(deps.pool, owner.tenant_id)
-        weights = Weights(cost=policy.weights.cost, latency=policy.weights.latency,
-                          quality=policy.weights.quality)
+        weights = policy.weights
         counted = await deps.store.feedback(
             given.request_id, served["category"] or GENERAL_CATEGORY, served["model"],
             given.score, weight=feedback_weight(weights, deps.feedback_rate))

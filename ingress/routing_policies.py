@@ -23,9 +23,10 @@ from ingress.auth import Authenticator
 from ingress.bodies import json_response, read_body
 from ingress.schema import parse_json_object
 from state.routing_policy import EffectivePolicy, delete_policy, put_policy, read_policy
+from topics.bandit import ObjectiveWeights as PolicyWeights
 from topics.catalog import Catalog
 from topics.errors import Unprocessable
-from topics.routing_policy import PolicyWeights, RoutingPolicy, validate_against
+from topics.routing_policy import RoutingPolicy, validate_against
 
 log = logging.getLogger(__name__)
 

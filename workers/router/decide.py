@@ -13,20 +13,14 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from state.bandit import CachedPosteriors, PosteriorStore, Weights
+from state.bandit import CachedPosteriors, PosteriorStore
 from state.breakers import Breakers
 from state.routing_policy import PolicyCache
+from topics.bandit import ObjectiveWeights, Outcome, ThompsonSampler, outcome_weight, reward
 from topics.catalog import Catalog, Model
 from topics.errors import InvalidRequest, NotFound, Unavailable
-from topics.messages import CouncilOutput, Mode, ObjectiveWeights, RequestEnvelope
-from topics.routing_policy import (
-    GENERAL_CATEGORY,
-    PolicyWeights,
-    RoutingPolicy,
-    admits,
-    eligible_routes,
-)
-from workers.router.bandit import Outcome, ThompsonSampler, outcome_weight, reward
+from topics.messages import CouncilOutput, Mode, RequestEnvelope
+from topics.routing_policy import GENERAL_CATEGORY, RoutingPolicy, admits, eligible_routes
 
 # Latency a route should meet before its latency score starts to fall, by model class:
 # time to first token for streams, whole answer otherwise.
@@ -48,7 +42,7 @@ class ModeDefaults:
 class Decision:
     ranked: tuple[Model, ...]  # the selectable routes, best first (failover order)
     category: str
-    weights: Weights
+    weights: ObjectiveWeights
     # What the cost score compares against: every chat route the tenant's policy admits, the
     # same set whatever this request named, so that every outcome on a route is scored alike
     # (a one-route comparison would call any route "the cheapest").
@@ -192,9 +186,7 @@ def required_capabilities(body: dict[str, Any]) -> set[str]:
     return needs
 
 
-def _weights(requested: ObjectiveWeights, tenant: PolicyWeights) -> Weights:
+def _weights(requested: ObjectiveWeights, tenant: ObjectiveWeights) -> ObjectiveWeights:
     """The request's own weights (seed `policy.optimize_for`) when it set any, else the
     tenant policy's."""
-    source: ObjectiveWeights | PolicyWeights = (
-        requested if requested != ObjectiveWeights() else tenant)
-    return Weights(cost=source.cost, latency=source.latency, quality=source.quality)
+    return requested if requested != ObjectiveWeights() else tenant

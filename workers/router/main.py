@@ -20,6 +20,7 @@ from state.redis_client import make_redis
 from state.routing_policy import PolicyCache
 from state.vault import MasterKeys, TenantKeys
 from topics import names
+from topics.bandit import ThompsonSampler
 from topics.catalog import load_catalog
 from topics.kafka import make_consumer, make_producer
 from topics.messages import RequestEnvelope
@@ -32,7 +33,6 @@ from workers.providers.base import Dialect, Timeouts
 from workers.providers.gemini import GeminiGenerateContent
 from workers.providers.openai_compat import OpenAICompat
 from workers.router.attempt import AttemptRunner
-from workers.router.bandit import ThompsonSampler
 from workers.router.cancel import CancelListener
 from workers.router.council import Council, CouncilSettings
 from workers.router.decide import Decider, ModeDefaults

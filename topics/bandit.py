@@ -1,5 +1,12 @@
-"""The Thompson-sampling core: reward, update weights, decay and the draw. Pure (no I/O),
-shared by the router and by `bench/simulate.py`.
+"""The bandit's maths: objective weights, reward, update weights, decay and the Thompson draw.
+Pure (no I/O; numpy for the draw).
+
+The other files of the feature: `state/bandit.py` stores the posteriors in Redis (its Lua
+scripts do the arithmetic of `decay` and take the weights of `outcome_weight` /
+`feedback_weight`); `workers/router/decide.py` is where routing uses them (a draw over the
+stored posteriors chooses the route, each attempt's `reward` updates them). The ingress's
+feedback route (`ingress/insights.py`) weighs a quality score with `feedback_weight`, and
+`bench/simulate.py` runs this same code against simulated providers.
 
 Arms are routes eligible for a request, per prompt category. Each arm has a Beta(alpha, beta)
 posterior over its expected reward in [0, 1]. An outcome with reward r adds w * r to alpha and
@@ -7,10 +14,8 @@ w * (1 - r) to beta, w its weight in requests (`outcome_weight`; a late quality 
 rest, `feedback_weight`). Between updates the posterior decays toward the prior with a
 half-life, so old evidence fades: a provider that degrades is left after a few seconds of bad
 outcomes, and one that was left drifts back toward the uncertain prior, gets tried again, and
-is taken back when it has recovered.
-
-`state/bandit.py` keeps the posteriors in Redis; its Lua scripts do exactly the arithmetic of
-`decay` (tests/test_bandit.py checks that they agree to 1e-9).
+is taken back when it has recovered. tests/test_bandit.py checks that the store's Lua decays
+exactly like `decay` (to 1e-9).
 
 The stored posterior counts each request once. The draw sharpens it: an arm's evidence beyond
 the prior counts EVIDENCE times (`ThompsonSampler`). A Beta posterior fed fractional rewards
@@ -30,12 +35,30 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-
-from state.bandit import PRIOR, Weights, quality_share
+from pydantic import BaseModel, ConfigDict, Field
 
 HALF_LIFE_S = 8.0  # evidence halves every 8 s: a degraded provider is left within seconds
 EVIDENCE = 128.0  # how much sharper the draw is than the literal posterior
+PRIOR = (1.0, 2.0)  # mildly pessimistic: an arm we know nothing about is tried now and then
+# One late quality score never counts for more than this many requests, however rarely answers
+# are scored (see `feedback_weight`): a single noisy score must not swamp the posterior.
+MAX_FEEDBACK_WEIGHT = 4.0
 
+
+class ObjectiveWeights(BaseModel):
+    """How much cost, latency and quality count in a route's reward, relative to each other.
+
+    The one type for them everywhere: a request's own (`topics.messages.RoutingOptions`, e.g.
+    from the seed `policy.optimize_for` presets), a tenant's routing policy
+    (`topics.routing_policy.RoutingPolicy.weights`, which also refuses all zeros and anything
+    but finite JSON numbers), and the router's decision. As a request field it accepts what
+    producers have always sent, all zeros included (`reward` then counts success alone)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    cost: float = Field(default=1.0, ge=0)
+    latency: float = Field(default=1.0, ge=0)
+    quality: float = Field(default=1.0, ge=0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,7 +87,7 @@ def cost_score(cost_usd: float, cheapest_cost_usd: float) -> float:
     return max(cheapest_cost_usd, 0.0) / cost_usd
 
 
-def reward(outcome: Outcome, weights: Weights) -> float:
+def reward(outcome: Outcome, weights: ObjectiveWeights) -> float:
     """The reward of one attempt, in [0, 1].
 
     0 if the attempt failed. Otherwise the weighted mean
@@ -88,8 +111,13 @@ def reward(outcome: Outcome, weights: Weights) -> float:
     return 1.0 if den <= 0 else min(max(num / den, 0.0), 1.0)
 
 
+def quality_share(weights: ObjectiveWeights) -> float:
+    """The quality weight's share of all weights, w_q / (w_lat + w_cost + w_q)."""
+    total = weights.latency + weights.cost + weights.quality
+    return weights.quality / total if total > 0 else 0.0
 
-def outcome_weight(outcome: Outcome, weights: Weights, feedback_rate: float) -> float:
+
+def outcome_weight(outcome: Outcome, weights: ObjectiveWeights, feedback_rate: float) -> float:
     """How many pseudo-observations an outcome update counts for (the store's `weight`).
 
     Every request is worth one observation in total, however its reward arrives. A success
@@ -102,6 +130,16 @@ def outcome_weight(outcome: Outcome, weights: Weights, feedback_rate: float) -> 
     if not outcome.success or outcome.quality is not None or feedback_rate <= 0:
         return 1.0
     return 1.0 - quality_share(weights)
+
+
+def feedback_weight(weights: ObjectiveWeights, feedback_rate: float) -> float:
+    """How many pseudo-observations a late quality score counts for: quality_share /
+    feedback_rate (a judge that scores 10 % of answers speaks for ten answers per score),
+    capped at MAX_FEEDBACK_WEIGHT. The store then adds weight * q to alpha and
+    weight * (1 - q) to beta. 0 when no feedback is collected."""
+    if feedback_rate <= 0:
+        return 0.0
+    return min(quality_share(weights) / min(feedback_rate, 1.0), MAX_FEEDBACK_WEIGHT)
 
 
 def decay(alpha: float, beta: float, prior_alpha: float, prior_beta: float, elapsed_s: float,
