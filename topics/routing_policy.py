@@ -11,6 +11,10 @@ two functions are pure and shared by the ingress (validation) and the router (el
 The default policy is `RoutingPolicy()`: equal weights, every provider and model, no price
 ceiling, no pinned routes, mode `auto`, no substitution, i.e. what the gateway did before
 policies existed.
+
+The other files of the feature: `state/routing_policy.py` stores policies in PostgreSQL and
+caches them for the router; `ingress/routing_policies.py` serves GET, PUT and DELETE
+/v1/routing/policy; `workers/router/decide.py` applies a tenant's policy to each request.
 """
 
 from __future__ import annotations

@@ -4,7 +4,11 @@ The tenant's routing policy (PostgreSQL, cached) decides which routes are eligib
 several, a Thompson draw over the Beta posteriors shared in Redis (read through a ≤ 100 ms
 cache) picks one, per prompt category. The outcome of every attempt (success, latency
 against the route's SLO, cost against the cheapest eligible route) updates the posterior,
-once per attempt however often Kafka redelivers it."""
+once per attempt however often Kafka redelivers it.
+
+Where routing uses the bandit, whose maths is `topics/bandit.py` and whose posteriors
+`state/bandit.py` stores; and the routing policy, whose model and eligibility rules are
+`topics/routing_policy.py` and whose store and cache `state/routing_policy.py`."""
 
 from __future__ import annotations
 
