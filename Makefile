@@ -18,6 +18,7 @@ test: bootstrap lint
 lint: bootstrap
 	$(BIN)/ruff check .
 	$(BIN)/mypy .
+	$(BIN)/lint-imports
 
 # Switchyard against LiteLLM proxy, alternately in one run (installs LiteLLM in its own venv).
 bench: bootstrap

@@ -3,7 +3,7 @@ the cost of one routing decision against a real Redis.
 
     python -m bench.simulate [--seeds 0-7] [--requests 12000] [--half-life 8] [--evidence 128]
 
-Thompson sampling is the real core (`workers.router.bandit`: reward, weights, decay, sampler)
+Thompson sampling is the real core (`topics.bandit`: reward, weights, decay, sampler)
 over an in-process mirror of the Redis store's arithmetic (update = decay to now, then add;
 read = decay to now; tests/test_bandit.py proves the Lua does the same), read through a
 100 ms cache as the router does. Outcomes reach a policy only when the call ends (arrival +
@@ -29,12 +29,12 @@ import redis.asyncio as redis
 
 from bench.latency import RESULTS
 from compose.stack import free_port
-from state import bandit as state_bandit
-from state.bandit import CachedPosteriors, PosteriorStore, Weights
+from state.bandit import CachedPosteriors, PosteriorStore
 from state.redis_client import make_redis
+from topics import bandit
+from topics.bandit import ObjectiveWeights, Outcome, decay, reward
 from topics.settings import RedisSettings
-from workers.router import bandit
-from workers.router.bandit import Outcome, ThompsonSampler, decay, reward
+from workers.router.sampler import ThompsonSampler
 
 START, END = "<!-- bench.simulate:start -->", "<!-- bench.simulate:end -->"
 CATEGORIES = ("code", "question_answering", "summarization", "math", "creative_writing")
@@ -61,12 +61,12 @@ ARMS = (
     Arm("claude-sonnet-4-6", 0.0090, 1800, 0.35, 0.010, 4000, (0.90, 0.84, 0.82, 0.86, 0.96)),
 )
 DEGRADED = 0  # gemini: cheap and good, so leaving it costs something and returning matters
-WEIGHTS = Weights(cost=0.5, latency=1.0, quality=2.0)  # a quality-minded tenant
+WEIGHTS = ObjectiveWeights(cost=0.5, latency=1.0, quality=2.0)  # a quality-minded tenant
 RATE = 10.0  # requests per second (Poisson): the clock that decay and the cache run on
 FEEDBACK_P, FEEDBACK_DELAY_S = 0.5, 5.0  # a judge scores half the answers, ~5 s later
 WINDOW = 100  # requests, for the "requests until" figures
 OK_WEIGHT = bandit.outcome_weight(Outcome(True, 0, 1, 0, 0), WEIGHTS, FEEDBACK_P)
-FB_WEIGHT = state_bandit.feedback_weight(WEIGHTS, FEEDBACK_P)
+FB_WEIGHT = bandit.feedback_weight(WEIGHTS, FEEDBACK_P)
 
 
 def degraded(arm: Arm) -> Arm:
@@ -424,8 +424,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seeds", type=_seeds, default=list(range(8)), help="e.g. 0-7 or 1,5")
     p.add_argument("--requests", type=int, default=12_000)
     p.add_argument("--half-life", type=float, default=bandit.HALF_LIFE_S)
-    p.add_argument("--prior-alpha", type=float, default=state_bandit.PRIOR[0])
-    p.add_argument("--prior-beta", type=float, default=state_bandit.PRIOR[1])
+    p.add_argument("--prior-alpha", type=float, default=bandit.PRIOR[0])
+    p.add_argument("--prior-beta", type=float, default=bandit.PRIOR[1])
     p.add_argument("--evidence", type=float, default=bandit.EVIDENCE)
     p.add_argument("--no-write", action="store_true", help="print only")
     args = p.parse_args(argv)

@@ -3,7 +3,8 @@ step, and the `Call` every handler receives.
 
 A handler is `async def handler(call: Call) -> Response`. It never authenticates: the route
 table states what each route requires (`Access`), and the endpoint built here establishes the
-request's principal before the handler runs, or answers 401 without running it.
+request's principal before the handler runs, or answers 401 without running it. What a
+handler can reach is `Call.services` (`ingress/services.py`).
 """
 
 from __future__ import annotations

@@ -13,8 +13,8 @@ from ingress.bodies import read_body
 from ingress.call import Call
 from ingress.validation import parse_body
 from state.advisor import recommendations
-from state.bandit import Weights, feedback_weight
-from state.routing_policies import get_policy
+from state.routing_policy import get_policy
+from topics.bandit import feedback_weight
 from topics.errors import NotFound
 from topics.routing_policy import CATEGORIES, GENERAL_CATEGORY
 
@@ -50,12 +50,10 @@ async def feedback(call: Call) -> Response:
         raise NotFound(f"no answered request {given.request_id!r} for this tenant",
                        code="request_not_found", param="request_id")
     policy = await get_policy(services.pool, tenant_id)
-    weights = Weights(cost=policy.weights.cost, latency=policy.weights.latency,
-                      quality=policy.weights.quality)
     counted = await services.posteriors.feedback(
         given.request_id, served["category"] or GENERAL_CATEGORY, served["model"],
         given.score,
-        weight=feedback_weight(weights, services.settings.router.feedback_rate))
+        weight=feedback_weight(policy.weights, services.settings.router.feedback_rate))
     return Response(orjson.dumps({"object": "feedback", "request_id": given.request_id,
                                   "model": served["model"], "counted": counted}),
                     media_type="application/json")

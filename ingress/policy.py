@@ -12,17 +12,19 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ingress.validation import parse_model
 from state.keys import KeyOwner
+from topics.bandit import ObjectiveWeights
 from topics.catalog import Catalog, Model
 from topics.errors import Forbidden, InvalidRequest, NotFound, Unprocessable
 from topics.messages import MODES
 from topics.routing_policy import MAX_FALLBACKS, check_fallback
 
-# optimize_for → objective weights (cost, latency, quality) for the router.
+# optimize_for → objective weights (cost, latency, quality) for the router, dumped as the
+# envelope's JSON carries them.
 _WEIGHTS: dict[str, dict[str, float]] = {
-    "balanced": {"cost": 1.0, "latency": 1.0, "quality": 1.0},
-    "cost": {"cost": 1.0, "latency": 0.2, "quality": 0.2},
-    "latency": {"cost": 0.2, "latency": 1.0, "quality": 0.2},
-    "quality": {"cost": 0.2, "latency": 0.2, "quality": 1.0},
+    "balanced": ObjectiveWeights(cost=1.0, latency=1.0, quality=1.0).model_dump(),
+    "cost": ObjectiveWeights(cost=1.0, latency=0.2, quality=0.2).model_dump(),
+    "latency": ObjectiveWeights(cost=0.2, latency=1.0, quality=0.2).model_dump(),
+    "quality": ObjectiveWeights(cost=0.2, latency=0.2, quality=1.0).model_dump(),
 }
 
 

@@ -3,7 +3,8 @@ of the bearer API key. PUT replaces the whole policy (fields left out take their
 
 Every answer has one shape: {"object": "routing.policy", "source": "stored" | "default",
 "updated_at": unix seconds | null, "policy": {...every field...}}; DELETE adds "deleted".
-Routers see a change within SWITCHYARD_ROUTER__POLICY_CACHE_TTL_S.
+Routers see a change within SWITCHYARD_ROUTER__POLICY_CACHE_TTL_S. The policy's model and its
+rules are `topics/routing_policy.py`; its storage, `state/routing_policy.py`.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ from starlette.responses import Response
 from ingress.bodies import json_response, read_body
 from ingress.call import Call
 from ingress.validation import parse_body
-from state import routing_policies
-from state.routing_policies import EffectivePolicy, read_policy
+from state import routing_policy as storage
+from state.routing_policy import EffectivePolicy, read_policy
 from topics.routing_policy import RoutingPolicy, validate_against
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,7 @@ async def put_policy(call: Call) -> Response:
     tenant_id = call.principal.tenant_id
     policy = parse_body(RoutingPolicy, await read_body(call.request, MAX_BODY_BYTES))
     validate_against(policy, call.services.catalog)
-    stored = await routing_policies.put_policy(call.services.pool, tenant_id, policy)
+    stored = await storage.put_policy(call.services.pool, tenant_id, policy)
     log.info("tenant %s replaced its routing policy", tenant_id)
     return json_response(_view(stored))
 
@@ -45,7 +46,7 @@ async def delete_policy(call: Call) -> Response:
     """Back to the default routing policy → `"deleted": true` or `false`."""
     tenant_id = call.principal.tenant_id
     # Idempotent: deleting the default is not an error, "deleted" says what happened.
-    deleted = await routing_policies.delete_policy(call.services.pool, tenant_id)
+    deleted = await storage.delete_policy(call.services.pool, tenant_id)
     if deleted:
         log.info("tenant %s went back to the default routing policy", tenant_id)
     return json_response({**_view(EffectivePolicy(RoutingPolicy(), "default", None)),

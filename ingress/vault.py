@@ -1,6 +1,8 @@
 """Tenants' own provider keys: POST/GET /v1/vault/keys, POST /v1/vault/keys/{provider}/rotate,
 DELETE /v1/vault/keys/{provider}. The tenant is the one of the bearer API key; a key sent
-here is encrypted before it reaches the database and only its last four characters return."""
+here is encrypted before it reaches the database and only its last four characters return.
+Storage and encryption: `state/vault.py`; routers read the keys through
+`workers/router/routes.py`."""
 
 from __future__ import annotations
 

@@ -1,4 +1,9 @@
-"""Bandit posteriors in Redis, shared by every router worker.
+"""The bandit's storage: its posteriors in Redis, shared by every router worker.
+
+The other files of the feature: `topics/bandit.py` is the maths (reward, update weights,
+decay, the draw, PRIOR), `workers/router/decide.py` is where routing reads and updates these
+posteriors; the ingress's stats and feedback routes (`ingress/insights.py`) read and update
+them too.
 
 One hash per arm, `sy:post:<category>:<route>`:
 
@@ -16,10 +21,10 @@ Failed attempts are not in it (an instant 5xx or a timeout says nothing about sp
 Every update is one Lua script, atomic: `SET NX` on the event's dedupe key (a redelivered event
 changes nothing), decay of (alpha, beta) toward the prior by the Redis time elapsed since
 `updated_ms`, then the increment (weight * value to alpha, weight * (1 - value) to beta; the
-weights are `workers.router.bandit.outcome_weight` / `feedback_weight`). Reads decay to the
-current Redis time too, in Lua, so the arithmetic lives in one place here and mirrors
-`workers.router.bandit.decay` (the tests check both agree to 1e-9). Multi-key scripts assume
-a single Redis node, like state/claims.py.
+weights are `topics.bandit.outcome_weight` / `feedback_weight`). Reads decay to the current
+Redis time too, in Lua, so the arithmetic lives in one place here and mirrors
+`topics.bandit.decay` (the tests check both agree to 1e-9). Multi-key scripts assume a single
+Redis node, like state/claims.py.
 """
 
 from __future__ import annotations
@@ -33,6 +38,8 @@ from typing import Any, NamedTuple
 
 import redis.asyncio as redis
 
+from topics.bandit import MAX_FEEDBACK_WEIGHT, PRIOR
+
 _POST = "sy:post:"
 _LAT = "sy:post-lat:"
 _SEEN_OUTCOME = "sy:post-seen:o:"
@@ -40,7 +47,7 @@ _SEEN_FEEDBACK = "sy:post-seen:f:"
 LATENCY_WINDOW = 200
 
 # Decay, shared by both scripts: x' = prior + (x - prior) * 0.5 ^ (elapsed_s / half_life_s),
-# the same operations in the same order as workers.router.bandit.decay. hl <= 0 = no decay.
+# the same operations in the same order as topics.bandit.decay. hl <= 0 = no decay.
 _DECAY_LUA = """
 local function now_ms()
   local t = redis.call('TIME')
@@ -95,44 +102,9 @@ return out
 _COUNTERS = ("selections", "successes", "failures", "feedback", "quality_sum")
 
 
-# One late quality score never counts for more than this many requests, however rarely answers
-# are scored (see `feedback_weight`): a single noisy score must not swamp the posterior.
-MAX_FEEDBACK_WEIGHT = 4.0
-PRIOR = (1.0, 2.0)  # mildly pessimistic: an arm we know nothing about is tried now and then
-
-
-@dataclass(frozen=True, slots=True)
-class Weights:
-    """Objective weights from the tenant policy (`topics.messages.ObjectiveWeights`)."""
-
-    cost: float = 1.0
-    latency: float = 1.0
-    quality: float = 1.0
-
-    def __post_init__(self) -> None:
-        if min(self.cost, self.latency, self.quality) < 0:
-            raise ValueError("weights must be >= 0")
-
-
-def quality_share(weights: Weights) -> float:
-    """The quality weight's share of all weights, w_q / (w_lat + w_cost + w_q)."""
-    total = weights.latency + weights.cost + weights.quality
-    return weights.quality / total if total > 0 else 0.0
-
-
-def feedback_weight(weights: Weights, feedback_rate: float) -> float:
-    """How many pseudo-observations a late quality score counts for: quality_share /
-    feedback_rate (a judge that scores 10 % of answers speaks for ten answers per score),
-    capped at MAX_FEEDBACK_WEIGHT. The store then adds weight * q to alpha and
-    weight * (1 - q) to beta. 0 when no feedback is collected."""
-    if feedback_rate <= 0:
-        return 0.0
-    return min(quality_share(weights) / min(feedback_rate, 1.0), MAX_FEEDBACK_WEIGHT)
-
-
 class Posterior(NamedTuple):
     """Beta(alpha, beta), already decayed to the time it was read. Usable as the
-    `(alpha, beta)` tuple `ThompsonSampler` takes."""
+    `(alpha, beta)` tuple `ThompsonSampler` (workers/router/sampler.py) takes."""
 
     alpha: float
     beta: float
@@ -185,7 +157,7 @@ class PosteriorStore:
                      success: bool, latency_ms: float | None, weight: float = 1.0) -> bool:
         """Count one outcome once per `event_id`: alpha += weight * reward,
         beta += weight * (1 - reward). False if the event was already counted; then nothing
-        changed. `weight` is `workers.router.bandit.outcome_weight(...)`: 1, or less for a
+        changed. `weight` is `topics.bandit.outcome_weight(...)`: 1, or less for a
         success whose quality score is still to come (see `feedback`)."""
         _check_unit(reward, "reward")
         _check_weight(weight)
@@ -199,7 +171,7 @@ class PosteriorStore:
         """Count a late quality score for an answered request, once per `event_id`:
         alpha += weight * quality, beta += weight * (1 - quality).
 
-        `weight` is `workers.router.bandit.feedback_weight(tenant weights, feedback rate)`:
+        `weight` is `topics.bandit.feedback_weight(tenant weights, feedback rate)`:
         the quality weight's share of the tenant's weights, divided by the fraction of answers
         that get scored. With the outcome counted at 1 - that share, each request is worth
         one observation in expectation and the posterior mean is the mean reward with quality

@@ -21,6 +21,10 @@ Every transition is one Lua script and reads the clock with Redis TIME, so worke
 clocks agree. Every write re-arms a TTL of a few windows / cool-downs: a route nobody calls
 disappears, and a missing route is CLOSED with nothing counted. The multi-route read script
 assumes a single Redis node, like state/bandit.py and state/claims.py.
+
+Who uses them: `workers/router/decide.py` chooses only among routes closed or open for a
+probe, `workers/router/attempt.py` takes probes and reports every attempt's outcome, and
+`ingress/insights.py` shows each route's breaker in /v1/providers/stats.
 """
 
 from __future__ import annotations

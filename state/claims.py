@@ -5,6 +5,11 @@ A router claims a request id before calling a provider. A redelivered request (c
 crash, rebalance) then finds the claim and is not executed again. If the claim's owner is
 no longer alive, the request was interrupted mid-call: exactly one worker reports that to the
 client instead of silently re-running a call the provider may already have billed.
+
+Who uses them: `workers/router/worker.py` claims and finishes each request
+(`workers/router/main.py` keeps the worker's liveness); the ingress marks a request whose
+client left with `publish_cancel` (`ingress/pipeline.py`), and `workers/router/cancel.py`
+stops its attempts.
 """
 
 from __future__ import annotations

@@ -1,4 +1,7 @@
-"""Tenants and API keys. A key is shown once at creation; only its SHA-256 is stored."""
+"""Tenants and API keys. A key is shown once at creation; only its SHA-256 is stored.
+
+`ingress/auth.py` checks bearer keys against them (cached briefly); `compose/cli.py`
+(`switchyard keys create`) creates them."""
 
 from __future__ import annotations
 

@@ -12,4 +12,6 @@ def make_redis(settings: RedisSettings) -> redis.Redis:
     # with "Too many connections" (the default pool's behaviour).
     pool = redis.BlockingConnectionPool.from_url(
         settings.url, max_connections=settings.max_connections, timeout=settings.pool_timeout_s)
-    return redis.Redis(connection_pool=pool)
+    # from_pool: the client owns its pool, so `aclose()` closes the pool's connections too
+    # (`Redis(connection_pool=...)` would leave them open for the garbage collector).
+    return redis.Redis.from_pool(pool)

@@ -1,4 +1,8 @@
-"""The usage ledger: one row per attempt, written once, with its daily rollup."""
+"""The usage ledger: one row per attempt, written once, with its daily rollup.
+
+The other files of the feature: `topics/messages.py` (`UsageEvent`, the `llm.usage` message,
+published as topics/schemas/usage.v1.json) is what the router emits per attempt;
+`workers/usage/` consumes it into this ledger; `state/advisor.py` reads the ledger."""
 
 from __future__ import annotations
 

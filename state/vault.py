@@ -4,6 +4,11 @@ Each row names the master key that encrypted it, so a new master key can be roll
 the old one and rows re-encrypted at leisure (`reencrypt_all`). The associated data binds a
 ciphertext to its (tenant, provider): copied to another row, it no longer decrypts. The key
 itself is never stored in clear, never returned (its last four characters only), never logged.
+
+The other files of the feature: `ingress/vault.py` serves /v1/vault/keys, where tenants store
+and rotate their keys; `workers/router/routes.py` calls a provider with the tenant's own key
+first (`TenantKeys.key_for`, wired in by workers/router/main.py); `compose/cli.py`
+(`switchyard vault`) rolls master keys, which `topics/settings.py` (`VaultSettings`) holds.
 """
 
 from __future__ import annotations

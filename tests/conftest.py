@@ -1,12 +1,15 @@
 """Session fixtures: one real stack (Kafka KRaft, Redis, PostgreSQL) and one gateway (ingress,
 router, usage worker, fake upstream as child processes) shared by the suite. Each fixture
-stops what it starts."""
+stops what it starts. And what a hung asyncio test reports when pytest-timeout stops it."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+import signal
+import traceback
+from collections.abc import AsyncIterator, Generator, Iterator
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import asyncpg
@@ -26,6 +29,57 @@ from topics.settings import RouterSettings, Settings, VaultSettings
 
 # Its models have no key in the environment: they exercise the offline fallback route.
 FALLBACK_ONLY_PROVIDER = "minimax"
+
+# --------------------------------------------------------------------- a hung asyncio test
+# pytest-timeout's SIGALRM lands in the event loop's select(), so its traceback shows the loop
+# waiting, not what the test awaits. At that moment the loop is still running: record where
+# each of its tasks is suspended, down its await chain, and show it beside the failure.
+
+_TASKS_AT_TIMEOUT = pytest.StashKey[str]()
+
+
+@pytest.hookimpl(wrapper=True, optionalhook=True)  # a pytest-timeout hook
+def pytest_timeout_set_timer(item: pytest.Item, settings: Any) -> Generator[None, Any, Any]:
+    installed = yield
+    timeout_handler = signal.getsignal(signal.SIGALRM)
+    if settings.method == "signal" and callable(timeout_handler):
+        def handler(signum: int, frame: FrameType | None) -> None:
+            __tracebackhide__ = True
+            item.stash[_TASKS_AT_TIMEOUT] = _suspended_tasks()
+            timeout_handler(signum, frame)
+
+        signal.signal(signal.SIGALRM, handler)
+    return installed
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item,
+                              call: pytest.CallInfo[None]) -> Generator[None, Any, Any]:
+    report = yield
+    tasks = item.stash.get(_TASKS_AT_TIMEOUT, None)
+    if tasks is not None:
+        del item.stash[_TASKS_AT_TIMEOUT]
+        report.sections.append(("asyncio tasks at the timeout", tasks))
+    return report
+
+
+def _suspended_tasks() -> str:
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return "(no event loop was running)"
+    out: list[str] = []
+    for task in asyncio.all_tasks(loop):
+        frames: list[tuple[FrameType, int]] = []
+        awaited: Any = task.get_coro()
+        while awaited is not None:  # the coroutine, what it awaits, what that awaits...
+            frame = getattr(awaited, "cr_frame", None) or getattr(awaited, "gi_frame", None)
+            if frame is not None:
+                frames.append((frame, frame.f_lineno))
+            awaited = getattr(awaited, "cr_await", None) or getattr(awaited, "gi_yieldfrom", None)
+        stack = "".join(traceback.StackSummary.extract(frames).format())
+        out.append(f"{task!r}\n{stack}")
+    return "\n".join(out)
 
 
 class FakeAdmin:

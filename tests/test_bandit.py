@@ -1,5 +1,5 @@
-"""The Thompson-sampling bandit: the pure core (reward, decay, draws) and the Redis-backed
-posteriors, against the session stack's real Redis."""
+"""The Thompson-sampling bandit: the pure core (topics/bandit.py: reward, decay, draws) and the
+Redis-backed posteriors (state/bandit.py), against the session stack's real Redis."""
 
 from __future__ import annotations
 
@@ -9,26 +9,31 @@ import uuid
 from collections.abc import Sequence
 
 import numpy as np
+import orjson
 import pytest
 import redis.asyncio as redis
+from pydantic import ValidationError
 
 from compose.stack import LocalStack
-from state.bandit import (
-    MAX_FEEDBACK_WEIGHT,
-    CachedPosteriors,
-    Posterior,
-    PosteriorStore,
-    Weights,
-    feedback_weight,
-)
+from ingress.policy import admit
+from state.bandit import CachedPosteriors, Posterior, PosteriorStore
+from state.keys import KeyOwner
 from state.redis_client import make_redis
-from workers.router.bandit import (
+from topics.bandit import (
+    MAX_FEEDBACK_WEIGHT,
+    ObjectiveWeights,
     Outcome,
-    ThompsonSampler,
     decay,
+    feedback_weight,
     outcome_weight,
     reward,
 )
+from topics.catalog import load_catalog
+from topics.messages import RoutingOptions
+from topics.routing_policy import RoutingPolicy
+from topics.settings import Settings
+from workers.router.decide import _weights as decide_weights
+from workers.router.sampler import ThompsonSampler
 
 HL = 30.0
 
@@ -65,11 +70,16 @@ def _outcome(rng: np.random.Generator) -> Outcome:
                    quality=float(rng.uniform(0, 1)) if rng.random() < 0.8 else None)
 
 
+def _weights(rng: np.random.Generator) -> ObjectiveWeights:
+    cost, latency, quality = (float(x) for x in rng.uniform(0, 3, size=3))
+    return ObjectiveWeights(cost=cost, latency=latency, quality=quality)
+
+
 def test_reward_is_zero_on_failure_and_within_unit_interval() -> None:
     rng = np.random.default_rng(1)
     for _ in range(2000):
         o = _outcome(rng)
-        w = Weights(*(float(x) for x in rng.uniform(0, 3, size=3)))
+        w = _weights(rng)
         assert 0.0 <= reward(o, w) <= 1.0
         failed = Outcome(False, o.latency_ms, o.slo_ms, o.cost_usd, o.cheapest_cost_usd, 1.0)
         assert reward(failed, w) == 0.0
@@ -79,7 +89,7 @@ def test_cheaper_faster_better_never_lowers_reward() -> None:
     rng = np.random.default_rng(2)
     for _ in range(2000):
         o = _outcome(rng)
-        w = Weights(*(float(x) for x in rng.uniform(0, 3, size=3)))
+        w = _weights(rng)
         base = reward(o, w)
         shrink = float(rng.uniform(0, 1))
         faster = Outcome(True, o.latency_ms * shrink, o.slo_ms, o.cost_usd,
@@ -99,20 +109,22 @@ def test_weights_shift_the_reward() -> None:
     # A cheap mediocre route and a dear excellent one, both within their SLO.
     cheap = Outcome(True, 500, 1000, cost_usd=0.001, cheapest_cost_usd=0.001, quality=0.5)
     dear = Outcome(True, 500, 1000, cost_usd=0.01, cheapest_cost_usd=0.001, quality=0.95)
-    frugal, picky = Weights(cost=3, latency=1, quality=0.2), Weights(cost=0.2, latency=1,
-                                                                     quality=3)
+    frugal = ObjectiveWeights(cost=3, latency=1, quality=0.2)
+    picky = ObjectiveWeights(cost=0.2, latency=1, quality=3)
     assert reward(cheap, frugal) > reward(dear, frugal)
     assert reward(dear, picky) > reward(cheap, picky)
     # latency: 1 at the SLO, a half at twice the SLO, and it only counts with weight
     slow = Outcome(True, 2000, 1000, 0.001, 0.001, None)
-    assert reward(slow, Weights(cost=0, latency=1, quality=1)) == pytest.approx(0.5)
-    assert reward(slow, Weights(cost=1, latency=0, quality=1)) == 1.0
+    assert reward(slow, ObjectiveWeights(cost=0, latency=1, quality=1)) == pytest.approx(0.5)
+    assert reward(slow, ObjectiveWeights(cost=1, latency=0, quality=1)) == 1.0
 
 
 def test_outcome_and_feedback_weights_add_up_to_one_request() -> None:
     o = Outcome(True, 1500, 1000, 0.003, 0.001, None)
     failed = Outcome(False, 1500, 1000, 0.003, 0.001, None)
-    for w in (Weights(), Weights(2, 1, 1.5), Weights(1, 3, 0.5), Weights(0.5, 1, 2)):
+    for w in (ObjectiveWeights(), ObjectiveWeights(cost=2, latency=1, quality=1.5),
+              ObjectiveWeights(cost=1, latency=3, quality=0.5),
+              ObjectiveWeights(cost=0.5, latency=1, quality=2)):
         q = 0.8
         with_quality = reward(Outcome(True, 1500, 1000, 0.003, 0.001, q), w)
         for rate in (1.0, 0.5, 0.2):
@@ -124,7 +136,74 @@ def test_outcome_and_feedback_weights_add_up_to_one_request() -> None:
             assert outcome_weight(failed, w, rate) == 1.0  # no answer: quality known, 0
         assert outcome_weight(o, w, 0.0) == 1.0  # no feedback collected: quality drops out
         assert feedback_weight(w, 0.0) == 0.0
-    assert feedback_weight(Weights(1, 1, 1), 0.01) == MAX_FEEDBACK_WEIGHT
+    assert feedback_weight(ObjectiveWeights(cost=1, latency=1, quality=1), 0.01) \
+        == MAX_FEEDBACK_WEIGHT
+
+
+# -- objective weights: one type for requests, policies and the router -------------------------
+
+def test_objective_weights_are_one_type() -> None:
+    assert RoutingOptions.model_fields["weights"].annotation is ObjectiveWeights
+    assert RoutingPolicy.model_fields["weights"].annotation is ObjectiveWeights
+    assert type(RoutingPolicy.model_validate({"weights": {"cost": 2}}).weights) \
+        is ObjectiveWeights
+    frozen = ObjectiveWeights()
+    with pytest.raises(ValidationError):
+        frozen.cost = 2.0  # type: ignore[misc]
+
+
+def test_a_request_accepts_the_weights_producers_send() -> None:
+    # All zeros too (success alone then counts), unlike a tenant's policy; a number as text,
+    # as it always has. Unknown fields and negative weights are refused.
+    for weights, expected in (
+            ({"cost": 0, "latency": 0, "quality": 0}, ObjectiveWeights(cost=0, latency=0,
+                                                                       quality=0)),
+            ({"cost": 2, "quality": "0.5"}, ObjectiveWeights(cost=2, quality=0.5)),
+            ({}, ObjectiveWeights())):
+        raw = orjson.dumps({"weights": weights})
+        assert RoutingOptions.model_validate_json(raw).weights == expected
+    assert reward(Outcome(True, 5000, 1000, 0.01, 0.001, 0.1),
+                  ObjectiveWeights(cost=0, latency=0, quality=0)) == 1.0
+    for bad in ({"speed": 1}, {"cost": -1}):
+        with pytest.raises(ValidationError):
+            RoutingOptions.model_validate({"weights": bad})
+
+
+def test_a_policy_refuses_all_zero_weights_and_numbers_as_text() -> None:
+    with pytest.raises(ValidationError) as zeros:
+        RoutingPolicy.model_validate({"weights": {"cost": 0, "latency": 0, "quality": 0}})
+    [error] = zeros.value.errors()
+    assert (error["loc"], error["msg"]) == (
+        ("weights",), "Value error, at least one of cost, latency and quality must be above 0")
+    with pytest.raises(ValidationError) as text:
+        RoutingPolicy.model_validate({"weights": {"cost": "1"}})
+    assert text.value.errors()[0]["loc"] == ("weights", "cost")
+    with pytest.raises(ValidationError):
+        RoutingPolicy(weights=ObjectiveWeights(cost=0, latency=0, quality=0))
+    assert RoutingPolicy(weights=ObjectiveWeights(cost=0, latency=1, quality=0)).weights.latency \
+        == 1.0
+
+
+def test_optimize_for_presets_are_objective_weights() -> None:
+    catalog = load_catalog(Settings().catalog_path)
+    owner = KeyOwner(key_id="k", tenant_id="t")
+    expected = {"balanced": ObjectiveWeights(cost=1, latency=1, quality=1),
+                "cost": ObjectiveWeights(cost=1, latency=0.2, quality=0.2),
+                "latency": ObjectiveWeights(cost=0.2, latency=1, quality=0.2),
+                "quality": ObjectiveWeights(cost=0.2, latency=0.2, quality=1)}
+    for name, weights in expected.items():
+        body = {"model": "auto", "messages": [], "policy": {"optimize_for": name}}
+        routing = admit(body, catalog, "chat", owner, None).routing
+        # as the envelope's JSON carries them, and as the router reads them back
+        assert orjson.loads(orjson.dumps(routing))["weights"] == weights.model_dump()
+        assert RoutingOptions.model_validate(routing).weights == weights
+
+
+def test_a_request_sets_its_own_weights_unless_it_left_the_default() -> None:
+    tenant = ObjectiveWeights(cost=3, latency=1, quality=0)
+    own = ObjectiveWeights(cost=1, latency=0.2, quality=0.2)
+    assert decide_weights(own, tenant) is own
+    assert decide_weights(ObjectiveWeights(), tenant) is tenant
 
 
 # -- decay -------------------------------------------------------------------------------------

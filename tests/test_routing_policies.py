@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from compose.gateway import Gateway
 from state.keys import create_key
-from state.routing_policies import PolicyCache, delete_policy, get_policy, put_policy
+from state.routing_policy import PolicyCache, delete_policy, get_policy, put_policy
 from topics.catalog import Catalog, load_catalog
 from topics.errors import SwitchyardError
 from topics.routing_policy import (

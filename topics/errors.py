@@ -1,5 +1,6 @@
-"""The one exception tree. Library errors are translated into these at the boundary; the
-ingress maps them to HTTP/SSE in one place; error frames carry them across Kafka and Redis."""
+"""The one exception tree. Library errors are translated into these at the boundary (a
+provider's by `workers/providers/errors.py`); the ingress maps them to HTTP/SSE in one place
+(`ingress/errors.py`); error frames carry them across Kafka and Redis."""
 
 from __future__ import annotations
 

@@ -12,6 +12,8 @@ from typing import Any, Literal
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from topics.bandit import ObjectiveWeights
+
 SCHEMA_VERSION: Literal[1] = 1
 
 # auto: the best route, failing over to the next; fixed: one route, no failover; speculative:
@@ -36,14 +38,10 @@ class _Message(BaseModel):
         return cls.model_validate_json(raw)
 
 
-class ObjectiveWeights(_Message):
-    cost: float = Field(default=1.0, ge=0)
-    latency: float = Field(default=1.0, ge=0)
-    quality: float = Field(default=1.0, ge=0)
-
-
 class RoutingOptions(_Message):
     mode: Mode | None = None  # None: the tenant policy's default_mode
+    # All 1 (the default; also seed `optimize_for: balanced`): the tenant policy's weights
+    # apply. All zeros are accepted: success alone counts.
     weights: ObjectiveWeights = ObjectiveWeights()
     allowed_providers: list[str] | None = None
     # The request's own fallback chain after its model, in order (OpenRouter's `models`).

@@ -12,10 +12,15 @@ two functions are pure and shared by the ingress (validation) and the router (el
 The default policy is `RoutingPolicy()`: equal weights, every provider and model, no price
 ceiling, no pinned routes, mode `auto`, no substitution, i.e. what the gateway did before
 policies existed.
+
+The other files of the feature: `state/routing_policy.py` stores policies in PostgreSQL and
+caches them for the router; `ingress/routing_policy.py` serves GET, PUT and DELETE
+/v1/routing/policy; `workers/router/decide.py` applies a tenant's policy to each request.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from decimal import Decimal
 from typing import Annotated, Any, Literal, get_args
@@ -29,9 +34,11 @@ from pydantic import (
     StrictBool,
     StrictFloat,
     StrictStr,
-    model_validator,
+    TypeAdapter,
 )
+from typing_extensions import TypedDict
 
+from topics.bandit import ObjectiveWeights
 from topics.catalog import Catalog, Model
 from topics.errors import Forbidden, InvalidRequest, NotFound
 from topics.messages import CouncilOutput, Mode
@@ -81,20 +88,35 @@ FallbackChain = Annotated[tuple[Name, ...], Field(min_length=1, max_length=MAX_F
                           AfterValidator(_unique)]
 
 
-class PolicyWeights(BaseModel):
-    """Relative importance of cost, latency and quality in the router's choice."""
+class _StrictWeights(TypedDict, total=False):
+    cost: Weight
+    latency: Weight
+    quality: Weight
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
-    cost: Weight = 1.0
-    latency: Weight = 1.0
-    quality: Weight = 1.0
+_STRICT_WEIGHTS = TypeAdapter(_StrictWeights)
 
-    @model_validator(mode="after")
-    def _some_objective(self) -> PolicyWeights:
-        if self.cost == self.latency == self.quality == 0:
-            raise ValueError("at least one of cost, latency and quality must be above 0")
-        return self
+
+def _strict_weights(value: object) -> object:
+    # A policy's weights are finite numbers, never "1" or true (a request's are laxer, see
+    # ObjectiveWeights); an error names the field, e.g. `weights.cost`. Unknown fields are
+    # left to ObjectiveWeights, which refuses them.
+    if isinstance(value, dict):
+        _STRICT_WEIGHTS.validate_python(value)
+    return value
+
+
+def _some_objective(weights: ObjectiveWeights) -> ObjectiveWeights:
+    if not all(map(math.isfinite, (weights.cost, weights.latency, weights.quality))):
+        raise ValueError("cost, latency and quality must be finite")  # built in Python only
+    if weights.cost == weights.latency == weights.quality == 0:
+        raise ValueError("at least one of cost, latency and quality must be above 0")
+    return weights
+
+
+# The relative importance of cost, latency and quality in the router's choice.
+PolicyObjective = Annotated[ObjectiveWeights, BeforeValidator(_strict_weights),
+                            AfterValidator(_some_objective)]
 
 
 class RoutingPolicy(BaseModel):
@@ -102,7 +124,7 @@ class RoutingPolicy(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    weights: PolicyWeights = PolicyWeights()
+    weights: PolicyObjective = ObjectiveWeights()
     # None: every provider / model of the catalog. A list: only those (ids or aliases).
     allowed_providers: NameList = None
     allowed_models: NameList = None

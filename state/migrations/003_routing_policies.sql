@@ -1,4 +1,4 @@
--- Tenants' routing policies (topics/routing_policy.py, state/routing_policies.py). One row per
+-- Tenants' routing policies (topics/routing_policy.py, state/routing_policy.py). One row per
 -- tenant that stored one; no row means the default policy. The JSON is the policy exactly as
 -- validated by the API (RoutingPolicy.public()), so a reader re-validates it on the way out.
 

@@ -1,5 +1,6 @@
 """The one provider error taxonomy. Every dialect classifies what its provider said into one
-of these kinds; the provider's own message is kept in ours."""
+of these kinds; the provider's own message is kept in ours, an error of the one tree
+(`topics/errors.py`), which the ingress maps to HTTP (`ingress/errors.py`)."""
 
 from __future__ import annotations
 

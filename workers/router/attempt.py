@@ -1,5 +1,6 @@
 """One call to one route, and everything it leaves behind: its usage event, what it teaches
-the bandit, its outcome on the route's circuit breaker, its time to first answer.
+the bandit (through `workers/router/decide.py`), its outcome on the route's circuit breaker
+(`state/breakers.py`), its time to first answer.
 
 Several attempts of one request may run at once (racing, hedging) or one after the other
 (failover), so an attempt does not own the client's output: it takes the request's `Lead`

@@ -1,4 +1,6 @@
-"""Listens on the cancel channel and cancels the matching in-flight attempts."""
+"""Listens on the cancel channel and cancels the matching in-flight attempts. The ingress
+publishes there with `publish_cancel` (`state/claims.py`), which also marks the request so
+that a router that has not claimed it yet never starts it."""
 
 from __future__ import annotations
 

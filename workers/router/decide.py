@@ -4,7 +4,11 @@ The tenant's routing policy (PostgreSQL, cached) decides which routes are eligib
 several, a Thompson draw over the Beta posteriors shared in Redis (read through a ≤ 100 ms
 cache) picks one, per prompt category. The outcome of every attempt (success, latency
 against the route's SLO, cost against the cheapest eligible route) updates the posterior,
-once per attempt however often Kafka redelivers it."""
+once per attempt however often Kafka redelivers it.
+
+Where routing uses the bandit, whose maths is `topics/bandit.py` and whose posteriors
+`state/bandit.py` stores; and the routing policy, whose model and eligibility rules are
+`topics/routing_policy.py` and whose store and cache `state/routing_policy.py`."""
 
 from __future__ import annotations
 
@@ -13,22 +17,16 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from state.bandit import CachedPosteriors, PosteriorStore, Weights
+from state.bandit import CachedPosteriors, PosteriorStore
 from state.breakers import Breakers
-from state.routing_policies import PolicyCache
+from state.routing_policy import PolicyCache
+from topics.bandit import ObjectiveWeights, Outcome, outcome_weight, reward
 from topics.catalog import Catalog, Model
 from topics.errors import InvalidRequest, NotFound, Unavailable
-from topics.messages import CouncilOutput, Mode, ObjectiveWeights, RequestEnvelope
-from topics.routing_policy import (
-    AUTO,
-    GENERAL_CATEGORY,
-    PolicyWeights,
-    RoutingPolicy,
-    admits,
-    route_tiers,
-)
+from topics.messages import CouncilOutput, Mode, RequestEnvelope
+from topics.routing_policy import AUTO, GENERAL_CATEGORY, RoutingPolicy, admits, route_tiers
 from topics.settings import RouterSettings
-from workers.router.bandit import Outcome, ThompsonSampler, outcome_weight, reward
+from workers.router.sampler import ThompsonSampler
 
 # Latency a route should meet before its latency score starts to fall, by model class:
 # time to first token for streams, whole answer otherwise.
@@ -56,7 +54,7 @@ class ModeDefaults:
 class Decision:
     ranked: tuple[Model, ...]  # the selectable routes, best first (failover order)
     category: str
-    weights: Weights
+    weights: ObjectiveWeights
     # What the cost score compares against: every chat route the tenant's policy admits, the
     # same set whatever this request named, so that every outcome on a route is scored alike
     # (a one-route comparison would call any route "the cheapest").
@@ -266,9 +264,7 @@ def required_capabilities(body: dict[str, Any]) -> set[str]:
     return needs
 
 
-def _weights(requested: ObjectiveWeights, tenant: PolicyWeights) -> Weights:
+def _weights(requested: ObjectiveWeights, tenant: ObjectiveWeights) -> ObjectiveWeights:
     """The request's own weights (seed `policy.optimize_for`) when it set any, else the
     tenant policy's."""
-    source: ObjectiveWeights | PolicyWeights = (
-        requested if requested != ObjectiveWeights() else tenant)
-    return Weights(cost=source.cost, latency=source.latency, quality=source.quality)
+    return requested if requested != ObjectiveWeights() else tenant

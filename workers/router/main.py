@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry
 from state.bandit import CachedPosteriors, PosteriorStore
 from state.breakers import BreakerConfig, Breakers
 from state.claims import Claims
-from state.routing_policies import PolicyCache
+from state.routing_policy import PolicyCache
 from state.runtime import open_runtime
 from state.vault import MasterKeys, TenantKeys
 from topics import names
@@ -29,7 +29,6 @@ from workers.providers.base import Dialect, MalformedHook, Timeouts
 from workers.providers.gemini import GeminiGenerateContent
 from workers.providers.openai_compat import OpenAICompat
 from workers.router.attempt import AttemptRunner
-from workers.router.bandit import ThompsonSampler
 from workers.router.cancel import CancelListener
 from workers.router.council import Council, CouncilSettings
 from workers.router.decide import Decider, ModeDefaults
@@ -39,6 +38,7 @@ from workers.router.latency import LatencyTracker
 from workers.router.metrics import RouterMetrics
 from workers.router.publisher import ReplyPublisher
 from workers.router.routes import RouteConfig, RouteResolver
+from workers.router.sampler import ThompsonSampler
 from workers.router.worker import RouterWorker
 from workers.runtime import run_process, serve_metrics
 

@@ -1,5 +1,8 @@
 """Which endpoint and key serve a model for a tenant: the tenant's own key (bring your own
-key) first, then the key configured in the environment, then the offline fallback server."""
+key) first, then the key configured in the environment, then the offline fallback server.
+
+Tenants' own keys come from the vault (`state/vault.py`), where they are stored over HTTP by
+`ingress/vault.py`."""
 
 from __future__ import annotations
 

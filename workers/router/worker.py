@@ -1,6 +1,6 @@
-"""What the router does with one request: check its deadline, claim it, label it (when this
-router classifies), decide its routes and mode, and hand it to the executor (auto, fixed,
-speculative, hedged) or the council."""
+"""What the router does with one request: check its deadline, claim it (`state/claims.py`),
+label it (when this router classifies), decide its routes and mode, and hand it to the
+executor (auto, fixed, speculative, hedged) or the council."""
 
 from __future__ import annotations
 

@@ -1,1 +1,2 @@
-"""The usage worker: usage events into the PostgreSQL ledger, exactly once in effect."""
+"""The usage worker: usage events (`UsageEvent`, topics/messages.py) into the PostgreSQL ledger
+(`state/usage.py`), exactly once in effect."""

@@ -1,4 +1,5 @@
-"""The usage process: `llm.usage` into the PostgreSQL ledger and its daily rollup."""
+"""The usage process: `llm.usage` into the PostgreSQL ledger and its daily rollup
+(`state/usage.py`)."""
 
 from __future__ import annotations
 

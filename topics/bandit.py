@@ -1,5 +1,13 @@
-"""The Thompson-sampling core: reward, update weights, decay and the draw. Pure (no I/O),
-shared by the router and by `bench/simulate.py`.
+"""The bandit's maths: objective weights, reward, update weights and decay. Pure (no I/O, no
+numpy: the ingress, which weighs feedback with it, never loads numpy).
+
+The other files of the feature: `state/bandit.py` stores the posteriors in Redis (its Lua
+scripts do the arithmetic of `decay` and take the weights of `outcome_weight` /
+`feedback_weight`); `workers/router/decide.py` is where routing uses them (a draw over the
+stored posteriors chooses the route, each attempt's `reward` updates them). The ingress's
+feedback route (`ingress/insights.py`) weighs a quality score with `feedback_weight`, and
+`bench/simulate.py` runs this same code against simulated providers. The draw itself,
+`ThompsonSampler`, is the router's: `workers/router/sampler.py`.
 
 Arms are routes eligible for a request, per prompt category. Each arm has a Beta(alpha, beta)
 posterior over its expected reward in [0, 1]. An outcome with reward r adds w * r to alpha and
@@ -7,35 +15,49 @@ w * (1 - r) to beta, w its weight in requests (`outcome_weight`; a late quality 
 rest, `feedback_weight`). Between updates the posterior decays toward the prior with a
 half-life, so old evidence fades: a provider that degrades is left after a few seconds of bad
 outcomes, and one that was left drifts back toward the uncertain prior, gets tried again, and
-is taken back when it has recovered.
+is taken back when it has recovered. tests/test_bandit.py checks that the store's Lua decays
+exactly like `decay` (to 1e-9).
 
-`state/bandit.py` keeps the posteriors in Redis; its Lua scripts do exactly the arithmetic of
-`decay` (tests/test_bandit.py checks that they agree to 1e-9).
-
-The stored posterior counts each request once. The draw sharpens it: an arm's evidence beyond
-the prior counts EVIDENCE times (`ThompsonSampler`). A Beta posterior fed fractional rewards
-treats each request as one coin flip, but a composite reward is far less noisy than a coin,
-so the literal posterior is far too wide; with a half-life of seconds it never holds enough
-requests to tell routes a few points apart, and it keeps exploring bad ones. The defaults
-below come from `python -m bench.simulate` (bench/RESULTS.md) at ~10 requests/s. How fast a
-degraded provider is left, in seconds, depends on the half-life and the provider's latency,
-not on traffic; a busier gateway gathers more evidence per half-life and can afford a shorter
-one.
+The stored posterior counts each request once. The draw sharpens it: an arm's evidence
+beyond the prior counts EVIDENCE times (`workers/router/sampler.py`). A Beta posterior fed
+fractional rewards treats each request as one coin flip, but a composite reward is far less
+noisy than a coin, so the literal posterior is far too wide; with a half-life of seconds it
+never holds enough requests to tell routes a few points apart, and it keeps exploring bad
+ones. The defaults below come from `python -m bench.simulate` (bench/RESULTS.md) at ~10
+requests/s. How fast a degraded provider is left, in seconds, depends on the half-life and
+the provider's latency, not on traffic; a busier gateway gathers more evidence per half-life
+and can afford a shorter one.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
-
-from state.bandit import PRIOR, Weights, quality_share
+from pydantic import BaseModel, ConfigDict, Field
 
 HALF_LIFE_S = 8.0  # evidence halves every 8 s: a degraded provider is left within seconds
 EVIDENCE = 128.0  # how much sharper the draw is than the literal posterior
+PRIOR = (1.0, 2.0)  # mildly pessimistic: an arm we know nothing about is tried now and then
+# One late quality score never counts for more than this many requests, however rarely answers
+# are scored (see `feedback_weight`): a single noisy score must not swamp the posterior.
+MAX_FEEDBACK_WEIGHT = 4.0
 
+
+class ObjectiveWeights(BaseModel):
+    """How much cost, latency and quality count in a route's reward, relative to each other.
+
+    The one type for them everywhere: a request's own (`topics.messages.RoutingOptions`, e.g.
+    from the seed `policy.optimize_for` presets), a tenant's routing policy
+    (`topics.routing_policy.RoutingPolicy.weights`, which also refuses all zeros and anything
+    but finite JSON numbers), and the router's decision. As a request field it accepts what
+    producers have always sent, all zeros included (`reward` then counts success alone)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    cost: float = Field(default=1.0, ge=0)
+    latency: float = Field(default=1.0, ge=0)
+    quality: float = Field(default=1.0, ge=0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,7 +86,7 @@ def cost_score(cost_usd: float, cheapest_cost_usd: float) -> float:
     return max(cheapest_cost_usd, 0.0) / cost_usd
 
 
-def reward(outcome: Outcome, weights: Weights) -> float:
+def reward(outcome: Outcome, weights: ObjectiveWeights) -> float:
     """The reward of one attempt, in [0, 1].
 
     0 if the attempt failed. Otherwise the weighted mean
@@ -88,8 +110,13 @@ def reward(outcome: Outcome, weights: Weights) -> float:
     return 1.0 if den <= 0 else min(max(num / den, 0.0), 1.0)
 
 
+def quality_share(weights: ObjectiveWeights) -> float:
+    """The quality weight's share of all weights, w_q / (w_lat + w_cost + w_q)."""
+    total = weights.latency + weights.cost + weights.quality
+    return weights.quality / total if total > 0 else 0.0
 
-def outcome_weight(outcome: Outcome, weights: Weights, feedback_rate: float) -> float:
+
+def outcome_weight(outcome: Outcome, weights: ObjectiveWeights, feedback_rate: float) -> float:
     """How many pseudo-observations an outcome update counts for (the store's `weight`).
 
     Every request is worth one observation in total, however its reward arrives. A success
@@ -104,6 +131,16 @@ def outcome_weight(outcome: Outcome, weights: Weights, feedback_rate: float) -> 
     return 1.0 - quality_share(weights)
 
 
+def feedback_weight(weights: ObjectiveWeights, feedback_rate: float) -> float:
+    """How many pseudo-observations a late quality score counts for: quality_share /
+    feedback_rate (a judge that scores 10 % of answers speaks for ten answers per score),
+    capped at MAX_FEEDBACK_WEIGHT. The store then adds weight * q to alpha and
+    weight * (1 - q) to beta. 0 when no feedback is collected."""
+    if feedback_rate <= 0:
+        return 0.0
+    return min(quality_share(weights) / min(feedback_rate, 1.0), MAX_FEEDBACK_WEIGHT)
+
+
 def decay(alpha: float, beta: float, prior_alpha: float, prior_beta: float, elapsed_s: float,
           half_life_s: float) -> tuple[float, float]:
     """Pull (alpha, beta) toward the prior: the excess over the prior halves every half-life.
@@ -116,42 +153,3 @@ def decay(alpha: float, beta: float, prior_alpha: float, prior_beta: float, elap
         return alpha, beta
     factor = 0.5 ** (elapsed_s / half_life_s)
     return prior_alpha + (alpha - prior_alpha) * factor, prior_beta + (beta - prior_beta) * factor
-
-
-class ThompsonSampler:
-    """One Beta draw per arm, argmax. Each process seeds its own generator (from the OS when
-    `seed` is None), so workers sharing the same posteriors still make independent draws.
-
-    Arms come as stored (alpha, beta). The draw uses Beta(pa + k * (alpha - pa),
-    pb + k * (beta - pb)) with (pa, pb) = `prior` (the store's prior) and k = `evidence`: every
-    request's evidence counts k times. Decay being linear, this is exactly what storing every
-    update k times larger would give.
-    """
-
-    def __init__(self, seed: int | None = None, *, prior: tuple[float, float] = PRIOR,
-                 evidence: float = EVIDENCE) -> None:
-        if evidence <= 0 or min(prior) <= 0:
-            raise ValueError("evidence and the prior must be > 0")
-        self._rng = np.random.default_rng(seed)
-        self._prior = np.asarray(prior, dtype=np.float64)
-        self._evidence = float(evidence)
-
-    def draw(self, posteriors: Sequence[tuple[float, float]]) -> np.ndarray:
-        """One sample of each arm's expected reward, vectorised."""
-        if not posteriors:
-            raise ValueError("no arms to choose from")
-        ab = np.asarray(posteriors, dtype=np.float64)
-        if self._evidence != 1.0:
-            # max(): an arm read below its prior (never, but floats) must not go <= 0
-            ab = np.maximum(self._prior + self._evidence * (ab - self._prior), 1e-9)
-        samples: np.ndarray = self._rng.beta(ab[:, 0], ab[:, 1])
-        return samples
-
-    def choose(self, posteriors: Sequence[tuple[float, float]]) -> int:
-        """The index of the arm with the highest draw."""
-        return int(np.argmax(self.draw(posteriors)))
-
-    def rank(self, posteriors: Sequence[tuple[float, float]]) -> list[int]:
-        """Every arm's index, best draw first: the first choice, then the failover order."""
-        order: list[int] = np.argsort(-self.draw(posteriors), kind="stable").tolist()
-        return order

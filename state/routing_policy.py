@@ -3,6 +3,10 @@
 No row means the default policy, `RoutingPolicy()`. A stored row that no longer validates
 (written by a newer version, or edited by hand) is an error, never the default: falling back
 would silently lift the tenant's provider and price restrictions.
+
+The other files of the feature: `topics/routing_policy.py` is the policy's model and its
+eligibility rules; `ingress/routing_policy.py` serves GET, PUT and DELETE
+/v1/routing/policy; `workers/router/decide.py` reads policies through `PolicyCache`.
 """
 
 from __future__ import annotations
