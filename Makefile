@@ -4,7 +4,7 @@
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: up test lint bench bench-latency bench-fault bench-tail bootstrap clean model docs
+.PHONY: up test lint bench bench-latency bench-fault bench-tail bench-failover bootstrap clean model docs
 
 bootstrap:
 	@bash compose/bootstrap.sh
@@ -32,6 +32,11 @@ bench-latency: bootstrap
 bench-fault: bootstrap
 	$(BIN)/python -m bench.fault
 
+# The provider fault catalogue (429, 5xx, resets, silence, cut and broken streams, context
+# length, content filter), each with and without a fallback chain, and a primary's outage.
+bench-failover: bootstrap
+	$(BIN)/python -m bench.failover
+
 # Heavy-tailed TTFT: one route vs speculative racing (2, 3 routes) vs hedging at p90.
 bench-tail: bootstrap
 	$(BIN)/python -m bench.tail
@@ -42,7 +47,7 @@ model: bootstrap
 	$(BIN)/python -m pip install -q -e '.[train]'
 	$(BIN)/python -m workers.classifier.train
 
-# Rewrite the generated blocks of docs/ (configuration, error codes) from the code;
+# Rewrite the generated blocks of docs/ (routes, configuration, error codes) from the code;
 # `python -m compose.reference --check` only compares (tests/test_reference_docs.py runs it).
 docs: bootstrap
 	$(BIN)/python -m compose.reference
