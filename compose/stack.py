@@ -138,6 +138,18 @@ class LocalStack:
             for path in (self._data_dir, *(d for s in self._services for d in s.dirs)):
                 shutil.rmtree(path, ignore_errors=True)
 
+    def kill(self, name: str) -> None:
+        """SIGKILL one service's daemon, as a crash would (fault tests)."""
+        proc = self._daemons.pop(name)
+        _kill_group(proc)
+        proc.wait()
+
+    def start_again(self, name: str) -> None:
+        """Start a service killed by `kill` again, on the same port and data directory; blocks
+        until it is ready."""
+        service = next(s for s in self._services if s.name == name)
+        _run(self._bring_up(service))
+
     def __enter__(self) -> Self:
         self.start()
         return self

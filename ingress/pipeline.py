@@ -18,7 +18,7 @@ from starlette.requests import Request
 
 from ingress.bodies import read_body
 from ingress.metrics import IngressMetrics
-from ingress.replies import FrameStream, ReplyRouter
+from ingress.replies import RETRY_AFTER_S, FrameStream, ReplyRouter
 from ingress.validation import parse_json_object
 from state.claims import publish_cancel
 from state.keys import KeyOwner
@@ -38,6 +38,9 @@ TIMEOUT_HEADER = "x-switchyard-timeout-ms"
 # Frames may trail the router's own deadline handling by a little; wait that much longer so
 # the router's precise error, not a generic timeout, reaches the client.
 _DEADLINE_SLACK_S = 1.0
+# Errors after which a queued request is told to stop (a router that has not started it
+# skips it), and the reason given.
+_CANCEL_ON = {"deadline_exceeded": "deadline_exceeded", "reply_channel_lost": "reply_lost"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +72,10 @@ class Pipeline:
         """Publish `job` and wait for its first answer (an error frame is raised). Waiting
         lets a provider that fails before its first token get a proper HTTP status instead
         of a 200 stream that ends in an error. The caller closes the stream's reply slot."""
+        if not self._replies.connected:
+            # Its answer would have nowhere to arrive: refused before anything is queued.
+            raise Unavailable("the gateway's reply channel (Redis) is down; try again shortly",
+                              code="reply_channel_unavailable", retry_after_s=RETRY_AFTER_S)
         deadline = asyncio.get_running_loop().time() + job.timeout_s + _DEADLINE_SLACK_S
         stream = FrameStream(self._replies.open(job.request_id), deadline)
         try:
@@ -78,8 +85,8 @@ class Pipeline:
                 raise SwitchyardError.from_frame_data(first.data)
         except BaseException as exc:
             self.close(job.request_id)
-            if isinstance(exc, SwitchyardError) and exc.code == "deadline_exceeded":
-                await self.cancel(job.request_id, "deadline_exceeded")
+            if isinstance(exc, SwitchyardError) and exc.code in _CANCEL_ON:
+                await self.cancel(job.request_id, _CANCEL_ON[exc.code])
             elif isinstance(exc, ClientClosedRequest):
                 await self.cancel(job.request_id, "client_disconnected")
             raise
@@ -116,7 +123,7 @@ class Pipeline:
                                                key=job.request_id.encode(), headers=headers)
         except KafkaError as exc:
             raise Unavailable(f"the request queue is unavailable: {exc}",
-                              code="queue_unavailable") from exc
+                              code="queue_unavailable", retry_after_s=RETRY_AFTER_S) from exc
 
     async def read_json(self, request: Request) -> dict[str, Any]:
         """A model route's body as a JSON object, within the ingress's body limit."""

@@ -1,17 +1,28 @@
 """One Redis pub/sub reader per ingress process, on its own channel; frames are handed to
-per-request queues. Nothing subscribes per request."""
+per-request queues. Nothing subscribes per request.
+
+Redis pub/sub keeps nothing for a subscriber that is away: frames published while the channel
+is down are gone. So when the subscription is lost, every request waiting on this process is
+failed at once with 503 `reply_channel_lost` (its answer may already have been published
+into the void; `Retry-After` says when to try again), instead of waiting for its deadline;
+and until the channel is back, new requests are refused with 503
+`reply_channel_unavailable` before anything is queued (`ingress/pipeline.py`)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 
+import orjson
 import redis.asyncio as redis
 
-from topics.errors import GatewayTimeout, UpstreamError
+from topics.errors import GatewayTimeout, Unavailable, UpstreamError
 from topics.messages import ReplyFrame, parse_frames
 
 log = logging.getLogger(__name__)
+
+RETRY_AFTER_S = 2.0  # what clients refused while the channel is down are told to wait
+_RESUBSCRIBE_MAX_S = 0.5  # the longest wait between two attempts to subscribe again
 
 
 class ReplyRouter:
@@ -19,6 +30,7 @@ class ReplyRouter:
         self._redis = client
         self.channel = channel
         self._queues: dict[str, asyncio.Queue[ReplyFrame]] = {}
+        self.connected = False  # subscribed now: frames published for us reach us
 
     def open(self, request_id: str) -> asyncio.Queue[ReplyFrame]:
         queue: asyncio.Queue[ReplyFrame] = asyncio.Queue()
@@ -29,23 +41,39 @@ class ReplyRouter:
         self._queues.pop(request_id, None)
 
     async def run(self, ready: asyncio.Event) -> None:
-        """Read frames until cancelled; reconnect after Redis errors (frames lost meanwhile
-        show up as sequence gaps, which fail their requests loudly)."""
+        """Read frames until cancelled; after a Redis error, fail the requests waiting (their
+        frames may be lost) and subscribe again."""
         delay_s = 0.1
         while True:
             pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(self.channel)
+                self.connected = True
                 ready.set()
                 delay_s = 0.1
                 async for message in pubsub.listen():
                     self._dispatch(message["data"])
             except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
-                log.warning("reply channel lost (%s); resubscribing in %.1fs", exc, delay_s)
+                if self.connected:
+                    self.connected = False
+                    failed = self._fail_waiting()
+                    log.warning("reply channel lost (%s); %d waiting requests failed; "
+                                "resubscribing", exc, failed)
                 await asyncio.sleep(delay_s)
-                delay_s = min(delay_s * 2, 2.0)
+                delay_s = min(delay_s * 2, _RESUBSCRIBE_MAX_S)
             finally:
+                self.connected = False
                 await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    def _fail_waiting(self) -> int:
+        error = Unavailable("the gateway lost its reply channel (Redis) while this request "
+                            "was waiting; its answer may be lost", code="reply_channel_lost",
+                            retry_after_s=RETRY_AFTER_S)
+        raw = orjson.dumps(error.to_frame_data())
+        for request_id, queue in self._queues.items():
+            # An error frame is taken whatever its seq (FrameStream._check).
+            queue.put_nowait(ReplyFrame(request_id, -1, "error", raw))
+        return len(self._queues)
 
     def _dispatch(self, raw: bytes) -> None:
         try:

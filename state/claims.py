@@ -20,7 +20,10 @@ from typing import Any
 import redis.asyncio as redis
 
 from topics import names
+from topics.errors import Unavailable
 from topics.messages import CancelRequest
+
+STATE_RETRY_AFTER_S = 2.0  # what a client is told to wait when Redis is down
 
 _CLAIM = "sy:claim:"
 _ALIVE = "sy:alive:"
@@ -73,11 +76,16 @@ class Claims:
         await self._redis.delete(_ALIVE + self._worker_id)
 
     async def claim(self, request_id: str) -> tuple[ClaimResult, str]:
-        """Try to claim `request_id`; returns the outcome and, if relevant, the owner."""
-        status, owner = await self._claim_script(
-            keys=[_CLAIM + request_id, _CANCELLED + request_id],
-            args=[self._worker_id, self._claim_ttl_ms, _ALIVE],
-        )
+        """Try to claim `request_id`; returns the outcome and, if relevant, the owner. Raises
+        `state_unavailable` (503) when Redis cannot be reached: without a claim, a request
+        that another live worker runs could run twice, so none is taken blind."""
+        try:
+            status, owner = await self._claim_script(
+                keys=[_CLAIM + request_id, _CANCELLED + request_id],
+                args=[self._worker_id, self._claim_ttl_ms, _ALIVE],
+            )
+        except (redis.RedisError, OSError) as exc:
+            raise state_unavailable(exc) from exc
         return ClaimResult(_text(status)), _text(owner)
 
     async def finish(self, request_id: str) -> None:
@@ -85,6 +93,13 @@ class Claims:
 
     async def mark_cancelled(self, request_id: str) -> None:
         await self._redis.set(_CANCELLED + request_id, b"1", px=self._claim_ttl_ms)
+
+
+def state_unavailable(exc: BaseException) -> Unavailable:
+    """Our error for Redis being unreachable (claims, breakers, posteriors)."""
+    return Unavailable(f"the gateway's shared state (Redis) is unreachable: "
+                       f"{type(exc).__name__}", code="state_unavailable",
+                       retry_after_s=STATE_RETRY_AFTER_S)
 
 
 def _text(value: bytes | str) -> str:

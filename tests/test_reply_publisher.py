@@ -131,3 +131,28 @@ async def test_meta_leaves_with_the_frame_after_it_in_one_message(
         frames = await channel.message()
         assert [f.kind for f in frames] == ["meta", "chunk", "chunk"]
         assert [f.data for f in frames] == [{"provider": "p"}, {"n": 0}, {"n": 1}]
+
+
+async def test_a_flush_redis_refuses_is_tried_again_in_order(r: redis.Redis) -> None:
+    """Redis restarting under the router: the frames wait and leave once it answers again,
+    the failed ones first."""
+    real_publish = r.publish
+    refusals = 2
+
+    async def flaky_publish(channel: str, message: bytes) -> int:
+        nonlocal refusals
+        if refusals:
+            refusals -= 1
+            raise redis.ConnectionError("Connection refused (injected)")
+        return await real_publish(channel, message)
+
+    r.publish = flaky_publish  # type: ignore[assignment]
+    async with Channel(r) as channel, ReplyPublisher(r) as publisher:
+        publisher.publish(channel.name, frame(0))
+        await asyncio.sleep(0.01)  # the first flush fails; frame 1 queues behind frame 0
+        publisher.publish(channel.name, frame(1))
+        received: list[int] = []
+        while len(received) < 2:
+            received += await channel.seqs()
+    assert received == [0, 1]
+    assert refusals == 0

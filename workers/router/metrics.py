@@ -19,6 +19,9 @@ class RouterMetrics:
                               ["provider"], buckets=_LATENCY_BUCKETS_S, registry=registry)
         self.expired = Counter("switchyard_router_expired", "Requests past their deadline "
                                "before they started", registry=registry)
+        self.state_waits = Counter("switchyard_router_state_waits",
+                                   "Claims retried because Redis was unreachable",
+                                   registry=registry)
         self.skipped = Counter("switchyard_router_skipped", "Redeliveries not executed again",
                                ["reason"], registry=registry)
         self.cancelled = Counter("switchyard_router_cancelled",

@@ -6,7 +6,12 @@ stops growing with the number of chunks.
 What the client waits for (a request's meta, first chunk, done, error) is flushed at once.
 Follow-on stream chunks wait until `flush_interval_s` has passed since the previous flush,
 so the process publishes at most that often for them however many tokens are in flight; an
-isolated chunk, after a quiet spell, still leaves at once."""
+isolated chunk, after a quiet spell, still leaves at once.
+
+A flush that Redis refuses is tried again, the failed frames ahead of newer ones so every
+channel keeps its order, backing off up to a second, for at most `REPUBLISH_WINDOW_S`; after
+that the frames are dropped (their requests' ingress, which lost its subscription to the same
+Redis, has failed them already: `ingress/replies.py`)."""
 
 from __future__ import annotations
 
@@ -16,6 +21,8 @@ import logging
 import redis.asyncio as redis
 
 log = logging.getLogger(__name__)
+
+REPUBLISH_WINDOW_S = 10.0
 
 
 class ReplyPublisher:
@@ -28,6 +35,7 @@ class ReplyPublisher:
         self._last_flush = 0.0
         self._closing = False
         self._task: asyncio.Task[None] | None = None
+        self._failing_since: float | None = None  # loop time of the first failed flush
 
     def publish(self, channel: str, frame: bytes, *, urgent: bool = True) -> None:
         """Queue one encoded frame; frames of a channel keep their order. A frame that is
@@ -65,19 +73,35 @@ class ReplyPublisher:
                 self._timer.cancel()
                 self._timer = None
             self._last_flush = loop.time()
+            batch, self._pending = self._pending, {}
             try:
-                await self._flush()
-            except redis.RedisError as exc:
-                # Those frames are lost; their readers see a sequence gap or their deadline
-                # and fail loudly. Nothing else to do from here.
-                log.warning("reply publish failed: %s", exc)
+                await self._flush(batch)
+                self._failing_since = None
+            except (redis.RedisError, OSError) as exc:
+                await self._failed(batch, exc, loop.time())
             if self._closing:
                 if not self._pending:
                     return
                 self._wake.set()
 
-    async def _flush(self) -> None:
-        batch, self._pending = self._pending, {}
+    async def _failed(self, batch: dict[str, list[bytes]], exc: BaseException,
+                      now: float) -> None:
+        if self._failing_since is None:
+            self._failing_since = now
+        if now - self._failing_since > REPUBLISH_WINDOW_S or self._closing:
+            log.warning("reply publish failed for %.0f s (%s): %d channels' frames dropped",
+                        now - self._failing_since, exc, len(batch))
+            self._failing_since = None
+            return
+        for channel, frames in self._pending.items():  # newer frames after the failed ones
+            batch.setdefault(channel, []).extend(frames)
+        self._pending = batch
+        delay_s = min(0.05 * 2 ** min(int(now - self._failing_since), 5), 1.0)
+        log.warning("reply publish failed (%s); trying again in %.2f s", exc, delay_s)
+        await asyncio.sleep(delay_s)
+        self._wake.set()
+
+    async def _flush(self, batch: dict[str, list[bytes]]) -> None:
         if not batch:
             return
         if len(batch) == 1:  # the common case: one ingress; a pipeline costs more

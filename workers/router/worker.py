@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from state.claims import ClaimResult, Claims
-from topics.errors import GatewayTimeout, SwitchyardError, UpstreamError
+from topics.errors import GatewayTimeout, SwitchyardError, Unavailable, UpstreamError
 from topics.messages import RequestEnvelope
 from workers.classifier.stage import needs_label
 from workers.router.attempt import now_ms
@@ -46,6 +46,12 @@ class RouterWorker:
         out = self._frames(env)
         try:
             await self._handle(env, out)
+        except Unavailable as exc:
+            # Our infrastructure (Redis) stayed down until the request's deadline: a clear
+            # 503 with Retry-After; the message itself is fine, nothing to dead-letter.
+            log.warning("request %s: %s", env.request_id, exc.message)
+            with contextlib.suppress(Exception):
+                await out.error(exc)
         except Exception:
             # Unexpected (a bug, or Redis/Kafka failing): the consumer loop dead-letters the
             # request; the client must hear that it failed rather than wait for its deadline.
@@ -53,6 +59,20 @@ class RouterWorker:
                 await out.error(SwitchyardError("the router failed on this request",
                                                 code="router_failed"))
             raise
+
+    async def _claim(self, env: RequestEnvelope) -> tuple[ClaimResult, str]:
+        """The claim, waiting out a Redis outage (backing off up to 1 s) while the request's
+        deadline allows: a request that arrives while Redis restarts runs once it is back."""
+        delay_s = 0.05
+        while True:
+            try:
+                return await self._claims.claim(env.request_id)
+            except Unavailable:
+                if now_ms() + delay_s * 1000 >= env.deadline_ms:
+                    raise
+                self._metrics.state_waits.inc()
+                await asyncio.sleep(delay_s)
+                delay_s = min(delay_s * 2, 1.0)
 
     async def _handle(self, env: RequestEnvelope, out: FrameWriter) -> None:
         if now_ms() >= env.deadline_ms:
@@ -65,7 +85,7 @@ class RouterWorker:
         labelling = (asyncio.ensure_future(self._label(env))
                      if self._label is not None and needs_label(env) else None)
         try:
-            claim, owner = await self._claims.claim(env.request_id)
+            claim, owner = await self._claim(env)
         except BaseException:
             _discard(labelling)
             raise
