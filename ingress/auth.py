@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Awaitable, Callable
 
 from state.keys import KeyOwner
+from state.runtime import outage
 from topics.errors import Unauthorized
 
 Lookup = Callable[[str], Awaitable[KeyOwner | None]]
+
+log = logging.getLogger(__name__)
 
 _MAX_CACHED = 10_000
 
@@ -34,11 +38,25 @@ class Authenticator:
         if hit is not None and hit[1] > now:
             owner = hit[0]
         else:
-            owner = await self._lookup(key)
+            try:
+                owner = await self._lookup(key)
+            except Exception as exc:
+                if hit is None or outage(exc) is None:
+                    raise
+                # The database is down: a key known before keeps working (one revoked
+                # meanwhile too, until the database is back); asked again shortly.
+                log.warning("key lookup failed (%s); using the cached answer", exc)
+                owner = hit[0]
+                self._cache[key] = (owner, now + self._negative_ttl_s)
+                return _known(owner)
             if len(self._cache) >= _MAX_CACHED:
                 self._cache.clear()  # crude but bounded; a refill costs one query per key
             ttl = self._ttl_s if owner is not None else self._negative_ttl_s
             self._cache[key] = (owner, now + ttl)
-        if owner is None:
-            raise Unauthorized("invalid API key")
-        return owner
+        return _known(owner)
+
+
+def _known(owner: KeyOwner | None) -> KeyOwner:
+    if owner is None:
+        raise Unauthorized("invalid API key")
+    return owner

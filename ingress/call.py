@@ -19,7 +19,8 @@ from starlette.routing import Route
 
 from ingress.services import Services
 from state.keys import KeyOwner
-from topics.errors import Unauthorized
+from state.runtime import outage
+from topics.errors import SwitchyardError, Unauthorized
 
 
 class Access(StrEnum):
@@ -65,9 +66,18 @@ class Endpoint:
 
         async def endpoint(request: Request) -> Response:
             services: Services = request.scope["state"]["services"]
-            caller = None
-            if access is not Access.PUBLIC:
-                caller = await services.auth.authenticate(request.headers.get("authorization"))
-            return await handler(Call(request, services, caller))
+            try:
+                caller = None
+                if access is not Access.PUBLIC:
+                    caller = await services.auth.authenticate(
+                        request.headers.get("authorization"))
+                return await handler(Call(request, services, caller))
+            except SwitchyardError:
+                raise
+            except Exception as exc:
+                # PostgreSQL or Redis down: 503 with Retry-After, never a bare 500.
+                if (down := outage(exc)) is None:
+                    raise
+                raise down from exc
 
         return Route(self.path, endpoint, methods=[self.method], name=handler.__name__)

@@ -8,6 +8,8 @@ import time
 from collections.abc import Awaitable, Callable, Hashable
 from typing import Generic, TypeVar
 
+from state.runtime import outage
+
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 
@@ -16,7 +18,9 @@ class ReadThroughCache(Generic[K, V]):
     """`load(key)` results kept for `ttl_s` (absent values too, as the loader returns them:
     most keys have nothing stored, and that must not cost a read per request). Concurrent
     misses for one key share one load. At most `max_entries` keys are kept, the oldest goes
-    first. Errors are not cached: the next caller loads again."""
+    first. Errors are not cached: the next caller loads again. While the store is down (an
+    `outage`, `state/runtime.py`), an expired value is served instead of the error: a policy
+    or key a few minutes old beats a failed request; a key never loaded still fails."""
 
     def __init__(self, load: Callable[[K], Awaitable[V]], *, ttl_s: float,
                  max_entries: int = 10_000, clock: Callable[[], float] = time.monotonic) -> None:
@@ -36,8 +40,13 @@ class ReadThroughCache(Generic[K, V]):
             task = asyncio.create_task(self._load(key))
             self._loading[key] = task
             task.add_done_callback(lambda done: self._loaded(key, done))
-        # Shielded: one caller giving up must not cancel the load the others wait for.
-        return await asyncio.shield(task)
+        try:
+            # Shielded: one caller giving up must not cancel the load the others wait for.
+            return await asyncio.shield(task)
+        except Exception as exc:
+            if hit is None or outage(exc) is None:
+                raise
+            return hit[0]
 
     def __len__(self) -> int:
         return len(self._cache)

@@ -19,11 +19,9 @@ from typing import Any
 
 import redis.asyncio as redis
 
+from state.runtime import state_unavailable
 from topics import names
-from topics.errors import Unavailable
 from topics.messages import CancelRequest
-
-STATE_RETRY_AFTER_S = 2.0  # what a client is told to wait when Redis is down
 
 _CLAIM = "sy:claim:"
 _ALIVE = "sy:alive:"
@@ -93,13 +91,6 @@ class Claims:
 
     async def mark_cancelled(self, request_id: str) -> None:
         await self._redis.set(_CANCELLED + request_id, b"1", px=self._claim_ttl_ms)
-
-
-def state_unavailable(exc: BaseException) -> Unavailable:
-    """Our error for Redis being unreachable (claims, breakers, posteriors)."""
-    return Unavailable(f"the gateway's shared state (Redis) is unreachable: "
-                       f"{type(exc).__name__}", code="state_unavailable",
-                       retry_after_s=STATE_RETRY_AFTER_S)
 
 
 def _text(value: bytes | str) -> str:

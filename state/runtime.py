@@ -19,6 +19,7 @@ import redis.asyncio as redis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from state.redis_client import make_redis
+from topics.errors import Unavailable
 from topics.kafka import make_consumer, make_producer
 from topics.settings import Settings
 
@@ -92,7 +93,9 @@ class Runtime:
             self._redis = client
         if needs.postgres:
             pg = self.settings.postgres
-            pool = await asyncpg.create_pool(pg.dsn, min_size=pg.pool_min, max_size=pg.pool_max)
+            pool = await asyncpg.create_pool(pg.dsn, min_size=pg.pool_min, max_size=pg.pool_max,
+                                             timeout=pg.connect_timeout_s,
+                                             command_timeout=pg.command_timeout_s)
             self._resources.push_async_callback(pool.close)
             self._pool = pool
 
@@ -104,6 +107,32 @@ async def open_runtime(settings: Settings, needs: Needs | None = None) -> AsyncI
         runtime = Runtime(settings, resources)
         await runtime._open(needs or Needs())
         yield runtime
+
+
+# What asyncpg raises when PostgreSQL cannot be reached, is restarting or was cut off; the
+# rest (a bad statement, a constraint) are bugs or our own errors, never an outage.
+_DATABASE_DOWN = (asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
+                  asyncpg.CannotConnectNowError, asyncpg.TooManyConnectionsError,
+                  asyncpg.AdminShutdownError, asyncpg.CrashShutdownError, OSError, TimeoutError)
+OUTAGE_RETRY_AFTER_S = 2.0
+
+
+def outage(exc: BaseException) -> Unavailable | None:
+    """Our 503 for `exc` if it says a service of the stack is down (PostgreSQL or Redis:
+    what this runtime opened), else None. The one place their libraries' failures become
+    errors a client may see (`ingress/call.py`, `ingress/auth.py`, `state/claims.py`)."""
+    if isinstance(exc, redis.ConnectionError | redis.TimeoutError):
+        return state_unavailable(exc)
+    if isinstance(exc, _DATABASE_DOWN):
+        return Unavailable(f"the gateway's database is unreachable: {type(exc).__name__}",
+                           code="database_unavailable", retry_after_s=OUTAGE_RETRY_AFTER_S)
+    return None
+
+
+def state_unavailable(exc: BaseException) -> Unavailable:
+    return Unavailable(f"the gateway's shared state (Redis) is unreachable: "
+                       f"{type(exc).__name__}", code="state_unavailable",
+                       retry_after_s=OUTAGE_RETRY_AFTER_S)
 
 
 def _opened(resource: T | None, name: str) -> T:

@@ -18,7 +18,8 @@ import pytest
 
 from compose.gateway import Gateway
 from compose.stack import LocalStack, free_port
-from state.keys import create_key
+from state.keys import create_key, hash_key
+from tests.conftest import eventually
 from topics.settings import RouterSettings, Settings
 
 DEADLINE_MS = 20_000  # each request's own deadline: a hang would run into it
@@ -26,11 +27,13 @@ DEADLINE_MS = 20_000  # each request's own deadline: a hang would run into it
 
 @pytest.fixture
 def outage_stack(tmp_path: Path) -> Iterator[tuple[LocalStack, Gateway]]:
-    base = Settings(router=RouterSettings(shutdown_grace_s=3))
+    # Short caches: an outage of a few seconds outlives what the processes had cached.
+    base = Settings(router=RouterSettings(shutdown_grace_s=3, policy_cache_ttl_s=1))
     with LocalStack.ephemeral(base) as stack:
         fake_port = free_port()
         settings = stack.settings.model_copy(update={
-            "ingress": stack.settings.ingress.model_copy(update={"port": free_port()}),
+            "ingress": stack.settings.ingress.model_copy(update={
+                "port": free_port(), "auth_cache_ttl_s": 1.0}),
             "fallback_upstream_url": f"http://127.0.0.1:{fake_port}/v1"})
         with Gateway(settings, tmp_path / "logs", fake_upstream_port=fake_port) as gateway:
             yield stack, gateway
@@ -113,3 +116,54 @@ async def test_redis_killed_and_restarted_leaves_no_request_hanging(
     assert ends["answered"] >= 20  # before the kill, and after the restart
     assert recovered is not None
     assert recovered < 10
+
+
+async def test_postgres_killed_and_restarted_keeps_known_keys_serving_and_bills_everything(
+        outage_stack: tuple[LocalStack, Gateway]) -> None:
+    stack, gateway = outage_stack
+    key, stranger = await _key(stack), await _key(stack)
+    headers = {"x-switchyard-timeout-ms": str(DEADLINE_MS)}
+    async with httpx.AsyncClient(base_url=gateway.url, timeout=30,
+                                 headers={**headers, "Authorization": f"Bearer {key}"}) as http:
+        assert [await _one(http, n) for n in range(2)] == ["answered"] * 2  # caches warm
+        stack.kill("postgres")
+        await asyncio.sleep(1.5)  # past the key and policy caches' lifetimes
+        # A key (and a tenant policy) read before keeps working ...
+        assert [await _one(http, n) for n in range(2, 10)] == ["answered"] * 8
+        # ... one never seen cannot be checked: 503, not 401 and not a bare 500.
+        unknown = await http.get("/v1/models", headers={"Authorization": f"Bearer {stranger}"})
+        assert (unknown.status_code, unknown.json()["error"]["code"]) == (
+            503, "database_unavailable")
+        assert unknown.headers["retry-after"] == "2"
+        # A route that reads the database answers 503 with Retry-After.
+        policy = await http.get("/v1/routing/policy")
+        assert (policy.status_code, policy.json()["error"]["code"]) == (
+            503, "database_unavailable")
+        assert "retry-after" in policy.headers
+
+        await asyncio.to_thread(stack.start_again, "postgres")
+        # The usage worker waited: every attempt is billed once, when the database is back.
+        tenant_id = await _tenant_of(stack, key)
+        await eventually(lambda: _billed(stack, tenant_id, 10), timeout_s=30)
+        assert (await http.get("/v1/routing/policy")).status_code == 200
+
+
+async def _tenant_of(stack: LocalStack, key: str) -> str:
+    conn = await asyncpg.connect(stack.settings.postgres.dsn)
+    try:
+        tenant: str = await conn.fetchval(
+            "SELECT tenant_id FROM api_keys WHERE key_sha256 = $1", hash_key(key))
+        return tenant
+    finally:
+        await conn.close()
+
+
+async def _billed(stack: LocalStack, tenant_id: str, expected: int) -> bool:
+    conn = await asyncpg.connect(stack.settings.postgres.dsn)
+    try:
+        rows = await conn.fetchval("SELECT count(*) FROM usage_events WHERE tenant_id = $1"
+                                   " AND status = 'ok'", tenant_id)
+    finally:
+        await conn.close()
+    assert rows <= expected, rows  # never doubled
+    return bool(rows == expected)

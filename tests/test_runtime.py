@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncpg
 import pytest
+import redis.asyncio as redis
 
 from compose.stack import LocalStack
-from state.runtime import Needs, open_runtime
+from state.runtime import Needs, open_runtime, outage
 
 
 async def test_a_runtime_opens_what_is_needed_and_closes_it_all(stack: LocalStack) -> None:
@@ -39,3 +41,24 @@ async def test_resources_are_closed_when_the_process_fails(stack: LocalStack) ->
     with pytest.raises(ValueError, match="boom"):
         await failing_process()
     assert opened[0].is_closing()
+
+
+@pytest.mark.parametrize(("failure", "code"), [
+    (ConnectionRefusedError(111, "Connection refused"), "database_unavailable"),
+    (asyncpg.CannotConnectNowError("the database system is starting up"),
+     "database_unavailable"),
+    (asyncpg.exceptions.ConnectionDoesNotExistError("connection was closed"),
+     "database_unavailable"),
+    (TimeoutError(), "database_unavailable"),
+    (redis.ConnectionError("Connection refused"), "state_unavailable"),
+    (redis.TimeoutError("Timeout reading from socket"), "state_unavailable"),
+    (ValueError("a bug"), None),
+    (asyncpg.UniqueViolationError("duplicate key"), None),
+    (redis.ResponseError("WRONGTYPE"), None),
+])
+def test_an_outage_of_the_stack_is_a_503_and_anything_else_is_not(
+        failure: Exception, code: str | None) -> None:
+    down = outage(failure)
+    assert (down.code if down else None) == code
+    if down is not None:
+        assert (down.status, down.retry_after_s) == (503, 2.0)

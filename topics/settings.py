@@ -63,6 +63,12 @@ class PostgresSettings(BaseModel):
                      description="PostgreSQL connection string.")
     pool_min: int = Field(default=1, ge=1, description="asyncpg pool minimum, per process.")
     pool_max: int = Field(default=8, ge=1, description="asyncpg pool maximum, per process.")
+    connect_timeout_s: float = Field(
+        default=5.0, gt=0,
+        description="Longest wait for a new connection: a database that is down or paused "
+        "costs a request this much at most, then 503 `database_unavailable`.")
+    command_timeout_s: float = Field(
+        default=30.0, gt=0, description="Longest wait for one statement's result.")
 
 
 class IngressSettings(BaseModel):

@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from state.claims import ClaimResult, Claims
+from state.runtime import outage
 from topics.errors import GatewayTimeout, SwitchyardError, Unavailable, UpstreamError
 from topics.messages import RequestEnvelope
 from workers.classifier.stage import needs_label
@@ -46,14 +47,16 @@ class RouterWorker:
         out = self._frames(env)
         try:
             await self._handle(env, out)
-        except Unavailable as exc:
-            # Our infrastructure (Redis) stayed down until the request's deadline: a clear
-            # 503 with Retry-After; the message itself is fine, nothing to dead-letter.
-            log.warning("request %s: %s", env.request_id, exc.message)
-            with contextlib.suppress(Exception):
-                await out.error(exc)
-        except Exception:
-            # Unexpected (a bug, or Redis/Kafka failing): the consumer loop dead-letters the
+        except Exception as exc:
+            down = exc if isinstance(exc, Unavailable) else outage(exc)
+            if down is not None:
+                # Our infrastructure (Redis, PostgreSQL) is down: a clear 503 with
+                # Retry-After; the message itself is fine, nothing to dead-letter.
+                log.warning("request %s: %s", env.request_id, down.message)
+                with contextlib.suppress(Exception):
+                    await out.error(down)
+                return
+            # Unexpected (a bug, or Kafka failing): the consumer loop dead-letters the
             # request; the client must hear that it failed rather than wait for its deadline.
             with contextlib.suppress(Exception):
                 await out.error(SwitchyardError("the router failed on this request",
