@@ -83,7 +83,8 @@ def admit(request: web.Request, model: str | None) -> tuple[FakeConfig, FakeStat
     stats = state.stats
     stats.requests_total += 1
     headers = request.headers
-    request[_CALL_KEY] = stats.log_call(model, headers.get(REQUEST_ID_HEADER))
+    request[_CALL_KEY] = stats.log_call(model, headers.get(REQUEST_ID_HEADER),
+                                        request.content_length)
     if (rid := headers.get(REQUEST_ID_HEADER)) is not None:
         stats.calls_by_request_id[rid] = stats.calls_by_request_id.get(rid, 0) + 1
     if model is not None:

@@ -104,12 +104,14 @@ class FakeStats:
     errors_sent: int = 0
     last_authorization: str | None = None
     # Every call, in order: {"model", "at" (Unix time, seconds), "request_id", "fault" (what
-    # was injected: "status 429", "reset", "hang"; None)}. The most recent CALL_LOG_MAX kept.
+    # was injected: "status 429", "reset", "hang"; None), "body_bytes" (the request body's
+    # Content-Length)}. The most recent CALL_LOG_MAX kept.
     call_log: list[dict[str, Any]] = field(default_factory=list)
 
-    def log_call(self, model: str | None, request_id: str | None) -> dict[str, Any]:
+    def log_call(self, model: str | None, request_id: str | None,
+                 body_bytes: int | None = None) -> dict[str, Any]:
         entry: dict[str, Any] = {"model": model, "at": time.time(), "request_id": request_id,
-                                 "fault": None}
+                                 "fault": None, "body_bytes": body_bytes}
         self.call_log.append(entry)
         if len(self.call_log) > CALL_LOG_MAX:
             del self.call_log[:len(self.call_log) - CALL_LOG_MAX]

@@ -297,9 +297,14 @@ async def _stats(request: web.Request) -> web.Response:
     return web.json_response(asdict(state.stats))
 
 
+MAX_BODY_BYTES = 64 * 1024 * 1024
+
+
 def make_app(config: FakeConfig | None = None) -> web.Application:
     """Build the fake's app. Run it with ``handler_cancellation=True`` for instant disconnects."""
-    app = web.Application()
+    # Real providers take bodies far past aiohttp's 1 MiB default (a 1M-token prompt is ~5 MB,
+    # images more): so does the fake, up to the gateway's default body limit and then some.
+    app = web.Application(client_max_size=MAX_BODY_BYTES)
     config = config or FakeConfig()
     app[STATE_KEY] = FakeState(initial=config, config=config, rng=random.Random(config.seed))
     app.add_routes(

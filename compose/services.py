@@ -43,6 +43,9 @@ KAFKA_JVM_OPTS = (
     "-Djava.awt.headless=true",
 )
 
+# Hard limit, soft limit, soft seconds of a pub/sub client's output buffer.
+REDIS_PUBSUB_BUFFER = "pubsub 256mb 64mb 60"
+
 _LOG4J = """\
 log4j.rootLogger=INFO, stdout
 log4j.appender.stdout=org.apache.log4j.ConsoleAppender
@@ -109,8 +112,9 @@ class Kafka(Service):
     name = "kafka"
     ready_timeout_s = 60.0
 
-    def __init__(self, data_dir: Path, port: int) -> None:
+    def __init__(self, data_dir: Path, port: int, *, max_message_bytes: int) -> None:
         super().__init__(data_dir, port)
+        self.max_message_bytes = max_message_bytes  # topics.kafka.kafka_message_bytes
         self.home = data_dir / "kafka"
         self.log_dirs = self.home / "data"
         self.libs = KAFKA_LIBS.expanduser()
@@ -156,6 +160,12 @@ class Kafka(Service):
             "num.network.threads": "1",
             "num.io.threads": "2",
             "auto.create.topics.enable": "false",
+            # Any body the ingress accepts fits (topics.kafka): our topics carry their own
+            # max.message.bytes; the broker's default covers any other topic, and a request
+            # holding the largest message stays under the socket's request limit.
+            "message.max.bytes": str(self.max_message_bytes),
+            "replica.fetch.max.bytes": str(self.max_message_bytes),
+            "socket.request.max.bytes": str(max(104_857_600, 2 * self.max_message_bytes)),
         }
         text = "".join(f"{key}={value}\n" for key, value in props.items())
         (self.home / "server.properties").write_text(text)
@@ -196,8 +206,12 @@ class Redis(Service):
         redis_server = shutil.which("redis-server")
         if redis_server is None:
             raise StackError("redis: no `redis-server` on PATH; run compose/bootstrap.sh")
+        # The pub/sub output buffer holds a reply frame until the ingress has read it; the
+        # default hard limit (32 MB) would drop the ingress's subscription, and every answer
+        # on it, for one answer near `kafka.max_message_bytes` (docs/operations.md).
         argv = (redis_server, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                "--appendonly", "no", "--dir", str(self.data_dir / "redis"))  # fmt: skip
+                "--appendonly", "no", "--dir", str(self.data_dir / "redis"),
+                "--client-output-buffer-limit", REDIS_PUBSUB_BUFFER)  # fmt: skip
         return Command(argv, self.data_dir / "redis")
 
     async def probe(self) -> None:

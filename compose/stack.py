@@ -27,7 +27,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from compose.services import Command, Kafka, Postgres, Redis, Service, StackError
 from state.migrations import apply_migrations
-from topics.kafka import ensure_topics
+from topics.kafka import ensure_topics, kafka_message_bytes
 from topics.settings import Settings
 
 __all__ = ["LocalStack", "StackError", "free_port", "with_free_ports"]
@@ -57,7 +57,8 @@ class LocalStack:
         self._remove_data = remove_data_on_stop
         pg = urlsplit(settings.postgres.dsn)
         user = pg.username or "postgres"
-        self._kafka = Kafka(self._data_dir, _port("kafka", settings.kafka.bootstrap_servers))
+        self._kafka = Kafka(self._data_dir, _port("kafka", settings.kafka.bootstrap_servers),
+                            max_message_bytes=kafka_message_bytes(settings.kafka))
         self._redis = Redis(self._data_dir, _port("redis", settings.redis.url))
         self._postgres = Postgres(
             self._data_dir, _port("postgres", settings.postgres.dsn), user,

@@ -26,6 +26,7 @@ from topics import names
 from topics.errors import (
     ClientClosedRequest,
     InvalidRequest,
+    PayloadTooLarge,
     SwitchyardError,
     Unavailable,
     Unprocessable,
@@ -61,8 +62,9 @@ class Submission:
 class Pipeline:
     def __init__(self, *, settings: IngressSettings, producer: AIOKafkaProducer,
                  redis_client: redis.Redis, replies: ReplyRouter,
-                 metrics: IngressMetrics) -> None:
+                 metrics: IngressMetrics, max_message_bytes: int) -> None:
         self.settings = settings
+        self._max_message_bytes = max_message_bytes  # kafka.max_message_bytes
         self._producer = producer
         self._redis = redis_client
         self._replies = replies
@@ -112,6 +114,13 @@ class Pipeline:
             "metadata": job.metadata, "category": job.category,
             "reply": {"channel": self._replies.channel},
         })
+        if len(envelope) > self._max_message_bytes:
+            # The body was within its limit but its envelope is not (re-serialised JSON can
+            # grow, e.g. `1e5` becomes `100000.0`): the client's to fix, not an outage.
+            raise PayloadTooLarge(
+                f"the request is {len(envelope)} bytes once queued, more than the "
+                f"{self._max_message_bytes} the request queue takes",
+                code="request_too_large")
         headers = [(names.H_REQUEST_ID, job.request_id.encode()),
                    (names.H_TENANT_ID, job.owner.tenant_id.encode()),
                    (names.H_CONTENT_TYPE, names.CONTENT_TYPE_JSON)]

@@ -20,7 +20,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from state.redis_client import make_redis
 from topics.errors import Unavailable
-from topics.kafka import make_consumer, make_producer
+from topics.kafka import check_message_limits, make_consumer, make_producer
 from topics.settings import Settings
 
 T = TypeVar("T")
@@ -87,6 +87,8 @@ class Runtime:
             await producer.start()
             self._resources.push_async_callback(producer.stop)
             self._producer = producer
+            # Fail at start, saying what to change, rather than on the first large message.
+            await check_message_limits(self.settings.kafka)
         if needs.redis:
             client = make_redis(self.settings.redis)
             self._resources.push_async_callback(client.aclose)

@@ -114,17 +114,20 @@ async def producer(stack: LocalStack) -> AsyncIterator[AIOKafkaProducer]:
     yield client
     await client.stop()
 
+MAX_BYTES = 100_000  # kafka.max_message_bytes, small here
+
 
 async def test_meta_leaves_with_the_frame_after_it_in_one_message(
         r: redis.Redis, producer: AIOKafkaProducer) -> None:
     async with Channel(r) as channel, ReplyPublisher(r, flush_interval_s=LONG_S) as publisher:
-        whole = FrameWriter("req-whole", ReplyTarget(channel=channel.name), publisher, producer)
+        whole = FrameWriter("req-whole", ReplyTarget(channel=channel.name), publisher, producer,
+                            max_bytes=MAX_BYTES)
         await whole.send("meta", {"provider": "p"})
         await whole.send("done", {"completion": {}})
         assert [(f.kind, f.seq) for f in await channel.message()] == [("meta", 0), ("done", 1)]
 
         streamed = FrameWriter("req-stream", ReplyTarget(channel=channel.name), publisher,
-                               producer)
+                               producer, max_bytes=MAX_BYTES)
         await streamed.send("meta", {"provider": "p"})
         await streamed.chunk({"n": 0})
         await streamed.chunk({"n": 1})
@@ -156,3 +159,15 @@ async def test_a_flush_redis_refuses_is_tried_again_in_order(r: redis.Redis) -> 
             received += await channel.seqs()
     assert received == [0, 1]
     assert refusals == 0
+
+
+async def test_an_answer_over_the_message_limit_becomes_an_error_frame(
+        r: redis.Redis, producer: AIOKafkaProducer) -> None:
+    async with Channel(r) as channel, ReplyPublisher(r) as publisher:
+        out = FrameWriter("req-huge", ReplyTarget(channel=channel.name), publisher, producer,
+                          max_bytes=MAX_BYTES)
+        await out.send("meta", {"provider": "p"})
+        await out.send("done", {"completion": {"text": "x" * MAX_BYTES}})
+        frames = await channel.message()
+        assert [(f.kind, f.seq) for f in frames] == [("meta", 0), ("error", 1)]
+        assert frames[1].data["code"] == "response_too_large"

@@ -11,8 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# What a request envelope adds to the body it carries (ids, deadline, routing, metadata, the
+# reply address): `kafka.max_message_bytes` must leave at least this above
+# `ingress.max_body_bytes`.
+ENVELOPE_ALLOWANCE = 1_048_576
 
 
 class KafkaSettings(BaseModel):
@@ -40,6 +45,17 @@ class KafkaSettings(BaseModel):
         "on a single box.")
     heartbeat_interval_ms: int = Field(
         default=1000, ge=100, description="Consumer-group heartbeat interval.")
+    max_message_bytes: int = Field(
+        default=35_651_584, ge=1_048_576,
+        description="Largest message the gateway puts on Kafka: a request envelope (the body "
+        "plus ids, routing and metadata), or a reply frame on a batch reply topic. At least "
+        "`ingress.max_body_bytes` + 1 MiB, checked at start (the default, 34 MiB, suits the "
+        "default 32 MiB body). Every Kafka-side limit is this + 64 KiB: each topic's "
+        "`max.message.bytes` (set at creation, raised on existing topics by `switchyard "
+        "init`; a process refuses to start against a topic below it), the producer's "
+        "`max_request_size`, the consumers' fetch sizes, the local broker's "
+        "`message.max.bytes`. A request whose envelope is larger gets 413 "
+        "`request_too_large`; an answer larger than this, 502 `response_too_large`.")
 
 
 class RedisSettings(BaseModel):
@@ -355,6 +371,19 @@ class Settings(BaseSettings):
         description="The API key `make up` seeds for the `dev` tenant (unset: it generates "
         "one and prints it).")
     log_level: str = Field(default="INFO", description="Log level of every process.")
+
+    @model_validator(mode="after")
+    def _bodies_fit_kafka(self) -> Settings:
+        # Any body the ingress accepts must fit a Kafka message; else a legal request would
+        # be refused as if the queue were down.
+        needed = self.ingress.max_body_bytes + ENVELOPE_ALLOWANCE
+        if self.kafka.max_message_bytes < needed:
+            raise ValueError(
+                f"SWITCHYARD_KAFKA__MAX_MESSAGE_BYTES ({self.kafka.max_message_bytes}) must be "
+                f"at least SWITCHYARD_INGRESS__MAX_BODY_BYTES ({self.ingress.max_body_bytes}) "
+                f"+ {ENVELOPE_ALLOWANCE} for the envelope: set it to {needed} or more, or "
+                f"lower the body limit")
+        return self
 
     @classmethod
     def env_names(cls) -> list[str]:

@@ -8,15 +8,16 @@ from typing import Any
 import orjson
 from aiokafka import AIOKafkaProducer
 
-from topics.errors import SwitchyardError
+from topics.errors import SwitchyardError, UpstreamError
 from topics.messages import FrameKind, ReplyTarget, encode_frame
 from workers.router.publisher import ReplyPublisher
 
 
 class FrameWriter:
     def __init__(self, request_id: str, reply: ReplyTarget, publisher: ReplyPublisher,
-                 producer: AIOKafkaProducer) -> None:
+                 producer: AIOKafkaProducer, *, max_bytes: int) -> None:
         self._request_id = request_id
+        self._max_bytes = max_bytes  # kafka.max_message_bytes: the reply topic's limit
         self._reply = reply
         self._publisher = publisher
         self._producer = producer
@@ -25,13 +26,15 @@ class FrameWriter:
         self._chunked = False  # a chunk has gone out
 
     async def send(self, kind: FrameKind, data: dict[str, Any]) -> None:
-        # A channel frame carries the data's JSON after a header line, so that the ingress
-        # relays a chunk without parsing it; a reply topic gets one JSON message per frame.
-        if self._reply.channel is not None:
-            frame = encode_frame(self._request_id, self._seq, kind, orjson.dumps(data))
-        else:
-            frame = orjson.dumps({"request_id": self._request_id, "seq": self._seq,
-                                  "kind": kind, "data": data})
+        frame = self._encode(kind, data)
+        if len(frame) > self._max_bytes:
+            # An answer (a long completion, the embeddings of many inputs) that no reply
+            # topic would take, nor Redis relay whole: the client hears why, not a lost reply.
+            kind = "error"
+            frame = self._encode(kind, UpstreamError(
+                f"the answer is {len(frame)} bytes, more than the gateway relays "
+                f"({self._max_bytes}, SWITCHYARD_KAFKA__MAX_MESSAGE_BYTES)",
+                code="response_too_large", retryable=False).to_frame_data())
         self._seq += 1
         if kind == "meta":
             # Nobody waits on `meta` alone: it leaves with the frame after it (the first
@@ -56,6 +59,14 @@ class FrameWriter:
             await self._producer.send_and_wait(self._reply.topic, frame, key=key)
         else:
             await self._producer.send(self._reply.topic, frame, key=key)
+
+    def _encode(self, kind: FrameKind, data: dict[str, Any]) -> bytes:
+        # A channel frame carries the data's JSON after a header line, so that the ingress
+        # relays a chunk without parsing it; a reply topic gets one JSON message per frame.
+        if self._reply.channel is not None:
+            return encode_frame(self._request_id, self._seq, kind, orjson.dumps(data))
+        return orjson.dumps({"request_id": self._request_id, "seq": self._seq,
+                             "kind": kind, "data": data})
 
     async def chunk(self, chunk: dict[str, Any]) -> None:
         await self.send("chunk", chunk)

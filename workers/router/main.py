@@ -101,7 +101,8 @@ async def run_router(settings: Settings, stop: asyncio.Event) -> None:
             executor=Executor(runner, resolver, latency, ExecutionSettings.from_settings(cfg),
                               metrics),
             council=Council(runner, resolver, CouncilSettings.from_settings(cfg)),
-            frames=lambda env: FrameWriter(env.request_id, env.reply, publisher, producer),
+            frames=lambda env: FrameWriter(env.request_id, env.reply, publisher, producer,
+                                           max_bytes=settings.kafka.max_message_bytes),
             cancels=cancels, metrics=metrics, settled=runner.settled,
             label=labeller.label if labeller is not None else None)
         loop = ConsumerLoop(consumer=consumer, producer=producer, topic=topic,
