@@ -25,6 +25,9 @@ def main(argv: list[str] | None = None) -> None:
     up.add_argument("--data-dir", type=Path, default=Path(".stack"),
                     help="where the services keep their data and logs (wiped at start)")
     up.add_argument("--routers", type=int, default=1, help="router worker processes")
+    up.add_argument("--fake-upstream-port", type=int, default=FAKE_UPSTREAM_PORT,
+                    help="port of the fake upstream, started when "
+                    "SWITCHYARD_FALLBACK_UPSTREAM_URL is unset")
     sub.add_parser("ingress", help="run the HTTP ingress")
     sub.add_parser("classifier", help="run the classifier as its own stage (for routers "
                    "started with SWITCHYARD_ROUTER__CLASSIFY_INLINE=false)")
@@ -63,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     settings = Settings()
     if args.command == "up":
-        _up(settings, args.data_dir, args.routers)
+        _up(settings, args.data_dir, args.routers, args.fake_upstream_port)
     elif args.command == "ingress":
         _ingress(settings)
     elif args.command == "classifier":
@@ -199,7 +202,8 @@ async def _seed_dev_key(settings: Settings) -> tuple[str, bool]:
         await conn.close()
 
 
-def _up(settings: Settings, data_dir: Path, routers: int) -> None:
+def _up(settings: Settings, data_dir: Path, routers: int,
+        fake_upstream_port: int = FAKE_UPSTREAM_PORT) -> None:
     from compose.gateway import Gateway, GaveUp, RestartPolicy
     from compose.stack import LocalStack
     from topics.catalog import load_catalog
@@ -209,7 +213,7 @@ def _up(settings: Settings, data_dir: Path, routers: int) -> None:
                   if os.environ.get(p.api_key_env)]
     fake_port = None
     if settings.fallback_upstream_url is None:
-        fake_port = FAKE_UPSTREAM_PORT
+        fake_port = fake_upstream_port
         settings = settings.model_copy(
             update={"fallback_upstream_url": f"http://127.0.0.1:{fake_port}/v1"})
     print(f"providers with keys: {', '.join(configured) or 'none'}; models without a key go to "
@@ -220,8 +224,17 @@ def _up(settings: Settings, data_dir: Path, routers: int) -> None:
     restart_policy = RestartPolicy()
     gave_up = ""
     stopping = threading.Event()
+    running: list[Gateway] = []
+
+    def on_signal(signum: int, _frame: object) -> None:
+        if stopping.is_set() and running:
+            print(f"second {signal.Signals(signum).name}: killing the gateway's processes",
+                  file=sys.stderr, flush=True)
+            running[0].kill_all()
+        stopping.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stopping.set())
+        signal.signal(sig, on_signal)
 
     def log(message: str) -> None:
         print(message, flush=True)
@@ -230,13 +243,14 @@ def _up(settings: Settings, data_dir: Path, routers: int) -> None:
         api_key, generated = asyncio.run(_seed_dev_key(settings))
         with Gateway(settings, data_dir / "logs", routers=routers,
                      fake_upstream_port=fake_port, log=log) as gateway:
+            running.append(gateway)
             print(f"\nSwitchyard is up at {gateway.url}"
                   f"\n  dev API key{' (generated)' if generated else ''}: {api_key}"
                   f"\n  try: curl {gateway.url}/v1/chat/completions -H 'Authorization: Bearer "
                   f"{api_key}' -H 'Content-Type: application/json' -d '{{\"model\": "
                   f"\"gpt-4o-mini\", \"messages\": [{{\"role\": \"user\", \"content\": "
-                  f"\"hello\"}}]}}'\n  Ctrl-C stops everything; a process that exits on its own "
-                  f"is restarted.", flush=True)
+                  f"\"hello\"}}]}}'\n  Ctrl-C stops everything (twice: at once); a process "
+                  f"that exits on its own is restarted.", flush=True)
             # A process that dies is restarted (compose/gateway.py RestartPolicy); one that
             # keeps dying stops everything.
             try:

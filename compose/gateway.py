@@ -64,6 +64,7 @@ class Gateway(Children):
         self._log = log
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
         self._specs: dict[str, _Spec] = {}
+        self._stopping: list[subprocess.Popen[bytes]] = []  # signalled, not yet reaped
         # supervise() may run in another thread than kill/terminate/spawn (tests do so).
         self._lock = threading.RLock()
 
@@ -100,9 +101,12 @@ class Gateway(Children):
                env: dict[str, str] | None) -> subprocess.Popen[bytes]:
         full_env = {**os.environ, **self.settings.to_env(), **self._extra_env, **(env or {})}
         with (self._log_dir / f"{name}.log").open("ab") as out:
+            # Own session: a terminal's Ctrl-C reaches only the launcher, whose stop() then
+            # signals each child once, front door first. A child that got the terminal's
+            # SIGINT and then stop()'s SIGTERM would take that as "exit now", undrained.
             proc = subprocess.Popen(
                 [sys.executable, "-m", "compose.cli", *command], env=full_env, stdout=out,
-                stderr=subprocess.STDOUT)
+                stderr=subprocess.STDOUT, start_new_session=True)
         self.processes[name] = proc
         return proc
 
@@ -123,27 +127,52 @@ class Gateway(Children):
 
     def terminate(self, name: str) -> None:
         """Stop child `name` gracefully (SIGTERM: it drains), killing it after 25 s."""
+        self._terminate([name])
+
+    def _terminate(self, names: list[str]) -> None:
+        """SIGTERM to each of `names` at once, then wait for them all (25 s, then SIGKILL)."""
         with self._lock:
-            proc = self._forget(name)
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=25)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            procs = [self._forget(name) for name in names]
+            self._stopping += procs
+        try:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + 25
+            for proc in procs:
+                try:
+                    proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+        finally:
+            with self._lock:
+                self._stopping = [p for p in self._stopping if p not in procs]
 
     def _forget(self, name: str) -> subprocess.Popen[bytes]:
         self._specs.pop(name, None)
         return self.processes.pop(name)
 
     def stop(self) -> None:
-        # Front door first, so nothing new arrives while the workers drain.
+        # Front door first, so nothing new arrives while the workers drain; then the routers
+        # and the classifier together, then the usage worker (the routers' last usage events
+        # are in Kafka by then), then the fake upstream.
+        def stage(name: str) -> int:
+            return (0 if name == "ingress" else 3 if name == "fake-upstream"
+                    else 2 if name.startswith("usage") else 1)
+
         with self._lock:
-            order = sorted(self.processes, key=lambda n: (
-                n != "ingress", n.startswith("usage"), n == "fake-upstream"))
-        for name in order:
-            self.terminate(name)
+            names = list(self.processes)
+        for step in sorted({stage(n) for n in names}):
+            self._terminate([n for n in names if stage(n) == step])
+
+    def kill_all(self) -> None:
+        """SIGKILL every child now, those being stopped included (a second Ctrl-C)."""
+        with self._lock:
+            procs = [*self.processes.values(), *self._stopping]
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
 
     def supervise(self, stopping: threading.Event, policy: RestartPolicy | None = None,
                   *, poll_s: float = 0.2) -> None:

@@ -12,6 +12,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -23,7 +24,7 @@ import pytest
 
 from compose.children import wait_http
 from compose.gateway import Gateway, GaveUp, RestartPolicy, describe_exit
-from compose.stack import LocalStack, free_port
+from compose.stack import LocalStack, free_port, with_free_ports
 from state.keys import create_key
 from tests.conftest import FakeAdmin, eventually
 from topics.settings import RouterSettings, Settings
@@ -166,6 +167,102 @@ async def _api_key(settings: Settings) -> str:
 
 async def _requests_seen(fake: FakeAdmin, at_least: int) -> bool:
     return int((await fake.stats())["requests_total"]) >= at_least
+
+
+def test_switchyard_up_restarts_a_killed_router_and_stops_on_ctrl_c(tmp_path: Path) -> None:
+    """The real command, on free ports: a router SIGKILLed under it is restarted and serves;
+    Ctrl-C (SIGINT to its process group, as a terminal sends it) then stops everything, each
+    worker draining once, none restarted."""
+    settings = with_free_ports(Settings())
+    settings = settings.model_copy(update={
+        "ingress": settings.ingress.model_copy(update={"port": free_port()})})
+    up = subprocess.Popen(
+        [sys.executable, "-m", "compose.cli", "up", "--data-dir", str(tmp_path / "up"),
+         "--fake-upstream-port", str(free_port())],
+        env={**os.environ, **settings.to_env()}, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    output = _Lines(up)
+    try:
+        ready = output.wait_for("dev API key", 120)
+        api_key = ready.rsplit(": ", 1)[1].strip()
+        output.wait_for("Ctrl-C stops everything", 10)
+        victim = _child_pid(up.pid, "router")
+        os.kill(victim, signal.SIGKILL)
+        output.wait_for(f"router-0 (pid {victim}) was killed by SIGKILL; restart 1 in", 10)
+        output.wait_for("router-0 restarted", 10)
+        response = httpx.post(
+            f"http://127.0.0.1:{settings.ingress.port}/v1/chat/completions", timeout=60,
+            headers={"Authorization": f"Bearer {api_key}"},
+            json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]})
+        assert response.status_code == 200, response.text
+
+        os.killpg(up.pid, signal.SIGINT)  # a terminal's Ctrl-C
+        assert up.wait(timeout=90) == 0, output.text()
+    finally:
+        if up.poll() is None:
+            os.killpg(up.pid, signal.SIGKILL)
+            up.wait()
+        output.close()
+    after_stop = output.text().split("stopping…", 1)[1]
+    assert "restart" not in after_stop, output.text()
+    router_log = (tmp_path / "up/logs/router-0.log").read_text()
+    assert "router-" in router_log
+    assert router_log.count("stopping within") == 1, router_log[-3000:]  # one signal only
+    assert "exiting now" not in router_log, router_log[-3000:]
+
+
+class _Lines:
+    """A child's output, read in a thread, waited on line by line."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        assert proc.stdout is not None
+        self._stdout = proc.stdout
+        self._lines: list[str] = []
+        self._changed = threading.Condition()
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        for line in self._stdout:
+            with self._changed:
+                self._lines.append(line)
+                self._changed.notify_all()
+
+    def wait_for(self, text: str, timeout_s: float) -> str:
+        deadline = time.monotonic() + timeout_s
+        with self._changed:
+            while True:
+                found = next((line for line in self._lines if text in line), None)
+                if found is not None:
+                    return found
+                left = deadline - time.monotonic()
+                if left <= 0 or not self._thread.is_alive():
+                    raise AssertionError(f"no {text!r} in:\n{''.join(self._lines)}")
+                self._changed.wait(min(left, 0.5))
+
+    def text(self) -> str:
+        with self._changed:
+            return "".join(self._lines)
+
+    def close(self) -> None:
+        self._thread.join(timeout=10)
+        self._stdout.close()
+
+
+def _child_pid(parent: int, command: str) -> int:
+    """The child of `parent` running `switchyard <command>`."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == parent and argv[-2:] == [command.encode(), b""]:
+            return int(entry.name)
+    raise AssertionError(f"no child of {parent} runs {command}")
 
 
 def test_a_process_that_keeps_dying_makes_the_supervisor_give_up(tmp_path: Path) -> None:
