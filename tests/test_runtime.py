@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from compose.stack import LocalStack
@@ -39,3 +41,27 @@ async def test_resources_are_closed_when_the_process_fails(stack: LocalStack) ->
     with pytest.raises(ValueError, match="boom"):
         await failing_process()
     assert opened[0].is_closing()
+
+
+async def test_closes_that_hang_share_one_bounded_budget(stack: LocalStack) -> None:
+    """A close that never returns (its service paused) is cancelled at the budget's end and
+    aborted; the closes after it still run, each with a last short turn."""
+    settings = stack.settings.model_copy(update={"shutdown_close_timeout_s": 0.3})
+    done: list[str] = []
+
+    async def hang() -> None:
+        await asyncio.Event().wait()
+
+    async def quick(name: str) -> None:
+        done.append(name)
+
+    loop = asyncio.get_running_loop()
+    async with open_runtime(settings, Needs(kafka=False, redis=False,
+                                            postgres=False)) as runtime:
+        runtime.on_close(quick, "first registered, closed last")
+        runtime.on_close(hang, name="second hang", quiet=True)
+        runtime.on_close(hang, name="first hang", abort=lambda: done.append("aborted"))
+        started = loop.time()
+    # Generous: the point is that it returns at all, after about the budget.
+    assert loop.time() - started < 5
+    assert done == ["aborted", "first registered, closed last"]
