@@ -14,6 +14,8 @@ from pathlib import Path
 from topics.settings import Settings
 
 FAKE_UPSTREAM_PORT = 9100
+# In-flight requests' time to finish when the ingress is asked to stop.
+INGRESS_GRACE_S = 10
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -23,6 +25,9 @@ def main(argv: list[str] | None = None) -> None:
     up.add_argument("--data-dir", type=Path, default=Path(".stack"),
                     help="where the services keep their data and logs (wiped at start)")
     up.add_argument("--routers", type=int, default=1, help="router worker processes")
+    up.add_argument("--fake-upstream-port", type=int, default=FAKE_UPSTREAM_PORT,
+                    help="port of the fake upstream, started when "
+                    "SWITCHYARD_FALLBACK_UPSTREAM_URL is unset")
     sub.add_parser("ingress", help="run the HTTP ingress")
     sub.add_parser("classifier", help="run the classifier as its own stage (for routers "
                    "started with SWITCHYARD_ROUTER__CLASSIFY_INLINE=false)")
@@ -61,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     settings = Settings()
     if args.command == "up":
-        _up(settings, args.data_dir, args.routers)
+        _up(settings, args.data_dir, args.routers, args.fake_upstream_port)
     elif args.command == "ingress":
         _ingress(settings)
     elif args.command == "classifier":
@@ -105,10 +110,21 @@ def _classify(model: Path, prompts: list[str], eval_path: Path | None) -> None:
 def _ingress(settings: Settings) -> None:
     import uvicorn
 
-    uvicorn.run("ingress.app:create_app", factory=True, host=settings.ingress.host,
-                port=settings.ingress.port, workers=settings.ingress.workers, loop="uvloop",
-                http="httptools", log_level=settings.log_level.lower(), access_log=False,
-                timeout_graceful_shutdown=10)
+    options = dict(host=settings.ingress.host, port=settings.ingress.port, loop="uvloop",
+                   http="httptools", log_level=settings.log_level.lower(), access_log=False,
+                   timeout_graceful_shutdown=INGRESS_GRACE_S)
+    if settings.ingress.workers > 1:  # uvicorn's own process manager, its own stop
+        uvicorn.run("ingress.app:create_app", factory=True, workers=settings.ingress.workers,
+                    **options)  # type: ignore[arg-type]
+        return
+    from ingress.server import BoundedServer
+
+    config = uvicorn.Config("ingress.app:create_app", factory=True,
+                            **options)  # type: ignore[arg-type]
+    server = BoundedServer(config, close_timeout_s=settings.shutdown_close_timeout_s)
+    server.run()
+    if not server.started:
+        sys.exit(3)  # what uvicorn.run exits with when the app does not start
 
 
 async def _init(settings: Settings) -> None:
@@ -186,8 +202,9 @@ async def _seed_dev_key(settings: Settings) -> tuple[str, bool]:
         await conn.close()
 
 
-def _up(settings: Settings, data_dir: Path, routers: int) -> None:
-    from compose.gateway import Gateway
+def _up(settings: Settings, data_dir: Path, routers: int,
+        fake_upstream_port: int = FAKE_UPSTREAM_PORT) -> None:
+    from compose.gateway import Gateway, GaveUp, RestartPolicy
     from compose.stack import LocalStack
     from topics.catalog import load_catalog
 
@@ -196,7 +213,7 @@ def _up(settings: Settings, data_dir: Path, routers: int) -> None:
                   if os.environ.get(p.api_key_env)]
     fake_port = None
     if settings.fallback_upstream_url is None:
-        fake_port = FAKE_UPSTREAM_PORT
+        fake_port = fake_upstream_port
         settings = settings.model_copy(
             update={"fallback_upstream_url": f"http://127.0.0.1:{fake_port}/v1"})
     print(f"providers with keys: {', '.join(configured) or 'none'}; models without a key go to "
@@ -204,26 +221,46 @@ def _up(settings: Settings, data_dir: Path, routers: int) -> None:
 
     shutil.rmtree(data_dir, ignore_errors=True)
     data_dir.mkdir(parents=True)
+    restart_policy = RestartPolicy()
+    gave_up = ""
     stopping = threading.Event()
+    running: list[Gateway] = []
+
+    def on_signal(signum: int, _frame: object) -> None:
+        if stopping.is_set() and running:
+            print(f"second {signal.Signals(signum).name}: killing the gateway's processes",
+                  file=sys.stderr, flush=True)
+            running[0].kill_all()
+        stopping.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stopping.set())
-    with LocalStack(settings, data_dir / "services") as _stack:
+        signal.signal(sig, on_signal)
+
+    def log(message: str) -> None:
+        print(message, flush=True)
+
+    with LocalStack(settings, data_dir / "services", log=log) as _stack:
         api_key, generated = asyncio.run(_seed_dev_key(settings))
         with Gateway(settings, data_dir / "logs", routers=routers,
-                     fake_upstream_port=fake_port) as gateway:
+                     fake_upstream_port=fake_port, log=log) as gateway:
+            running.append(gateway)
             print(f"\nSwitchyard is up at {gateway.url}"
                   f"\n  dev API key{' (generated)' if generated else ''}: {api_key}"
                   f"\n  try: curl {gateway.url}/v1/chat/completions -H 'Authorization: Bearer "
                   f"{api_key}' -H 'Content-Type: application/json' -d '{{\"model\": "
                   f"\"gpt-4o-mini\", \"messages\": [{{\"role\": \"user\", \"content\": "
-                  f"\"hello\"}}]}}'\n  Ctrl-C stops everything.", flush=True)
-            while not stopping.wait(0.5):
-                dead = [n for n, p in gateway.processes.items() if p.poll() is not None]
-                if dead:
-                    print(f"stopping: {', '.join(dead)} exited; see {data_dir / 'logs'}",
-                          file=sys.stderr)
-                    break
+                  f"\"hello\"}}]}}'\n  Ctrl-C stops everything (twice: at once); a process "
+                  f"that exits on its own is restarted.", flush=True)
+            # A process that dies is restarted (compose/gateway.py RestartPolicy); one that
+            # keeps dying stops everything.
+            try:
+                gateway.supervise(stopping, restart_policy)
+            except GaveUp as exc:
+                gave_up = str(exc)
+                print(f"stopping: {gave_up}", file=sys.stderr, flush=True)
             print("stopping…", flush=True)
+    if gave_up:
+        sys.exit(f"switchyard up stopped: {gave_up}")
 
 
 if __name__ == "__main__":

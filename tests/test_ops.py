@@ -16,6 +16,7 @@ import httpx
 import pytest
 import yaml
 
+from compose.cli import INGRESS_GRACE_S
 from compose.gateway import Gateway
 from compose.stack import free_port
 from state.keys import hash_key
@@ -145,3 +146,17 @@ def _compose_plugin() -> bool:
 def test_docker_compose_accepts_the_file() -> None:
     subprocess.run(["docker", "compose", "-f", str(ROOT / "compose/docker-compose.yml"),
                     "config", "--quiet"], check=True)
+
+
+def test_compose_file_restarts_every_service_and_waits_out_each_stop() -> None:
+    services = compose_file()["services"]
+    for name, service in services.items():
+        assert service["restart"] == ("no" if name == "init" else "unless-stopped"), name
+    settings = Settings()
+    # Docker's SIGKILL must not come before the process's own bounded stop is over.
+    bound = settings.shutdown_close_timeout_s + 1
+    stops = {"router": settings.router.shutdown_grace_s, "usage": settings.usage.shutdown_grace_s,
+             "classifier": settings.classifier.shutdown_grace_s, "ingress": INGRESS_GRACE_S}
+    for name, grace in stops.items():
+        period = services[name]["stop_grace_period"]
+        assert float(period.removesuffix("s")) > grace + bound, name

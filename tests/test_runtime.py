@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import asyncpg
 import pytest
 import redis.asyncio as redis
@@ -62,3 +64,27 @@ def test_an_outage_of_the_stack_is_a_503_and_anything_else_is_not(
     assert (down.code if down else None) == code
     if down is not None:
         assert (down.status, down.retry_after_s) == (503, 2.0)
+
+
+async def test_closes_that_hang_share_one_bounded_budget(stack: LocalStack) -> None:
+    """A close that never returns (its service paused) is cancelled at the budget's end and
+    aborted; the closes after it still run, each with a last short turn."""
+    settings = stack.settings.model_copy(update={"shutdown_close_timeout_s": 0.3})
+    done: list[str] = []
+
+    async def hang() -> None:
+        await asyncio.Event().wait()
+
+    async def quick(name: str) -> None:
+        done.append(name)
+
+    loop = asyncio.get_running_loop()
+    async with open_runtime(settings, Needs(kafka=False, redis=False,
+                                            postgres=False)) as runtime:
+        runtime.on_close(quick, "first registered, closed last")
+        runtime.on_close(hang, name="second hang", quiet=True)
+        runtime.on_close(hang, name="first hang", abort=lambda: done.append("aborted"))
+        started = loop.time()
+    # Generous: the point is that it returns at all, after about the budget.
+    assert loop.time() - started < 5
+    assert done == ["aborted", "first registered, closed last"]

@@ -371,6 +371,13 @@ class Settings(BaseSettings):
         description="The API key `make up` seeds for the `dev` tenant (unset: it generates "
         "one and prints it).")
     log_level: str = Field(default="INFO", description="Log level of every process.")
+    shutdown_close_timeout_s: float = Field(
+        default=3.0, gt=0,
+        description="On SIGTERM, after its drain (`…__SHUTDOWN_GRACE_S`), the most a process "
+        "spends closing its connections (Kafka producer and consumers, Redis, PostgreSQL pool), "
+        "all together: a close still waiting then (its service unreachable) is aborted. A "
+        "process still alive at grace + this + 1 s exits at once (code 1); a second SIGTERM "
+        "or SIGINT exits at once too.")
 
     @model_validator(mode="after")
     def _bodies_fit_kafka(self) -> Settings:

@@ -92,6 +92,10 @@ class ConsumerLoop(Generic[M]):
         # Each commit is a write to the broker's offsets log; a crash redelivers at most
         # this much finished work, which the claims and event ids absorb.
         commit_interval_s: float = 0.5,
+        # Seconds left for closing (`Runtime.close_remaining`): bounds the wait for work
+        # cancelled past the grace period and the last commit, which a broker that does not
+        # answer would otherwise hold forever. None: unbounded.
+        close_remaining: Callable[[], float] | None = None,
     ) -> None:
         self._consumer = consumer
         self._producer = producer
@@ -102,6 +106,7 @@ class ConsumerLoop(Generic[M]):
         self._max_in_flight = max_in_flight
         self._grace_s = shutdown_grace_s
         self._commit_interval_s = commit_interval_s
+        self._close_remaining = close_remaining
         self._tasks: set[asyncio.Task[None]] = set()
         self.tracker = OffsetTracker()
         # A fetch's records belong to the assignment it was made under, which ends here.
@@ -123,12 +128,14 @@ class ConsumerLoop(Generic[M]):
                     # The wait only bounds how late an idle loop commits finished work.
                     fetched = await unless(self._consumer.getmany(
                         timeout_ms=poll_ms, max_records=self._max_in_flight), stopping)
+                    # Waiting for a slot (handlers stuck on a service that is down) or on a
+                    # commit (a broker that does not answer) must not outlast a stop either.
+                    await unless(self._start(fetched), stopping)
+                    if loop.time() >= next_commit:
+                        await unless(self.commit(), stopping)
+                        next_commit = loop.time() + self._commit_interval_s
                 except Interrupted:
                     break
-                await self._start(fetched)
-                if loop.time() >= next_commit:
-                    await self.commit()
-                    next_commit = loop.time() + self._commit_interval_s
         finally:
             stopping.cancel()
             await self._drain()
@@ -218,5 +225,16 @@ class ConsumerLoop(Generic[M]):
             for task in late:
                 task.cancel()
             if late:
-                await asyncio.wait(late)
-        await self.commit()
+                _, stuck = await asyncio.wait(late, timeout=self._closing_s())
+                if stuck:
+                    log.warning("%d cancelled messages still unwinding; leaving them",
+                                len(stuck))
+        try:
+            async with asyncio.timeout(self._closing_s()):
+                await self.commit()
+        except TimeoutError:
+            log.warning("last commit: no answer from the broker in time; the uncommitted "
+                        "messages are redelivered")
+
+    def _closing_s(self) -> float | None:
+        return None if self._close_remaining is None else self._close_remaining()

@@ -30,7 +30,8 @@ async def run_classifier(settings: Settings, stop: asyncio.Event) -> None:
         loop = ConsumerLoop(consumer=consumer, producer=producer, topic=names.REQUESTS,
                             decode=RequestEnvelope.from_json, handler=stage.handle,
                             max_in_flight=cfg.max_in_flight,
-                            shutdown_grace_s=cfg.shutdown_grace_s)
+                            shutdown_grace_s=cfg.shutdown_grace_s,
+                            close_remaining=runtime.close_remaining)
         log.info("classifier %s consuming %s", classifier.version, names.REQUESTS)
         check = asyncio.create_task(_warn_without_readers(settings.kafka,
                                                           cfg.reader_check_interval_s))
@@ -60,4 +61,6 @@ async def _warn_without_readers(kafka: KafkaSettings, every_s: float) -> None:
 
 def main() -> None:
     settings = Settings()
-    run_process(lambda stop: run_classifier(settings, stop), settings.log_level)
+    run_process(lambda stop: run_classifier(settings, stop), settings.log_level,
+                grace_s=settings.classifier.shutdown_grace_s,
+                close_timeout_s=settings.shutdown_close_timeout_s)

@@ -78,7 +78,7 @@ async def run_router(settings: Settings, stop: asyncio.Event) -> None:
         claims = Claims(client, worker_id=worker_id, claim_ttl_s=cfg.claim_ttl_s,
                         heartbeat_ttl_ms=cfg.heartbeat_ttl_ms)
         await claims.heartbeat()
-        runtime.on_close(claims.retire)
+        runtime.on_close(claims.retire, name="claims", quiet=True)
         publisher = await runtime.enter(ReplyPublisher(
             client, flush_interval_s=cfg.reply_flush_interval_ms / 1000))
         cancels = CancelListener(client)
@@ -108,7 +108,8 @@ async def run_router(settings: Settings, stop: asyncio.Event) -> None:
         loop = ConsumerLoop(consumer=consumer, producer=producer, topic=topic,
                             decode=RequestEnvelope.from_json, handler=worker.handle,
                             max_in_flight=cfg.max_in_flight,
-                            shutdown_grace_s=cfg.shutdown_grace_s)
+                            shutdown_grace_s=cfg.shutdown_grace_s,
+                            close_remaining=runtime.close_remaining)
         log.info("router %s consuming %s", worker_id, topic)
         background = [asyncio.create_task(cancels.run()),
                       asyncio.create_task(_heartbeat(claims, cfg.heartbeat_ttl_ms / 3000))]
@@ -140,4 +141,6 @@ async def _heartbeat(claims: Claims, every_s: float) -> None:
 
 def main() -> None:
     settings = Settings()
-    run_process(lambda stop: run_router(settings, stop), settings.log_level)
+    run_process(lambda stop: run_router(settings, stop), settings.log_level,
+                grace_s=settings.router.shutdown_grace_s,
+                close_timeout_s=settings.shutdown_close_timeout_s)

@@ -50,11 +50,14 @@ async def run_usage(settings: Settings, stop: asyncio.Event) -> None:
 
         loop = ConsumerLoop(consumer=consumer, producer=runtime.producer, topic=names.USAGE,
                             decode=UsageEvent.from_json, handler=handle,
-                            max_in_flight=cfg.max_in_flight, shutdown_grace_s=cfg.shutdown_grace_s)
+                            max_in_flight=cfg.max_in_flight, shutdown_grace_s=cfg.shutdown_grace_s,
+                            close_remaining=runtime.close_remaining)
         log.info("usage worker consuming %s", names.USAGE)
         await loop.run(stop)
 
 
 def main() -> None:
     settings = Settings()
-    run_process(lambda stop: run_usage(settings, stop), settings.log_level)
+    run_process(lambda stop: run_usage(settings, stop), settings.log_level,
+                grace_s=settings.usage.shutdown_grace_s,
+                close_timeout_s=settings.shutdown_close_timeout_s)
