@@ -1,5 +1,5 @@
 """The generated parts of docs/ say what the code does: every setting and every error code a
-client can receive, printed from the code by compose/reference.py (`make docs`).
+client can receive, printed from the code by compose/reference/ (`make docs`).
 
 The first tests hold the committed documentation to the code; the others pin down what the
 generator must catch, on synthetic sources and settings, so that a scanner that silently
@@ -14,19 +14,18 @@ import pytest
 from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from compose import reference
-from compose.reference import (
+from compose.reference import blocks as reference
+from compose.reference.blocks import stale_blocks
+from compose.reference.common import ReferenceProblem
+from compose.reference.configuration import configuration_markdown, variables
+from compose.reference.error_codes import (
     Computed,
     Raised,
-    ReferenceProblem,
-    configuration_markdown,
     error_classes,
     error_codes,
     resolve,
     scan_source,
     scan_tree,
-    stale_blocks,
-    variables,
 )
 from topics.settings import Settings
 

@@ -1,186 +1,16 @@
-"""The generated parts of docs/: the configuration table and the error reference.
-
-Hand-kept reference tables drift from the code they describe, so these are printed from it.
-`python -m compose.reference` (`make docs`) rewrites each block in place between its markers,
-`<!-- generated:NAME -->` … `<!-- /generated:NAME -->`; `python -m compose.reference --check`
-only compares, and exits 1 naming every block that differs. tests/test_reference_docs.py runs
-the check, so a change to a setting or an error code that is not regenerated fails the tests.
-
-Configuration comes from the settings models of topics/settings.py: one row per environment
-variable, with its type and constraints, its default and the field's `description`. A field
-without a description stops the generator: an undocumented setting is a bug.
-
-Error codes are read from the source with `ast` rather than from a hand-kept list, so that a
-code is found wherever it is raised and moves with the code. Under topics/, state/, ingress/
-and workers/ the scanner collects:
-
-- calls of an error class of topics/errors.py (status and `type` from the class) with a literal
-  `code=` keyword, or with none (the class's default code); a conditional expression whose
-  branches are literals counts as each branch;
-- dict literals with "message" and "code" keys: error bodies built by hand (their `type` is the
-  literal beside the code; their status, which only the response call knows, is in
-  BODY_STATUS).
-
-Everything else that sets a code -- a code computed at run time, or a call whose error class is
-chosen at run time -- is a *computed site* and must be listed in COMPUTED, keyed by module and
-enclosing function, with how it resolves. An unlisted computed site stops the generator, so a
-new computed code cannot go undocumented; a listed site that no longer exists stops it too.
-
-A code's one-line meaning is the message literal of the call that raises it. Where a code has
-no literal message, or several different ones, MEANINGS says what it means instead; a code left
-without a meaning stops the generator.
-"""
+"""The error reference (docs/errors.md): the error tree's classes, the provider taxonomy, and
+every code a client can receive, read from the source with `ast` (see the package's
+docstring for what is scanned and how computed codes are listed)."""
 
 from __future__ import annotations
 
-import argparse
 import ast
-import inspect
-import re
-import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-import orjson
-from annotated_types import Ge, Gt, Le, Lt
-from pydantic import BaseModel, SecretStr
-from pydantic.fields import FieldInfo
-from pydantic_settings import BaseSettings
-
+from compose.reference.common import ROOT, SCANNED, ReferenceProblem, require, table
 from topics import errors as error_tree
-from topics.settings import Settings
-
-ROOT = Path(__file__).resolve().parents[1]
-SCANNED = ("topics", "state", "ingress", "workers")
-DOCS = ROOT / "docs"
-
-
-class ReferenceProblem(Exception):
-    """The code and its documentation disagree in a way only a person can settle."""
-
-
-# ---------------------------------------------------------------------------- configuration
-
-
-@dataclass(frozen=True, slots=True)
-class Variable:
-    """One environment variable the settings read."""
-
-    section: str  # the settings field it is nested under ("" for top-level fields)
-    name: str
-    type: str
-    default: str
-    description: str
-
-
-def variables(settings: type[BaseSettings] = Settings) -> list[Variable]:
-    """Every variable, in declaration order, named as pydantic-settings reads them (the names
-    `Settings.env_names()` lists). Fails on a field without a description."""
-    prefix = str(settings.model_config.get("env_prefix", ""))
-    nested = str(settings.model_config.get("env_nested_delimiter", "__"))
-    found: list[Variable] = []
-    for name, field in settings.model_fields.items():
-        section = field.annotation
-        if isinstance(section, type) and issubclass(section, BaseModel):
-            found += [_variable(name, f"{prefix}{name}{nested}{sub}".upper(), subfield)
-                      for sub, subfield in section.model_fields.items()]
-        else:
-            found.append(_variable("", f"{prefix}{name}".upper(), field))
-    undocumented = [v.name for v in found if not v.description]
-    if undocumented:
-        raise ReferenceProblem("settings without a description (add Field(description=...) "
-                               f"in topics/settings.py): {', '.join(undocumented)}")
-    return found
-
-
-def _variable(section: str, name: str, field: FieldInfo) -> Variable:
-    return Variable(section, name, _type_name(field), _default_text(field),
-                    " ".join((field.description or "").split()))
-
-
-def _type_name(field: FieldInfo) -> str:
-    """The Python type, with the field's bounds: what a value must be to be accepted."""
-    annotation = field.annotation
-    name = annotation.__name__ if isinstance(annotation, type) else str(annotation)
-    bounds = [text for constraint in field.metadata for text in _bound(constraint)]
-    return f"`{name.replace('typing.', '')}`" + (f" {', '.join(bounds)}" if bounds else "")
-
-
-_BOUNDS = ((Ge, "ge", "≥"), (Gt, "gt", ">"), (Le, "le", "≤"), (Lt, "lt", "<"))
-
-
-def _bound(constraint: object) -> Iterator[str]:
-    for kind, attribute, sign in _BOUNDS:
-        if isinstance(constraint, kind):
-            yield f"{sign} {getattr(constraint, attribute)}"
-
-
-def _default_text(field: FieldInfo) -> str:
-    """The default as a reader would write it in the environment. A secret is never shown
-    (only whether it is empty), and a path inside the repository is shown relative to it:
-    the table must not depend on the machine that printed it."""
-    value = field.get_default(call_default_factory=True)
-    if value is None:
-        return "unset"
-    if isinstance(value, SecretStr):
-        return "`**********` (secret)" if str(value) else "empty (secret)"
-    if isinstance(value, Path):
-        return f"`{_repo_relative(value)}`"
-    if isinstance(value, bool):
-        return f"`{str(value).lower()}`"
-    if isinstance(value, dict | list):
-        return f"`{orjson.dumps(value).decode()}`"
-    return f"`{value}`" if str(value) else "empty"
-
-
-def _repo_relative(path: Path) -> str:
-    """Relative to the checkout that printed it, so every checkout prints the same table."""
-    try:
-        return path.resolve().relative_to(ROOT).as_posix()
-    except ValueError:
-        return path.as_posix() if not path.is_absolute() else path.name
-
-
-def configuration_markdown(settings: type[BaseSettings] = Settings) -> str:
-    """One table per settings section, top-level variables last, in declaration order."""
-    rows = variables(settings)
-    sections = [*dict.fromkeys(v.section for v in rows if v.section), ""]
-    out: list[str] = []
-    for section in sections:
-        members = [v for v in rows if v.section == section]
-        if members:
-            prefix = str(settings.model_config.get("env_prefix", ""))
-            out += [_section_heading(settings, section, prefix), ""]
-            out += _table(("variable", "type", "default", "description"),
-                          [(f"`{v.name}`", v.type, v.default, v.description) for v in members])
-            out.append("")
-    return "\n".join(out[:-1]) + "\n"
-
-
-def _section_heading(settings: type[BaseSettings], section: str, prefix: str) -> str:
-    """The section's variable prefix as a heading, its model's docstring under it."""
-    if not section:
-        return "### Top-level settings"
-    model = settings.model_fields[section].annotation
-    summary = " ".join((getattr(model, "__doc__", None) or "").split("\n\n")[0].split())
-    return f"### `{prefix}{section.upper()}__…`" + (f"\n\n{summary}" if summary else "")
-
-
-def _table(header: tuple[str, ...], rows: Iterable[tuple[str, ...]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
-    return lines + ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
-
-
-def _cell(text: str) -> str:
-    """Table-safe: a pipe would end the cell (escaped even in code spans, as GFM wants), and
-    `<word` outside a code span would open an HTML tag."""
-    parts = text.replace("|", "\\|").split("`")
-    return "`".join(re.sub(r"<(?=[A-Za-z/!?])", "&lt;", part) if i % 2 == 0 else part
-                    for i, part in enumerate(parts))
-
-
-# ------------------------------------------------------------------------------ error codes
 
 
 @dataclass(frozen=True, slots=True)
@@ -518,10 +348,10 @@ def resolve(sites: Iterable[Site], computed: Mapping[tuple[str, str], Computed] 
                        for code in site.codes]
         else:
             raised += [_body(site, code, body_status) for code in site.codes]
-    _require(not unlisted, "error codes or classes decided at run time, not listed in COMPUTED in "
-             "compose/reference.py (say what they resolve to): " + "; ".join(unlisted))
+    require(not unlisted, "error codes or classes decided at run time, not listed in COMPUTED in "
+             "compose/reference/error_codes.py (say what they resolve to): " + "; ".join(unlisted))
     gone = sorted(f"{m} {f}" for m, f in set(computed) - {(s.module, s.function) for s in sites})
-    _require(not gone, "COMPUTED lists sites that no longer exist: " + "; ".join(gone))
+    require(not gone, "COMPUTED lists sites that no longer exist: " + "; ".join(gone))
     return raised
 
 
@@ -529,13 +359,8 @@ def _body(site: Site, code: str | None, body_status: Mapping[str, int]) -> Raise
     if code is None or code not in body_status or site.body_type is None:
         raise ReferenceProblem(f"{site.module}:{site.line} builds an error body with code "
                                f"{code!r}: add its HTTP status to BODY_STATUS in "
-                               "compose/reference.py")
+                               "compose/reference/error_codes.py")
     return Raised(code, body_status[code], site.body_type, site.module, site.message)
-
-
-def _require(condition: bool, problem: str) -> None:
-    if not condition:
-        raise ReferenceProblem(problem)
 
 
 def error_codes(raised: Iterable[Raised], meanings: Mapping[str, str] = MEANINGS,
@@ -549,12 +374,12 @@ def error_codes(raised: Iterable[Raised], meanings: Mapping[str, str] = MEANINGS
         by_code.setdefault(code, []).extend(items)
     found = {code: _meaning(code, items, meanings) for code, items in by_code.items()}
     unexplained = sorted(code for code, meaning in found.items() if meaning is None)
-    _require(not unexplained, "error codes without a literal message, or with several "
-             "different ones: add a one-line meaning to MEANINGS in compose/reference.py: "
-             + ", ".join(unexplained))
+    require(not unexplained, "error codes without a literal message, or with several "
+            "different ones: add a one-line meaning to MEANINGS in "
+            "compose/reference/error_codes.py: " + ", ".join(unexplained))
     stale = sorted((set(meanings) | set(body_status)) - set(by_code))
-    _require(not stale, "MEANINGS or BODY_STATUS in compose/reference.py name codes nothing "
-             f"raises any more: {', '.join(stale)}")
+    require(not stale, "MEANINGS or BODY_STATUS in compose/reference/error_codes.py name "
+            f"codes nothing raises any more: {', '.join(stale)}")
     return [ErrorCode(status, kind, code, tuple(sorted({r.module for r in items})),
                       str(found[code]))
             for (status, code, kind), items in sorted(groups.items())]
@@ -571,7 +396,7 @@ def _meaning(code: str, items: list[Raised], meanings: Mapping[str, str]) -> str
 def errors_markdown(root: Path = ROOT) -> str:
     """Every code a client can receive, by status then code, with where it is raised."""
     rows = error_codes(resolve(scan_tree(root)))
-    return "\n".join(_table(
+    return "\n".join(table(
         ("status", "code", "type", "meaning", "raised in"),
         [(str(r.status), f"`{r.code}`", f"`{r.type}`", r.meaning,
           ", ".join(f"`{m}`" for m in r.modules)) for r in rows])) + "\n"
@@ -580,7 +405,7 @@ def errors_markdown(root: Path = ROOT) -> str:
 def error_classes_markdown() -> str:
     """The error tree itself: what each class means on the wire, by status."""
     classes = sorted(error_classes().values(), key=lambda c: (c.status, c.__name__))
-    return "\n".join(_table(
+    return "\n".join(table(
         ("class", "status", "type", "default code", "retryable by default"),
         [(f"`{c.__name__}`", str(c.status), f"`{c.type}`", f"`{c.default_code}`",
           "yes" if c.retryable else "no") for c in classes])) + "\n"
@@ -591,7 +416,7 @@ def provider_errors_markdown() -> str:
     whether another route (or a later try) is attempted."""
     rows = [(f"`{kind}`", str(cls.status), f"`upstream_{kind}`", "yes" if retryable else "no")
             for kind, cls, retryable in _taxonomy()]
-    return "\n".join(_table(("kind", "status", "code", "retried on another route"),
+    return "\n".join(table(("kind", "status", "code", "retried on another route"),
                             rows)) + "\n"
 
 
@@ -599,96 +424,3 @@ def provider_errors_markdown() -> str:
 
 
 # block name → (document under docs/, what prints it)
-def routes_markdown() -> str:
-    """The route table of `ingress/routes.py`: method, path, what it requires, and the first
-    line of its handler's docstring."""
-    from ingress.routes import ROUTES
-
-    rows = []
-    for endpoint in ROUTES:
-        doc = inspect.getdoc(endpoint.handler)
-        _require(bool(doc), f"handler {endpoint.handler.__module__}."
-                 f"{endpoint.handler.__name__} has no docstring: its first line is the "
-                 "route's description in docs/api.md")
-        summary = " ".join((doc or "").split("\n\n")[0].split())
-        rows.append((f"`{endpoint.method} {endpoint.path}`", endpoint.access.value, summary))
-    return "\n".join(_table(("route", "requires", "what"), rows)) + "\n"
-
-
-BLOCKS: dict[str, tuple[str, Callable[[], str]]] = {
-    "routes": ("api.md", routes_markdown),
-    "configuration": ("configuration.md", configuration_markdown),
-    "error-classes": ("errors.md", error_classes_markdown),
-    "provider-errors": ("errors.md", provider_errors_markdown),
-    "errors": ("errors.md", errors_markdown),
-}
-
-
-def _pattern(name: str) -> re.Pattern[str]:
-    return re.compile(rf"(<!-- generated:{re.escape(name)} -->\n)(.*?)(<!-- /generated:"
-                      rf"{re.escape(name)} -->)", re.DOTALL)
-
-
-def render(text: str, name: str, content: str) -> str:
-    """`text` with block `name` holding `content` (a blank line either side, for Markdown).
-    Fails when the document has no such block or more than one."""
-    pattern = _pattern(name)
-    _require(len(pattern.findall(text)) == 1,
-             f"expected one '<!-- generated:{name} -->' … '<!-- /generated:{name} -->' block")
-    return pattern.sub(lambda m: f"{m[1]}\n{content}\n{m[3]}", text)
-
-
-def regenerate(docs: Path = DOCS, blocks: Mapping[str, tuple[str, Callable[[], str]]] = BLOCKS
-               ) -> dict[Path, tuple[str, str, list[str]]]:
-    """For each document: (committed text, generated text, names of the blocks that differ)."""
-    result: dict[Path, tuple[str, str, list[str]]] = {}
-    for name, (document, produce) in blocks.items():
-        path = docs / document
-        if path not in result:
-            text = path.read_text()
-            result[path] = (text, text, [])
-        old, new, stale = result[path]
-        updated = render(new, name, produce())
-        result[path] = (old, updated, [*stale, name] if updated != new else stale)
-    return result
-
-
-def stale_blocks(docs: Path = DOCS,
-                 blocks: Mapping[str, tuple[str, Callable[[], str]]] = BLOCKS) -> list[str]:
-    """`document: block` for every committed block that differs from what the code prints."""
-    return _names(docs, regenerate(docs, blocks))
-
-
-def _names(docs: Path, results: Mapping[Path, tuple[str, str, list[str]]]) -> list[str]:
-    return [f"{path.relative_to(docs.parent).as_posix()}: {name}"
-            for path, (_old, _new, stale) in results.items() for name in stale]
-
-
-def main(argv: list[str] | None = None, docs: Path = DOCS) -> int:
-    """Rewrite (or, with --check, compare) every block; 0 when all is well, 1 when --check
-    found blocks that differ, 2 when the code and the generator's lists disagree."""
-    parser = argparse.ArgumentParser(prog="python -m compose.reference", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--check", action="store_true",
-                        help="change nothing; exit 1 listing the blocks that differ")
-    args = parser.parse_args(argv)
-    try:
-        results = regenerate(docs)
-    except ReferenceProblem as exc:
-        print(f"compose.reference: {exc}", file=sys.stderr)
-        return 2
-    stale = _names(docs, results)
-    if args.check:
-        for line in stale:
-            print(f"out of date: {line} (run `make docs`)", file=sys.stderr)
-        return 1 if stale else 0
-    for path, (old, new, _) in results.items():
-        if new != old:
-            path.write_text(new)
-    for line in stale:
-        print(f"rewrote {line}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
