@@ -47,7 +47,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[dict[str, Any]]:
         async with open_runtime(settings) as runtime:
-            replies = ReplyRouter(runtime.redis, names.reply_channel(uuid.uuid4().hex))
+            replies = ReplyRouter(runtime.redis, names.reply_channel(uuid.uuid4().hex),
+                                  check_s=settings.redis.reply_check_s,
+                                  answer_s=settings.redis.socket_timeout_s)
             subscribed = asyncio.Event()
             reader = asyncio.create_task(replies.run(subscribed))
             runtime.on_close(_cancel, reader)

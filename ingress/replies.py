@@ -6,7 +6,13 @@ is down are gone. So when the subscription is lost, every request waiting on thi
 failed at once with 503 `reply_channel_lost` (its answer may already have been published
 into the void; `Retry-After` says when to try again), instead of waiting for its deadline;
 and until the channel is back, new requests are refused with 503
-`reply_channel_unavailable` before anything is queued (`ingress/pipeline.py`)."""
+`reply_channel_unavailable` before anything is queued (`ingress/pipeline.py`).
+
+A Redis that stops answering without closing the connection (paused, partitioned) loses
+nothing a socket can notice, so the reader checks: when the channel has been silent for
+`check_s` it sends a PING on the subscribed connection, and no answer within `answer_s`
+counts as losing the channel. A paused Redis is noticed within `check_s + answer_s`; an idle
+channel costs one PING per `check_s` and is never torn down for being idle."""
 
 from __future__ import annotations
 
@@ -26,9 +32,12 @@ _RESUBSCRIBE_MAX_S = 0.5  # the longest wait between two attempts to subscribe a
 
 
 class ReplyRouter:
-    def __init__(self, client: redis.Redis, channel: str) -> None:
+    def __init__(self, client: redis.Redis, channel: str, *, check_s: float = 1.0,
+                 answer_s: float = 2.0) -> None:
         self._redis = client
         self.channel = channel
+        self._check_s = check_s
+        self._answer_s = answer_s
         self._queues: dict[str, asyncio.Queue[ReplyFrame]] = {}
         self.connected = False  # subscribed now: frames published for us reach us
 
@@ -48,11 +57,13 @@ class ReplyRouter:
             pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(self.channel)
+                # SUBSCRIBE only sends: a paused Redis takes it into a socket buffer. The
+                # channel is up once Redis answers on it.
+                await self._answered(pubsub)
                 self.connected = True
                 ready.set()
                 delay_s = 0.1
-                async for message in pubsub.listen():
-                    self._dispatch(message["data"])
+                await self._read(pubsub)
             except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
                 if self.connected:
                     self.connected = False
@@ -64,6 +75,46 @@ class ReplyRouter:
             finally:
                 self.connected = False
                 await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    async def _answered(self, pubsub: redis.client.PubSub) -> None:
+        """Wait for the answer to a PING sent now (the subscription's confirmation comes
+        before it), at most `answer_s`."""
+        await pubsub.ping()
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + self._answer_s
+        while (left := give_up - loop.time()) > 0:
+            message = await pubsub.get_message(timeout=left)
+            if message is None:
+                continue
+            if message["type"] == "pong":
+                return
+            if message["type"] == "message":
+                self._dispatch(message["data"])
+        raise redis.TimeoutError(f"no answer to SUBSCRIBE in {self._answer_s:.1f} s")
+
+    async def _read(self, pubsub: redis.client.PubSub) -> None:
+        """Dispatch messages until the connection fails or a PING goes unanswered."""
+        loop = asyncio.get_running_loop()
+        heard = loop.time()  # when Redis last said anything on this connection
+        pinged: float | None = None  # when the unanswered PING was sent
+        while True:
+            wait_s = self._check_s if pinged is None else self._answer_s
+            # get_message with a timeout returns None when nothing came in time; it never
+            # tears the connection down for being quiet.
+            message = await pubsub.get_message(timeout=wait_s)
+            now = loop.time()
+            if message is not None:
+                heard, pinged = now, None
+                if message["type"] == "message":
+                    self._dispatch(message["data"])
+                continue
+            if pinged is not None:
+                if now - pinged >= self._answer_s:
+                    raise redis.TimeoutError(
+                        f"no answer to a PING on the reply channel in {now - pinged:.1f} s")
+            elif now - heard >= self._check_s:
+                await pubsub.ping()
+                pinged = now
 
     def _fail_waiting(self) -> int:
         error = Unavailable("the gateway lost its reply channel (Redis) while this request "

@@ -38,6 +38,8 @@ from typing import Any, NamedTuple
 
 import redis.asyncio as redis
 
+from state.degraded import Degraded
+from state.runtime import outage
 from topics.bandit import MAX_FEEDBACK_WEIGHT, PRIOR
 
 _POST = "sy:post:"
@@ -238,17 +240,21 @@ class CachedPosteriors:
     in the background and still gets the cached value: under steady traffic decisions never
     wait for Redis; only the first one after an idle `ttl_s` does.
 
-    Concurrent misses on one key share a single read. If a refresh fails, a value up to
-    `max_stale_s` old is served instead; with nothing cached the Redis error propagates (the
-    caller decides: e.g. rank on the prior). Returned mappings are shared: do not mutate."""
+    Concurrent misses on one key share a single read. If a read fails because Redis is
+    unreachable (`state/runtime.py` `outage`), the last value read for the key is served
+    whatever its age, or the prior for every route if none was; until a read succeeds again
+    (`degraded.down`), callers do not wait for Redis at all: they get that fallback at once
+    and a read is retried in the background. Each fallback is noted in `degraded`. Returned
+    mappings are shared: do not mutate."""
 
     def __init__(self, store: PosteriorStore, ttl_s: float = 0.1, *,
-                 refresh_after_s: float | None = None, max_stale_s: float = 5.0,
-                 max_entries: int = 4096, clock: Callable[[], float] = time.monotonic) -> None:
+                 refresh_after_s: float | None = None, max_entries: int = 4096,
+                 clock: Callable[[], float] = time.monotonic,
+                 degraded: Degraded | None = None) -> None:
         self._store = store
         self._ttl_s = ttl_s
         self._refresh_after_s = ttl_s / 2 if refresh_after_s is None else refresh_after_s
-        self._max_stale_s = max_stale_s
+        self._degraded = degraded or Degraded()
         self._max_entries = max_entries
         self._clock = clock
         self._entries: dict[_CacheKey, tuple[float, dict[str, Posterior]]] = {}
@@ -263,14 +269,27 @@ class CachedPosteriors:
                 if age >= self._refresh_after_s and key not in self._pending:
                     self._start(key)  # refresh ahead; this decision does not wait for it
                 return entry[1]
+        if self._degraded.down:
+            if key not in self._pending:
+                self._start(key)  # finds out whether Redis is back; nobody waits for it
+            return self._fallback(key, entry, None)
         task = self._pending.get(key) or self._start(key)
         try:
             # shield: one cancelled caller must not cancel the read the others wait for
             return await asyncio.shield(task)
-        except redis.RedisError:
-            if entry is not None and self._clock() - entry[0] < self._max_stale_s:
-                return entry[1]
-            raise
+        except Exception as exc:
+            if outage(exc) is None:
+                raise
+            return self._fallback(key, entry, exc)
+
+    def _fallback(self, key: _CacheKey, entry: tuple[float, dict[str, Posterior]] | None,
+                  exc: BaseException | None) -> Mapping[str, Posterior]:
+        if entry is not None:
+            self._degraded.note("bandit posteriors", f"ranking on posteriors read "
+                                f"{self._clock() - entry[0]:.1f} s ago", exc)
+            return entry[1]
+        self._degraded.note("bandit posteriors", "ranking on the prior (none read yet)", exc)
+        return dict.fromkeys(key[1], self._store.prior)
 
     def invalidate(self) -> None:
         self._entries.clear()
@@ -287,6 +306,7 @@ class CachedPosteriors:
         try:
             issued = self._clock()  # the value's age counts from here, not from its arrival
             value = await self._store.read(key[0], sorted(key[1]))
+            self._degraded.up()
             if len(self._entries) >= self._max_entries:
                 self._evict()
             self._entries[key] = (issued, value)

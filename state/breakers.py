@@ -40,6 +40,8 @@ from typing import Any
 
 import redis.asyncio as redis
 
+from state.degraded import Degraded
+from state.runtime import outage
 from topics.settings import RouterSettings, default
 
 KEY_PREFIX = "sy:brk:"
@@ -246,11 +248,21 @@ class Breakers:
     `cache_ttl_s` old; this process's own `record` and `acquire_probe` invalidate the route's
     entry, so only other workers' changes are seen late (by at most `cache_ttl_s`).
 
-    Redis errors propagate: whether to route blind when Redis is down is the caller's call."""
+    When Redis is unreachable (`state/runtime.py` `outage`), selection and probes answer from
+    the state this process last saw for each route (a route never seen: CLOSED) and an
+    outcome that cannot be written is dropped; each fallback is noted in `degraded`. Until a
+    read succeeds again (`degraded.down`) nothing waits for Redis: the last-seen state is
+    served at once and a read is retried in the background. So during an outage a route this
+    process last saw open stays out and one it last saw closed stays in, however long the
+    outage lasts. `views` (the stats route) still raises."""
 
     def __init__(self, client: redis.Redis, config: BreakerConfig, *,
-                 cache_ttl_s: float = default(RouterSettings, "breaker_cache_ttl_s")) -> None:
+                 cache_ttl_s: float = default(RouterSettings, "breaker_cache_ttl_s"),
+                 degraded: Degraded | None = None) -> None:
         self._config = config
+        self._degraded = degraded or Degraded()
+        # Every route's state as this process last saw it (never expires; the fallback).
+        self._known: dict[str, _Status] = {}
         self._cache_ttl_s = cache_ttl_s
         self._bucket_ms = max(1, math.ceil(config.window_s * 1000 / WINDOW_BUCKETS))
         self._cooldown_ms = math.ceil(config.cooldown_s * 1000)
@@ -279,22 +291,43 @@ class Breakers:
         out: set[str] = set()
         waits: dict[asyncio.Task[dict[str, _Status]], list[str]] = {}
         missing: list[str] = []
+        down = self._degraded.down
+        stale: list[str] = []
         for route in dict.fromkeys(routes):
             entry = self._cache.get(route)
             if entry is not None and now - entry[0] < self._cache_ttl_s:
                 if entry[1].eligible:
                     out.add(route)
+            elif down:
+                stale.append(route)
             elif (task := self._pending.get(route)) is not None:
                 waits.setdefault(task, []).append(route)
             else:
                 missing.append(route)
+        if stale:
+            # Redis is down: no waiting. A read in the background finds out when it is back.
+            if retry := [route for route in stale if route not in self._pending]:
+                self._start_read(retry)
+            out.update(self._last_seen(stale, None))
         if missing:
             waits[self._start_read(missing)] = missing
         for task, wanted in waits.items():
-            # shield: one cancelled caller must not cancel the read the others wait for
-            statuses = await asyncio.shield(task)
+            try:
+                # shield: one cancelled caller must not cancel the read the others wait for
+                statuses = await asyncio.shield(task)
+            except Exception as exc:
+                if outage(exc) is None:
+                    raise
+                out.update(self._last_seen(wanted, exc))
+                continue
             out.update(route for route in wanted if statuses[route].eligible)
         return out
+
+    def _last_seen(self, routes: list[str], exc: BaseException | None) -> list[str]:
+        """The eligible ones of `routes` by the states this process last saw (or CLOSED)."""
+        self._degraded.note("circuit breakers", "selecting on the breaker states last seen",
+                            exc)
+        return [route for route in routes if self._known.get(route, _CLOSED).eligible]
 
     async def acquire_probe(self, route: str) -> bool:
         """True if this caller may call `route`: it is CLOSED (per the cache, like
@@ -304,11 +337,19 @@ class Breakers:
         if (entry is not None and entry[1].state is BreakerState.CLOSED
                 and time.monotonic() - entry[0] < self._cache_ttl_s):
             return True
+        if self._degraded.down:
+            return self._probe_unknown(route, None)
         token = uuid.uuid4().hex
-        granted = _text(await self._acquire(
-            keys=[_key(route, "s"), _key(route, "p")],
-            args=[self._config.probes, self._probe_timeout_ms, self._ttl_ms, token]))
+        try:
+            granted = _text(await self._acquire(
+                keys=[_key(route, "s"), _key(route, "p")],
+                args=[self._config.probes, self._probe_timeout_ms, self._ttl_ms, token]))
+        except Exception as exc:
+            if outage(exc) is None:
+                raise
+            return self._probe_unknown(route, exc)
         if granted == "closed":
+            self._known[route] = _CLOSED
             return True
         self._invalidate(route)
         if granted != "probe":
@@ -316,20 +357,34 @@ class Breakers:
         self._tokens.setdefault(route, []).append(token)
         return True
 
+    def _probe_unknown(self, route: str, exc: BaseException | None) -> bool:
+        """Redis is down: a route last seen CLOSED (or never seen) may be called; one last
+        seen open or half-open may not (no probe slot can be taken)."""
+        self._degraded.note("circuit breakers", "probing by the breaker states last seen", exc)
+        return self._known.get(route, _CLOSED).state is BreakerState.CLOSED
+
     async def record(self, route: str, success: bool, *, open_now: bool = False) -> BreakerState:
         """Count one outcome and apply the transitions (one script). If this process holds a
         live probe slot for the route, the outcome is the probe's and releases it. Returns the
         state after. `open_now`: a failure that says the route can serve nobody (the
-        provider refused our key): a closed route opens at once."""
+        provider refused our key): a closed route opens at once. Redis down: the outcome is
+        dropped and the state last seen returned."""
         cfg = self._config
         held = list(self._tokens.get(route, ()))
         issued = time.monotonic()
-        state, released = await self._record(
-            keys=[_key(route, "s"), _key(route, "w"), _key(route, "p")],
-            args=[1 if success else 0, self._bucket_ms, WINDOW_BUCKETS, cfg.min_calls,
-                  repr(float(cfg.failure_rate)),
-                  1 if open_now and not success else cfg.consecutive_failures, self._cooldown_ms,
-                  self._ttl_ms, *held])
+        if self._degraded.down:
+            return self._dropped(route, None)
+        try:
+            state, released = await self._record(
+                keys=[_key(route, "s"), _key(route, "w"), _key(route, "p")],
+                args=[1 if success else 0, self._bucket_ms, WINDOW_BUCKETS, cfg.min_calls,
+                      repr(float(cfg.failure_rate)),
+                      1 if open_now and not success else cfg.consecutive_failures,
+                      self._cooldown_ms, self._ttl_ms, *held])
+        except Exception as exc:
+            if outage(exc) is None:
+                raise
+            return self._dropped(route, exc)
         # The released token, and every one before it (dead), are done with; all are when
         # none was live.
         spent = held[:int(released)] if int(released) else held
@@ -341,11 +396,16 @@ class Breakers:
                 self._tokens.pop(route, None)
         after = BreakerState(_text(state))
         self._invalidate(route)
+        self._known[route] = _Status(after, after is BreakerState.CLOSED)
         if after is BreakerState.CLOSED:
             # What the script just said is as fresh as a read: without this, every outcome
             # would cost the next request on the route a round trip in `acquire_probe`.
             self._cache[route] = (issued, _Status(after, True))
         return after
+
+    def _dropped(self, route: str, exc: BaseException | None) -> BreakerState:
+        self._degraded.note("circuit breakers", "outcome not counted", exc)
+        return self._known.get(route, _CLOSED).state
 
     async def views(self, routes: Sequence[str]) -> list[BreakerView]:
         """Every route's breaker, in order, read now (uncached). One round trip."""
@@ -373,6 +433,10 @@ class Breakers:
             raw = await self._read(keys=_keys(routes), args=self._read_args(full=False))
             statuses = {route: _Status(BreakerState(_text(row[0])), bool(int(row[1])))
                         for route, row in zip(routes, raw, strict=True)}
+            self._degraded.up()
+            if len(self._known) >= _MAX_CACHED:
+                self._known.clear()
+            self._known.update(statuses)
             if len(self._cache) >= _MAX_CACHED:
                 self._evict()
             for route, status in statuses.items():
@@ -399,6 +463,9 @@ class Breakers:
 
     def _read_args(self, *, full: bool) -> list[int]:
         return [self._config.probes, self._bucket_ms, WINDOW_BUCKETS, 1 if full else 0]
+
+
+_CLOSED = _Status(BreakerState.CLOSED, True)
 
 
 def _key(route: str, kind: str) -> str:

@@ -355,12 +355,23 @@ async def test_cache_serves_within_ttl_and_refreshes_after(r: redis.Redis) -> No
     await asyncio.sleep(0.35)
     assert (await cache.get(cat, routes))["a"] == Posterior(3.0, 1.0)
     assert store.reads == 3
-    # Redis down: a recent value is served stale rather than failing the decision
+    # Redis down: the last value is served stale rather than failing the decision, and a key
+    # never read gets the prior
     await asyncio.sleep(0.35)
     store.broken = True
     assert (await cache.get(cat, routes))["a"] == Posterior(3.0, 1.0)
-    with pytest.raises(redis.ConnectionError):
-        await cache.get(_cat(), routes)
+    assert (await cache.get(_cat(), routes))["a"] == Posterior(1.0, 1.0)
+    await asyncio.sleep(0.01)  # the background read that started has failed too
+    reads = store.reads
+    # ...at once from then on (no wait for Redis), retrying in the background until it answers
+    assert (await cache.get(cat, routes))["a"] == Posterior(3.0, 1.0)
+    await asyncio.sleep(0.01)
+    assert store.reads == reads + 1
+    store.broken = False
+    assert (await cache.get(cat, routes))["a"] == Posterior(3.0, 1.0)
+    await asyncio.sleep(0.05)
+    assert store.reads == reads + 2
+    assert not cache._degraded.down
 
 
 async def test_stats(r: redis.Redis) -> None:

@@ -6,6 +6,8 @@ the outage."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -167,3 +169,69 @@ async def _billed(stack: LocalStack, tenant_id: str, expected: int) -> bool:
         await conn.close()
     assert rows <= expected, rows  # never doubled
     return bool(rows == expected)
+
+
+PAUSE_DEADLINE_MS = 6_000
+
+
+async def test_redis_paused_under_load_hangs_nothing(
+        outage_stack: tuple[LocalStack, Gateway]) -> None:
+    """Redis SIGSTOPped for 3 s (no connection closes: only timeouts can tell) while a few
+    requests a second, streamed and not, go through: each ends by its deadline, none is
+    truncated, failures are 503 with Retry-After, and the gateway serves again soon after
+    SIGCONT."""
+    stack, gateway = outage_stack
+    key = await _key(stack)
+    async with httpx.AsyncClient(base_url=gateway.url, timeout=PAUSE_DEADLINE_MS / 1000 + 10,
+                                 headers={"Authorization": f"Bearer {key}",
+                                          "x-switchyard-timeout-ms": str(PAUSE_DEADLINE_MS)}
+                                 ) as http:
+        fake_url = str(gateway.settings.fallback_upstream_url).removesuffix("/v1")
+        async with httpx.AsyncClient(base_url=fake_url) as fake:
+            await fake.put("/_fake/config",
+                           json={"ttft_ms": 100, "inter_token_ms": 20, "tokens": 10})
+        for n in range(2):  # warm: keys, policies and posteriors cached
+            assert await _one(http, n) == "answered"
+
+        started = time.monotonic()
+
+        async def timed(n: int) -> tuple[float, float, str]:
+            await asyncio.sleep(n * 0.2)  # 5 requests a second, open loop
+            t0 = time.monotonic()
+            end = await _one(http, n)
+            return t0 - started, time.monotonic() - t0, end
+
+        running = asyncio.gather(*(timed(n) for n in range(45)))
+        await asyncio.sleep(2.0)
+        group = os.getpgid(stack.pids()["redis"])
+        os.killpg(group, signal.SIGSTOP)
+        paused_at = time.monotonic() - started
+        try:
+            await asyncio.sleep(3.0)
+        finally:
+            os.killpg(group, signal.SIGCONT)
+        back_at = time.monotonic()
+        recovered = None  # measured while the load goes on
+        for _ in range(40):
+            if await _one(http, 100) == "answered" and await _one(http, 101) == "answered":
+                recovered = time.monotonic() - back_at
+                break
+            await asyncio.sleep(0.1)
+        outcomes = await asyncio.wait_for(running, timeout=PAUSE_DEADLINE_MS / 1000 + 30)
+
+    ends = Counter(end for _, _, end in outcomes)
+    slowest = max(took for _, took, _ in outcomes)
+    # When the ingress noticed: the first request failed for the lost channel, as it ended.
+    noticed = min((at + took - paused_at for at, took, end in outcomes
+                   if "reply_channel" in end), default=None)
+    print(f"outcomes: {dict(ends)}; slowest {slowest:.2f} s; reply channel found lost "
+          f"{noticed} s after the pause; answering again {recovered} s after SIGCONT")
+    assert "truncated" not in ends
+    assert slowest < PAUSE_DEADLINE_MS / 1000 + 2.0  # nothing hung past its deadline
+    allowed = {"answered", "HTTP 503 reply_channel_lost", "HTTP 503 reply_channel_unavailable",
+               "HTTP 503 state_unavailable", "stream error reply_channel_lost",
+               "HTTP 504 deadline_exceeded", "stream error deadline_exceeded"}
+    assert set(ends) <= allowed, ends
+    assert ends["answered"] >= 20
+    assert recovered is not None
+    assert recovered < 5

@@ -70,6 +70,19 @@ class RedisSettings(BaseModel):
         "available\").")
     pool_timeout_s: float = Field(
         default=5.0, gt=0, description="Longest wait for a pooled Redis connection.")
+    socket_timeout_s: float = Field(
+        default=2.0, gt=0,
+        description="Longest wait for one Redis command's reply (and for a new connection): a "
+        "Redis that is paused or cut off costs a call this much at most, then it counts as an "
+        "outage (claims wait it out until the request's deadline, routing serves from what it "
+        "last read, see docs/architecture.md). Far above any healthy command's time.")
+    reply_check_s: float = Field(
+        default=1.0, gt=0,
+        description="How long the ingress's reply subscription may stay silent before it "
+        "PINGs Redis on it; no answer within `socket_timeout_s` counts as losing the channel "
+        "(waiting requests fail with 503 `reply_channel_lost`). A paused Redis is noticed "
+        "within about `reply_check_s + socket_timeout_s`; an idle channel costs one PING per "
+        "`reply_check_s`.")
 
 
 class PostgresSettings(BaseModel):

@@ -19,7 +19,9 @@ from typing import Any
 
 from state.bandit import CachedPosteriors, PosteriorStore
 from state.breakers import Breakers
+from state.degraded import Degraded
 from state.routing_policy import PolicyCache
+from state.runtime import outage
 from topics.bandit import ObjectiveWeights, Outcome, outcome_weight, reward
 from topics.catalog import Catalog, Model
 from topics.errors import InvalidRequest, NotFound, Unavailable
@@ -74,7 +76,8 @@ class Decision:
 class Decider:
     def __init__(self, catalog: Catalog, policies: PolicyCache, store: PosteriorStore,
                  posteriors: CachedPosteriors, sampler: ThompsonSampler, breakers: Breakers,
-                 *, feedback_rate: float, defaults: ModeDefaults) -> None:
+                 *, feedback_rate: float, defaults: ModeDefaults,
+                 degraded: Degraded | None = None) -> None:
         self._catalog = catalog
         self._policies = policies
         self._store = store
@@ -83,6 +86,7 @@ class Decider:
         self._breakers = breakers
         self._feedback_rate = feedback_rate
         self._defaults = defaults
+        self._degraded = degraded or Degraded()
         self._counting: set[asyncio.Task[None]] = set()
 
     async def decide(self, env: RequestEnvelope) -> Decision:
@@ -194,11 +198,21 @@ class Decider:
         outcome = Outcome(success=success, latency_ms=latency_ms,
                           slo_ms=SLO_MS.get(model.class_, 10_000.0), cost_usd=cost,
                           cheapest_cost_usd=cheapest, quality=None)
-        await self._store.update(
-            event_id, decision.category, model.id, reward(outcome, decision.weights),
-            success=success, latency_ms=latency_ms,
-            # The quality part of the evidence arrives later, as feedback, if at all.
-            weight=outcome_weight(outcome, decision.weights, self._feedback_rate))
+        if self._degraded.down:  # not worth a wait of the socket timeout: dropped at once
+            self._degraded.note("bandit updates", "outcome not learnt")
+            return
+        try:
+            await self._store.update(
+                event_id, decision.category, model.id, reward(outcome, decision.weights),
+                success=success, latency_ms=latency_ms,
+                # The quality part of the evidence arrives later, as feedback, if at all.
+                weight=outcome_weight(outcome, decision.weights, self._feedback_rate))
+        except Exception as exc:
+            if outage(exc) is None:
+                raise
+            # Lost: the bandit learns from the outcomes after the outage, as it would from
+            # these (one attempt's evidence among many).
+            self._degraded.note("bandit updates", "outcome not learnt", exc)
 
 
 def _capable(routes: list[Model], body: dict[str, Any]) -> list[Model]:

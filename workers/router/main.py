@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry
 from state.bandit import CachedPosteriors, PosteriorStore
 from state.breakers import BreakerConfig, Breakers
 from state.claims import Claims
+from state.degraded import Degraded
 from state.routing_policy import PolicyCache
 from state.runtime import open_runtime
 from state.vault import MasterKeys, TenantKeys
@@ -85,12 +86,15 @@ async def run_router(settings: Settings, stop: asyncio.Event) -> None:
         store = PosteriorStore(client, half_life_s=cfg.bandit_half_life_s)
         # A random seed per process: workers must not draw in lockstep.
         seed = int.from_bytes(os.urandom(8), "big")
+        # One for the process: a Redis outage noticed by one of them spares the others a wait.
+        degraded = Degraded(metrics.redis_fallback)
         breakers = Breakers(client, BreakerConfig.from_settings(cfg),
-                            cache_ttl_s=cfg.breaker_cache_ttl_s)
+                            cache_ttl_s=cfg.breaker_cache_ttl_s, degraded=degraded)
         decider = Decider(catalog, PolicyCache(pool, ttl_s=cfg.policy_cache_ttl_s), store,
-                          CachedPosteriors(store, ttl_s=cfg.posterior_cache_ttl_s),
+                          CachedPosteriors(store, ttl_s=cfg.posterior_cache_ttl_s,
+                                           degraded=degraded),
                           ThompsonSampler(seed), breakers, feedback_rate=cfg.feedback_rate,
-                          defaults=ModeDefaults.from_settings(cfg))
+                          defaults=ModeDefaults.from_settings(cfg), degraded=degraded)
         latency = LatencyTracker()
         runner = AttemptRunner(dialects=dialects(http, metrics.malformed_event),
                                producer=producer, decider=decider,

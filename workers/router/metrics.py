@@ -40,6 +40,14 @@ class RouterMetrics:
             "switchyard_router_breaker_opened", "Times this router's outcome opened a route's "
             "circuit breaker", ["route"], registry=registry)
 
+        self.degraded = Counter(
+            "switchyard_router_redis_fallbacks", "Routing steps served without Redis (it did "
+            "not answer): posteriors or breaker states as last read, outcomes not learnt",
+            ["what"], registry=registry)
+
+    def redis_fallback(self, what: str) -> None:
+        self.degraded.labels(what).inc()
+
     def breaker(self, route: str, before: str | None, state: str) -> None:
         if state == "open" and before != "open":
             self.breaker_opened.labels(route).inc()
