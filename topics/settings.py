@@ -307,6 +307,11 @@ class UsageSettings(BaseModel):
         "at most this, in exchange for fewer fetches and ledger statements.")
     shutdown_grace_s: float = Field(
         default=10.0, ge=0, description="Drain time on SIGTERM.")
+    write_timeout_s: float = Field(
+        default=10.0, gt=0,
+        description="Longest one ledger write may take, getting a connection included; one "
+        "cut off is retried like a refused one (the events wait, nothing is lost). Bounds a "
+        "connection attempt left hanging across a database restart.")
     metrics_port: int = Field(
         default=0, description="Prometheus port of the usage worker (0: no metrics endpoint).")
 

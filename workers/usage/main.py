@@ -39,8 +39,10 @@ async def run_usage(settings: Settings, stop: asyncio.Event) -> None:
         runtime.on_close_sync(serve_metrics(registry, cfg.metrics_port))
 
         async def write(events: Sequence[UsageEvent]) -> None:
+            # A TimeoutError is retried by the batcher, like a refused connection.
             with batch_seconds.time():
-                await record_usage(pool, events)
+                async with asyncio.timeout(cfg.write_timeout_s):
+                    await record_usage(pool, events)
             written.inc(len(events))
 
         batcher = UsageBatcher(write, batch_max=cfg.batch_max, linger_s=cfg.batch_linger_ms / 1000)
