@@ -1,8 +1,8 @@
 """The fault suite's quick form (`python -m bench.chaos --quick`) on a stack of its own:
-Redis SIGKILLed and restarted, then a router SIGKILLed and restarted by the supervisor, under
-open-loop load; no request hangs or is silently truncated, every 503 has Retry-After, and
-every answered request is billed exactly once. And what the full suite found in the ingress,
-as a unit test."""
+Redis SIGKILLed and restarted, then the usage worker SIGKILLed and restarted by the
+supervisor, under open-loop load; no request hangs or is silently truncated, every 503 has
+Retry-After, and every answered request is billed exactly once. And, as a unit test, what
+the full suite found in the ingress."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from topics.settings import IngressSettings
 
 async def test_quick_fault_suite_no_hang_no_truncation_exact_ledger() -> None:
     scenarios = await run(parse(["--quick"]), lambda line: None)
-    assert [s.name for s in scenarios] == ["kill-redis", "kill-router"]
+    assert [s.name for s in scenarios] == ["kill-redis", "kill-usage"]
     for scenario in scenarios:
         assert scenario.samples, scenario.name
         assert not failures(scenario), (scenario.name, failures(scenario),
