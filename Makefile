@@ -4,7 +4,7 @@
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: up test lint bench bench-latency bench-fault bench-tail bench-failover bootstrap clean model docs
+.PHONY: up test lint bench bench-latency bench-fault bench-tail bench-failover chaos bootstrap clean model docs
 
 bootstrap:
 	@bash compose/bootstrap.sh
@@ -40,6 +40,11 @@ bench-failover: bootstrap
 # Heavy-tailed TTFT: one route vs speculative racing (2, 3 routes) vs hedging at p90.
 bench-tail: bootstrap
 	$(BIN)/python -m bench.tail
+
+# The fault suite: Redis, Kafka, PostgreSQL killed and paused, a router and the usage worker
+# killed, each under load on one stack; no hang, no silent truncation, the ledger exact.
+chaos: bootstrap
+	$(BIN)/python -m bench.chaos
 
 # Retrain the prompt classifier: rewrites workers/classifier/model/prompt-classifier-v1.onnx
 # (byte-identical for the same data and library versions) and its metadata JSON.

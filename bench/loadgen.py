@@ -66,6 +66,11 @@ class Sample:
     # chunk, with the metadata, when `stream_options.include_usage` is set). Failures: the
     # reason.
     last: bytes
+    request_id: str = ""  # the answer's x-request-id header ("" when no answer came)
+    retry_after: str | None = None  # the answer's Retry-After header
+    # A stream that began (200) and then ended without [DONE]: the data of its last event
+    # (an error body when the gateway ended it with an SSE error event); else None.
+    broken_stream: bytes | None = None
 
     @property
     def ok(self) -> bool:
@@ -102,8 +107,11 @@ async def _one(session: aiohttp.ClientSession, url: str, headers: dict[str, str]
                on_sample: OnSample | None = None) -> None:
     ttft = None
     events: StreamEvents | None = None
+    request_id, retry_after = "", None
     try:
         async with session.post(url, data=payload, headers=headers) as resp:
+            request_id = resp.headers.get("x-request-id", "")
+            retry_after = resp.headers.get("retry-after")
             if resp.status != 200:
                 text = await resp.read()
                 result.errors += 1
@@ -111,7 +119,8 @@ async def _one(session: aiohttp.ClientSession, url: str, headers: dict[str, str]
                     reason = text.decode(errors="replace")[:200]
                     result.error_samples.append(f"{resp.status} {reason}")
                 if on_sample is not None:
-                    on_sample(Sample(scheduled, time.perf_counter(), resp.status, None, text))
+                    on_sample(Sample(scheduled, time.perf_counter(), resp.status, None, text,
+                                     request_id, retry_after))
                 return
             if stream:
                 events = StreamEvents(scheduled)
@@ -128,14 +137,16 @@ async def _one(session: aiohttp.ClientSession, url: str, headers: dict[str, str]
         finished = time.perf_counter()
         result.latencies_ms.append((finished - scheduled) * 1000)
         if on_sample is not None:
-            on_sample(Sample(scheduled, finished, 200, ttft, last))
+            on_sample(Sample(scheduled, finished, 200, ttft, last, request_id))
     except (aiohttp.ClientError, RuntimeError, TimeoutError) as exc:
         ttft = events.ttft_ms if events is not None else None
         result.errors += 1
         if len(result.error_samples) < 5:
             result.error_samples.append(repr(exc)[:200])
         if on_sample is not None:
-            on_sample(Sample(scheduled, time.perf_counter(), 0, ttft, repr(exc).encode()))
+            broken = events.last if events is not None else None
+            on_sample(Sample(scheduled, time.perf_counter(), 0, ttft, repr(exc).encode(),
+                             request_id, retry_after, broken))
 
 
 class StreamEvents:
@@ -338,6 +349,8 @@ class Served:
     api_key: str
     pids: dict[str, int]  # our processes and the stack's services, by name
     settings: Settings  # the gateway's
+    stack: LocalStack | None = None  # for fault benchmarks: its services
+    gateway: Gateway | None = None  # for fault benchmarks: our processes
 
 
 @contextlib.asynccontextmanager
@@ -362,7 +375,7 @@ async def single_upstream_gateway(log: Callable[[str], None],
         with Gateway(settings, logs, fake_upstream_port=fake_port, log=log) as gateway:
             yield Served(gateway.url, f"http://127.0.0.1:{fake_port}", api_key,
                          {name: p.pid for name, p in gateway.processes.items()}
-                         | stack.pids(), settings)
+                         | stack.pids(), settings, stack, gateway)
 
 
 def metadata(sample: Sample) -> dict[str, Any] | None:

@@ -41,7 +41,13 @@ TIMEOUT_HEADER = "x-switchyard-timeout-ms"
 _DEADLINE_SLACK_S = 1.0
 # Errors after which a queued request is told to stop (a router that has not started it
 # skips it), and the reason given.
-_CANCEL_ON = {"deadline_exceeded": "deadline_exceeded", "reply_channel_lost": "reply_lost"}
+_CANCEL_ON = {"deadline_exceeded": "deadline_exceeded", "reply_channel_lost": "reply_lost",
+              "queue_unavailable": "queue_unavailable"}
+# How long a produce may wait for the broker's ack: the producer's request timeout
+# (topics/kafka.py). aiokafka does not bound a send whose broker is unreachable by it (the
+# batch waits for metadata), so the wait is bounded here; a request refused so may still
+# reach the queue later, and the cancel then makes a router skip it.
+_PRODUCE_TIMEOUT_S = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,10 +134,11 @@ class Pipeline:
             headers.append((names.H_TRACEPARENT, job.traceparent.encode()))
         try:
             # Awaited to the broker's ack: once we answer anything, the request is durable.
-            await self._producer.send_and_wait(names.REQUESTS, envelope,
-                                               key=job.request_id.encode(), headers=headers)
-        except KafkaError as exc:
-            raise Unavailable(f"the request queue is unavailable: {exc}",
+            async with asyncio.timeout(min(_PRODUCE_TIMEOUT_S, job.timeout_s)):
+                await self._producer.send_and_wait(names.REQUESTS, envelope,
+                                                   key=job.request_id.encode(), headers=headers)
+        except (KafkaError, TimeoutError) as exc:
+            raise Unavailable(f"the request queue is unavailable: {exc!r}",
                               code="queue_unavailable", retry_after_s=RETRY_AFTER_S) from exc
 
     async def read_json(self, request: Request) -> dict[str, Any]:
