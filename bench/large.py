@@ -27,7 +27,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from bench.loadgen import single_upstream_gateway
+from bench.loadgen import single_upstream_gateway, write_section
 from topics.kafka import kafka_message_bytes
 from topics.settings import KafkaSettings
 
@@ -146,7 +146,7 @@ def _stored_size(value: bytes, compression: str | None) -> int:
 
 def render(rows: list[dict[str, Any]], hops: list[dict[str, Any]], command: str,
            requests: int) -> str:
-    lines = [START, "## Large prompts: added latency and the Kafka hop (issue: message size)",
+    lines = ["## Large prompts: added latency and the Kafka hop (issue: message size)",
              "", f"`{command}` on {platform.machine()} ({platform.python_version()}), one "
              f"request at a time, {requests} per cell (median). Added = through Switchyard "
              "minus straight at the fake upstream, same body.", "",
@@ -165,18 +165,7 @@ def render(rows: list[dict[str, Any]], hops: list[dict[str, Any]], command: str,
         lines.append(f"| {h['compression']} | {h['size'] / 1e6:.2f} MB | "
                      f"{h['stored'] / 1e6:.2f} MB | {h['produce_p50']:.1f} ms | "
                      f"{h['producer_cpu_p50']:.1f} ms | {h['hop_p50']:.1f} ms |")
-    lines.append(END)
     return "\n".join(lines)
-
-
-def _write_section(section: str, path: Path = RESULTS) -> None:
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        text = head + section + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip() + "\n\n" + section + "\n"
-    path.write_text(text)
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -187,7 +176,7 @@ async def main(args: argparse.Namespace) -> None:
     section = render(rows, hops, ("python -m bench.large " + " ".join(sys.argv[1:])).strip(),
                      args.requests)
     print(section)
-    _write_section(section)
+    write_section(RESULTS, START, END, section)
 
 
 def _parse(argv: list[str] | None = None) -> argparse.Namespace:
