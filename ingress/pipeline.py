@@ -18,10 +18,11 @@ from starlette.requests import Request
 
 from ingress.bodies import read_body
 from ingress.metrics import IngressMetrics
-from ingress.replies import RETRY_AFTER_S, FrameStream, ReplyRouter
+from ingress.replies import FrameStream, ReplyRouter
 from ingress.validation import parse_json_object
 from state.claims import publish_cancel
 from state.keys import KeyOwner
+from state.runtime import OUTAGE_RETRY_AFTER_S
 from topics import names
 from topics.errors import (
     ClientClosedRequest,
@@ -83,7 +84,7 @@ class Pipeline:
         if not self._replies.connected:
             # Its answer would have nowhere to arrive: refused before anything is queued.
             raise Unavailable("the gateway's reply channel (Redis) is down; try again shortly",
-                              code="reply_channel_unavailable", retry_after_s=RETRY_AFTER_S)
+                              code="reply_channel_unavailable", retry_after_s=OUTAGE_RETRY_AFTER_S)
         deadline = asyncio.get_running_loop().time() + job.timeout_s + _DEADLINE_SLACK_S
         stream = FrameStream(self._replies.open(job.request_id), deadline)
         try:
@@ -139,7 +140,7 @@ class Pipeline:
                                                    key=job.request_id.encode(), headers=headers)
         except (KafkaError, TimeoutError) as exc:
             raise Unavailable(f"the request queue is unavailable: {exc!r}",
-                              code="queue_unavailable", retry_after_s=RETRY_AFTER_S) from exc
+                              code="queue_unavailable", retry_after_s=OUTAGE_RETRY_AFTER_S) from exc
 
     async def read_json(self, request: Request) -> dict[str, Any]:
         """A model route's body as a JSON object, within the ingress's body limit."""

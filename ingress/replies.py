@@ -22,12 +22,12 @@ import logging
 import orjson
 import redis.asyncio as redis
 
+from state.runtime import OUTAGE_RETRY_AFTER_S
 from topics.errors import GatewayTimeout, Unavailable, UpstreamError
 from topics.messages import ReplyFrame, parse_frames
 
 log = logging.getLogger(__name__)
 
-RETRY_AFTER_S = 2.0  # what clients refused while the channel is down are told to wait
 _RESUBSCRIBE_MAX_S = 0.5  # the longest wait between two attempts to subscribe again
 
 
@@ -119,7 +119,7 @@ class ReplyRouter:
     def _fail_waiting(self) -> int:
         error = Unavailable("the gateway lost its reply channel (Redis) while this request "
                             "was waiting; its answer may be lost", code="reply_channel_lost",
-                            retry_after_s=RETRY_AFTER_S)
+                            retry_after_s=OUTAGE_RETRY_AFTER_S)
         raw = orjson.dumps(error.to_frame_data())
         for request_id, queue in self._queues.items():
             # An error frame is taken whatever its seq (FrameStream._check).

@@ -151,6 +151,7 @@ async def open_runtime(settings: Settings, needs: Needs | None = None) -> AsyncI
 _DATABASE_DOWN = (asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
                   asyncpg.CannotConnectNowError, asyncpg.TooManyConnectionsError,
                   asyncpg.AdminShutdownError, asyncpg.CrashShutdownError, OSError, TimeoutError)
+# What a client is told to wait (Retry-After) during an outage of our own infrastructure.
 OUTAGE_RETRY_AFTER_S = 2.0
 
 
