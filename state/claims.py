@@ -19,7 +19,7 @@ from typing import Any
 
 import redis.asyncio as redis
 
-from state.runtime import state_unavailable
+from state.runtime import outage
 from topics import names
 from topics.messages import CancelRequest
 
@@ -82,8 +82,11 @@ class Claims:
                 keys=[_CLAIM + request_id, _CANCELLED + request_id],
                 args=[self._worker_id, self._claim_ttl_ms, _ALIVE],
             )
-        except (redis.RedisError, OSError) as exc:
-            raise state_unavailable(exc) from exc
+        except Exception as exc:
+            # Only an outage is a 503; a bad script or reply is a bug and stays one.
+            if (down := outage(exc)) is None:
+                raise
+            raise down from exc
         return ClaimResult(_text(status)), _text(owner)
 
     async def finish(self, request_id: str) -> None:

@@ -160,14 +160,14 @@ def outage(exc: BaseException) -> Unavailable | None:
     what this runtime opened), else None. The one place their libraries' failures become
     errors a client may see (`ingress/call.py`, `ingress/auth.py`, `state/claims.py`)."""
     if isinstance(exc, redis.ConnectionError | redis.TimeoutError):
-        return state_unavailable(exc)
+        return _state_unavailable(exc)
     if isinstance(exc, _DATABASE_DOWN):
         return Unavailable(f"the gateway's database is unreachable: {type(exc).__name__}",
                            code="database_unavailable", retry_after_s=OUTAGE_RETRY_AFTER_S)
     return None
 
 
-def state_unavailable(exc: BaseException) -> Unavailable:
+def _state_unavailable(exc: BaseException) -> Unavailable:
     return Unavailable(f"the gateway's shared state (Redis) is unreachable: "
                        f"{type(exc).__name__}", code="state_unavailable",
                        retry_after_s=OUTAGE_RETRY_AFTER_S)
