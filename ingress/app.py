@@ -25,7 +25,7 @@ from ingress.routes import ROUTES, metric_paths
 from ingress.services import Services
 from state.bandit import PosteriorStore
 from state.breakers import BreakerConfig, Breakers
-from state.keys import KeyOwner, find_key
+from state.keys import KeyRecord, find_key
 from state.runtime import open_runtime
 from state.vault import MasterKeys
 from topics import names
@@ -56,7 +56,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             await asyncio.wait_for(subscribed.wait(), timeout=10)
             pool = runtime.pool
 
-            async def lookup(key: str) -> KeyOwner | None:
+            async def lookup(key: str) -> KeyRecord | None:
                 return await find_key(pool, key)
 
             router = settings.router

@@ -1,16 +1,25 @@
-"""Bearer API keys, checked against PostgreSQL by SHA-256 and cached briefly in-process."""
+"""Bearer credentials to a `Principal` (`topics/identity.py`): API keys checked against
+PostgreSQL by SHA-256 (`state/keys.py`) and cached briefly in-process.
+
+A cached key is re-checked at each use for what can change without the database being asked
+(its expiry); what needs the database to change (a revocation, a tenant's suspension) reaches
+every ingress through `drop_key`/`drop_tenant`/`drop_all`, fed by the revocation broadcast,
+and otherwise within the cache's TTL (`ingress.auth_cache_ttl_s`).
+"""
 
 from __future__ import annotations
 
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 
-from state.keys import KeyOwner
+from state.keys import KeyRecord
 from state.runtime import outage
-from topics.errors import Unauthorized
+from topics.errors import Forbidden, Unauthorized
+from topics.identity import Principal
 
-Lookup = Callable[[str], Awaitable[KeyOwner | None]]
+Lookup = Callable[[str], Awaitable[KeyRecord | None]]
 
 log = logging.getLogger(__name__)
 
@@ -22,10 +31,10 @@ class Authenticator:
         self._lookup = lookup
         self._ttl_s = ttl_s
         self._negative_ttl_s = negative_ttl_s
-        # key -> (owner or None, expiry). Keyed by the key itself: it never leaves the process.
-        self._cache: dict[str, tuple[KeyOwner | None, float]] = {}
+        # key -> (record or None, expiry). Keyed by the key itself: it never leaves the process.
+        self._cache: dict[str, tuple[KeyRecord | None, float]] = {}
 
-    async def authenticate(self, authorization: str | None) -> KeyOwner:
+    async def authenticate(self, authorization: str | None) -> Principal:
         if not authorization:
             raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'",
                                code="missing_api_key")
@@ -33,30 +42,53 @@ class Authenticator:
         key = key.strip()
         if scheme.lower() != "bearer" or not key:
             raise Unauthorized("malformed Authorization header: expected 'Bearer <key>'")
+        return _usable(await self._record(key))
+
+    async def _record(self, key: str) -> KeyRecord | None:
         now = time.monotonic()
         hit = self._cache.get(key)
         if hit is not None and hit[1] > now:
-            owner = hit[0]
-        else:
-            try:
-                owner = await self._lookup(key)
-            except Exception as exc:
-                if hit is None or outage(exc) is None:
-                    raise
-                # The database is down: a key known before keeps working (one revoked
-                # meanwhile too, until the database is back); asked again shortly.
-                log.warning("key lookup failed (%s); using the cached answer", exc)
-                owner = hit[0]
-                self._cache[key] = (owner, now + self._negative_ttl_s)
-                return _known(owner)
-            if len(self._cache) >= _MAX_CACHED:
-                self._cache.clear()  # crude but bounded; a refill costs one query per key
-            ttl = self._ttl_s if owner is not None else self._negative_ttl_s
-            self._cache[key] = (owner, now + ttl)
-        return _known(owner)
+            return hit[0]
+        try:
+            record = await self._lookup(key)
+        except Exception as exc:
+            if hit is None or outage(exc) is None:
+                raise
+            # The database is down: a key known before keeps working (one revoked
+            # meanwhile too, until the database is back); asked again shortly.
+            log.warning("key lookup failed (%s); using the cached answer", exc)
+            self._cache[key] = (hit[0], now + self._negative_ttl_s)
+            return hit[0]
+        if len(self._cache) >= _MAX_CACHED:
+            self._cache.clear()  # crude but bounded; a refill costs one query per key
+        ttl = self._ttl_s if record is not None else self._negative_ttl_s
+        self._cache[key] = (record, now + ttl)
+        return record
+
+    def drop_key(self, key_id: str) -> None:
+        """Forget a key revoked (or changed) elsewhere: its next use asks the database."""
+        self._drop(lambda record: record.key_id == key_id)
+
+    def drop_tenant(self, tenant_id: str) -> None:
+        """Forget every key of a tenant suspended or resumed elsewhere."""
+        self._drop(lambda record: record.tenant_id == tenant_id)
+
+    def drop_all(self) -> None:
+        """Forget everything: revocations may have been missed (the broadcast was down)."""
+        self._cache.clear()
+
+    def _drop(self, matches: Callable[[KeyRecord], bool]) -> None:
+        stale = [key for key, (record, _) in self._cache.items()
+                 if record is not None and matches(record)]
+        for key in stale:
+            del self._cache[key]
 
 
-def _known(owner: KeyOwner | None) -> KeyOwner:
-    if owner is None:
+def _usable(record: KeyRecord | None) -> Principal:
+    if record is None:
         raise Unauthorized("invalid API key")
-    return owner
+    if record.expires_at is not None and record.expires_at <= datetime.now(UTC):
+        raise Unauthorized("this API key has expired", code="key_expired")
+    if record.tenant_suspended:
+        raise Forbidden("this tenant is suspended", code="tenant_suspended")
+    return record.principal()

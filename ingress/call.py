@@ -2,42 +2,38 @@
 step, and the `Call` every handler receives.
 
 A handler is `async def handler(call: Call) -> Response`. It never authenticates: the route
-table states what each route requires (`Access`), and the endpoint built here establishes the
-request's principal before the handler runs, or answers 401 without running it. What a
-handler can reach is `Call.services` (`ingress/services.py`).
+table states the permission each route requires (`topics/identity.py`), and the endpoint
+built here establishes the request's principal and checks that its role grants that
+permission before the handler runs; otherwise it answers 401 (no or a bad credential) or 403
+`permission_denied` without running it. What a handler can reach is `Call.services`
+(`ingress/services.py`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from enum import StrEnum
 
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from ingress.services import Services
-from state.keys import KeyOwner
 from state.runtime import outage
 from topics.errors import SwitchyardError, Unauthorized
+from topics.identity import Permission, Principal
 
-
-class Access(StrEnum):
-    """What a route requires of its caller."""
-
-    PUBLIC = "public"  # nothing: probes and scrapes
-    AUTHENTICATED = "authenticated"  # a valid API key of some tenant
+PUBLIC = None  # a route anyone may call: probes and scrapes
 
 
 @dataclass(frozen=True, slots=True)
 class Call:
     request: Request
     services: Services
-    caller: KeyOwner | None  # None only on public routes
+    caller: Principal | None  # None only on public routes
 
     @property
-    def principal(self) -> KeyOwner:
+    def principal(self) -> Principal:
         """Who is calling; a public route that asks has a bug, reported as a 401."""
         if self.caller is None:
             raise Unauthorized("this route needs an API key")
@@ -59,18 +55,19 @@ class Endpoint:
     method: str
     path: str
     handler: Handler
-    access: Access
+    permission: Permission | None  # None: PUBLIC
 
     def route(self) -> Route:
-        handler, access = self.handler, self.access
+        handler, permission = self.handler, self.permission
 
         async def endpoint(request: Request) -> Response:
             services: Services = request.scope["state"]["services"]
             try:
                 caller = None
-                if access is not Access.PUBLIC:
+                if permission is not None:  # not PUBLIC
                     caller = await services.auth.authenticate(
                         request.headers.get("authorization"))
+                    caller.require(permission)
                 return await handler(Call(request, services, caller))
             except SwitchyardError:
                 raise

@@ -21,7 +21,6 @@ from ingress.metrics import IngressMetrics
 from ingress.replies import FrameStream, ReplyRouter
 from ingress.validation import parse_json_object
 from state.claims import publish_cancel
-from state.keys import KeyOwner
 from state.runtime import OUTAGE_RETRY_AFTER_S
 from topics import names
 from topics.errors import (
@@ -32,6 +31,7 @@ from topics.errors import (
     Unavailable,
     Unprocessable,
 )
+from topics.identity import Principal
 from topics.messages import Endpoint, ReplyFrame
 from topics.settings import IngressSettings
 from topics.tasks import Interrupted, unless
@@ -54,7 +54,7 @@ _PRODUCE_TIMEOUT_S = 10.0
 @dataclass(frozen=True, slots=True)
 class Submission:
     request_id: str
-    owner: KeyOwner
+    owner: Principal
     endpoint: Endpoint
     body: dict[str, Any]
     routing: dict[str, Any]

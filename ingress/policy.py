@@ -11,10 +11,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from ingress.validation import parse_model
-from state.keys import KeyOwner
 from topics.bandit import ObjectiveWeights
 from topics.catalog import Catalog, Model
 from topics.errors import Forbidden, InvalidRequest, NotFound, Unprocessable
+from topics.identity import Principal
 from topics.messages import MODES
 from topics.routing_policy import MAX_FALLBACKS, check_fallback
 
@@ -63,13 +63,18 @@ class Admission:
 
 
 def admit(body: dict[str, Any], catalog: Catalog, kind: Literal["chat", "embedding"],
-          owner: KeyOwner, tenant_header: str | None,
+          owner: Principal, tenant_header: str | None,
           mode_header: str | None = None) -> Admission:
     """Resolve the model under the request's policy, or raise the 4xx that says why not."""
     if tenant_header is not None and tenant_header != owner.tenant_id:
         raise Forbidden(f"this API key cannot act for tenant {tenant_header!r}",
                         code="tenant_mismatch", param="X-Tenant-ID")
     body = dict(body)
+    if owner.allowed_models is not None:
+        # A key limited to some models names them; `auto` and chains stay within them.
+        owner.require_model(str(body.get("model")))
+        for name in body.get("models") or ():
+            owner.require_model(str(name))
     policy = _policy(body.pop("policy", None))
     extension = _extension(body.pop("switchyard", None), mode_header, catalog)
     admission = _admit(body, catalog, kind, policy)

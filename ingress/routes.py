@@ -1,4 +1,5 @@
-"""Every HTTP route of the ingress, once: method, path, handler, and what it requires.
+"""Every HTTP route of the ingress, once: method, path, handler, and the permission it
+requires (`topics/identity.py`; PUBLIC: none).
 
 Adding a route is a handler (`async def handler(call: Call) -> Response`, see
 `ingress/call.py`) plus one line here. Nothing else lists routes: the app, the metrics'
@@ -8,25 +9,24 @@ route labels and the generated API reference (`docs/api.md`) all read this table
 from __future__ import annotations
 
 from ingress import chat, embeddings, insights, ops, routing_policy, vault
-from ingress.call import Access, Endpoint
-
-PUBLIC, AUTHENTICATED = Access.PUBLIC, Access.AUTHENTICATED
+from ingress.call import PUBLIC, Endpoint
+from topics.identity import Permission as P
 
 ROUTES: tuple[Endpoint, ...] = (
-    Endpoint("POST", "/v1/chat/completions", chat.chat_completions, AUTHENTICATED),
-    Endpoint("POST", "/v1/infer", chat.chat_completions, AUTHENTICATED),  # the seed's name
-    Endpoint("POST", "/v1/embeddings", embeddings.embeddings, AUTHENTICATED),
-    Endpoint("GET", "/v1/models", ops.models, AUTHENTICATED),
-    Endpoint("GET", "/v1/advisor", insights.advisor, AUTHENTICATED),
-    Endpoint("POST", "/v1/feedback", insights.feedback, AUTHENTICATED),
-    Endpoint("GET", "/v1/providers/stats", insights.stats, AUTHENTICATED),
-    Endpoint("POST", "/v1/vault/keys", vault.store_key, AUTHENTICATED),
-    Endpoint("GET", "/v1/vault/keys", vault.list_keys, AUTHENTICATED),
-    Endpoint("POST", "/v1/vault/keys/{provider}/rotate", vault.rotate_key, AUTHENTICATED),
-    Endpoint("DELETE", "/v1/vault/keys/{provider}", vault.delete_key, AUTHENTICATED),
-    Endpoint("GET", "/v1/routing/policy", routing_policy.get_policy, AUTHENTICATED),
-    Endpoint("PUT", "/v1/routing/policy", routing_policy.put_policy, AUTHENTICATED),
-    Endpoint("DELETE", "/v1/routing/policy", routing_policy.delete_policy, AUTHENTICATED),
+    Endpoint("POST", "/v1/chat/completions", chat.chat_completions, P.INFERENCE),
+    Endpoint("POST", "/v1/infer", chat.chat_completions, P.INFERENCE),  # the seed's name
+    Endpoint("POST", "/v1/embeddings", embeddings.embeddings, P.INFERENCE),
+    Endpoint("GET", "/v1/models", ops.models, P.MODELS_READ),
+    Endpoint("GET", "/v1/advisor", insights.advisor, P.USAGE_READ),
+    Endpoint("POST", "/v1/feedback", insights.feedback, P.INFERENCE),
+    Endpoint("GET", "/v1/providers/stats", insights.stats, P.USAGE_READ),
+    Endpoint("POST", "/v1/vault/keys", vault.store_key, P.VAULT_MANAGE),
+    Endpoint("GET", "/v1/vault/keys", vault.list_keys, P.VAULT_MANAGE),
+    Endpoint("POST", "/v1/vault/keys/{provider}/rotate", vault.rotate_key, P.VAULT_MANAGE),
+    Endpoint("DELETE", "/v1/vault/keys/{provider}", vault.delete_key, P.VAULT_MANAGE),
+    Endpoint("GET", "/v1/routing/policy", routing_policy.get_policy, P.POLICY_READ),
+    Endpoint("PUT", "/v1/routing/policy", routing_policy.put_policy, P.POLICY_WRITE),
+    Endpoint("DELETE", "/v1/routing/policy", routing_policy.delete_policy, P.POLICY_WRITE),
     Endpoint("GET", "/v1/health", ops.health, PUBLIC),
     Endpoint("GET", "/metrics", ops.metrics, PUBLIC),
 )

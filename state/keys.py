@@ -1,7 +1,8 @@
 """Tenants and API keys. A key is shown once at creation; only its SHA-256 is stored.
 
-`ingress/auth.py` checks bearer keys against them (cached briefly); `compose/cli.py`
-(`switchyard keys create`) creates them."""
+`ingress/auth.py` checks bearer keys against them (cached briefly) and turns a key into the
+request's `Principal` (`topics/identity.py`); `compose/cli.py` (`switchyard keys create`)
+creates them."""
 
 from __future__ import annotations
 
@@ -9,16 +10,30 @@ import hashlib
 import secrets
 import uuid
 from dataclasses import dataclass
+from datetime import datetime
 
 import asyncpg
+
+from topics.identity import Principal, Role
 
 KEY_PREFIX = "sy-"
 
 
 @dataclass(frozen=True, slots=True)
-class KeyOwner:
+class KeyRecord:
+    """A key that is not revoked, as authentication needs it: whether it may still be used
+    (expiry, the tenant's suspension) is decided at each use, since the record is cached."""
+
     key_id: str
     tenant_id: str
+    role: Role
+    allowed_models: frozenset[str] | None
+    expires_at: datetime | None
+    tenant_suspended: bool
+
+    def principal(self) -> Principal:
+        return Principal(tenant_id=self.tenant_id, key_id=self.key_id, role=self.role,
+                         allowed_models=self.allowed_models)
 
 
 def hash_key(api_key: str) -> bytes:
@@ -64,9 +79,17 @@ async def create_key(conn: asyncpg.Connection | asyncpg.Pool, tenant_name: str) 
     return await store_key(conn, tenant_id, api_key), api_key
 
 
-async def find_key(pool: asyncpg.Pool, api_key: str) -> KeyOwner | None:
+async def find_key(pool: asyncpg.Pool, api_key: str) -> KeyRecord | None:
+    """The key's record, or None when no such key exists or it was revoked."""
     row = await pool.fetchrow(
-        "SELECT id, tenant_id FROM api_keys WHERE key_sha256 = $1 AND revoked_at IS NULL",
+        "SELECT k.id, k.tenant_id, k.role, k.allowed_models, k.expires_at, t.status"
+        " FROM api_keys k JOIN tenants t ON t.id = k.tenant_id"
+        " WHERE k.key_sha256 = $1 AND k.revoked_at IS NULL",
         hash_key(api_key),
     )
-    return None if row is None else KeyOwner(key_id=row["id"], tenant_id=row["tenant_id"])
+    if row is None:
+        return None
+    models = row["allowed_models"]
+    return KeyRecord(key_id=row["id"], tenant_id=row["tenant_id"], role=Role(row["role"]),
+                     allowed_models=None if models is None else frozenset(models),
+                     expires_at=row["expires_at"], tenant_suspended=row["status"] != "active")

@@ -14,12 +14,14 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import asyncpg
+from asyncpg.pool import PoolConnectionProxy
 
 TENANT_SETTING = "app.tenant_id"
 
 
 @asynccontextmanager
-async def tenant_scope(pool: asyncpg.Pool, tenant_id: str) -> AsyncIterator[asyncpg.Connection]:
+async def tenant_scope(pool: asyncpg.Pool,
+                       tenant_id: str) -> AsyncIterator[PoolConnectionProxy[asyncpg.Record]]:
     """A connection in a transaction that acts for `tenant_id` only."""
     async with pool.acquire() as conn, conn.transaction():
         await conn.execute("SELECT set_config($1, $2, true)", TENANT_SETTING, tenant_id)

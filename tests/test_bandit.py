@@ -17,7 +17,6 @@ from pydantic import ValidationError
 from compose.stack import LocalStack
 from ingress.policy import admit
 from state.bandit import CachedPosteriors, Posterior, PosteriorStore
-from state.keys import KeyOwner
 from state.redis_client import make_redis
 from topics.bandit import (
     MAX_FEEDBACK_WEIGHT,
@@ -29,6 +28,7 @@ from topics.bandit import (
     reward,
 )
 from topics.catalog import load_catalog
+from topics.identity import Principal
 from topics.messages import RoutingOptions
 from topics.routing_policy import RoutingPolicy
 from topics.settings import Settings
@@ -186,7 +186,7 @@ def test_a_policy_refuses_all_zero_weights_and_numbers_as_text() -> None:
 
 def test_optimize_for_presets_are_objective_weights() -> None:
     catalog = load_catalog(Settings().catalog_path)
-    owner = KeyOwner(key_id="k", tenant_id="t")
+    owner = Principal(key_id="k", tenant_id="t")
     expected = {"balanced": ObjectiveWeights(cost=1, latency=1, quality=1),
                 "cost": ObjectiveWeights(cost=1, latency=0.2, quality=0.2),
                 "latency": ObjectiveWeights(cost=0.2, latency=1, quality=0.2),

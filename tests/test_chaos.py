@@ -19,8 +19,8 @@ from bench.chaos import failures, parse, run
 from ingress.metrics import IngressMetrics
 from ingress.pipeline import Pipeline, Submission
 from ingress.replies import ReplyRouter
-from state.keys import KeyOwner
 from topics.errors import Unavailable
+from topics.identity import Principal
 from topics.settings import IngressSettings
 
 
@@ -47,7 +47,7 @@ async def test_a_produce_the_broker_never_acknowledges_is_503_within_the_deadlin
                         redis_client=cast(redis.Redis, None),
                         replies=cast(ReplyRouter, Replies()),
                         metrics=IngressMetrics(CollectorRegistry()), max_message_bytes=1 << 20)
-    job = Submission(request_id="req_stuck", owner=KeyOwner(key_id="k", tenant_id="t"),
+    job = Submission(request_id="req_stuck", owner=Principal(key_id="k", tenant_id="t"),
                      endpoint="chat.completions", body={"model": "m", "messages": []},
                      routing={}, metadata=None, timeout_s=0.2, traceparent=None)
     started = time.monotonic()

@@ -11,7 +11,8 @@ from starlette.routing import Route
 
 from compose.gateway import Gateway
 from ingress.app import create_app
-from ingress.call import Access, Endpoint
+from ingress.call import Endpoint
+from topics.identity import Permission
 from ingress.routes import ROUTES, metric_paths
 
 INGRESS = Path(__file__).resolve().parents[1] / "ingress"
@@ -29,9 +30,9 @@ def test_the_app_serves_exactly_the_route_table() -> None:
     assert len(served) == len(ROUTES), "a method and path listed twice"
 
 
-def test_every_route_states_what_it_requires() -> None:
-    assert all(isinstance(e.access, Access) for e in ROUTES)
-    assert {e.path for e in ROUTES if e.access is Access.PUBLIC} == {"/v1/health", "/metrics"}
+def test_every_route_states_the_permission_it_requires() -> None:
+    assert all(e.permission is None or isinstance(e.permission, Permission) for e in ROUTES)
+    assert {e.path for e in ROUTES if e.permission is None} == {"/v1/health", "/metrics"}
 
 
 def test_only_the_endpoint_builder_authenticates() -> None:
@@ -49,7 +50,7 @@ def test_templated_paths_share_one_metrics_label() -> None:
     assert not any("{" in path for path in metric_paths())
 
 
-@pytest.mark.parametrize("endpoint", [e for e in ROUTES if e.access is Access.AUTHENTICATED],
+@pytest.mark.parametrize("endpoint", [e for e in ROUTES if e.permission is not None],
                          ids=lambda e: f"{e.method} {e.path}")
 async def test_an_authenticated_route_refuses_a_caller_without_a_key(
         gateway: Gateway, endpoint: Endpoint) -> None:

@@ -17,10 +17,11 @@ from compose.reference.error_codes import (
     errors_markdown,
     provider_errors_markdown,
 )
-from compose.reference.routes import routes_markdown
+from compose.reference.routes import roles_markdown, routes_markdown
 
 BLOCKS: dict[str, tuple[str, Callable[[], str]]] = {
     "routes": ("api.md", routes_markdown),
+    "roles": ("tenancy.md", roles_markdown),
     "configuration": ("configuration.md", configuration_markdown),
     "error-classes": ("errors.md", error_classes_markdown),
     "provider-errors": ("errors.md", provider_errors_markdown),

@@ -257,6 +257,13 @@ MEANINGS: dict[str, str] = {
     "image_too_large": "a data-URL image is larger than `SWITCHYARD_INGRESS__MAX_IMAGE_BYTES`",
     "invalid_api_key": "the API key is unknown or revoked, or the Authorization header is not "
                        "`Bearer <key>`",
+    "key_expired": "the API key's expiry (`expires_at`) has passed",
+    "permission_denied": "the caller's role lacks the permission the route requires; the "
+                         "message names both (docs/tenancy.md lists each role's permissions)",
+    "model_not_allowed": "the API key is limited to some models (`allowed_models`) and the "
+                         "request names another",
+    "tenant_suspended": "the tenant was suspended by a platform administrator; every key and "
+                        "session of it is refused until it is resumed",
     "invalid_field": "a field fails validation; `param` names it (e.g. `messages.0.role`, "
                      "`weights.cost`, `policy.timeout_ms`, `models`)",
     "invalid_header": "`x-switchyard-category` is not a category, or `x-switchyard-timeout-ms` "
