@@ -1,7 +1,9 @@
 """Tenants and API keys. A key is shown once at creation; only its SHA-256 is stored.
 
-`ingress/auth.py` checks bearer keys against them (cached briefly); `compose/cli.py`
-(`switchyard keys create`) creates them."""
+`ingress/auth.py` checks bearer keys against them (cached briefly) through
+`switchyard_find_key`, the one cross-tenant read the application role may make (it runs as the
+owner: state/migrations/005_isolation.sql). `compose/cli.py` (`switchyard keys create`) creates
+them as the owner role, in `platform_scope` (state/tenancy.py)."""
 
 from __future__ import annotations
 
@@ -11,6 +13,8 @@ import uuid
 from dataclasses import dataclass
 
 import asyncpg
+
+from state.tenancy import Connection, platform_scope
 
 KEY_PREFIX = "sy-"
 
@@ -29,8 +33,8 @@ def new_api_key() -> str:
     return KEY_PREFIX + secrets.token_urlsafe(32)
 
 
-async def ensure_tenant(conn: asyncpg.Connection | asyncpg.Pool, name: str) -> str:
-    """The id of the tenant called `name`, created if missing."""
+async def ensure_tenant(conn: Connection, name: str) -> str:
+    """The id of the tenant called `name`, created if missing (in a `platform_scope`)."""
     row = await conn.fetchrow(
         "INSERT INTO tenants (id, name) VALUES ($1, $2)"
         " ON CONFLICT (name) DO UPDATE SET name = EXCLUDED.name RETURNING id",
@@ -41,8 +45,9 @@ async def ensure_tenant(conn: asyncpg.Connection | asyncpg.Pool, name: str) -> s
     return str(row["id"])
 
 
-async def store_key(conn: asyncpg.Connection | asyncpg.Pool, tenant_id: str, api_key: str) -> str:
-    """Store the hash of `api_key` for the tenant (idempotent); returns the key id."""
+async def store_key(conn: Connection, tenant_id: str, api_key: str) -> str:
+    """Store the hash of `api_key` for the tenant (idempotent; in a `platform_scope`: the key
+    may already be another tenant's); returns the key id."""
     row = await conn.fetchrow(
         "INSERT INTO api_keys (id, tenant_id, key_sha256, prefix) VALUES ($1, $2, $3, $4)"
         " ON CONFLICT (key_sha256) DO UPDATE SET revoked_at = NULL RETURNING id, tenant_id",
@@ -57,16 +62,27 @@ async def store_key(conn: asyncpg.Connection | asyncpg.Pool, tenant_id: str, api
     return str(row["id"])
 
 
-async def create_key(conn: asyncpg.Connection | asyncpg.Pool, tenant_name: str) -> tuple[str, str]:
-    """A new key for the tenant (created if missing). Returns (key id, the key itself)."""
-    tenant_id = await ensure_tenant(conn, tenant_name)
+async def seed_key(db: asyncpg.Pool | Connection, tenant_name: str,
+                   api_key: str) -> str:
+    """Store `api_key` for the tenant called `tenant_name` (created if missing), as the owner
+    role; returns the key id."""
+    async with platform_scope(db) as conn:
+        return await store_key(conn, await ensure_tenant(conn, tenant_name), api_key)
+
+
+async def create_key(db: asyncpg.Pool | Connection, tenant_name: str) -> tuple[str, str]:
+    """A new key for the tenant (created if missing), as the owner role. Returns (key id, the
+    key itself)."""
     api_key = new_api_key()
-    return await store_key(conn, tenant_id, api_key), api_key
+    return await seed_key(db, tenant_name, api_key), api_key
+
+
+# Not in a tenant scope: the tenant is what the lookup finds out. The function returns the
+# key's and the tenant's whole rows; take the columns authentication needs.
+_FIND_KEY = ("SELECT (api_key).id, (api_key).tenant_id FROM switchyard_find_key($1)")
 
 
 async def find_key(pool: asyncpg.Pool, api_key: str) -> KeyOwner | None:
-    row = await pool.fetchrow(
-        "SELECT id, tenant_id FROM api_keys WHERE key_sha256 = $1 AND revoked_at IS NULL",
-        hash_key(api_key),
-    )
+    """The key's owner, or None for a key that is unknown or revoked."""
+    row = await pool.fetchrow(_FIND_KEY, hash_key(api_key))
     return None if row is None else KeyOwner(key_id=row["id"], tenant_id=row["tenant_id"])
