@@ -282,7 +282,7 @@ async def reconcile(served: Served, scenarios: list[Scenario],
                     log: Callable[[str], None]) -> None:
     """Wait for the ledger to settle (no new rows for a few seconds), then compare it with
     what the clients saw."""
-    conn = await asyncpg.connect(served.settings.postgres.dsn)
+    conn = await asyncpg.connect(served.settings.postgres.owner_dsn)
     try:
         last, stable_since, started = -1, time.monotonic(), time.monotonic()
         while time.monotonic() - stable_since < 5 and time.monotonic() - started < 90:

@@ -79,7 +79,7 @@ def main(args: argparse.Namespace) -> None:
             "fallback_upstream_url": f"{fake}/v1",
         })
         logs = Path(tempfile.mkdtemp(prefix="switchyard-compare-"))
-        api_key = asyncio.run(_api_key(settings.postgres.dsn))
+        api_key = asyncio.run(_api_key(settings.postgres.owner_dsn))
         with Gateway(settings, logs, routers=args.routers, fake_upstream_port=fake_port,
                      extra_env={openai_env: "env-key-openai"}, log=log) as gateway, \
                 LiteLLM(fake, logs, workers=args.peer_workers, log=log) as peer:

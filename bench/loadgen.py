@@ -317,7 +317,7 @@ class RoutedGateway(Children):
 
     async def tenant(self, name: str, policy: dict[str, Any] | None = None) -> str:
         """A new API key of tenant `name`, whose routing policy is then set to `policy`."""
-        conn = await asyncpg.connect(self.stack.settings.postgres.dsn)
+        conn = await asyncpg.connect(self.stack.settings.postgres.owner_dsn)
         try:
             _, api_key = await create_key(conn, name)
         finally:
@@ -366,7 +366,7 @@ async def single_upstream_gateway(log: Callable[[str], None],
             "ingress": stack.settings.ingress.model_copy(update={"port": free_port()}),
             "router": router or stack.settings.router,
             "fallback_upstream_url": f"http://127.0.0.1:{fake_port}/v1"})
-        conn = await asyncpg.connect(settings.postgres.dsn)
+        conn = await asyncpg.connect(settings.postgres.owner_dsn)
         try:
             _, api_key = await create_key(conn, "bench")
         finally:

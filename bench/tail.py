@@ -134,7 +134,7 @@ async def _ledger(bench: RoutedGateway, tenant: str,
                   calls: int) -> tuple[dict[str, int], list[float]]:
     """The tenant's billed attempts and tokens (usage_events), once the usage worker has
     recorded every provider call (or 15 s passed), and each request's router-side TTFT."""
-    conn = await asyncpg.connect(bench.stack.settings.postgres.dsn)
+    conn = await asyncpg.connect(bench.stack.settings.postgres.owner_dsn)
     try:
         row: asyncpg.Record | None = None
         for _ in range(150):

@@ -128,13 +128,15 @@ def _ingress(settings: Settings) -> None:
 
 
 async def _init(settings: Settings) -> None:
-    from state.migrations import apply_migrations
+    from state.migrations import apply_migrations, ensure_app_login
     from topics.kafka import ensure_topics
 
     created = await ensure_topics(settings.kafka)
     print(f"topics created: {', '.join(created) or 'none (all exist)'}")
-    applied = await apply_migrations(settings.postgres.dsn)
+    applied = await apply_migrations(settings.postgres.owner_dsn)
     print(f"migrations applied: {', '.join(applied) or 'none (up to date)'}")
+    login = await ensure_app_login(settings.postgres.owner_dsn, settings.postgres.dsn)
+    print(f"application role: {login}")
 
 
 async def _create_key(settings: Settings, tenant: str) -> tuple[str, str]:
@@ -142,7 +144,7 @@ async def _create_key(settings: Settings, tenant: str) -> tuple[str, str]:
 
     from state.keys import create_key
 
-    conn = await asyncpg.connect(settings.postgres.dsn)
+    conn = await asyncpg.connect(settings.postgres.owner_dsn)
     try:
         return await create_key(conn, tenant)
     finally:
@@ -169,7 +171,8 @@ def _vault(settings: Settings, command: str, key_id: str | None) -> None:
         keys = MasterKeys.from_settings(settings.vault)
         if keys is None:
             raise vault_not_configured()
-        pool = await asyncpg.create_pool(settings.postgres.dsn, min_size=1, max_size=2)
+        # Every tenant's rows: the owner role's work (state/tenancy.py platform_scope).
+        pool = await asyncpg.create_pool(settings.postgres.owner_dsn, min_size=1, max_size=2)
         try:
             return await reencrypt_all(pool, keys), await rows_by_master_key(pool)
         finally:
@@ -190,13 +193,12 @@ async def _seed_dev_key(settings: Settings) -> tuple[str, bool]:
     """The dev tenant's key: SWITCHYARD_DEV_API_KEY if set, else a new one."""
     import asyncpg
 
-    from state.keys import ensure_tenant, new_api_key, store_key
+    from state.keys import new_api_key, seed_key
 
-    conn = await asyncpg.connect(settings.postgres.dsn)
+    conn = await asyncpg.connect(settings.postgres.owner_dsn)
     try:
-        tenant_id = await ensure_tenant(conn, "dev")
         api_key = settings.dev_api_key or new_api_key()
-        await store_key(conn, tenant_id, api_key)
+        await seed_key(conn, "dev", api_key)
         return api_key, settings.dev_api_key is None
     finally:
         await conn.close()

@@ -1,7 +1,8 @@
 """The local stack: Kafka (KRaft), Redis and PostgreSQL as child processes on loopback.
 
-`with LocalStack(settings, data_dir):` gives running services with the topics created and the
-migrations applied; `with LocalStack.ephemeral() as stack:` does the same on free ports in a
+`with LocalStack(settings, data_dir):` gives running services with the topics created, the
+migrations applied (as the owner role, `postgres.owner_dsn`) and the application role able to
+log in (`postgres.dsn`); `with LocalStack.ephemeral() as stack:` does the same on free ports in a
 temp dir (see `stack.settings`), for tests.
 """
 
@@ -26,7 +27,7 @@ from typing import Any, Self, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 from compose.services import Command, Kafka, Postgres, Redis, Service, StackError
-from state.migrations import apply_migrations
+from state.migrations import apply_migrations, ensure_app_login
 from topics.kafka import ensure_topics, kafka_message_bytes
 from topics.settings import Settings
 
@@ -55,13 +56,19 @@ class LocalStack:
         self._data_dir = data_dir.absolute()
         self._log = log
         self._remove_data = remove_data_on_stop
-        pg = urlsplit(settings.postgres.dsn)
+        # PostgreSQL is initialised with the owner role as its superuser; the application
+        # role is created after the migrations (`ensure_app_login`), in the same database.
+        pg = urlsplit(settings.postgres.owner_dsn)
         user = pg.username or "postgres"
+        app = urlsplit(settings.postgres.dsn)
+        if (app.port, app.path) != (pg.port, pg.path):
+            raise StackError("postgres: postgres.dsn and postgres.owner_dsn must name the same "
+                             f"port and database (:{app.port}{app.path} and :{pg.port}{pg.path})")
         self._kafka = Kafka(self._data_dir, _port("kafka", settings.kafka.bootstrap_servers),
                             max_message_bytes=kafka_message_bytes(settings.kafka))
         self._redis = Redis(self._data_dir, _port("redis", settings.redis.url))
         self._postgres = Postgres(
-            self._data_dir, _port("postgres", settings.postgres.dsn), user,
+            self._data_dir, _port("postgres", settings.postgres.owner_dsn), user,
             pg.path.lstrip("/") or user,
         )  # fmt: skip
         self._services: tuple[Service, ...] = (self._kafka, self._redis, self._postgres)
@@ -171,8 +178,10 @@ class LocalStack:
 
         async def postgres() -> None:
             await self._bring_up(self._postgres)
-            applied = await apply_migrations(self._settings.postgres.dsn)
+            pg = self._settings.postgres
+            applied = await apply_migrations(pg.owner_dsn)
             self._log(f"stack: migrations applied: {', '.join(applied) or 'none (up to date)'}")
+            self._log(f"stack: application role: {await ensure_app_login(pg.owner_dsn, pg.dsn)}")
 
         # Independent services start concurrently; the first failure cancels the others.
         await asyncio.gather(kafka(), self._bring_up(self._redis), postgres())
@@ -268,7 +277,8 @@ def with_free_ports(settings: Settings) -> Settings:
                 update={"url": _with_port(settings.redis.url, redis)}
             ),
             "postgres": settings.postgres.model_copy(
-                update={"dsn": _with_port(settings.postgres.dsn, postgres)}
+                update={"dsn": _with_port(settings.postgres.dsn, postgres),
+                        "owner_dsn": _with_port(settings.postgres.owner_dsn, postgres)}
             ),
         }
     )

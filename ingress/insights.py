@@ -14,6 +14,7 @@ from ingress.call import Call
 from ingress.validation import parse_body
 from state.advisor import recommendations
 from state.routing_policy import get_policy
+from state.usage import answered_request
 from topics.bandit import feedback_weight
 from topics.errors import NotFound
 from topics.routing_policy import CATEGORIES, GENERAL_CATEGORY
@@ -41,10 +42,7 @@ async def feedback(call: Call) -> Response:
     it feeds the quality part of the route's reward."""
     services, tenant_id = call.services, call.principal.tenant_id
     given = parse_body(Feedback, await read_body(call.request, _MAX_FEEDBACK_BYTES))
-    served = await services.pool.fetchrow(
-        "SELECT model, category FROM usage_events WHERE request_id = $1 AND tenant_id = $2"
-        " AND status = 'ok' ORDER BY finished_at DESC LIMIT 1",
-        given.request_id, tenant_id)
+    served = await answered_request(services.pool, tenant_id, given.request_id)
     if served is None:
         # Unknown, someone else's, or not answered (yet): the same answer for all three.
         raise NotFound(f"no answered request {given.request_id!r} for this tenant",

@@ -16,6 +16,8 @@ from typing import Any
 
 import asyncpg
 
+from state.tenancy import Connection, tenant_scope
+
 
 @dataclass(frozen=True, slots=True)
 class Thresholds:
@@ -57,15 +59,16 @@ FROM usage_daily WHERE tenant_id = $1 AND day >= $3
 async def recommendations(pool: asyncpg.Pool, tenant_id: str, *, now: datetime | None = None,
                           thresholds: Thresholds = Thresholds()) -> list[dict[str, Any]]:
     now = now or datetime.now(UTC)
-    found = await _cheaper_routes(pool, tenant_id, now, thresholds)
-    found += await _error_rates(pool, tenant_id, now, thresholds)
-    found += await _pace(pool, tenant_id, now, thresholds)
+    async with tenant_scope(pool, tenant_id) as conn:
+        found = await _cheaper_routes(conn, tenant_id, now, thresholds)
+        found += await _error_rates(conn, tenant_id, now, thresholds)
+        found += await _pace(conn, tenant_id, now, thresholds)
     return found
 
 
-async def _cheaper_routes(pool: asyncpg.Pool, tenant_id: str, now: datetime,
+async def _cheaper_routes(conn: Connection, tenant_id: str, now: datetime,
                           t: Thresholds) -> list[dict[str, Any]]:
-    rows = await pool.fetch(_ROUTES_BY_CATEGORY, tenant_id, now - timedelta(days=7))
+    rows = await conn.fetch(_ROUTES_BY_CATEGORY, tenant_id, now - timedelta(days=7))
     by_category: dict[str, list[asyncpg.Record]] = {}
     for row in rows:
         if row["attempts"] >= t.min_attempts:
@@ -94,9 +97,9 @@ def _route_figures(row: asyncpg.Record) -> dict[str, Any]:
             "cost_per_attempt_usd": str(row["cost_per_attempt"].quantize(Decimal("1e-8")))}
 
 
-async def _error_rates(pool: asyncpg.Pool, tenant_id: str, now: datetime,
+async def _error_rates(conn: Connection, tenant_id: str, now: datetime,
                        t: Thresholds) -> list[dict[str, Any]]:
-    rows = await pool.fetch(_ERROR_RATES, tenant_id, now - timedelta(hours=1),
+    rows = await conn.fetch(_ERROR_RATES, tenant_id, now - timedelta(hours=1),
                             now - timedelta(hours=25))
     found = []
     for row in rows:
@@ -114,14 +117,14 @@ async def _error_rates(pool: asyncpg.Pool, tenant_id: str, now: datetime,
     return found
 
 
-async def _pace(pool: asyncpg.Pool, tenant_id: str, now: datetime,
+async def _pace(conn: Connection, tenant_id: str, now: datetime,
                 t: Thresholds) -> list[dict[str, Any]]:
     today = now.date()
     month_start = today.replace(day=1)
     last_month_start = (month_start - timedelta(days=1)).replace(day=1)
     # The same number of days into last month (clamped to its length).
     same_day_last_month = min(last_month_start + timedelta(days=today.day), month_start)
-    row = await pool.fetchrow(_SPEND, tenant_id, month_start, last_month_start,
+    row = await conn.fetchrow(_SPEND, tenant_id, month_start, last_month_start,
                               same_day_last_month)
     assert row is not None
     current, previous = row["month_to_date"], row["last_month_same_days"]

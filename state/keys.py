@@ -1,8 +1,10 @@
 """Tenants and API keys. A key is shown once at creation; only its SHA-256 is stored.
 
-`ingress/auth.py` checks bearer keys against them (cached briefly) and turns a key into the
-request's `Principal` (`topics/identity.py`); `compose/cli.py` (`switchyard keys create`)
-creates them."""
+`ingress/auth.py` checks bearer keys against them (cached briefly) through
+`switchyard_find_key`, the one cross-tenant read the application role may make (it runs as the
+owner: state/migrations/005_isolation.sql), and turns a key into the request's `Principal`
+(`topics/identity.py`). `compose/cli.py` (`switchyard keys create`) creates them as the owner
+role, in `platform_scope` (state/tenancy.py)."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from datetime import datetime
 
 import asyncpg
 
+from state.tenancy import Connection, platform_scope
 from topics.identity import Principal, Role
 
 KEY_PREFIX = "sy-"
@@ -44,8 +47,8 @@ def new_api_key() -> str:
     return KEY_PREFIX + secrets.token_urlsafe(32)
 
 
-async def ensure_tenant(conn: asyncpg.Connection | asyncpg.Pool, name: str) -> str:
-    """The id of the tenant called `name`, created if missing."""
+async def ensure_tenant(conn: Connection, name: str) -> str:
+    """The id of the tenant called `name`, created if missing (in a `platform_scope`)."""
     row = await conn.fetchrow(
         "INSERT INTO tenants (id, name) VALUES ($1, $2)"
         " ON CONFLICT (name) DO UPDATE SET name = EXCLUDED.name RETURNING id",
@@ -56,8 +59,9 @@ async def ensure_tenant(conn: asyncpg.Connection | asyncpg.Pool, name: str) -> s
     return str(row["id"])
 
 
-async def store_key(conn: asyncpg.Connection | asyncpg.Pool, tenant_id: str, api_key: str) -> str:
-    """Store the hash of `api_key` for the tenant (idempotent); returns the key id."""
+async def store_key(conn: Connection, tenant_id: str, api_key: str) -> str:
+    """Store the hash of `api_key` for the tenant (idempotent; in a `platform_scope`: the key
+    may already be another tenant's); returns the key id."""
     row = await conn.fetchrow(
         "INSERT INTO api_keys (id, tenant_id, key_sha256, prefix) VALUES ($1, $2, $3, $4)"
         " ON CONFLICT (key_sha256) DO UPDATE SET revoked_at = NULL RETURNING id, tenant_id",
@@ -72,21 +76,31 @@ async def store_key(conn: asyncpg.Connection | asyncpg.Pool, tenant_id: str, api
     return str(row["id"])
 
 
-async def create_key(conn: asyncpg.Connection | asyncpg.Pool, tenant_name: str) -> tuple[str, str]:
-    """A new key for the tenant (created if missing). Returns (key id, the key itself)."""
-    tenant_id = await ensure_tenant(conn, tenant_name)
+async def seed_key(db: asyncpg.Pool | Connection, tenant_name: str,
+                   api_key: str) -> str:
+    """Store `api_key` for the tenant called `tenant_name` (created if missing), as the owner
+    role; returns the key id."""
+    async with platform_scope(db) as conn:
+        return await store_key(conn, await ensure_tenant(conn, tenant_name), api_key)
+
+
+async def create_key(db: asyncpg.Pool | Connection, tenant_name: str) -> tuple[str, str]:
+    """A new key for the tenant (created if missing), as the owner role. Returns (key id, the
+    key itself)."""
     api_key = new_api_key()
-    return await store_key(conn, tenant_id, api_key), api_key
+    return await seed_key(db, tenant_name, api_key), api_key
+
+
+# Not in a tenant scope: the tenant is what the lookup finds out. The function returns the
+# key's and the tenant's whole rows; take the columns authentication needs.
+_FIND_KEY = ("SELECT (api_key).id, (api_key).tenant_id, (api_key).role,"
+             " (api_key).allowed_models, (api_key).expires_at, (tenant).status"
+             " FROM switchyard_find_key($1)")
 
 
 async def find_key(pool: asyncpg.Pool, api_key: str) -> KeyRecord | None:
     """The key's record, or None when no such key exists or it was revoked."""
-    row = await pool.fetchrow(
-        "SELECT k.id, k.tenant_id, k.role, k.allowed_models, k.expires_at, t.status"
-        " FROM api_keys k JOIN tenants t ON t.id = k.tenant_id"
-        " WHERE k.key_sha256 = $1 AND k.revoked_at IS NULL",
-        hash_key(api_key),
-    )
+    row = await pool.fetchrow(_FIND_KEY, hash_key(api_key))
     if row is None:
         return None
     models = row["allowed_models"]

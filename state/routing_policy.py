@@ -22,6 +22,7 @@ import orjson
 from pydantic import ValidationError
 
 from state.cache import ReadThroughCache
+from state.tenancy import tenant_scope
 from topics.errors import SwitchyardError
 from topics.routing_policy import RoutingPolicy
 
@@ -50,8 +51,9 @@ def _decode(tenant_id: str, raw: str) -> RoutingPolicy:
 
 
 async def read_policy(pool: asyncpg.Pool, tenant_id: str) -> EffectivePolicy:
-    row = await pool.fetchrow(
-        "SELECT policy, updated_at FROM routing_policies WHERE tenant_id = $1", tenant_id)
+    async with tenant_scope(pool, tenant_id) as conn:
+        row = await conn.fetchrow(
+            "SELECT policy, updated_at FROM routing_policies WHERE tenant_id = $1", tenant_id)
     if row is None:
         return EffectivePolicy(RoutingPolicy(), "default", None)
     return EffectivePolicy(_decode(tenant_id, row["policy"]), "stored", row["updated_at"])
@@ -66,18 +68,20 @@ async def put_policy(pool: asyncpg.Pool, tenant_id: str,
                      policy: RoutingPolicy) -> EffectivePolicy:
     """Store `policy` as the tenant's, replacing any earlier one. Check it against the
     catalog first (`validate_against`): this stores whatever it is given."""
-    updated_at: datetime = await pool.fetchval(
-        "INSERT INTO routing_policies (tenant_id, policy) VALUES ($1, $2::jsonb)"
-        " ON CONFLICT (tenant_id) DO UPDATE SET policy = EXCLUDED.policy, updated_at = now()"
-        " RETURNING updated_at",
-        tenant_id, orjson.dumps(policy.public()).decode())
+    async with tenant_scope(pool, tenant_id) as conn:
+        updated_at: datetime = await conn.fetchval(
+            "INSERT INTO routing_policies (tenant_id, policy) VALUES ($1, $2::jsonb)"
+            " ON CONFLICT (tenant_id) DO UPDATE SET policy = EXCLUDED.policy,"
+            " updated_at = now() RETURNING updated_at",
+            tenant_id, orjson.dumps(policy.public()).decode())
     return EffectivePolicy(policy, "stored", updated_at)
 
 
 async def delete_policy(pool: asyncpg.Pool, tenant_id: str) -> bool:
     """Back to the default policy; whether a stored one was deleted."""
-    deleted = await pool.fetchval(
-        "DELETE FROM routing_policies WHERE tenant_id = $1 RETURNING tenant_id", tenant_id)
+    async with tenant_scope(pool, tenant_id) as conn:
+        deleted = await conn.fetchval(
+            "DELETE FROM routing_policies WHERE tenant_id = $1 RETURNING tenant_id", tenant_id)
     return deleted is not None
 
 

@@ -23,6 +23,7 @@ import redis.asyncio as redis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from state.redis_client import make_redis
+from state.tenancy import check_app_role
 from topics.errors import Unavailable
 from topics.kafka import check_message_limits, make_consumer, make_producer
 from topics.settings import Settings
@@ -134,6 +135,8 @@ class Runtime:
                                              timeout=pg.connect_timeout_s,
                                              command_timeout=pg.command_timeout_s)
             self.on_close(pool.close, name="postgres pool", abort=pool.terminate, quiet=True)
+            # Fail at start on a role that row-level security does not bind (the owner's).
+            await check_app_role(pool)
             self._pool = pool
 
 

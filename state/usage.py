@@ -2,7 +2,10 @@
 
 The other files of the feature: `topics/messages.py` (`UsageEvent`, the `llm.usage` message,
 published as topics/schemas/usage.v1.json) is what the router emits per attempt;
-`workers/usage/` consumes it into this ledger; `state/advisor.py` reads the ledger."""
+`workers/usage/` consumes it into this ledger; `state/advisor.py` reads the ledger.
+
+Row-level security (state/tenancy.py) binds the writer too: a batch holds many tenants' events,
+so each tenant's share is written under that tenant, all in one transaction."""
 
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ from datetime import UTC, datetime
 
 import asyncpg
 
+from state.tenancy import act_for, tenant_scope
 from topics.messages import UsageEvent
 
 _COLUMNS = (
@@ -56,12 +60,16 @@ def _ts(ms: int) -> datetime:
 
 
 async def record_usage(pool: asyncpg.Pool, events: Sequence[UsageEvent]) -> None:
-    """Write the events that are not yet in the ledger and fold them into the rollup."""
-    unique = list({e.event_id: e for e in events}.values())
-    if not unique:
-        return
-    columns: list[list[object]] = [[] for _ in _COLUMNS]
-    for e in unique:
+    """Write the events that are not yet in the ledger and fold them into the rollup.
+
+    One transaction for the whole batch, so it is recorded entirely or not at all (the worker
+    commits offsets only after it); inside it, one statement per tenant, each acting for its
+    tenant. A batch is mostly one or a few tenants: two round trips each."""
+    by_tenant: dict[str, list[list[object]]] = {}
+    for e in {e.event_id: e for e in events}.values():
+        columns = by_tenant.get(e.tenant_id)
+        if columns is None:
+            columns = by_tenant[e.tenant_id] = [[] for _ in _COLUMNS]
         row = (
             e.event_id, e.request_id, e.tenant_id, e.key_id, e.provider, e.model, e.category,
             e.mode, e.status, e.error_code, e.prompt_tokens, e.completion_tokens,
@@ -70,4 +78,21 @@ async def record_usage(pool: asyncpg.Pool, events: Sequence[UsageEvent]) -> None
         )
         for column, value in zip(columns, row, strict=True):
             column.append(value)
-    await pool.execute(_INSERT, *columns)
+    if not by_tenant:
+        return
+    async with pool.acquire() as conn, conn.transaction():
+        for tenant_id, columns in by_tenant.items():
+            await act_for(conn, tenant_id)
+            await conn.execute(_INSERT, *columns)
+
+
+async def answered_request(pool: asyncpg.Pool, tenant_id: str,
+                           request_id: str) -> asyncpg.Record | None:
+    """The model and category that answered the tenant's request `request_id` (its last
+    successful attempt), or None: unknown, another tenant's, or not answered (yet)."""
+    async with tenant_scope(pool, tenant_id) as conn:
+        row: asyncpg.Record | None = await conn.fetchrow(
+            "SELECT model, category FROM usage_events WHERE request_id = $1 AND tenant_id = $2"
+            " AND status = 'ok' ORDER BY finished_at DESC LIMIT 1",
+            request_id, tenant_id)
+    return row

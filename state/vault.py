@@ -29,6 +29,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from state.cache import ReadThroughCache
+from state.tenancy import platform_scope, tenant_scope
 from topics.errors import NotFound, SwitchyardError, Unavailable
 from topics.settings import VaultSettings
 
@@ -187,14 +188,16 @@ async def put_key(pool: asyncpg.Pool, keys: MasterKeys, tenant_id: str, provider
                   api_key: str, config: dict[str, Any]) -> StoredKey:
     """Store the tenant's key for `provider`, replacing any earlier one (created_at kept)."""
     key_id, nonce, sealed = keys.encrypt(tenant_id, provider, api_key)
-    row = await pool.fetchrow(
-        "INSERT INTO provider_keys (tenant_id, provider, master_key_id, nonce, ciphertext,"
-        " last4, config) VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb)"
-        " ON CONFLICT (tenant_id, provider) DO UPDATE SET"
-        " master_key_id = EXCLUDED.master_key_id, nonce = EXCLUDED.nonce,"
-        " ciphertext = EXCLUDED.ciphertext, last4 = EXCLUDED.last4, config = EXCLUDED.config,"
-        f" rotated_at = now() RETURNING {_COLUMNS}",
-        tenant_id, provider, key_id, nonce, sealed, api_key[-4:], orjson.dumps(config).decode())
+    async with tenant_scope(pool, tenant_id) as conn:
+        row = await conn.fetchrow(
+            "INSERT INTO provider_keys (tenant_id, provider, master_key_id, nonce, ciphertext,"
+            " last4, config) VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb)"
+            " ON CONFLICT (tenant_id, provider) DO UPDATE SET"
+            " master_key_id = EXCLUDED.master_key_id, nonce = EXCLUDED.nonce,"
+            " ciphertext = EXCLUDED.ciphertext, last4 = EXCLUDED.last4, config = EXCLUDED.config,"
+            f" rotated_at = now() RETURNING {_COLUMNS}",
+            tenant_id, provider, key_id, nonce, sealed, api_key[-4:],
+            orjson.dumps(config).decode())
     assert row is not None
     return _stored(row)
 
@@ -203,32 +206,37 @@ async def rotate_key(pool: asyncpg.Pool, keys: MasterKeys, tenant_id: str, provi
                      api_key: str) -> StoredKey:
     """Replace the key of a provider that already has one (config kept); NotFound if none."""
     key_id, nonce, sealed = keys.encrypt(tenant_id, provider, api_key)
-    row = await pool.fetchrow(
-        "UPDATE provider_keys SET master_key_id = $3, nonce = $4, ciphertext = $5, last4 = $6,"
-        f" rotated_at = now() WHERE tenant_id = $1 AND provider = $2 RETURNING {_COLUMNS}",
-        tenant_id, provider, key_id, nonce, sealed, api_key[-4:])
+    async with tenant_scope(pool, tenant_id) as conn:
+        row = await conn.fetchrow(
+            "UPDATE provider_keys SET master_key_id = $3, nonce = $4, ciphertext = $5,"
+            " last4 = $6, rotated_at = now() WHERE tenant_id = $1 AND provider = $2"
+            f" RETURNING {_COLUMNS}",
+            tenant_id, provider, key_id, nonce, sealed, api_key[-4:])
     if row is None:
         raise no_stored_key(provider)
     return _stored(row)
 
 
 async def delete_key(pool: asyncpg.Pool, tenant_id: str, provider: str) -> None:
-    deleted = await pool.fetchval(
-        "DELETE FROM provider_keys WHERE tenant_id = $1 AND provider = $2 RETURNING provider",
-        tenant_id, provider)
+    async with tenant_scope(pool, tenant_id) as conn:
+        deleted = await conn.fetchval(
+            "DELETE FROM provider_keys WHERE tenant_id = $1 AND provider = $2"
+            " RETURNING provider", tenant_id, provider)
     if deleted is None:
         raise no_stored_key(provider)
 
 
 async def list_keys(pool: asyncpg.Pool, tenant_id: str) -> list[StoredKey]:
-    rows = await pool.fetch(
-        f"SELECT {_COLUMNS} FROM provider_keys WHERE tenant_id = $1 ORDER BY provider",
-        tenant_id)
+    async with tenant_scope(pool, tenant_id) as conn:
+        rows = await conn.fetch(
+            f"SELECT {_COLUMNS} FROM provider_keys WHERE tenant_id = $1 ORDER BY provider",
+            tenant_id)
     return [_stored(row) for row in rows]
 
 
 async def reencrypt_all(pool: asyncpg.Pool, keys: MasterKeys, *, batch_size: int = 500) -> int:
-    """Move every row not under the active master key to it; returns the rows changed.
+    """Move every row not under the active master key to it; returns the rows changed. Every
+    tenant's rows: for the owner role (`switchyard vault reencrypt`), in `platform_scope`.
 
     Batches walk the primary key, so rows skipped (changed by a writer since they were read:
     their nonce no longer matches) are not re-read forever; such a writer used a master key
@@ -236,11 +244,12 @@ async def reencrypt_all(pool: asyncpg.Pool, keys: MasterKeys, *, batch_size: int
     changed = 0
     after: tuple[str, str] = ("", "")
     while True:
-        rows = await pool.fetch(
-            "SELECT tenant_id, provider, master_key_id, nonce, ciphertext FROM provider_keys"
-            " WHERE master_key_id <> $1 AND (tenant_id, provider) > ($2, $3)"
-            " ORDER BY tenant_id, provider LIMIT $4",
-            keys.active_id, *after, batch_size)
+        async with platform_scope(pool) as conn:
+            rows = await conn.fetch(
+                "SELECT tenant_id, provider, master_key_id, nonce, ciphertext FROM provider_keys"
+                " WHERE master_key_id <> $1 AND (tenant_id, provider) > ($2, $3)"
+                " ORDER BY tenant_id, provider LIMIT $4",
+                keys.active_id, *after, batch_size)
         if not rows:
             return changed
         columns: tuple[list[Any], ...] = ([], [], [], [], [], [])
@@ -253,24 +262,27 @@ async def reencrypt_all(pool: asyncpg.Pool, keys: MasterKeys, *, batch_size: int
             for column, value in zip(columns, values, strict=True):
                 column.append(value)
         # One statement per batch; the nonce is the row's version (fresh at every write).
-        updated = await pool.fetch(
-            "UPDATE provider_keys AS p SET master_key_id = $1, nonce = u.new_nonce,"
-            " ciphertext = u.new_ciphertext"
-            " FROM unnest($2::text[], $3::text[], $4::text[], $5::bytea[], $6::bytea[],"
-            " $7::bytea[]) AS u(tenant_id, provider, old_key_id, old_nonce, new_nonce,"
-            " new_ciphertext)"
-            " WHERE p.tenant_id = u.tenant_id AND p.provider = u.provider"
-            " AND p.master_key_id = u.old_key_id AND p.nonce = u.old_nonce"
-            " RETURNING p.provider",
-            keys.active_id, *columns)
+        async with platform_scope(pool) as conn:
+            updated = await conn.fetch(
+                "UPDATE provider_keys AS p SET master_key_id = $1, nonce = u.new_nonce,"
+                " ciphertext = u.new_ciphertext"
+                " FROM unnest($2::text[], $3::text[], $4::text[], $5::bytea[], $6::bytea[],"
+                " $7::bytea[]) AS u(tenant_id, provider, old_key_id, old_nonce, new_nonce,"
+                " new_ciphertext)"
+                " WHERE p.tenant_id = u.tenant_id AND p.provider = u.provider"
+                " AND p.master_key_id = u.old_key_id AND p.nonce = u.old_nonce"
+                " RETURNING p.provider",
+                keys.active_id, *columns)
         changed += len(updated)
         after = (rows[-1]["tenant_id"], rows[-1]["provider"])
 
 
 async def rows_by_master_key(pool: asyncpg.Pool) -> dict[str, int]:
-    """How many stored keys each master key encrypts: an old key may go once it has none."""
-    rows = await pool.fetch(
-        "SELECT master_key_id, count(*) AS n FROM provider_keys GROUP BY 1 ORDER BY 1")
+    """How many stored keys each master key encrypts: an old key may go once it has none.
+    Every tenant's rows: for the owner role, like `reencrypt_all`."""
+    async with platform_scope(pool) as conn:
+        rows = await conn.fetch(
+            "SELECT master_key_id, count(*) AS n FROM provider_keys GROUP BY 1 ORDER BY 1")
     return {row["master_key_id"]: row["n"] for row in rows}
 
 
@@ -296,9 +308,10 @@ class TenantKeys:
         self._cache.invalidate((tenant_id, provider))
 
     async def _load(self, slot: tuple[str, str]) -> str | None:
-        row = await self._pool.fetchrow(
-            "SELECT master_key_id, nonce, ciphertext FROM provider_keys"
-            " WHERE tenant_id = $1 AND provider = $2", *slot)
+        async with tenant_scope(self._pool, slot[0]) as conn:
+            row = await conn.fetchrow(
+                "SELECT master_key_id, nonce, ciphertext FROM provider_keys"
+                " WHERE tenant_id = $1 AND provider = $2", *slot)
         if row is None:
             return None
         if self._keys is None:

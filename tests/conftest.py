@@ -145,6 +145,17 @@ def gateway(stack: LocalStack, tmp_path_factory: pytest.TempPathFactory) -> Iter
 
 @pytest.fixture(scope="session")
 async def pg(stack: LocalStack) -> AsyncIterator[asyncpg.Pool]:
+    """The owner role's pool (`postgres.owner_dsn`, the local stack's superuser): what the
+    admin commands use, and what a test uses to set up and inspect every tenant's rows."""
+    pool = await asyncpg.create_pool(stack.settings.postgres.owner_dsn, min_size=1, max_size=4)
+    yield pool
+    await pool.close()
+
+
+@pytest.fixture(scope="session")
+async def app_pg(stack: LocalStack) -> AsyncIterator[asyncpg.Pool]:
+    """The application role's pool (`postgres.dsn`): what the gateway's processes use, bound
+    by row-level security."""
     pool = await asyncpg.create_pool(stack.settings.postgres.dsn, min_size=1, max_size=4)
     yield pool
     await pool.close()

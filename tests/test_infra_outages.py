@@ -42,7 +42,7 @@ def outage_stack(tmp_path: Path) -> Iterator[tuple[LocalStack, Gateway]]:
 
 
 async def _key(stack: LocalStack) -> str:
-    conn = await asyncpg.connect(stack.settings.postgres.dsn)
+    conn = await asyncpg.connect(stack.settings.postgres.owner_dsn)
     try:
         return (await create_key(conn, "outage"))[1]
     finally:
@@ -151,7 +151,7 @@ async def test_postgres_killed_and_restarted_keeps_known_keys_serving_and_bills_
 
 
 async def _tenant_of(stack: LocalStack, key: str) -> str:
-    conn = await asyncpg.connect(stack.settings.postgres.dsn)
+    conn = await asyncpg.connect(stack.settings.postgres.owner_dsn)
     try:
         tenant: str = await conn.fetchval(
             "SELECT tenant_id FROM api_keys WHERE key_sha256 = $1", hash_key(key))
@@ -161,7 +161,7 @@ async def _tenant_of(stack: LocalStack, key: str) -> str:
 
 
 async def _billed(stack: LocalStack, tenant_id: str, expected: int) -> bool:
-    conn = await asyncpg.connect(stack.settings.postgres.dsn)
+    conn = await asyncpg.connect(stack.settings.postgres.owner_dsn)
     try:
         rows = await conn.fetchval("SELECT count(*) FROM usage_events WHERE tenant_id = $1"
                                    " AND status = 'ok'", tenant_id)

@@ -4,6 +4,7 @@ validation of shapes and names, the eligibility rules, and the router's cached r
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from pydantic import ValidationError
 from compose.gateway import Gateway
 from state.keys import create_key
 from state.routing_policy import PolicyCache, delete_policy, get_policy, put_policy
+from state.tenancy import Connection
 from topics.catalog import Catalog, load_catalog
 from topics.errors import SwitchyardError
 from topics.routing_policy import (
@@ -373,15 +375,19 @@ def test_the_model_refuses_what_no_policy_may_say() -> None:
 
 
 async def test_policy_cache_serves_within_its_ttl_and_rereads_after(
-        tenant: Tenant, pg: asyncpg.Pool) -> None:
+        tenant: Tenant, app_pg: asyncpg.Pool) -> None:
     now = [0.0]
     reads = [0]
 
     class CountingPool:
-        async def fetchrow(self, query: str, *args: Any) -> asyncpg.Record | None:
+        """The router's pool (the application role), counting the connections it lends."""
+
+        @contextlib.asynccontextmanager
+        async def acquire(self) -> AsyncIterator[Connection]:
             reads[0] += 1
             await asyncio.sleep(0.01)  # long enough for every caller to find the read under way
-            return await pg.fetchrow(query, *args)
+            async with app_pg.acquire() as conn:
+                yield conn
 
     cache = PolicyCache(cast(asyncpg.Pool, CountingPool()), 5.0, clock=lambda: now[0])
     got = await asyncio.gather(*(cache.policy_for(tenant.id) for _ in range(20)))
@@ -389,7 +395,7 @@ async def test_policy_cache_serves_within_its_ttl_and_rereads_after(
     assert reads[0] == 1
 
     pinned = RoutingPolicy(pinned_routes={"math": "gemini-2.5-pro"})
-    await put_policy(pg, tenant.id, pinned)
+    await put_policy(app_pg, tenant.id, pinned)
     now[0] = 4.9
     assert await cache.policy_for(tenant.id) == RoutingPolicy()  # the default is cached too
     assert reads[0] == 1
@@ -399,15 +405,15 @@ async def test_policy_cache_serves_within_its_ttl_and_rereads_after(
     assert await cache.policy_for(tenant.id) == pinned
     assert reads[0] == 2
 
-    await delete_policy(pg, tenant.id)
+    await delete_policy(app_pg, tenant.id)
     cache.invalidate(tenant.id)
     assert await cache.policy_for(tenant.id) == RoutingPolicy()
     assert reads[0] == 3
 
 
 async def test_policy_cache_is_bounded_and_does_not_cache_errors(
-        tenant: Tenant, pg: asyncpg.Pool) -> None:
-    cache = PolicyCache(pg, 60.0, max_entries=2)
+        tenant: Tenant, pg: asyncpg.Pool, app_pg: asyncpg.Pool) -> None:
+    cache = PolicyCache(app_pg, 60.0, max_entries=2)
     for name in ("a", "b", "c"):
         await cache.policy_for(f"{tenant.id}-{name}")  # no row: the default
     assert len(cache._cache) == 2

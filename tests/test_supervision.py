@@ -157,7 +157,7 @@ async def test_a_router_with_work_in_flight_stops_in_bounded_time_while_kafka_is
 
 
 async def _api_key(settings: Settings) -> str:
-    conn = await asyncpg.connect(settings.postgres.dsn)
+    conn = await asyncpg.connect(settings.postgres.owner_dsn)
     try:
         _, api_key = await create_key(conn, "supervised")
     finally:

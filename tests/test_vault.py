@@ -4,6 +4,7 @@ router's cached reader, and that no key ever shows up in a response, the table o
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 import sys
@@ -20,6 +21,7 @@ import pytest
 from compose.gateway import Gateway
 from compose.stack import free_port
 from state.keys import create_key
+from state.tenancy import Connection
 from state.vault import MasterKeys, TenantKeys, put_key, reencrypt_all
 from tests.conftest import eventually
 from topics.errors import SwitchyardError
@@ -90,7 +92,7 @@ def assert_error(response: httpx.Response, status: int, code: str,
 
 
 async def test_store_list_rotate_delete_over_http(tenant: Tenant, other_tenant: Tenant,
-                                                  gateway: Gateway, pg: asyncpg.Pool) -> None:
+                                                  gateway: Gateway, app_pg: asyncpg.Pool) -> None:
     first, second = new_secret(), new_secret()
     seen: list[str] = []
     stored = await tenant.http.post(KEYS, json={"provider": "openai", "api_key": first,
@@ -117,7 +119,7 @@ async def test_store_list_rotate_delete_over_http(tenant: Tenant, other_tenant: 
     assert rotated.json()["last4"] == second[-4:]
     assert rotated.json()["config"] == {"organization": "org-1"}  # rotation keeps config
     assert rotated.json()["rotated_at"] is not None
-    reader = TenantKeys(pg, gateway_keys(gateway), ttl_s=0)
+    reader = TenantKeys(app_pg, gateway_keys(gateway), ttl_s=0)
     assert await reader.key_for(tenant.id, "openai") == second
 
     replaced = await tenant.http.post(KEYS, json={"provider": "openai", "api_key": first})
@@ -213,12 +215,24 @@ async def test_master_key_rotation_with_the_cli_and_reencrypt_all(
 
     # A writer still on the old active key, racing the pass: its row is left alone (it changed
     # since it was read) and moved by the next pass.
-    class RacingPool:
+    class RacingConnection:
+        def __init__(self, conn: Connection) -> None:
+            self._conn = conn
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._conn, name)
+
         async def fetch(self, query: str, *args: Any) -> list[asyncpg.Record]:
             if query.startswith("UPDATE"):
                 await put_key(pg, MasterKeys.parse(k1, "k1"), tenant.id, "openai", "sk-raced-1",
                               {})
-            return await pg.fetch(query, *args)
+            return await self._conn.fetch(query, *args)
+
+    class RacingPool:
+        @contextlib.asynccontextmanager
+        async def acquire(self) -> AsyncIterator[Any]:
+            async with pg.acquire() as conn:
+                yield RacingConnection(conn)
 
     await put_key(pg, MasterKeys.parse(k1, "k1"), tenant.id, "gemini", new_secret(), {})
     await put_key(pg, MasterKeys.parse(k1, "k1"), tenant.id, "openai", plain["openai"], {})
@@ -250,26 +264,30 @@ async def test_a_row_under_an_unconfigured_master_key_is_a_clear_error(
 
 
 async def test_tenant_keys_caches_for_its_ttl_and_reads_once(
-        tenant: Tenant, pg: asyncpg.Pool, gateway: Gateway) -> None:
+        tenant: Tenant, app_pg: asyncpg.Pool, gateway: Gateway) -> None:
     keys, now = gateway_keys(gateway), [0.0]
     reads = [0]
 
     class CountingPool:
-        async def fetchrow(self, query: str, *args: Any) -> asyncpg.Record | None:
+        """The router's pool (the application role), counting the connections it lends."""
+
+        @contextlib.asynccontextmanager
+        async def acquire(self) -> AsyncIterator[Connection]:
             reads[0] += 1
             await asyncio.sleep(0.01)  # long enough for every caller to find the read under way
-            return await pg.fetchrow(query, *args)
+            async with app_pg.acquire() as conn:
+                yield conn
 
     reader = TenantKeys(cast(asyncpg.Pool, CountingPool()), keys, ttl_s=30,
                         clock=lambda: now[0])
     assert await reader.key_for(tenant.id, "openai") is None
-    await put_key(pg, keys, tenant.id, "openai", "sk-first-key", {})
+    await put_key(app_pg, keys, tenant.id, "openai", "sk-first-key", {})
     assert await reader.key_for(tenant.id, "openai") is None  # the absence is cached too
     now[0] = 31
     got = await asyncio.gather(*(reader.key_for(tenant.id, "openai") for _ in range(20)))
     assert set(got) == {"sk-first-key"}
     assert reads[0] == 2
-    await put_key(pg, keys, tenant.id, "openai", "sk-second-key", {})
+    await put_key(app_pg, keys, tenant.id, "openai", "sk-second-key", {})
     assert await reader.key_for(tenant.id, "openai") == "sk-first-key"
     reader.invalidate(tenant.id, "openai")
     assert await reader.key_for(tenant.id, "openai") == "sk-second-key"

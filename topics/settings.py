@@ -88,8 +88,17 @@ class RedisSettings(BaseModel):
 class PostgresSettings(BaseModel):
     """API keys, the vault, routing policies, the usage ledger."""
 
-    dsn: str = Field(default="postgresql://switchyard@127.0.0.1:15432/switchyard",
-                     description="PostgreSQL connection string.")
+    dsn: str = Field(
+        default="postgresql://switchyard_app@127.0.0.1:15432/switchyard",
+        description="What the gateway's processes connect with: a role that is "
+        "`switchyard_app` or a member of it, owns no table and cannot bypass row-level "
+        "security (a process refuses to start otherwise). Each transaction acts for one "
+        "tenant (docs/operations.md, \"Database roles and tenant isolation\").")
+    owner_dsn: str = Field(
+        default="postgresql://switchyard@127.0.0.1:15432/switchyard",
+        description="What migrations and the admin commands connect with (`switchyard "
+        "init`, `keys create`, `vault reencrypt`): the role that owns the tables. Same "
+        "database as `dsn`; give it to those commands only, never to the processes.")
     pool_min: int = Field(default=1, ge=1, description="asyncpg pool minimum, per process.")
     pool_max: int = Field(default=8, ge=1, description="asyncpg pool maximum, per process.")
     connect_timeout_s: float = Field(
