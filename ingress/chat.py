@@ -15,6 +15,7 @@ from starlette.responses import Response
 
 from ingress.call import Call
 from ingress.errors import error_response, sse_error_event
+from ingress.money import exact_costs
 from ingress.pipeline import Pipeline, Submission, client_gone
 from ingress.policy import MODE_HEADER, admit
 from ingress.replies import FrameStream
@@ -118,7 +119,7 @@ def _completion_response(frame: ReplyFrame) -> Response:
     if not isinstance(completion, dict):
         return error_response(UpstreamError("the provider's answer was incomplete",
                                             code="reply_incomplete"))
-    completion["metadata"] = done.get("metadata")
+    completion["metadata"] = exact_costs(done.get("metadata"))
     return Response(orjson.dumps(completion), media_type="application/json")
 
 
@@ -126,4 +127,4 @@ def _usage_chunk(last_chunk: dict[str, Any], done: dict[str, Any]) -> dict[str, 
     return {"id": last_chunk.get("id", ""), "object": "chat.completion.chunk",
             "created": last_chunk.get("created", int(time.time())),
             "model": last_chunk.get("model", ""), "choices": [], "usage": done["usage"],
-            "metadata": done.get("metadata")}
+            "metadata": exact_costs(done.get("metadata"))}
