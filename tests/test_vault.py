@@ -167,7 +167,8 @@ async def test_a_rotate_without_a_body_reencrypts_under_the_active_master_key(
     await put_key(pg, k1, tenant.id, "anthropic", secret, {"region": "eu"})
     before = (await tenant.http.get(KEYS)).json()["keys"][0]
 
-    for body in (None, {}):  # no body at all, and an empty object
+    bodies: tuple[dict[str, Any] | None, ...] = (None, {})
+    for body in bodies:  # no body at all, and an empty object
         rotated = await tenant.http.post(f"{KEYS}/anthropic/rotate", json=body)
         assert rotated.status_code == 200, rotated.text
         view = rotated.json()
@@ -177,9 +178,8 @@ async def test_a_rotate_without_a_body_reencrypts_under_the_active_master_key(
         assert view["rotated_at"] is not None
         assert await TenantKeys(pg, k1, ttl_s=0).key_for(tenant.id, "anthropic") == secret
         before = view
-    row = await pg.fetchrow("SELECT master_key_id FROM provider_keys WHERE tenant_id = $1",
-                            tenant.id)
-    assert row["master_key_id"] == "k1"
+    assert await pg.fetchval("SELECT master_key_id FROM provider_keys WHERE tenant_id = $1",
+                             tenant.id) == "k1"
     assert_error(await tenant.http.post(f"{KEYS}/openai/rotate"), 404,
                  "provider_key_not_found", "provider")
 
