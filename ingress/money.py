@@ -22,10 +22,12 @@ _MONEY = "cost_usd"  # a key that ends so holds US dollars: `cost_usd`, `total_c
 
 
 def usd_text(amount: Decimal) -> str:
-    """Fixed-point digits, never an exponent: `6E-8` is written `0.00000006`."""
+    """Fixed-point digits, never an exponent, without trailing zeros: `6E-8` is written
+    `0.00000006`, the ledger's `0.0001337500` `0.00013375`."""
     if not amount.is_finite():
         raise ValueError(f"not an amount of money: {amount}")
-    return format(amount, "f")
+    text = format(amount, "f")  # exact: no rounding context is involved
+    return text.rstrip("0").rstrip(".") if "." in text else text
 
 
 def usd_number(amount: Decimal) -> orjson.Fragment:
