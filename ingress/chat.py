@@ -17,7 +17,7 @@ from ingress.call import Call
 from ingress.errors import error_response, sse_error_event
 from ingress.money import exact_costs
 from ingress.pipeline import Pipeline, Submission, client_gone
-from ingress.policy import MODE_HEADER, admit
+from ingress.policy import MODE_HEADER, admit, fold_content_parts
 from ingress.replies import FrameStream
 from ingress.schema import validate_chat
 from topics.errors import InvalidRequest, SwitchyardError, UpstreamError
@@ -30,7 +30,7 @@ async def chat_completions(call: Call) -> Response:
     `stream_options.include_usage`, final `data: [DONE]`); the seed product's `/v1/infer`."""
     request, pipeline, owner = call.request, call.services.pipeline, call.principal
     request_id = call.request_id
-    body = await pipeline.read_json(request)
+    body = fold_content_parts(await pipeline.read_json(request))
     chat = validate_chat(body, pipeline.settings.max_image_bytes)
     admitted = admit(body, call.services.catalog, "chat", owner,
                      request.headers.get("x-tenant-id"), request.headers.get(MODE_HEADER))
