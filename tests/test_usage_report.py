@@ -204,7 +204,7 @@ async def test_usage_needs_an_api_key(gateway: Gateway) -> None:
             assert_openai_error(await anonymous.get(path), 401, "missing_api_key")
 
 
-PROVIDER_MIGRATION = MIGRATIONS_DIR / "005_usage_daily_provider.sql"
+PROVIDER_MIGRATION = MIGRATIONS_DIR / "008_usage_daily_provider.sql"
 
 
 async def test_the_migration_rebuilds_the_rollup_by_provider(

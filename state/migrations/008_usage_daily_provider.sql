@@ -9,6 +9,10 @@
 -- the old key, then fails and retries its batch (at-least-once, idempotent by event_id) once
 -- it runs the new code.
 
+-- Row-level security binds the owner too (005_isolation.sql): this transaction acts for the
+-- platform, or the rebuild would see and write no row.
+SELECT set_config('app.platform', 'on', true);
+
 LOCK TABLE usage_events IN SHARE MODE;
 LOCK TABLE usage_daily IN ACCESS EXCLUSIVE MODE;
 
