@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -18,7 +19,7 @@ from ingress.auth import Authenticator
 from ingress.errors import on_http_exception, on_switchyard_error
 from ingress.metrics import IngressMetrics
 from ingress.middleware import RequestIdentity
-from ingress.ops import model_listing
+from ingress.ops import model_listing, package_version
 from ingress.pipeline import Pipeline
 from ingress.replies import ReplyRouter
 from ingress.routes import ROUTES, metric_paths
@@ -43,9 +44,11 @@ def create_app(settings: Settings | None = None) -> Starlette:
     # Malformed master keys fail the start; absent ones make the vault routes 503.
     master_keys = MasterKeys.from_settings(settings.vault)
     metrics = IngressMetrics(CollectorRegistry())
+    version = package_version()
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[dict[str, Any]]:
+        started_s = time.monotonic()
         async with open_runtime(settings) as runtime:
             replies = ReplyRouter(runtime.redis, names.reply_channel(uuid.uuid4().hex),
                                   check_s=settings.redis.reply_check_s,
@@ -70,7 +73,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 metrics=metrics, producer=runtime.producer, redis=runtime.redis, pool=pool,
                 posteriors=PosteriorStore(runtime.redis, half_life_s=router.bandit_half_life_s),
                 breakers=Breakers(runtime.redis, BreakerConfig.from_settings(router)),
-                master_keys=master_keys, model_listing=model_listing(catalog))
+                master_keys=master_keys, model_listing=model_listing(catalog),
+                version=version, started_s=started_s)
             settle_heap()
             log.info("ingress ready; replies on %s", replies.channel)
             yield {"services": services}

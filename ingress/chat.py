@@ -15,8 +15,9 @@ from starlette.responses import Response
 
 from ingress.call import Call
 from ingress.errors import error_response, sse_error_event
+from ingress.money import exact_costs
 from ingress.pipeline import Pipeline, Submission, client_gone
-from ingress.policy import MODE_HEADER, admit
+from ingress.policy import MODE_HEADER, admit, fold_content_parts
 from ingress.replies import FrameStream
 from ingress.schema import validate_chat
 from topics.errors import InvalidRequest, SwitchyardError, UpstreamError
@@ -29,7 +30,7 @@ async def chat_completions(call: Call) -> Response:
     `stream_options.include_usage`, final `data: [DONE]`); the seed product's `/v1/infer`."""
     request, pipeline, owner = call.request, call.services.pipeline, call.principal
     request_id = call.request_id
-    body = await pipeline.read_json(request)
+    body = fold_content_parts(await pipeline.read_json(request))
     chat = validate_chat(body, pipeline.settings.max_image_bytes)
     admitted = admit(body, call.services.catalog, "chat", owner,
                      request.headers.get("x-tenant-id"), request.headers.get(MODE_HEADER))
@@ -118,7 +119,7 @@ def _completion_response(frame: ReplyFrame) -> Response:
     if not isinstance(completion, dict):
         return error_response(UpstreamError("the provider's answer was incomplete",
                                             code="reply_incomplete"))
-    completion["metadata"] = done.get("metadata")
+    completion["metadata"] = exact_costs(done.get("metadata"))
     return Response(orjson.dumps(completion), media_type="application/json")
 
 
@@ -126,4 +127,4 @@ def _usage_chunk(last_chunk: dict[str, Any], done: dict[str, Any]) -> dict[str, 
     return {"id": last_chunk.get("id", ""), "object": "chat.completion.chunk",
             "created": last_chunk.get("created", int(time.time())),
             "model": last_chunk.get("model", ""), "choices": [], "usage": done["usage"],
-            "metadata": done.get("metadata")}
+            "metadata": exact_costs(done.get("metadata"))}

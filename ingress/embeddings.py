@@ -8,6 +8,7 @@ import orjson
 from starlette.responses import Response
 
 from ingress.call import Call
+from ingress.money import exact_costs
 from ingress.pipeline import Submission, client_gone
 from ingress.policy import MODE_HEADER, admit
 from ingress.schema import validate_embeddings
@@ -31,5 +32,5 @@ async def embeddings(call: Call) -> Response:
     result: Any = first.data.get("embeddings")
     if not isinstance(result, dict):
         raise UpstreamError("the provider's answer was incomplete", code="reply_incomplete")
-    result["metadata"] = first.data.get("metadata")
+    result["metadata"] = exact_costs(first.data.get("metadata"))
     return Response(orjson.dumps(result), media_type="application/json")

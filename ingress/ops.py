@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
+import time
 from collections.abc import Awaitable, Callable
 
 import orjson
@@ -15,15 +17,16 @@ from topics.catalog import Catalog
 
 
 async def models(call: Call) -> Response:
-    """The model catalog in OpenAI's list shape, plus prices, context window, capabilities,
-    class, aliases and `serves`."""
+    """The model catalog in OpenAI's list shape (and the seed's `models`), plus prices,
+    context window, capabilities, class, aliases and `serves`."""
     return Response(call.services.model_listing, media_type="application/json")
 
 
 def model_listing(catalog: Catalog) -> bytes:
     """GET /v1/models's body, built once per process. OpenAI's list shape; the catalog's
-    facts ride along as extra fields on each model."""
-    return orjson.dumps({"object": "list", "data": [
+    facts ride along as extra fields on each model. The same entries again under `models`:
+    the seed product's Rust SDK reads that key (/work/shared/SEED-API.md)."""
+    data = [
         {"id": m.id, "object": "model", "created": 0, "owned_by": m.provider,
          "kind": m.kind, "class": m.class_, "aliases": m.aliases, "serves": m.serves,
          "capabilities": m.capabilities, "context_window": m.context_window,
@@ -31,11 +34,21 @@ def model_listing(catalog: Catalog) -> bytes:
                      "input_per_mtok": str(m.input_per_mtok),
                      "cached_input_per_mtok": str(m.cached_input_per_mtok),
                      "output_per_mtok": str(m.output_per_mtok)}}
-        for m in catalog.models]})
+        for m in catalog.models]
+    return orjson.dumps({"object": "list", "data": data, "models": data})
+
+
+def package_version() -> str:
+    """The installed package's version, read once at start (`ingress/app.py`)."""
+    try:
+        return importlib.metadata.version("switchyard")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree, not installed
+        return "0+unknown"
 
 
 async def health(call: Call) -> Response:
-    """Checks Kafka, Redis and PostgreSQL; 503 with `checks` naming what is down."""
+    """Checks Kafka, Redis and PostgreSQL, with the version and uptime; 503 with `checks`
+    naming what is down."""
     checks = _dependency_checks(call.services)
     timeout_s = call.services.settings.ingress.health_timeout_s
 
@@ -49,7 +62,11 @@ async def health(call: Call) -> Response:
 
     results = dict(await asyncio.gather(*(check(name) for name in checks)))
     down = [name for name, state in results.items() if state != "ok"]
-    body: dict[str, object] = {"status": "ok" if not down else "degraded", "checks": results}
+    # Whole seconds: an integer decodes into a client's integer and float fields alike.
+    uptime_s = int(time.monotonic() - call.services.started_s)
+    body: dict[str, object] = {"status": "ok" if not down else "degraded",
+                               "version": call.services.version, "uptime": uptime_s,
+                               "uptime_seconds": uptime_s, "checks": results}
     if down:
         body["error"] = {"message": f"unavailable: {', '.join(down)}",
                          "type": "server_error", "code": "dependency_down", "param": None}

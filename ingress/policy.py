@@ -1,7 +1,8 @@
 """The request shapes of the product Switchyard replaces: an optional `policy` object and a
-`metadata` object on the body, and the `X-Tenant-ID` header; and our own routing extension:
-a `switchyard` object on the body and the `x-switchyard-mode` header. The objects are taken
-off the body (providers would reject them) and travel in the request envelope instead."""
+`metadata` object on the body, `content_parts` on messages, and the `X-Tenant-ID` header; and
+our own routing extension: a `switchyard` object on the body and the `x-switchyard-mode`
+header. The objects are taken off the body (providers would reject them) and travel in the
+request envelope instead; `content_parts` become the message's OpenAI content list."""
 
 from __future__ import annotations
 
@@ -81,6 +82,36 @@ def admit(body: dict[str, Any], catalog: Catalog, kind: Literal["chat", "embeddi
     if extension:
         admission.routing.update(extension)
     return admission
+
+
+def fold_content_parts(body: dict[str, Any]) -> dict[str, Any]:
+    """The seed shape's `messages[].content_parts` (a list of OpenAI content parts) folded
+    into each message's `content` list, after its text: what every dialect translates, and
+    what the validation that follows checks (image sizes included). `body` itself when no
+    message has any (the common case: nothing is copied)."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not any(
+            isinstance(m, dict) and "content_parts" in m for m in messages):
+        return body
+    folded = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or "content_parts" not in message:
+            folded.append(message)
+            continue
+        message = dict(message)
+        parts = message.pop("content_parts")
+        if parts is not None and (not isinstance(parts, list)
+                                  or not all(isinstance(p, dict) for p in parts)):
+            raise Unprocessable("content_parts must be a list of content part objects",
+                                code="invalid_field", param=f"messages.{i}.content_parts")
+        content = message.get("content")
+        if parts and (content is None or isinstance(content, str | list)):
+            # (Content of any other type is left for the validation to refuse.)
+            before = ([{"type": "text", "text": content}] if isinstance(content, str) and content
+                      else content if isinstance(content, list) else [])
+            message["content"] = [*before, *parts]
+        folded.append(message)
+    return {**body, "messages": folded}
 
 
 def _admit(body: dict[str, Any], catalog: Catalog, kind: Literal["chat", "embedding"],

@@ -8,7 +8,7 @@ route labels and the generated API reference (`docs/api.md`) all read this table
 
 from __future__ import annotations
 
-from ingress import chat, embeddings, insights, ops, routing_policy, vault
+from ingress import chat, embeddings, insights, ops, routing_policy, usage, vault
 from ingress.call import PUBLIC, Endpoint
 from topics.identity import Permission as P
 
@@ -20,6 +20,9 @@ ROUTES: tuple[Endpoint, ...] = (
     Endpoint("GET", "/v1/advisor", insights.advisor, P.USAGE_READ),
     Endpoint("POST", "/v1/feedback", insights.feedback, P.INFERENCE),
     Endpoint("GET", "/v1/providers/stats", insights.stats, P.USAGE_READ),
+    # The whole tenant's usage: `usage:read` (a key's own usage would be `usage:read_own`).
+    Endpoint("GET", "/v1/usage", usage.usage, P.USAGE_READ),
+    Endpoint("GET", "/v1/usage/history", usage.usage_history, P.USAGE_READ),
     Endpoint("POST", "/v1/vault/keys", vault.store_key, P.VAULT_MANAGE),
     Endpoint("GET", "/v1/vault/keys", vault.list_keys, P.VAULT_MANAGE),
     Endpoint("POST", "/v1/vault/keys/{provider}/rotate", vault.rotate_key, P.VAULT_MANAGE),

@@ -35,3 +35,5 @@ class Services:
     # None: no master key configured; every vault route answers 503.
     master_keys: MasterKeys | None
     model_listing: bytes  # GET /v1/models, the same for every caller (`ingress/ops.py`)
+    version: str  # of the installed package, for GET /v1/health
+    started_s: float  # time.monotonic() when the lifespan began: GET /v1/health's uptime

@@ -2,7 +2,12 @@
 DELETE /v1/vault/keys/{provider}. The tenant is the one of the bearer API key; a key sent
 here is encrypted before it reaches the database and only its last four characters return.
 Storage and encryption: `state/vault.py`; routers read the keys through
-`workers/router/routes.py`."""
+`workers/router/routes.py`.
+
+The shapes are the seed product's too (/work/shared/SEED-API.md): a key object carries
+`{provider, key_id, created_at, rotated_at}` (RFC 3339 times, `key_id` naming the stored
+version), the listing has the keys under `keys` as well as OpenAI's `data`, and a rotate may
+come without a body (the stored key re-encrypted under the active master key)."""
 
 from __future__ import annotations
 
@@ -81,7 +86,7 @@ def _config_problem(value: Any, depth: int) -> str | None:
 
 
 class RotateKey(_Strict):
-    api_key: ApiKey
+    api_key: ApiKey | None = None  # None (or no body at all): re-encrypt the stored key
 
 
 async def store_key(call: Call) -> Response:
@@ -99,18 +104,26 @@ async def list_keys(call: Call) -> Response:
     """The tenant's stored provider keys, last four characters only."""
     _master_keys(call)
     stored = await vault.list_keys(call.services.pool, call.principal.tenant_id)
-    return json_response({"object": "list", "data": [s.public() for s in stored]})
+    views = [s.public() for s in stored]
+    # `data` for OpenAI-style list readers, `keys` for the seed product's SDKs.
+    return json_response({"object": "list", "data": views, "keys": views})
 
 
 async def rotate_key(call: Call) -> Response:
-    """Replace a stored provider key, `{api_key}`."""
+    """Replace a stored provider key, `{api_key}`; with no body (or `{}`), re-encrypt the
+    stored key under the active master key (a new `key_id`)."""
     owner, keys = call.principal, _master_keys(call)
     provider: str = call.request.path_params["provider"]
-    body = parse_body(RotateKey, await read_body(call.request, MAX_BODY_BYTES))
+    raw = await read_body(call.request, MAX_BODY_BYTES)
+    body = parse_body(RotateKey, raw) if raw.strip() else RotateKey()
     _check_provider(call.services.catalog, provider)
-    stored = await vault.rotate_key(call.services.pool, keys, owner.tenant_id, provider,
-                                    body.api_key)
-    log.info("tenant %s rotated its %s key", owner.tenant_id, provider)
+    pool = call.services.pool
+    if body.api_key is None:
+        stored = await vault.reencrypt_key(pool, keys, owner.tenant_id, provider)
+        log.info("tenant %s re-encrypted its %s key", owner.tenant_id, provider)
+    else:
+        stored = await vault.rotate_key(pool, keys, owner.tenant_id, provider, body.api_key)
+        log.info("tenant %s rotated its %s key", owner.tenant_id, provider)
     return json_response(stored.public())
 
 

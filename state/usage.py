@@ -1,8 +1,10 @@
-"""The usage ledger: one row per attempt, written once, with its daily rollup.
+"""The usage ledger: one row per attempt, written once, with its daily rollup (per tenant,
+UTC day, model and provider).
 
 The other files of the feature: `topics/messages.py` (`UsageEvent`, the `llm.usage` message,
 published as topics/schemas/usage.v1.json) is what the router emits per attempt;
-`workers/usage/` consumes it into this ledger; `state/advisor.py` reads the ledger.
+`workers/usage/` consumes it into this ledger; `state/advisor.py` reads the ledger;
+`state/usage_report.py` reads ledger and rollup for GET /v1/usage and /v1/usage/history.
 
 Row-level security (state/tenancy.py) binds the writer too: a batch holds many tenants' events,
 so each tenant's share is written under that tenant, all in one transaction."""
@@ -37,15 +39,15 @@ WITH incoming AS (
     INSERT INTO usage_events ({", ".join(_COLUMNS)})
     SELECT {", ".join(_COLUMNS)} FROM incoming
     ON CONFLICT (event_id) DO NOTHING
-    RETURNING tenant_id, (started_at AT TIME ZONE 'UTC')::date AS day, model, attempt,
-              prompt_tokens, completion_tokens, cached_tokens, cost_usd
+    RETURNING tenant_id, (started_at AT TIME ZONE 'UTC')::date AS day, model, provider,
+              attempt, prompt_tokens, completion_tokens, cached_tokens, cost_usd
 )
-INSERT INTO usage_daily AS d (tenant_id, day, model, requests, attempts, prompt_tokens,
-                              completion_tokens, cached_tokens, cost_usd)
-SELECT tenant_id, day, model, count(*) FILTER (WHERE attempt = 1), count(*),
+INSERT INTO usage_daily AS d (tenant_id, day, model, provider, requests, attempts,
+                              prompt_tokens, completion_tokens, cached_tokens, cost_usd)
+SELECT tenant_id, day, model, provider, count(*) FILTER (WHERE attempt = 1), count(*),
        sum(prompt_tokens), sum(completion_tokens), sum(cached_tokens), sum(cost_usd)
-FROM inserted GROUP BY tenant_id, day, model
-ON CONFLICT (tenant_id, day, model) DO UPDATE SET
+FROM inserted GROUP BY tenant_id, day, model, provider
+ON CONFLICT (tenant_id, day, model, provider) DO UPDATE SET
     requests = d.requests + EXCLUDED.requests,
     attempts = d.attempts + EXCLUDED.attempts,
     prompt_tokens = d.prompt_tokens + EXCLUDED.prompt_tokens,

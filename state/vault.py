@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import os
 import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -40,7 +41,8 @@ ACTIVE_KEY_ENV = "SWITCHYARD_VAULT__ACTIVE_KEY_ID"
 _KEY_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _HEX_KEY = re.compile(r"[0-9a-fA-F]{64}")
 _AAD_VERSION = b"switchyard.provider_keys.v1"
-_COLUMNS = "tenant_id, provider, master_key_id, last4, config, created_at, rotated_at"
+_COLUMNS = ("tenant_id, provider, master_key_id, nonce, last4, config, created_at,"
+            " rotated_at")
 
 
 def vault_not_configured() -> Unavailable:
@@ -147,12 +149,26 @@ def _aad(tenant_id: str, provider: str) -> bytes:
     return b"\x00".join((_AAD_VERSION, tenant_id.encode(), provider.encode()))
 
 
+def key_version_id(nonce: bytes) -> str:
+    """The id of one stored version of a key: every write of a row (store, replace, rotate,
+    re-encryption under another master key) draws a fresh random nonce, so a digest of the
+    nonce names the version without a column of its own, and changes exactly when the stored
+    ciphertext does. A digest, not the nonce: the API has no business showing crypto
+    material, and the id's form stays free to change."""
+    return "pk_" + hashlib.sha256(nonce).hexdigest()[:24]
+
+
+def _rfc3339(moment: datetime) -> str:
+    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
 @dataclass(frozen=True, slots=True, repr=False)
 class StoredKey:
     """What may be shown of a stored key: never the key, only its last four characters."""
 
     tenant_id: str
     provider: str
+    key_id: str  # this version of the stored key (`key_version_id`)
     last4: str
     config: dict[str, Any]
     master_key_id: str
@@ -160,11 +176,12 @@ class StoredKey:
     rotated_at: datetime | None
 
     def public(self) -> dict[str, Any]:
-        """The API's view (unix seconds like OpenAI's objects; no master key id)."""
-        return {"object": "vault.key", "provider": self.provider, "last4": self.last4,
-                "config": self.config, "created_at": int(self.created_at.timestamp()),
-                "rotated_at": None if self.rotated_at is None
-                else int(self.rotated_at.timestamp())}
+        """The API's view, the seed product's key object `{provider, key_id, created_at,
+        rotated_at}` (RFC 3339 times, or null) plus `last4` and `config`; no master key id."""
+        return {"object": "vault.key", "provider": self.provider, "key_id": self.key_id,
+                "last4": self.last4, "config": self.config,
+                "created_at": _rfc3339(self.created_at),
+                "rotated_at": None if self.rotated_at is None else _rfc3339(self.rotated_at)}
 
     def __repr__(self) -> str:
         # Config values are the tenant's; only their names are printed.
@@ -174,7 +191,8 @@ class StoredKey:
 
 
 def _stored(row: asyncpg.Record) -> StoredKey:
-    return StoredKey(tenant_id=row["tenant_id"], provider=row["provider"], last4=row["last4"],
+    return StoredKey(tenant_id=row["tenant_id"], provider=row["provider"],
+                     key_id=key_version_id(row["nonce"]), last4=row["last4"],
                      config=orjson.loads(row["config"]), master_key_id=row["master_key_id"],
                      created_at=row["created_at"], rotated_at=row["rotated_at"])
 
@@ -187,16 +205,16 @@ def no_stored_key(provider: str) -> NotFound:
 async def put_key(pool: asyncpg.Pool, keys: MasterKeys, tenant_id: str, provider: str,
                   api_key: str, config: dict[str, Any]) -> StoredKey:
     """Store the tenant's key for `provider`, replacing any earlier one (created_at kept)."""
-    key_id, nonce, sealed = keys.encrypt(tenant_id, provider, api_key)
+    master_id, nonce, sealed = keys.encrypt(tenant_id, provider, api_key)
     async with tenant_scope(pool, tenant_id) as conn:
         row = await conn.fetchrow(
             "INSERT INTO provider_keys (tenant_id, provider, master_key_id, nonce, ciphertext,"
             " last4, config) VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb)"
             " ON CONFLICT (tenant_id, provider) DO UPDATE SET"
             " master_key_id = EXCLUDED.master_key_id, nonce = EXCLUDED.nonce,"
-            " ciphertext = EXCLUDED.ciphertext, last4 = EXCLUDED.last4, config = EXCLUDED.config,"
-            f" rotated_at = now() RETURNING {_COLUMNS}",
-            tenant_id, provider, key_id, nonce, sealed, api_key[-4:],
+            " ciphertext = EXCLUDED.ciphertext, last4 = EXCLUDED.last4,"
+            f" config = EXCLUDED.config, rotated_at = now() RETURNING {_COLUMNS}",
+            tenant_id, provider, master_id, nonce, sealed, api_key[-4:],
             orjson.dumps(config).decode())
     assert row is not None
     return _stored(row)
@@ -205,16 +223,40 @@ async def put_key(pool: asyncpg.Pool, keys: MasterKeys, tenant_id: str, provider
 async def rotate_key(pool: asyncpg.Pool, keys: MasterKeys, tenant_id: str, provider: str,
                      api_key: str) -> StoredKey:
     """Replace the key of a provider that already has one (config kept); NotFound if none."""
-    key_id, nonce, sealed = keys.encrypt(tenant_id, provider, api_key)
+    master_id, nonce, sealed = keys.encrypt(tenant_id, provider, api_key)
     async with tenant_scope(pool, tenant_id) as conn:
         row = await conn.fetchrow(
             "UPDATE provider_keys SET master_key_id = $3, nonce = $4, ciphertext = $5,"
             " last4 = $6, rotated_at = now() WHERE tenant_id = $1 AND provider = $2"
             f" RETURNING {_COLUMNS}",
-            tenant_id, provider, key_id, nonce, sealed, api_key[-4:])
+            tenant_id, provider, master_id, nonce, sealed, api_key[-4:])
     if row is None:
         raise no_stored_key(provider)
     return _stored(row)
+
+
+async def reencrypt_key(pool: asyncpg.Pool, keys: MasterKeys, tenant_id: str,
+                        provider: str) -> StoredKey:
+    """Rotate without a new key (the seed product's body-less rotate): the stored key, as it
+    is, encrypted again under the active master key with a fresh nonce, so a new `key_id`.
+    NotFound if none is stored; a row under a master key no longer configured cannot be
+    read, and says so (503 `master_key_not_configured`)."""
+    async with tenant_scope(pool, tenant_id) as conn:
+        # FOR UPDATE: a concurrent replace waits, instead of being overwritten by the old key.
+        row = await conn.fetchrow(
+            "SELECT master_key_id, nonce, ciphertext FROM provider_keys"
+            " WHERE tenant_id = $1 AND provider = $2 FOR UPDATE", tenant_id, provider)
+        if row is None:
+            raise no_stored_key(provider)
+        plain = keys.decrypt(tenant_id, provider, row["master_key_id"], row["nonce"],
+                             row["ciphertext"])
+        master_id, nonce, sealed = keys.encrypt(tenant_id, provider, plain)
+        updated = await conn.fetchrow(
+            "UPDATE provider_keys SET master_key_id = $3, nonce = $4, ciphertext = $5,"
+            " rotated_at = now() WHERE tenant_id = $1 AND provider = $2"
+            f" RETURNING {_COLUMNS}", tenant_id, provider, master_id, nonce, sealed)
+    assert updated is not None  # the row is locked by this transaction
+    return _stored(updated)
 
 
 async def delete_key(pool: asyncpg.Pool, tenant_id: str, provider: str) -> None:

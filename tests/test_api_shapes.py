@@ -27,12 +27,12 @@ async def test_infer_is_chat_completions_under_the_seed_name(http: httpx.AsyncCl
     metadata = body["metadata"]
     # The seed's four fields, then ours: the model, the mode, whether a fallback served it
     # and every attempt made.
-    assert set(metadata) == {"provider", "model", "latency_ms", "cost_usd", "cache_hit",
-                             "mode", "fallback", "attempts"}
+    assert set(metadata) == {"provider", "model", "latency_ms", "cost_usd", "cost_usd_exact",
+                             "cache_hit", "mode", "fallback", "attempts"}
     assert metadata["mode"] == "auto"
     assert metadata["fallback"] is False
     assert [a["status"] for a in metadata["attempts"]] == ["ok"]
-    assert metadata["attempts"][0]["cost_usd"] == metadata["cost_usd"]
+    assert metadata["attempts"][0]["cost_usd_exact"] == metadata["cost_usd_exact"]
 
 
 async def test_policy_provider_serves_the_same_class_from_that_provider(
@@ -105,7 +105,10 @@ async def test_embeddings_through_the_pipeline_with_usage_and_cost(
     assert result.usage.prompt_tokens == 3
     body = response.http_response.json()
     # 3 tokens at $0.02 per million
-    assert Decimal(body["metadata"]["cost_usd"]) == Decimal("0.00000006")
+    exact = body["metadata"]["cost_usd_exact"]
+    assert Decimal(exact) == Decimal("0.00000006")
+    assert "E" not in exact.upper()  # fixed-point digits, never 6E-8
+    assert body["metadata"]["cost_usd"] == 0.00000006  # a JSON number with those digits
 
     request_id = response.headers["x-request-id"]
     rows = await eventually(lambda: pg.fetch(
@@ -160,7 +163,7 @@ async def test_streamed_cost_equals_the_hand_computation(client: openai.AsyncOpe
     metadata = (last.model_extra or {})["metadata"]
     # 400 uncached in at $0.75/M + 600 cached at $0.075/M + 40 out at $4.50/M
     expected = (400 * Decimal("0.75") + 600 * Decimal("0.075") + 40 * Decimal("4.50")) / 10**6
-    assert Decimal(metadata["cost_usd"]) == expected
+    assert Decimal(metadata["cost_usd_exact"]) == expected
     assert last.usage is not None
     assert last.usage.prompt_tokens_details is not None
     assert last.usage.prompt_tokens_details.cached_tokens == 600

@@ -4,6 +4,7 @@ Redis pub/sub → HTTP/SSE, with the official OpenAI SDK as the client."""
 from __future__ import annotations
 
 import asyncio
+from typing import cast
 
 import openai
 from openai.types.chat import ChatCompletionMessageParam
@@ -33,7 +34,9 @@ async def test_non_streaming_completion(client: openai.AsyncOpenAI, fake: FakeAd
     assert metadata is not None
     assert metadata["provider"] == "openai"
     # 40 input tokens at $0.15/M + 12 output tokens at $0.60/M
-    assert metadata["cost_usd"] == "0.0000132"
+    assert metadata["cost_usd_exact"] == "0.0000132"
+    # A JSON number written with those digits (the SDK's type says str; it does not check).
+    assert cast(object, metadata["cost_usd"]) == 0.0000132
 
 
 async def test_streaming_every_chunk_in_order_then_usage(client: openai.AsyncOpenAI,

@@ -58,7 +58,9 @@ async def test_stream_with_usage_and_exact_cost(client: openai.AsyncOpenAI, fake
             usage.completion_tokens) == (500, 200, 9)
     _, price_in, price_cached, price_out = ROUTES[model]
     expected = (300 * price_in + 200 * price_cached + 9 * price_out) / 10**6
-    assert Decimal((chunks[-1].model_extra or {})["metadata"]["cost_usd"]) == expected
+    metadata = (chunks[-1].model_extra or {})["metadata"]
+    assert Decimal(metadata["cost_usd_exact"]) == expected
+    assert metadata["cost_usd"] == float(expected)  # a JSON number with the same digits
 
 
 @MODELS

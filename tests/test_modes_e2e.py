@@ -242,12 +242,12 @@ async def test_a_race_streams_the_fastest_route_and_cancels_the_others(
     # The losers' connections were closed at once, long before their first token was due.
     stats = await eventually(lambda: _with_disconnects(fake, 2), timeout_s=2.0)
     assert stats["open_streams"] == 0
-    assert Decimal(metadata["cost_usd"]) == sum(Decimal(a["cost_usd"]) for a in
-                                                metadata["attempts"])
+    assert Decimal(metadata["cost_usd_exact"]) == sum(Decimal(a["cost_usd_exact"]) for a in
+                                                      metadata["attempts"])
     rows = await ledger(pg, response.headers["x-request-id"], 3)
     assert sorted((r["model"], r["status"]) for r in rows) == \
         sorted([(A, "cancelled"), (B, "cancelled"), (C, "ok")])
-    assert sum(r["cost_usd"] for r in rows) == Decimal(metadata["cost_usd"])
+    assert sum(r["cost_usd"] for r in rows) == Decimal(metadata["cost_usd_exact"])
 
 
 async def _with_disconnects(fake: FakeAdmin, count: int) -> dict[str, Any] | None:
@@ -322,7 +322,7 @@ async def test_the_council_returns_the_answer_the_judge_scores_best(
     # Cost: every call made, the judge's included, as the ledger has it.
     rows = await ledger(pg, response.headers["x-request-id"], 4)
     assert sorted(r["model"] for r in rows) == sorted([A, B, C, JUDGE])
-    assert sum(r["cost_usd"] for r in rows) == Decimal(metadata["cost_usd"])
+    assert sum(r["cost_usd"] for r in rows) == Decimal(metadata["cost_usd_exact"])
     assert body["usage"]["completion_tokens"] == sum(r["completion_tokens"] for r in rows)
 
 
@@ -338,7 +338,7 @@ async def test_a_council_member_timing_out_does_not_fail_the_request(
     assert council["winner"]["model"] == A
     rows = await ledger(pg, response.headers["x-request-id"], 4)
     assert sum(r["cost_usd"] for r in rows) == \
-        Decimal(response.json()["metadata"]["cost_usd"])
+        Decimal(response.json()["metadata"]["cost_usd_exact"])
 
 
 async def test_a_council_below_quorum_fails_loudly(tenant: Tenant, fake: FakeAdmin) -> None:
@@ -385,7 +385,7 @@ async def test_a_council_can_return_a_synthesis(tenant: Tenant, fake: FakeAdmin,
     assert council["output"] == "synthesis"
     assert council["synthesis"]["model"] == JUDGE
     rows = await ledger(pg, response.headers["x-request-id"], 5)
-    assert sum(r["cost_usd"] for r in rows) == Decimal(body["metadata"]["cost_usd"])
+    assert sum(r["cost_usd"] for r in rows) == Decimal(body["metadata"]["cost_usd_exact"])
 
 
 # --- client disconnect --------------------------------------------------------------------

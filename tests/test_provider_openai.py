@@ -83,6 +83,18 @@ async def test_tools_pass_through_and_arguments_stream_as_valid_json(
     assert [c for c in chunks if c["choices"]][-1]["choices"][0]["finish_reason"] == "tool_calls"
 
 
+async def test_a_whole_tool_call_answer_has_string_content(adapter: OpenAICompat,
+                                                             fake: FakeUpstream) -> None:
+    # The upstream writes `content: null` beside the tool call, as OpenAI does; the seed
+    # product's Rust SDK cannot decode a null there, so the dialect hands on "".
+    body = {"model": "x", "messages": MESSAGES, "tools": TOOLS, "tool_choice": "auto"}
+    result = await adapter.complete(route(fake), body, "r")
+    message = result["choices"][0]["message"]
+    assert message["content"] == ""
+    assert message["tool_calls"][0]["function"]["name"] == "lookup"
+    assert ChatCompletion.model_validate(result).choices[0].message.tool_calls
+
+
 async def test_json_mode_answers_a_json_document(adapter: OpenAICompat,
                                                  fake: FakeUpstream) -> None:
     body = {"model": "x", "messages": MESSAGES, "response_format": {"type": "json_object"}}

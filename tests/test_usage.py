@@ -22,12 +22,12 @@ from topics.messages import UsageEvent
 
 AGREEMENT = """
 SELECT count(*) FROM (
-    SELECT tenant_id, (started_at AT TIME ZONE 'UTC')::date AS day, model,
+    SELECT tenant_id, (started_at AT TIME ZONE 'UTC')::date AS day, model, provider,
            count(*) FILTER (WHERE attempt = 1) AS requests, count(*) AS attempts,
            sum(prompt_tokens) AS prompt_tokens, sum(completion_tokens) AS completion_tokens,
            sum(cached_tokens) AS cached_tokens, sum(cost_usd) AS cost_usd
-    FROM usage_events GROUP BY 1, 2, 3
-) ledger FULL JOIN usage_daily rollup USING (tenant_id, day, model)
+    FROM usage_events GROUP BY 1, 2, 3, 4
+) ledger FULL JOIN usage_daily rollup USING (tenant_id, day, model, provider)
 WHERE ledger IS DISTINCT FROM NULL AND rollup IS DISTINCT FROM NULL
   AND (ledger.requests, ledger.attempts, ledger.prompt_tokens, ledger.completion_tokens,
        ledger.cached_tokens, ledger.cost_usd)

@@ -11,6 +11,7 @@ import sys
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any, cast
 
@@ -104,11 +105,13 @@ async def test_store_list_rotate_delete_over_http(tenant: Tenant, other_tenant: 
     assert view["last4"] == first[-4:]
     assert view["config"] == {"organization": "org-1"}
     assert view["rotated_at"] is None
-    assert isinstance(view["created_at"], int)
+    # The seed product's key object: RFC 3339 times, and an id of this stored version.
+    assert datetime.fromisoformat(view["created_at"]).tzinfo is not None
+    assert view["key_id"].startswith("pk_")
 
     listing = await tenant.http.get(KEYS)
     seen.append(listing.text)
-    assert listing.json() == {"object": "list", "data": [view]}
+    assert listing.json() == {"object": "list", "data": [view], "keys": [view]}
     assert (await other_tenant.http.get(KEYS)).json()["data"] == []  # tenants are apart
     assert_error(await other_tenant.http.delete(f"{KEYS}/openai"), 404,
                  "provider_key_not_found", "provider")
@@ -118,7 +121,9 @@ async def test_store_list_rotate_delete_over_http(tenant: Tenant, other_tenant: 
     assert rotated.status_code == 200, rotated.text
     assert rotated.json()["last4"] == second[-4:]
     assert rotated.json()["config"] == {"organization": "org-1"}  # rotation keeps config
-    assert rotated.json()["rotated_at"] is not None
+    assert datetime.fromisoformat(rotated.json()["rotated_at"]) >= \
+        datetime.fromisoformat(view["created_at"])
+    assert rotated.json()["key_id"] != view["key_id"]  # a new version of the stored key
     reader = TenantKeys(app_pg, gateway_keys(gateway), ttl_s=0)
     assert await reader.key_for(tenant.id, "openai") == second
 
@@ -145,6 +150,40 @@ async def test_store_list_rotate_delete_over_http(tenant: Tenant, other_tenant: 
         for secret in (first, second, master.partition(":")[2]):
             assert secret not in text, f"a secret is in {log}"
     assert gateway.log_file("ingress").exists()
+
+
+async def test_a_rotate_without_a_body_reencrypts_under_the_active_master_key(
+        tenant: Tenant, pg: asyncpg.Pool, gateway: Gateway) -> None:
+    """The seed product's SDKs rotate with no body: the key stays, its ciphertext is new."""
+    secret, k1 = new_secret(), gateway_keys(gateway)
+    k0 = MasterKeys.generate("k0")  # an older master key, still configured beside k1
+    both = MasterKeys.parse(f"{k0},{gateway.settings.vault.master_keys.get_secret_value()}",
+                            "k0")
+    old = await put_key(pg, both, tenant.id, "anthropic", secret, {"region": "eu"})
+    assert old.master_key_id == "k0"
+
+    # A row under a master key the gateway no longer has cannot be re-encrypted by it.
+    message = assert_error(await tenant.http.post(f"{KEYS}/anthropic/rotate"), 503,
+                           "master_key_not_configured")
+    assert "'k0'" in message
+    await put_key(pg, k1, tenant.id, "anthropic", secret, {"region": "eu"})
+    before = (await tenant.http.get(KEYS)).json()["keys"][0]
+
+    bodies: tuple[dict[str, Any] | None, ...] = (None, {})
+    for body in bodies:  # no body at all, and an empty object
+        rotated = await tenant.http.post(f"{KEYS}/anthropic/rotate", json=body)
+        assert rotated.status_code == 200, rotated.text
+        view = rotated.json()
+        assert view["key_id"] != before["key_id"]
+        assert (view["last4"], view["config"]) == (secret[-4:], {"region": "eu"})
+        assert view["created_at"] == before["created_at"]
+        assert view["rotated_at"] is not None
+        assert await TenantKeys(pg, k1, ttl_s=0).key_for(tenant.id, "anthropic") == secret
+        before = view
+    assert await pg.fetchval("SELECT master_key_id FROM provider_keys WHERE tenant_id = $1",
+                             tenant.id) == "k1"
+    assert_error(await tenant.http.post(f"{KEYS}/openai/rotate"), 404,
+                 "provider_key_not_found", "provider")
 
 
 async def test_the_table_holds_no_plaintext(tenant: Tenant, pg: asyncpg.Pool) -> None:

@@ -270,6 +270,8 @@ MEANINGS: dict[str, str] = {
                       "is not a number of milliseconds within "
                       "(0, `SWITCHYARD_INGRESS__MAX_DEADLINE_S`]",
     "invalid_json": "the body is not valid JSON, or not a JSON object",
+    "invalid_query": "a query parameter is malformed or out of range (`period`, `start`, `end`, "
+    "`group_by` of `GET /v1/usage` and `/v1/usage/history`); `param` names it",
     "invalid_request": "a request field the chosen provider's dialect cannot translate is "
                        "malformed (`param` names it), e.g. a message without content or a tool "
                        "call without an id",

@@ -148,8 +148,10 @@ def to_completion(route: Route, message: dict[str, Any],
         elif kind == "thinking":
             reasoning.append(str(block.get("thinking") or ""))
         # redacted_thinking and server-tool blocks have no Chat Completions counterpart
-    content: str | None = "".join(texts) if texts or not calls else None
-    if json_tool is not None:
+    # A string even when the answer is only tool calls: "" where OpenAI writes null, which
+    # the seed product's Rust SDK cannot decode (workers/providers/base.py `text_content`).
+    content = "".join(texts)
+    if json_tool is not None and document is not None:
         content = document  # the tool was forced: the document is the whole answer
     out: dict[str, Any] = {"role": "assistant", "content": content, "refusal": None}
     if calls:

@@ -4,7 +4,8 @@ interface the router calls, and an SSE reader with an idle-gap timeout.
 Every dialect speaks OpenAI Chat Completions to the router: it takes an OpenAI request body
 and returns an OpenAI `chat.completion` object, or yields OpenAI `chat.completion.chunk`
 objects whose last one carries `usage` (with empty `choices`). Translation lives entirely
-inside the dialect module."""
+inside the dialect module. A whole answer's `message.content` is always a string (`""` where
+OpenAI writes null beside tool calls): see `text_content`."""
 
 from __future__ import annotations
 
@@ -87,10 +88,23 @@ class Usage:
                      reasoning_tokens=int(completion.get("reasoning_tokens") or 0))
 
 
+def text_content(completion: dict[str, Any]) -> dict[str, Any]:
+    """`completion` (in place) with every choice's `message.content` a string: OpenAI writes
+    null for a message that carries only tool calls (or a refusal), and the seed product's Rust
+    SDK fails to decode a null there (/work/shared/SEED-API.md); "" means the same to the
+    official SDKs. The translating dialects write "" themselves."""
+    for choice in completion.get("choices") or ():
+        message = choice.get("message") if isinstance(choice, dict) else None
+        if isinstance(message, dict) and message.get("content") is None:
+            message["content"] = ""
+    return completion
+
+
 class Dialect(Protocol):
     async def complete(self, route: Route, body: dict[str, Any],
                        request_id: str) -> dict[str, Any]:
-        """One OpenAI `chat.completion` object for an OpenAI request body."""
+        """One OpenAI `chat.completion` object for an OpenAI request body; every choice's
+        `message.content` a string (`text_content`)."""
         ...
 
     def stream(self, route: Route, body: dict[str, Any],

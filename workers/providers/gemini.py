@@ -183,7 +183,8 @@ def completion(route: Route, data: dict[str, Any], request_id: str) -> dict[str,
                       for k, (call, signature) in enumerate(calls)]
         message: dict[str, Any] = {
             "role": "assistant", "refusal": None, "annotations": [],
-            "content": "".join(texts) if texts or not tool_calls else None}
+            # "" (never null) beside tool calls: see base.py `text_content`.
+            "content": "".join(texts)}
         if tool_calls:
             message["tool_calls"] = tool_calls
         choices.append({"index": index, "message": message, "logprobs": _logprobs(candidate),

@@ -19,6 +19,7 @@ from workers.providers.base import (
     Route,
     provider_answer,
     provider_events,
+    text_content,
 )
 from workers.providers.errors import (
     kind_of_status,
@@ -38,7 +39,7 @@ class OpenAICompat:
                        request_id: str) -> dict[str, Any]:
         payload = {**body, "model": route.upstream_model, "stream": False}
         payload.pop("stream_options", None)
-        return await self._call(route, "/chat/completions", payload, request_id)
+        return text_content(await self._call(route, "/chat/completions", payload, request_id))
 
     async def embed(self, route: Route, body: dict[str, Any],
                     request_id: str) -> dict[str, Any]:
