@@ -10,6 +10,7 @@ import asyncpg
 import redis.asyncio as redis
 from aiokafka import AIOKafkaProducer
 
+from ingress.audit import AuditLog
 from ingress.auth import Authenticator
 from ingress.metrics import IngressMetrics
 from ingress.pipeline import Pipeline
@@ -35,3 +36,5 @@ class Services:
     # None: no master key configured; every vault route answers 503.
     master_keys: MasterKeys | None
     model_listing: bytes  # GET /v1/models, the same for every caller (`ingress/ops.py`)
+    # Every security- or money-relevant action records itself here before it answers.
+    audit: AuditLog

@@ -2,7 +2,8 @@
 DELETE /v1/vault/keys/{provider}. The tenant is the one of the bearer API key; a key sent
 here is encrypted before it reaches the database and only its last four characters return.
 Storage and encryption: `state/vault.py`; routers read the keys through
-`workers/router/routes.py`."""
+`workers/router/routes.py`. Each change is recorded in the audit trail (`ingress/audit.py`)
+before it is answered."""
 
 from __future__ import annotations
 
@@ -92,6 +93,8 @@ async def store_key(call: Call) -> Response:
     stored = await vault.put_key(call.services.pool, keys, owner.tenant_id, body.provider,
                                  body.api_key, body.config)
     log.info("tenant %s stored its %s key", owner.tenant_id, body.provider)
+    await call.services.audit.record(call, "vault.key_stored", target=body.provider,
+                                     details=_audit_details(stored))
     return json_response(stored.public(), 201)
 
 
@@ -111,6 +114,8 @@ async def rotate_key(call: Call) -> Response:
     stored = await vault.rotate_key(call.services.pool, keys, owner.tenant_id, provider,
                                     body.api_key)
     log.info("tenant %s rotated its %s key", owner.tenant_id, provider)
+    await call.services.audit.record(call, "vault.key_rotated", target=provider,
+                                     details=_audit_details(stored))
     return json_response(stored.public())
 
 
@@ -125,7 +130,17 @@ async def delete_key(call: Call) -> Response:
         raise vault.no_stored_key(provider[:64])
     await vault.delete_key(call.services.pool, owner.tenant_id, provider)
     log.info("tenant %s deleted its %s key", owner.tenant_id, provider)
+    await call.services.audit.record(call, "vault.key_deleted", target=provider,
+                                     details={"provider": provider})
     return json_response({"provider": provider, "deleted": True})
+
+
+def _audit_details(stored: vault.StoredKey) -> dict[str, Any]:
+    # What tells this key apart (as every vault answer shows it) and which master key sealed
+    # it; never the key. `replaced`: a store over an earlier key of that provider.
+    return {"provider": stored.provider, "last4": stored.last4,
+            "master_key_id": stored.master_key_id, "config_fields": sorted(stored.config),
+            "replaced": stored.rotated_at is not None}
 
 
 def _master_keys(call: Call) -> MasterKeys:
