@@ -100,10 +100,11 @@ class AuditLog:
             # can still be published by hand: never lost without a trace.
             log.error("audit event not published (%r); the action was applied: %s", exc,
                       payload.decode())
+            # Retrying is safe: the change is stored as asked, and a repeat that goes through
+            # records itself.
             raise Unavailable(
                 f"the change was applied, but its audit record could not be published "
-                f"({type(exc).__name__}); it is in the gateway's log. Do not repeat the "
-                f"change; ask the operator if the audit service is down",
+                f"({type(exc).__name__}); the record is kept in the gateway's log",
                 code="audit_unavailable", retry_after_s=OUTAGE_RETRY_AFTER_S) from exc
 
 

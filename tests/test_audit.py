@@ -27,8 +27,9 @@ from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 
 from compose.gateway import Gateway
+from compose.stack import LocalStack
 from ingress.audit import AuditLog
-from state.audit import append_event, verify_chain
+from state.audit import AuditQuery, append_event, chained_tenants, list_entries, verify_chain
 from state.keys import create_key
 from tests.conftest import eventually
 from tests.kafka_util import read_topic
@@ -296,6 +297,31 @@ async def test_the_gateway_role_can_read_but_never_change_or_remove_a_row(
         await conn.execute("SELECT set_config('app.tenant_id', 'someone-else', true)")
         assert await conn.fetchval("SELECT count(*) FROM audit_events") == 0
     assert (await verify_chain(pg, tenant_id)).ok
+
+
+async def test_the_gateway_role_appends_verifies_and_reads_under_row_level_security(
+        stack: LocalStack) -> None:
+    # What the writer and the ingress do once they connect as the gateway's role, which
+    # row-level security applies to (the session stack's owner bypasses it).
+    pool = await asyncpg.create_pool(stack.settings.postgres.dsn, min_size=1, max_size=2,
+                                     server_settings={"role": "switchyard_app"})
+    try:
+        assert await pool.fetchval("SELECT current_user") == "switchyard_app"
+        mine, other = lone_tenant(), lone_tenant()
+        first = event(mine)
+        assert await append_event(pool, first)
+        assert not await append_event(pool, first)
+        assert await append_event(pool, event(mine))
+        assert await append_event(pool, event(other))
+        report = await verify_chain(pool, mine)
+        assert (report.ok, report.rows) == (True, 2)
+        page = await list_entries(pool, AuditQuery(tenant_id=mine, limit=10))
+        assert [row["seq"] for row in page.rows] == [2, 1]
+        assert await pool.fetchval("SELECT count(*) FROM audit_events") == 0  # no tenant set
+        with pytest.raises(PermissionError, match="bypasses row-level security"):
+            await chained_tenants(pool)
+    finally:
+        await pool.close()
 
 
 async def as_gateway_role(conn: asyncpg.pool.PoolConnectionProxy[asyncpg.Record],
