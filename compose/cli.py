@@ -41,6 +41,13 @@ def main(argv: list[str] | None = None) -> None:
                           "configured SWITCHYARD_CLASSIFIER__MODEL_PATH)")
     sub.add_parser("router", help="run a router worker")
     sub.add_parser("usage", help="run the usage worker")
+    audit = sub.add_parser("audit", help="the audit trail: its writer, and checking its chains")
+    audit_sub = audit.add_subparsers(dest="audit_command", required=True)
+    audit_sub.add_parser("run", help="run the audit writer (audit.events into PostgreSQL)")
+    verify = audit_sub.add_parser("verify", help="recompute the audit hash chains; exit 1 "
+                                  "naming the first row that does not fit")
+    verify.add_argument("--tenant", help="one tenant's chain (default: every tenant's, which "
+                        "needs a database role that bypasses row-level security)")
     sub.add_parser("init", help="create the Kafka topics and apply the PostgreSQL migrations")
     keys = sub.add_parser("keys", help="manage API keys")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
@@ -83,6 +90,8 @@ def main(argv: list[str] | None = None) -> None:
         from workers.usage.main import main as usage_main
 
         usage_main()
+    elif args.command == "audit":
+        _audit(settings, args.audit_command, getattr(args, "tenant", None))
     elif args.command == "init":
         asyncio.run(_init(settings))
     elif args.command == "keys":
@@ -149,6 +158,47 @@ async def _create_key(settings: Settings, tenant: str) -> tuple[str, str]:
         return await create_key(conn, tenant)
     finally:
         await conn.close()
+
+
+def _audit(settings: Settings, command: str, tenant: str | None) -> None:
+    if command == "run":
+        from workers.audit.main import main as audit_main
+
+        audit_main()
+        return
+    from state.audit import ChainReport, chained_tenants, verify_chain
+
+    async def verify() -> list[ChainReport]:
+        import asyncpg
+
+        # The owner: one tenant's chain reads under that tenant, the list of every chain in a
+        # platform scope (row-level security binds the owner too).
+        pool = await asyncpg.create_pool(settings.postgres.owner_dsn, min_size=1, max_size=2)
+        try:
+            tenants = [tenant] if tenant is not None else await chained_tenants(pool)
+            return [await verify_chain(pool, t) for t in tenants]
+        finally:
+            await pool.close()
+
+    try:
+        reports = asyncio.run(verify())
+    except PermissionError as exc:
+        sys.exit(f"audit verify: {exc} (--tenant T)")
+    broken = 0
+    for report in reports:
+        if report.ok:
+            # The head hash, kept elsewhere, shows later whether the chain was rewritten.
+            print(f"OK      tenant {report.tenant_id}: {report.rows} rows, head "
+                  f"{report.head_hash or '(empty)'}")
+        else:
+            broken += 1
+            print(f"BROKEN  tenant {report.tenant_id} at row {report.broken_seq}"
+                  f"{f' (event {report.broken_event_id})' if report.broken_event_id else ''}: "
+                  f"{report.problem}")
+    if not reports:
+        print("no audit chains")
+    if broken:
+        sys.exit(f"audit verify: {broken} of {len(reports)} chains broken")
 
 
 def _vault(settings: Settings, command: str, key_id: str | None) -> None:

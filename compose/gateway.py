@@ -1,5 +1,5 @@
-"""Starts Switchyard's own processes (ingress, routers, usage worker, optionally the fake
-upstream) as children with the environment of one Settings object. Serves `make up` and the
+"""Starts Switchyard's own processes (ingress, routers, usage worker, audit writer, optionally
+the fake upstream) as children with the environment of one Settings object. Serves `make up` and the
 test fixtures alike, so both run the gateway exactly the same way.
 
 `supervise()` (what `switchyard up` runs) restarts a child that exits on its own, after an
@@ -80,6 +80,7 @@ class Gateway(Children):
             wait_http(f"http://127.0.0.1:{self._fake_port}/_fake/stats", 20,
                       self._log_dir / "fake-upstream.log", self.processes["fake-upstream"])
         self.spawn("usage", "usage")
+        self.spawn("audit", "audit", "run")
         if not self.settings.router.classify_inline:
             self.spawn("classifier", "classifier")
         for i in range(self._routers):
@@ -155,11 +156,11 @@ class Gateway(Children):
 
     def stop(self) -> None:
         # Front door first, so nothing new arrives while the workers drain; then the routers
-        # and the classifier together, then the usage worker (the routers' last usage events
-        # are in Kafka by then), then the fake upstream.
+        # and the classifier together, then the usage worker and the audit writer (the last
+        # usage and audit events are in Kafka by then), then the fake upstream.
         def stage(name: str) -> int:
             return (0 if name == "ingress" else 3 if name == "fake-upstream"
-                    else 2 if name.startswith("usage") else 1)
+                    else 2 if name.startswith(("usage", "audit")) else 1)
 
         with self._lock:
             names = list(self.processes)

@@ -15,6 +15,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 
+from ingress.audit import AuditLog
 from ingress.auth import Authenticator
 from ingress.errors import on_http_exception, on_switchyard_error
 from ingress.metrics import IngressMetrics
@@ -74,7 +75,10 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 posteriors=PosteriorStore(runtime.redis, half_life_s=router.bandit_half_life_s),
                 breakers=Breakers(runtime.redis, BreakerConfig.from_settings(router)),
                 master_keys=master_keys, model_listing=model_listing(catalog),
-                version=version, started_s=started_s)
+                version=version, started_s=started_s,
+                audit=AuditLog(runtime.producer,
+                               publish_timeout_s=settings.audit.publish_timeout_s,
+                               registry=metrics.registry))
             settle_heap()
             log.info("ingress ready; replies on %s", replies.channel)
             yield {"services": services}

@@ -8,7 +8,7 @@ route labels and the generated API reference (`docs/api.md`) all read this table
 
 from __future__ import annotations
 
-from ingress import chat, embeddings, insights, ops, routing_policy, usage, vault
+from ingress import audit, chat, embeddings, insights, ops, routing_policy, usage, vault
 from ingress.call import PUBLIC, Endpoint
 from topics.identity import Permission as P
 
@@ -30,6 +30,7 @@ ROUTES: tuple[Endpoint, ...] = (
     Endpoint("GET", "/v1/routing/policy", routing_policy.get_policy, P.POLICY_READ),
     Endpoint("PUT", "/v1/routing/policy", routing_policy.put_policy, P.POLICY_WRITE),
     Endpoint("DELETE", "/v1/routing/policy", routing_policy.delete_policy, P.POLICY_WRITE),
+    Endpoint("GET", "/v1/audit", audit.list_audit, P.AUDIT_READ),
     Endpoint("GET", "/v1/health", ops.health, PUBLIC),
     Endpoint("GET", "/metrics", ops.metrics, PUBLIC),
 )

@@ -4,7 +4,9 @@ of the bearer API key. PUT replaces the whole policy (fields left out take their
 Every answer has one shape: {"object": "routing.policy", "source": "stored" | "default",
 "updated_at": unix seconds | null, "policy": {...every field...}}; DELETE adds "deleted".
 Routers see a change within SWITCHYARD_ROUTER__POLICY_CACHE_TTL_S. The policy's model and its
-rules are `topics/routing_policy.py`; its storage, `state/routing_policy.py`.
+rules are `topics/routing_policy.py`; its storage, `state/routing_policy.py`. A PUT, and a
+DELETE that deleted something, are recorded in the audit trail (`ingress/audit.py`) before
+they are answered.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ async def put_policy(call: Call) -> Response:
     validate_against(policy, call.services.catalog)
     stored = await storage.put_policy(call.services.pool, tenant_id, policy)
     log.info("tenant %s replaced its routing policy", tenant_id)
+    await call.services.audit.record(call, "routing_policy.updated", target=tenant_id,
+                                     details={"policy": policy.public()})
     return json_response(_view(stored))
 
 
@@ -47,8 +51,9 @@ async def delete_policy(call: Call) -> Response:
     tenant_id = call.principal.tenant_id
     # Idempotent: deleting the default is not an error, "deleted" says what happened.
     deleted = await storage.delete_policy(call.services.pool, tenant_id)
-    if deleted:
+    if deleted:  # deleting the default changes nothing: nothing to record
         log.info("tenant %s went back to the default routing policy", tenant_id)
+        await call.services.audit.record(call, "routing_policy.deleted", target=tenant_id)
     return json_response({**_view(EffectivePolicy(RoutingPolicy(), "default", None)),
                           "deleted": deleted})
 

@@ -10,6 +10,7 @@ import asyncpg
 import redis.asyncio as redis
 from aiokafka import AIOKafkaProducer
 
+from ingress.audit import AuditLog
 from ingress.auth import Authenticator
 from ingress.metrics import IngressMetrics
 from ingress.pipeline import Pipeline
@@ -37,3 +38,5 @@ class Services:
     model_listing: bytes  # GET /v1/models, the same for every caller (`ingress/ops.py`)
     version: str  # of the installed package, for GET /v1/health
     started_s: float  # time.monotonic() when the lifespan began: GET /v1/health's uptime
+    # Every security- or money-relevant action records itself here before it answers.
+    audit: AuditLog

@@ -7,7 +7,9 @@ Storage and encryption: `state/vault.py`; routers read the keys through
 The shapes are the seed product's too (/work/shared/SEED-API.md): a key object carries
 `{provider, key_id, created_at, rotated_at}` (RFC 3339 times, `key_id` naming the stored
 version), the listing has the keys under `keys` as well as OpenAI's `data`, and a rotate may
-come without a body (the stored key re-encrypted under the active master key)."""
+come without a body (the stored key re-encrypted under the active master key).
+
+Each change is recorded in the audit trail (`ingress/audit.py`) before it is answered."""
 
 from __future__ import annotations
 
@@ -97,6 +99,8 @@ async def store_key(call: Call) -> Response:
     stored = await vault.put_key(call.services.pool, keys, owner.tenant_id, body.provider,
                                  body.api_key, body.config)
     log.info("tenant %s stored its %s key", owner.tenant_id, body.provider)
+    await call.services.audit.record(call, "vault.key_stored", target=body.provider,
+                                     details=_audit_details(stored))
     return json_response(stored.public(), 201)
 
 
@@ -124,6 +128,8 @@ async def rotate_key(call: Call) -> Response:
     else:
         stored = await vault.rotate_key(pool, keys, owner.tenant_id, provider, body.api_key)
         log.info("tenant %s rotated its %s key", owner.tenant_id, provider)
+    await call.services.audit.record(call, "vault.key_rotated", target=provider,
+                                     details=_audit_details(stored))
     return json_response(stored.public())
 
 
@@ -138,7 +144,17 @@ async def delete_key(call: Call) -> Response:
         raise vault.no_stored_key(provider[:64])
     await vault.delete_key(call.services.pool, owner.tenant_id, provider)
     log.info("tenant %s deleted its %s key", owner.tenant_id, provider)
+    await call.services.audit.record(call, "vault.key_deleted", target=provider,
+                                     details={"provider": provider})
     return json_response({"provider": provider, "deleted": True})
+
+
+def _audit_details(stored: vault.StoredKey) -> dict[str, Any]:
+    # What tells this key apart (as every vault answer shows it) and which master key sealed
+    # it; never the key. `replaced`: a store over an earlier key of that provider.
+    return {"provider": stored.provider, "last4": stored.last4,
+            "master_key_id": stored.master_key_id, "config_fields": sorted(stored.config),
+            "replaced": stored.rotated_at is not None}
 
 
 def _master_keys(call: Call) -> MasterKeys:

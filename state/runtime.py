@@ -1,8 +1,9 @@
 """The resources a process opens against our infrastructure, owned by one context per process.
 
 Every process (`ingress/app.py`'s lifespan, `workers/router/main.py`, `workers/usage/main.py`,
-`workers/classifier/main.py`) enters `open_runtime` once, asks for what it needs, and gets
-every resource closed in reverse order when it leaves, however it leaves. The Kafka clients
+`workers/audit/main.py`, `workers/classifier/main.py`) enters `open_runtime` once, asks for
+what it needs, and gets every resource closed in reverse order when it leaves, however it
+leaves. The Kafka clients
 come from `topics/kafka.py` (the one place that knows aiokafka's knobs) and the Redis client
 from `state/redis_client.py`; this module only owns their lifetimes.
 """

@@ -164,7 +164,7 @@ def test_settings_refuse_a_body_limit_kafka_cannot_carry() -> None:
 async def test_a_topic_below_the_limit_stops_a_start_until_init_raises_it(
         stack: LocalStack) -> None:
     kafka = stack.settings.kafka
-    topic = names.dlq(names.AUDIT)  # nobody writes there during the suite
+    topic = names.dlq(names.REPLIES)  # nobody writes there during the suite
     admin = AIOKafkaAdminClient(bootstrap_servers=kafka.bootstrap_servers)
     await admin.start()
     try:

@@ -36,6 +36,11 @@ COUNTERPARTS = {
     "workers/usage/__init__.py": ("topics/messages.py", "state/usage.py"),
     "workers/usage/main.py": ("state/usage.py",),
     "state/keys.py": ("ingress/auth.py",),
+    "topics/audit.py": ("state/audit.py", "ingress/audit.py", "workers/audit/"),
+    "state/audit.py": ("topics/audit.py", "ingress/audit.py", "workers/audit/", "compose/cli.py"),
+    "ingress/audit.py": ("topics/audit.py", "state/audit.py", "workers/audit/"),
+    "workers/audit/__init__.py": ("topics/audit.py", "state/audit.py"),
+    "workers/audit/main.py": ("state/audit.py",),
     "topics/errors.py": ("workers/providers/errors.py", "ingress/errors.py"),
     "workers/providers/errors.py": ("topics/errors.py", "ingress/errors.py"),
     "ingress/routing_policy.py": ("topics/routing_policy.py", "state/routing_policy.py"),
@@ -44,7 +49,7 @@ COUNTERPARTS = {
     "ingress/call.py": ("ingress/routes.py", "ingress/services.py"),
     "ingress/services.py": ("ingress/app.py", "state/runtime.py", "ingress/call.py"),
     "state/runtime.py": ("ingress/app.py", "workers/router/main.py", "workers/usage/main.py",
-                         "workers/classifier/main.py"),
+                         "workers/audit/main.py", "workers/classifier/main.py"),
 }
 
 

@@ -15,6 +15,7 @@ REPLIES: Final = "llm.replies"  # default reply topic for batch producers
 REQUESTS_GROUP: Final = "classifier"
 CLASSIFIED_GROUP: Final = "router"
 USAGE_GROUP: Final = "usage"
+AUDIT_GROUP: Final = "audit"
 
 CANCEL_CHANNEL: Final = "cancel"  # Redis pub/sub, broadcast to every router process
 

@@ -86,7 +86,7 @@ class RedisSettings(BaseModel):
 
 
 class PostgresSettings(BaseModel):
-    """API keys, the vault, routing policies, the usage ledger."""
+    """API keys, the vault, routing policies, the usage ledger, the audit trail."""
 
     dsn: str = Field(
         default="postgresql://switchyard_app@127.0.0.1:15432/switchyard",
@@ -325,6 +325,27 @@ class UsageSettings(BaseModel):
         default=0, description="Prometheus port of the usage worker (0: no metrics endpoint).")
 
 
+class AuditSettings(BaseModel):
+    """The audit trail: the ingress's publishing of audit events and the audit writer, which
+    appends them to each tenant's hash chain in PostgreSQL (docs/audit.md)."""
+
+    publish_timeout_s: float = Field(
+        default=10.0, gt=0,
+        description="Longest the ingress waits for Kafka to acknowledge an audit event before "
+        "it answers the action that caused it; past it (or when Kafka refuses), the action "
+        "is answered 503 `audit_unavailable` and the event is written to the ingress's log.")
+    max_in_flight: int = Field(
+        default=256, ge=1, description="Audit events one audit writer holds in flight.")
+    shutdown_grace_s: float = Field(
+        default=10.0, ge=0, description="Drain time on SIGTERM.")
+    write_timeout_s: float = Field(
+        default=10.0, gt=0,
+        description="Longest one chain append may take, getting a connection included; one "
+        "cut off is retried like a refused one (the event waits, nothing is lost).")
+    metrics_port: int = Field(
+        default=0, description="Prometheus port of the audit writer (0: no metrics endpoint).")
+
+
 class ClassifierSettings(BaseModel):
     """The prompt classifier, inline in routers or as its own stage."""
 
@@ -378,6 +399,7 @@ class Settings(BaseSettings):
     ingress: IngressSettings = IngressSettings()
     router: RouterSettings = RouterSettings()
     usage: UsageSettings = UsageSettings()
+    audit: AuditSettings = AuditSettings()
     classifier: ClassifierSettings = ClassifierSettings()
     vault: VaultSettings = VaultSettings()
     catalog_path: Path = Field(

@@ -247,6 +247,10 @@ BODY_STATUS: dict[str, int] = {
 
 # One-line meanings for codes whose messages do not say it alone (none, or several).
 MEANINGS: dict[str, str] = {
+    "audit_unavailable": "an audited change (a vault key, the routing policy, ...) was applied, "
+                         "but Kafka did not take its audit event within "
+                         "`SWITCHYARD_AUDIT__PUBLISH_TIMEOUT_S`; the event is in the ingress's "
+                         "log (docs/audit.md)",
     "attempt_timeout": "one call had its own time limit and missed it: a council member "
                        "(`SWITCHYARD_ROUTER__COUNCIL_MEMBER_TIMEOUT_S`) or the judge "
                        "(`SWITCHYARD_ROUTER__COUNCIL_JUDGE_TIMEOUT_S`)",
