@@ -8,7 +8,7 @@ route labels and the generated API reference (`docs/api.md`) all read this table
 
 from __future__ import annotations
 
-from ingress import chat, embeddings, insights, ops, routing_policy, vault
+from ingress import chat, embeddings, insights, keys, ops, routing_policy, tenants, vault
 from ingress.call import PUBLIC, Endpoint
 from topics.identity import Permission as P
 
@@ -27,6 +27,18 @@ ROUTES: tuple[Endpoint, ...] = (
     Endpoint("GET", "/v1/routing/policy", routing_policy.get_policy, P.POLICY_READ),
     Endpoint("PUT", "/v1/routing/policy", routing_policy.put_policy, P.POLICY_WRITE),
     Endpoint("DELETE", "/v1/routing/policy", routing_policy.delete_policy, P.POLICY_WRITE),
+    Endpoint("POST", "/v1/tenants/{tenant_id}/api-keys", keys.create_api_key, P.KEYS_MANAGE),
+    Endpoint("GET", "/v1/tenants/{tenant_id}/api-keys", keys.list_api_keys, P.KEYS_MANAGE),
+    Endpoint("DELETE", "/v1/tenants/{tenant_id}/api-keys/{key_id}", keys.revoke_api_key,
+             P.KEYS_MANAGE),
+    Endpoint("POST", "/v1/tenants/{tenant_id}/api-keys/{key_id}/rotate", keys.rotate_api_key,
+             P.KEYS_MANAGE),
+    Endpoint("POST", "/v1/admin/tenants", tenants.create_tenant, P.TENANTS_MANAGE),
+    Endpoint("GET", "/v1/admin/tenants", tenants.list_tenants, P.TENANTS_MANAGE),
+    Endpoint("POST", "/v1/admin/tenants/{tenant_id}/suspend", tenants.suspend_tenant,
+             P.TENANTS_MANAGE),
+    Endpoint("POST", "/v1/admin/tenants/{tenant_id}/resume", tenants.resume_tenant,
+             P.TENANTS_MANAGE),
     Endpoint("GET", "/v1/health", ops.health, PUBLIC),
     Endpoint("GET", "/metrics", ops.metrics, PUBLIC),
 )

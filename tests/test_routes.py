@@ -12,8 +12,8 @@ from starlette.routing import Route
 from compose.gateway import Gateway
 from ingress.app import create_app
 from ingress.call import Endpoint
-from topics.identity import Permission
 from ingress.routes import ROUTES, metric_paths
+from topics.identity import Permission
 
 INGRESS = Path(__file__).resolve().parents[1] / "ingress"
 

@@ -17,6 +17,8 @@ CLASSIFIED_GROUP: Final = "router"
 USAGE_GROUP: Final = "usage"
 
 CANCEL_CHANNEL: Final = "cancel"  # Redis pub/sub, broadcast to every router process
+# Redis pub/sub, broadcast to every ingress and router process (`state/revocations.py`).
+REVOCATIONS_CHANNEL: Final = "revocations"
 
 
 def dlq(topic: str) -> str:
