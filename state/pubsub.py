@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import redis.asyncio as redis
 
@@ -52,8 +53,10 @@ class Subscription:
         delay_s = _RESUBSCRIBE_FIRST_S
         while True:
             pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+            watch = _Reconnects()
             try:
                 await pubsub.subscribe(self.channel)
+                watch.follow(pubsub)
                 # SUBSCRIBE only sends: a paused Redis takes it into a socket buffer. The
                 # subscription is up once Redis answers on it.
                 await self._answered(pubsub)
@@ -63,7 +66,7 @@ class Subscription:
                 if ready is not None:
                     ready.set()
                 delay_s = _RESUBSCRIBE_FIRST_S
-                await self._read(pubsub)
+                await self._read(pubsub, watch)
             except LOST as exc:
                 if self.connected:
                     self.connected = False
@@ -75,6 +78,7 @@ class Subscription:
                 delay_s = min(delay_s * 2, _RESUBSCRIBE_MAX_S)
             finally:
                 self.connected = False
+                watch.forget()
                 await pubsub.aclose()  # type: ignore[no-untyped-call]
 
     async def _answered(self, pubsub: redis.client.PubSub) -> None:
@@ -94,8 +98,9 @@ class Subscription:
         raise redis.TimeoutError(f"no answer to SUBSCRIBE {self.channel} in "
                                  f"{self._answer_s:.1f} s")
 
-    async def _read(self, pubsub: redis.client.PubSub) -> None:
-        """Hand over messages until the connection fails or a PING goes unanswered."""
+    async def _read(self, pubsub: redis.client.PubSub, watch: _Reconnects) -> None:
+        """Hand over messages until the connection fails, is made again under us, or a PING
+        goes unanswered."""
         loop = asyncio.get_running_loop()
         heard = loop.time()  # when Redis last said anything on this connection
         pinged: float | None = None  # when the unanswered PING was sent
@@ -105,6 +110,9 @@ class Subscription:
             # tears the connection down for being quiet.
             message = await pubsub.get_message(timeout=wait_s)
             now = loop.time()
+            if watch.happened:
+                raise redis.ConnectionError(f"the connection of {self.channel} was made again "
+                                            "under us; what was published meanwhile is lost")
             if message is not None:
                 heard, pinged = now, None
                 if message["type"] == "message":
@@ -117,3 +125,26 @@ class Subscription:
             elif now - heard >= self._check_s:
                 await pubsub.ping()
                 pinged = now
+
+
+class _Reconnects:
+    """Whether redis-py re-established a subscription's connection by itself (its retries
+    reconnect and resubscribe silently): the subscription then counts as lost, since what
+    was published in between is gone and `on_subscribed` must run again."""
+
+    def __init__(self) -> None:
+        self.happened = False
+        self._connection: Any = None
+
+    def follow(self, pubsub: redis.client.PubSub) -> None:
+        self._connection = pubsub.connection
+        if self._connection is not None:
+            self._connection.register_connect_callback(self._reconnected)
+
+    def forget(self) -> None:
+        if self._connection is not None:
+            self._connection.deregister_connect_callback(self._reconnected)
+            self._connection = None
+
+    def _reconnected(self, _connection: Any) -> None:
+        self.happened = True
