@@ -301,8 +301,8 @@ MEANINGS: dict[str, str] = {
     "reply_incomplete": "the answer ended without its final frame",
     "request_too_large": "the body is larger than the route's limit: "
                          "`SWITCHYARD_INGRESS__MAX_BODY_BYTES` on model routes, 64 KiB on the "
-                         "vault, routing-policy and admin routes, 4 KiB on `POST /v1/feedback`; or, "
-                         "rarely, a body within it whose queued envelope is over "
+                         "vault, routing-policy and admin routes, 4 KiB on `POST /v1/feedback`; "
+                         "or, rarely, a body within it whose queued envelope is over "
                          "`SWITCHYARD_KAFKA__MAX_MESSAGE_BYTES` (re-serialised numbers grow)",
     "response_too_large": "the answer (a long completion, the embeddings of many inputs) is "
                           "larger than `SWITCHYARD_KAFKA__MAX_MESSAGE_BYTES`, the largest reply "
