@@ -85,7 +85,7 @@ class ApiKey:
 
     @property
     def preview(self) -> str:
-        return f"{self.prefix}…"
+        return f"{self.prefix}..."  # ASCII: it ends up in terminals and CSV exports
 
     def public(self) -> dict[str, Any]:
         """The JSON shape; datetimes become RFC 3339 strings when encoded (orjson)."""
