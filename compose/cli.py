@@ -14,6 +14,8 @@ from pathlib import Path
 from topics.settings import Settings
 
 FAKE_UPSTREAM_PORT = 9100
+PLATFORM_TENANT = "platform"  # the tenant platform administrators' keys belong to
+ADMIN_KEY_FILE = "platform-admin.key"  # where `switchyard up` leaves its admin key
 # In-flight requests' time to finish when the ingress is asked to stop.
 INGRESS_GRACE_S = 10
 
@@ -53,6 +55,13 @@ def main(argv: list[str] | None = None) -> None:
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
     create = keys_sub.add_parser("create", help="create a key and print it (shown only once)")
     create.add_argument("--tenant", required=True, help="tenant name (created if missing)")
+    admin = sub.add_parser("admin", help="platform administrators (the admin API's keys)")
+    admin_sub = admin.add_subparsers(dest="admin_command", required=True)
+    admin_create = admin_sub.add_parser(
+        "create", help="create a platform_admin key (and its platform tenant if missing) and "
+        "print it (shown only once)")
+    admin_create.add_argument("--name", default=PLATFORM_TENANT,
+                              help=f"the platform tenant's name (default: {PLATFORM_TENANT})")
     vault = sub.add_parser("vault", help="master keys of the tenants' provider key vault")
     vault_sub = vault.add_subparsers(dest="vault_command", required=True)
     vault_sub.add_parser("reencrypt", help="re-encrypt every stored provider key under the "
@@ -97,6 +106,10 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "keys":
         key_id, api_key = asyncio.run(_create_key(settings, args.tenant))
         print(f"key id: {key_id}\napi key (shown once, store it now): {api_key}")
+    elif args.command == "admin":
+        tenant_id, key_id, api_key = asyncio.run(_create_admin(settings, args.name))
+        print(f"platform tenant: {tenant_id} ({args.name})\nkey id: {key_id}\n"
+              f"platform admin key (shown once, store it now): {api_key}")
     elif args.command == "vault":
         _vault(settings, args.vault_command, getattr(args, "id", None))
 
@@ -201,6 +214,22 @@ def _audit(settings: Settings, command: str, tenant: str | None) -> None:
         sys.exit(f"audit verify: {broken} of {len(reports)} chains broken")
 
 
+async def _create_admin(settings: Settings, tenant_name: str) -> tuple[str, str, str]:
+    """A new platform_admin key of the platform tenant: (tenant id, key id, key)."""
+    import asyncpg
+
+    from state.tenants import ensure_platform_admin
+
+    # The owner: the platform tenant is no tenant's to create (row-level security).
+    conn = await asyncpg.connect(settings.postgres.owner_dsn)
+    try:
+        tenant_id, key, api_key = await ensure_platform_admin(conn, tenant_name,
+                                                              "platform admin")
+        return tenant_id, key.key_id, api_key
+    finally:
+        await conn.close()
+
+
 def _vault(settings: Settings, command: str, key_id: str | None) -> None:
     from state.vault import MasterKeys, reencrypt_all, rows_by_master_key, vault_not_configured
     from topics.errors import SwitchyardError
@@ -293,6 +322,11 @@ def _up(settings: Settings, data_dir: Path, routers: int,
 
     with LocalStack(settings, data_dir / "services", log=log) as _stack:
         api_key, generated = asyncio.run(_seed_dev_key(settings))
+        # The admin API's key: in a file of the data directory (owner-only), not on screen.
+        admin_key_file = data_dir / ADMIN_KEY_FILE
+        _, _, admin_key = asyncio.run(_create_admin(settings, PLATFORM_TENANT))
+        admin_key_file.touch(mode=0o600)
+        admin_key_file.write_text(admin_key + "\n")
         with Gateway(settings, data_dir / "logs", routers=routers,
                      fake_upstream_port=fake_port, log=log) as gateway:
             running.append(gateway)
@@ -301,7 +335,9 @@ def _up(settings: Settings, data_dir: Path, routers: int,
                   f"\n  try: curl {gateway.url}/v1/chat/completions -H 'Authorization: Bearer "
                   f"{api_key}' -H 'Content-Type: application/json' -d '{{\"model\": "
                   f"\"gpt-4o-mini\", \"messages\": [{{\"role\": \"user\", \"content\": "
-                  f"\"hello\"}}]}}'\n  Ctrl-C stops everything (twice: at once); a process "
+                  f"\"hello\"}}]}}'"
+                  f"\n  platform admin key (the admin API, docs/tenancy.md): in "
+                  f"{admin_key_file}\n  Ctrl-C stops everything (twice: at once); a process "
                   f"that exits on its own is restarted.", flush=True)
             # A process that dies is restarted (compose/gateway.py RestartPolicy); one that
             # keeps dying stops everything.

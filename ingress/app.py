@@ -7,7 +7,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -28,7 +28,9 @@ from ingress.services import Services
 from state.bandit import PosteriorStore
 from state.breakers import BreakerConfig, Breakers
 from state.keys import KeyRecord, find_key
-from state.runtime import open_runtime
+from state.last_used import LastUsed
+from state.revocations import RevocationListener
+from state.runtime import Runtime, open_runtime
 from state.vault import MasterKeys
 from topics import names
 from topics.catalog import load_catalog
@@ -63,11 +65,20 @@ def create_app(settings: Settings | None = None) -> Starlette:
             async def lookup(key: str) -> KeyRecord | None:
                 return await find_key(pool, key)
 
+            last_used = LastUsed()
+            auth = Authenticator(lookup, ttl_s=settings.ingress.auth_cache_ttl_s,
+                                 negative_ttl_s=settings.ingress.auth_negative_cache_ttl_s,
+                                 last_used=last_used)
+            # Closes run in reverse: the periodic flusher stops, then one last flush.
+            runtime.on_close(last_used.flush, pool, name="last_used_at flush", quiet=True)
+            _background(runtime, last_used.run(pool, settings.ingress.last_used_flush_s))
+            # Revocations reach this process's key cache at once (state/revocations.py).
+            _background(runtime, RevocationListener(
+                runtime.redis, [auth], check_s=settings.redis.revocation_check_s,
+                answer_s=settings.redis.socket_timeout_s).run())
             router = settings.router
             services = Services(
-                settings=settings, catalog=catalog,
-                auth=Authenticator(lookup, ttl_s=settings.ingress.auth_cache_ttl_s,
-                                   negative_ttl_s=settings.ingress.auth_negative_cache_ttl_s),
+                settings=settings, catalog=catalog, auth=auth,
                 pipeline=Pipeline(settings=settings.ingress, producer=runtime.producer,
                                   redis_client=runtime.redis, replies=replies, metrics=metrics,
                                   max_message_bytes=settings.kafka.max_message_bytes),
@@ -90,6 +101,11 @@ def create_app(settings: Settings | None = None) -> Starlette:
                             HTTPException: on_http_exception},
         lifespan=lifespan,
     )
+
+
+def _background(runtime: Runtime, work: Coroutine[Any, Any, None]) -> None:
+    """Run `work` until the runtime closes."""
+    runtime.on_close(_cancel, asyncio.create_task(work))
 
 
 async def _cancel(task: asyncio.Task[None]) -> None:

@@ -2,9 +2,11 @@
 PostgreSQL by SHA-256 (`state/keys.py`) and cached briefly in-process.
 
 A cached key is re-checked at each use for what can change without the database being asked
-(its expiry); what needs the database to change (a revocation, a tenant's suspension) reaches
-every ingress through `drop_key`/`drop_tenant`/`drop_all`, fed by the revocation broadcast,
-and otherwise within the cache's TTL (`ingress.auth_cache_ttl_s`).
+(its expiry); what needs the database to change (a revocation, a rotation's new expiry, a
+tenant's suspension) reaches every ingress through `drop_key`/`drop_tenant`/`drop_all`, fed
+by the revocation broadcast (`state/revocations.py`), and otherwise within the cache's TTL
+(`ingress.auth_cache_ttl_s`). Each key let through is noted for its `last_used_at`
+(`state/last_used.py`), which is written in batches.
 """
 
 from __future__ import annotations
@@ -12,11 +14,11 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
 
-from state.keys import KeyRecord
+from state.keys import KeyRecord, admit_key
+from state.last_used import LastUsed
 from state.runtime import outage
-from topics.errors import Forbidden, Unauthorized
+from topics.errors import Unauthorized
 from topics.identity import Principal
 
 Lookup = Callable[[str], Awaitable[KeyRecord | None]]
@@ -27,12 +29,17 @@ _MAX_CACHED = 10_000
 
 
 class Authenticator:
-    def __init__(self, lookup: Lookup, *, ttl_s: float, negative_ttl_s: float) -> None:
+    def __init__(self, lookup: Lookup, *, ttl_s: float, negative_ttl_s: float,
+                 last_used: LastUsed | None = None) -> None:
         self._lookup = lookup
         self._ttl_s = ttl_s
         self._negative_ttl_s = negative_ttl_s
+        self._last_used = last_used
         # key -> (record or None, expiry). Keyed by the key itself: it never leaves the process.
         self._cache: dict[str, tuple[KeyRecord | None, float]] = {}
+        # Counts the drops: a lookup that overlapped one may have read what was just
+        # revoked, and must not put it back into the cache.
+        self._drops = 0
 
     async def authenticate(self, authorization: str | None) -> Principal:
         if not authorization:
@@ -42,13 +49,18 @@ class Authenticator:
         key = key.strip()
         if scheme.lower() != "bearer" or not key:
             raise Unauthorized("malformed Authorization header: expected 'Bearer <key>'")
-        return _usable(await self._record(key))
+        record = await self._record(key)
+        principal = admit_key(record)
+        if self._last_used is not None:
+            self._last_used.note(principal.key_id, principal.tenant_id)
+        return principal
 
     async def _record(self, key: str) -> KeyRecord | None:
         now = time.monotonic()
         hit = self._cache.get(key)
         if hit is not None and hit[1] > now:
             return hit[0]
+        drops = self._drops
         try:
             record = await self._lookup(key)
         except Exception as exc:
@@ -59,6 +71,8 @@ class Authenticator:
             log.warning("key lookup failed (%s); using the cached answer", exc)
             self._cache[key] = (hit[0], now + self._negative_ttl_s)
             return hit[0]
+        if drops != self._drops:
+            return record  # answered, not cached: it may predate the revocation
         if len(self._cache) >= _MAX_CACHED:
             self._cache.clear()  # crude but bounded; a refill costs one query per key
         ttl = self._ttl_s if record is not None else self._negative_ttl_s
@@ -75,20 +89,13 @@ class Authenticator:
 
     def drop_all(self) -> None:
         """Forget everything: revocations may have been missed (the broadcast was down)."""
+        self._drops += 1
         self._cache.clear()
 
     def _drop(self, matches: Callable[[KeyRecord], bool]) -> None:
+        self._drops += 1
         stale = [key for key, (record, _) in self._cache.items()
                  if record is not None and matches(record)]
         for key in stale:
             del self._cache[key]
 
-
-def _usable(record: KeyRecord | None) -> Principal:
-    if record is None:
-        raise Unauthorized("invalid API key")
-    if record.expires_at is not None and record.expires_at <= datetime.now(UTC):
-        raise Unauthorized("this API key has expired", code="key_expired")
-    if record.tenant_suspended:
-        raise Forbidden("this tenant is suspended", code="tenant_suspended")
-    return record.principal()

@@ -72,8 +72,10 @@ def admit(body: dict[str, Any], catalog: Catalog, kind: Literal["chat", "embeddi
                         code="tenant_mismatch", param="X-Tenant-ID")
     body = dict(body)
     if owner.allowed_models is not None:
-        # A key limited to some models names them; `auto` and chains stay within them.
-        owner.require_model(str(body.get("model")))
+        # A key limited to some models names one of them (a chain too); with `auto` the
+        # router chooses among them (`topics/routing_policy.py` `within_key_models`).
+        if (model := str(body.get("model"))) != AUTO:
+            owner.require_model(model)
         for name in body.get("models") or ():
             owner.require_model(str(name))
     policy = _policy(body.pop("policy", None))

@@ -8,11 +8,10 @@ into the void; `Retry-After` says when to try again), instead of waiting for its
 and until the channel is back, new requests are refused with 503
 `reply_channel_unavailable` before anything is queued (`ingress/pipeline.py`).
 
-A Redis that stops answering without closing the connection (paused, partitioned) loses
-nothing a socket can notice, so the reader checks: when the channel has been silent for
-`check_s` it sends a PING on the subscribed connection, and no answer within `answer_s`
-counts as losing the channel. A paused Redis is noticed within `check_s + answer_s`; an idle
-channel costs one PING per `check_s` and is never torn down for being idle."""
+The subscription is kept and checked by `state/pubsub.py`: a Redis that stops answering
+without closing the connection (paused, partitioned) is noticed within `check_s + answer_s`
+(a PING after `check_s` of silence, unanswered for `answer_s`); an idle channel costs one
+PING per `check_s` and is never torn down for being idle."""
 
 from __future__ import annotations
 
@@ -22,24 +21,26 @@ import logging
 import orjson
 import redis.asyncio as redis
 
+from state.pubsub import Subscription
 from state.runtime import OUTAGE_RETRY_AFTER_S
 from topics.errors import GatewayTimeout, Unavailable, UpstreamError
 from topics.messages import ReplyFrame, parse_frames
 
 log = logging.getLogger(__name__)
 
-_RESUBSCRIBE_MAX_S = 0.5  # the longest wait between two attempts to subscribe again
-
 
 class ReplyRouter:
     def __init__(self, client: redis.Redis, channel: str, *, check_s: float = 1.0,
                  answer_s: float = 2.0) -> None:
-        self._redis = client
         self.channel = channel
-        self._check_s = check_s
-        self._answer_s = answer_s
         self._queues: dict[str, asyncio.Queue[ReplyFrame]] = {}
-        self.connected = False  # subscribed now: frames published for us reach us
+        self._subscription = Subscription(client, channel, self._dispatch, check_s=check_s,
+                                          answer_s=answer_s, on_lost=self._lost)
+
+    @property
+    def connected(self) -> bool:
+        """Subscribed now: frames published for us reach us."""
+        return self._subscription.connected
 
     def open(self, request_id: str) -> asyncio.Queue[ReplyFrame]:
         queue: asyncio.Queue[ReplyFrame] = asyncio.Queue()
@@ -52,69 +53,11 @@ class ReplyRouter:
     async def run(self, ready: asyncio.Event) -> None:
         """Read frames until cancelled; after a Redis error, fail the requests waiting (their
         frames may be lost) and subscribe again."""
-        delay_s = 0.1
-        while True:
-            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
-            try:
-                await pubsub.subscribe(self.channel)
-                # SUBSCRIBE only sends: a paused Redis takes it into a socket buffer. The
-                # channel is up once Redis answers on it.
-                await self._answered(pubsub)
-                self.connected = True
-                ready.set()
-                delay_s = 0.1
-                await self._read(pubsub)
-            except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
-                if self.connected:
-                    self.connected = False
-                    failed = self._fail_waiting()
-                    log.warning("reply channel lost (%s); %d waiting requests failed; "
-                                "resubscribing", exc, failed)
-                await asyncio.sleep(delay_s)
-                delay_s = min(delay_s * 2, _RESUBSCRIBE_MAX_S)
-            finally:
-                self.connected = False
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
+        await self._subscription.run(ready)
 
-    async def _answered(self, pubsub: redis.client.PubSub) -> None:
-        """Wait for the answer to a PING sent now (the subscription's confirmation comes
-        before it), at most `answer_s`."""
-        await pubsub.ping()
-        loop = asyncio.get_running_loop()
-        give_up = loop.time() + self._answer_s
-        while (left := give_up - loop.time()) > 0:
-            message = await pubsub.get_message(timeout=left)
-            if message is None:
-                continue
-            if message["type"] == "pong":
-                return
-            if message["type"] == "message":
-                self._dispatch(message["data"])
-        raise redis.TimeoutError(f"no answer to SUBSCRIBE in {self._answer_s:.1f} s")
-
-    async def _read(self, pubsub: redis.client.PubSub) -> None:
-        """Dispatch messages until the connection fails or a PING goes unanswered."""
-        loop = asyncio.get_running_loop()
-        heard = loop.time()  # when Redis last said anything on this connection
-        pinged: float | None = None  # when the unanswered PING was sent
-        while True:
-            wait_s = self._check_s if pinged is None else self._answer_s
-            # get_message with a timeout returns None when nothing came in time; it never
-            # tears the connection down for being quiet.
-            message = await pubsub.get_message(timeout=wait_s)
-            now = loop.time()
-            if message is not None:
-                heard, pinged = now, None
-                if message["type"] == "message":
-                    self._dispatch(message["data"])
-                continue
-            if pinged is not None:
-                if now - pinged >= self._answer_s:
-                    raise redis.TimeoutError(
-                        f"no answer to a PING on the reply channel in {now - pinged:.1f} s")
-            elif now - heard >= self._check_s:
-                await pubsub.ping()
-                pinged = now
+    def _lost(self, exc: BaseException) -> None:
+        failed = self._fail_waiting()
+        log.warning("reply channel lost (%s); %d waiting requests failed", exc, failed)
 
     def _fail_waiting(self) -> int:
         error = Unavailable("the gateway lost its reply channel (Redis) while this request "

@@ -8,7 +8,18 @@ route labels and the generated API reference (`docs/api.md`) all read this table
 
 from __future__ import annotations
 
-from ingress import audit, chat, embeddings, insights, ops, routing_policy, usage, vault
+from ingress import (
+    audit,
+    chat,
+    embeddings,
+    insights,
+    keys,
+    ops,
+    routing_policy,
+    tenants,
+    usage,
+    vault,
+)
 from ingress.call import PUBLIC, Endpoint
 from topics.identity import Permission as P
 
@@ -31,6 +42,20 @@ ROUTES: tuple[Endpoint, ...] = (
     Endpoint("PUT", "/v1/routing/policy", routing_policy.put_policy, P.POLICY_WRITE),
     Endpoint("DELETE", "/v1/routing/policy", routing_policy.delete_policy, P.POLICY_WRITE),
     Endpoint("GET", "/v1/audit", audit.list_audit, P.AUDIT_READ),
+
+
+    Endpoint("POST", "/v1/tenants/{tenant_id}/api-keys", keys.create_api_key, P.KEYS_MANAGE),
+    Endpoint("GET", "/v1/tenants/{tenant_id}/api-keys", keys.list_api_keys, P.KEYS_MANAGE),
+    Endpoint("DELETE", "/v1/tenants/{tenant_id}/api-keys/{key_id}", keys.revoke_api_key,
+             P.KEYS_MANAGE),
+    Endpoint("POST", "/v1/tenants/{tenant_id}/api-keys/{key_id}/rotate", keys.rotate_api_key,
+             P.KEYS_MANAGE),
+    Endpoint("POST", "/v1/admin/tenants", tenants.create_tenant, P.TENANTS_MANAGE),
+    Endpoint("GET", "/v1/admin/tenants", tenants.list_tenants, P.TENANTS_MANAGE),
+    Endpoint("POST", "/v1/admin/tenants/{tenant_id}/suspend", tenants.suspend_tenant,
+             P.TENANTS_MANAGE),
+    Endpoint("POST", "/v1/admin/tenants/{tenant_id}/resume", tenants.resume_tenant,
+             P.TENANTS_MANAGE),
     Endpoint("GET", "/v1/health", ops.health, PUBLIC),
     Endpoint("GET", "/metrics", ops.metrics, PUBLIC),
 )

@@ -59,6 +59,16 @@ class ReadThroughCache(Generic[K, V]):
         self._cache.pop(key, None)
         self._loading.pop(key, None)
 
+    def invalidate_where(self, matches: Callable[[K], bool]) -> None:
+        """Forget every key for which `matches(key)` holds (loads under way included)."""
+        for key in [k for k in (*self._cache, *self._loading) if matches(k)]:
+            self.invalidate(key)
+
+    def clear(self) -> None:
+        """Forget everything; loads under way no longer fill the cache."""
+        self._cache.clear()
+        self._loading.clear()
+
     def _loaded(self, key: K, task: asyncio.Task[V]) -> None:
         if self._loading.get(key) is task:
             del self._loading[key]

@@ -21,7 +21,7 @@ import redis.asyncio as redis
 from compose.gateway import Gateway
 from compose.stack import LocalStack, free_port
 from state.breakers import KEY_PREFIX
-from state.keys import create_key
+from state.keys import create_key, find_key
 from state.redis_client import make_redis
 from state.vault import MasterKeys
 from topics.catalog import load_catalog
@@ -173,6 +173,14 @@ async def r(stack: LocalStack) -> AsyncIterator[redis.Redis]:
 async def api_key(pg: asyncpg.Pool) -> str:
     _, key = await create_key(pg, "tests")
     return key
+
+
+@pytest.fixture(scope="session")
+async def api_key_ids(pg: asyncpg.Pool, api_key: str) -> tuple[str, str]:
+    """(tenant id, key id) of `api_key`: what a batch producer's envelope names."""
+    record = await find_key(pg, api_key)
+    assert record is not None
+    return record.tenant_id, record.key_id
 
 
 @pytest.fixture(scope="session")

@@ -106,12 +106,13 @@ async def _caught_up(settings: KafkaSettings) -> bool:
 
 
 async def test_batch_request_published_twice_is_answered_once_on_the_reply_topic(
-        gateway: Gateway, fake: FakeAdmin, api_key: str) -> None:
+        gateway: Gateway, fake: FakeAdmin, api_key_ids: tuple[str, str]) -> None:
     request_id = f"batch-{uuid.uuid4().hex}"
     messages = [{"role": "user", "content": "batchy job"}]
     envelope = orjson.dumps({
-        "schema_version": 1, "request_id": request_id, "tenant_id": "batch-tenant",
-        "key_id": "batch-key", "received_at_ms": _now_ms(), "deadline_ms": _now_ms() + 60_000,
+        "schema_version": 1, "request_id": request_id, "tenant_id": api_key_ids[0],
+        "key_id": api_key_ids[1], "received_at_ms": _now_ms(),
+        "deadline_ms": _now_ms() + 60_000,
         "body": {"model": "gpt-4o-mini", "messages": messages},
         "reply": {"topic": names.REPLIES}})
     producer: AIOKafkaProducer = make_producer(gateway.settings.kafka)

@@ -229,6 +229,10 @@ async def test_another_tenants_rows_cannot_be_changed_or_deleted(isolated: Isola
         assert await conn.execute("DELETE FROM routing_policies") == "DELETE 1"
         assert await conn.execute("UPDATE usage_daily SET requests = 0") == "UPDATE 1"
         assert await conn.execute("UPDATE api_keys SET revoked_at = now()") == "UPDATE 1"
+        # The admin API suspends a tenant by writing its own row (007_tenant_admin.sql).
+        assert await conn.execute("UPDATE tenants SET suspended_reason = 'x'") == "UPDATE 1"
+        assert await conn.execute("UPDATE tenants SET status = 'suspended' WHERE id = $1",
+                                  b.id) == "UPDATE 0"
         # Aimed at B: nothing matches.
         for table in ("provider_keys", "routing_policies"):
             assert await conn.execute(f"DELETE FROM {table} WHERE tenant_id = $1",
@@ -242,7 +246,7 @@ async def test_another_tenants_rows_cannot_be_changed_or_deleted(isolated: Isola
         # The ledger is append-only for everyone's rows, A's included.
         for statement in ("UPDATE usage_events SET cost_usd = 0", "DELETE FROM usage_events",
                           "DELETE FROM usage_daily", "DELETE FROM api_keys",
-                          "UPDATE tenants SET name = 'x'", "TRUNCATE provider_keys"):
+                          "DELETE FROM tenants", "TRUNCATE provider_keys"):
             with pytest.raises(asyncpg.InsufficientPrivilegeError):
                 async with conn.transaction():  # a savepoint: the next statement may run
                     await conn.execute(statement)

@@ -207,14 +207,14 @@ async def test_a_long_answer_is_relayed_whole(client: openai.AsyncOpenAI,
 
 
 async def test_a_batch_request_and_its_answer_of_5_mb_each_cross_kafka(
-        gateway: Gateway, fake: FakeAdmin) -> None:
+        gateway: Gateway, fake: FakeAdmin, api_key_ids: tuple[str, str]) -> None:
     await fake.configure(answer=LONG_ANSWER)
     request_id = f"batch-large-{uuid.uuid4().hex}"
     now_ms = int(time.time() * 1000)
     messages = _messages(5_000_000, 0)
     envelope = orjson.dumps({
-        "schema_version": 1, "request_id": request_id, "tenant_id": "batch-tenant",
-        "key_id": "batch-key", "received_at_ms": now_ms, "deadline_ms": now_ms + 60_000,
+        "schema_version": 1, "request_id": request_id, "tenant_id": api_key_ids[0],
+        "key_id": api_key_ids[1], "received_at_ms": now_ms, "deadline_ms": now_ms + 60_000,
         "body": {"model": "gpt-4.1-mini", "messages": messages},
         "reply": {"topic": names.REPLIES}})
     producer = make_producer(gateway.settings.kafka)  # max_request_size raised with the topics

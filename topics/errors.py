@@ -81,6 +81,14 @@ class MethodNotAllowed(SwitchyardError):
     default_code = "method_not_allowed"
 
 
+class Conflict(SwitchyardError):
+    """The request contradicts what is stored (a name already taken)."""
+
+    status = 409
+    type = "invalid_request_error"
+    default_code = "conflict"
+
+
 class PayloadTooLarge(SwitchyardError):
     status = 413
     type = "invalid_request_error"
@@ -134,6 +142,6 @@ class ClientClosedRequest(SwitchyardError):
 _BY_STATUS: dict[int, type[SwitchyardError]] = {
     cls.status: cls
     for cls in (InvalidRequest, Unauthorized, Forbidden, NotFound, MethodNotAllowed,
-                PayloadTooLarge, Unprocessable,
+                Conflict, PayloadTooLarge, Unprocessable,
                 RateLimited, UpstreamError, Unavailable, GatewayTimeout)
 }

@@ -72,6 +72,11 @@ class Principal:
             raise Forbidden(f"the role {self.role.value!r} lacks the permission "
                             f"{permission.value!r}", code="permission_denied")
 
+    def may_grant(self, role: Role) -> bool:
+        """Whether this caller may create (or rotate, or revoke) a key of `role`: only one
+        whose permissions are all its own, so no key outranks the one that made it."""
+        return ROLE_PERMISSIONS[role] <= ROLE_PERMISSIONS[self.role]
+
     def require_model(self, model: str) -> None:
         """A key limited to some models may not ask for another (checked before routing)."""
         if self.allowed_models is not None and model not in self.allowed_models:

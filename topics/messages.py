@@ -170,6 +170,28 @@ class CancelRequest(_Message):
     reason: str = "client_disconnected"
 
 
+RevocationKind = Literal["key", "tenant", "token"]
+
+
+class Revocation(_Message):
+    """Published on the revocations channel when a credential stops being valid: an API key
+    revoked or changed (rotation sets its expiry), a tenant suspended or resumed, a session
+    token logged out. Every ingress and router listens (`state/revocations.py`)."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    kind: RevocationKind
+    id: str = Field(min_length=1, max_length=256)  # the key, tenant or token id
+    # A token's own expiry (unix ms): after it, the token is refused anyway and its
+    # revocation can be forgotten. Tokens only.
+    expires_at_ms: int | None = None
+
+    @model_validator(mode="after")
+    def _token_expiry(self) -> Revocation:
+        if (self.kind == "token") != (self.expires_at_ms is not None):
+            raise ValueError("expires_at_ms is required for a token, and only for a token")
+        return self
+
+
 UsageStatus = Literal["ok", "error", "cancelled", "timeout"]
 
 

@@ -18,6 +18,8 @@ USAGE_GROUP: Final = "usage"
 AUDIT_GROUP: Final = "audit"
 
 CANCEL_CHANNEL: Final = "cancel"  # Redis pub/sub, broadcast to every router process
+# Redis pub/sub, broadcast to every ingress and router process (`state/revocations.py`).
+REVOCATIONS_CHANNEL: Final = "revocations"
 
 
 def dlq(topic: str) -> str:

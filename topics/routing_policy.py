@@ -182,6 +182,24 @@ def admits(catalog: Catalog, policy: RoutingPolicy, model: Model) -> bool:
     return _exclusion(policy, model, _allowed_ids(catalog, policy)) is None
 
 
+def within_key_models(catalog: Catalog, policy: RoutingPolicy,
+                      key_models: frozenset[str]) -> RoutingPolicy:
+    """`policy` narrowed to the models an API key is limited to (`Principal.allowed_models`,
+    `topics/identity.py`): its `allowed_models` become those of the key that the policy
+    admits. With "auto" the router then chooses among the key's models only, and no fallback
+    or substitution leads outside them. Raises 403 `model_not_allowed` when the key's models
+    and the policy have none in common."""
+    # A key's model is that model from whichever provider serves it (every route of it).
+    ids = {m.id for name in key_models for m in catalog.routes_of(name)}
+    admitted = _allowed_ids(catalog, policy)
+    if admitted is not None:
+        ids &= admitted
+    if not ids:
+        raise Forbidden("this API key's allowed models and the tenant's routing policy have "
+                        "no model in common", code="model_not_allowed", param="model")
+    return policy.model_copy(update={"allowed_models": tuple(sorted(ids))})
+
+
 def validate_against(policy: RoutingPolicy, catalog: Catalog) -> None:
     """Raise the 400 naming the field if the policy names what the catalog does not have
     (`unknown_provider`, `unknown_model`), pins a route it cannot use, or admits no model

@@ -83,6 +83,12 @@ class RedisSettings(BaseModel):
         "(waiting requests fail with 503 `reply_channel_lost`). A paused Redis is noticed "
         "within about `reply_check_s + socket_timeout_s`; an idle channel costs one PING per "
         "`reply_check_s`.")
+    revocation_check_s: float = Field(
+        default=1.0, gt=0,
+        description="How long the revocations subscription of an ingress or router may stay "
+        "silent before it PINGs Redis on it; no answer within `socket_timeout_s` counts as "
+        "losing it: the process subscribes again and then forgets every cached key, since "
+        "revocations published meanwhile are lost.")
 
 
 class PostgresSettings(BaseModel):
@@ -126,11 +132,19 @@ class IngressSettings(BaseModel):
         description="Largest decoded data-URL image in a chat request; a larger one gets 413 "
         "`image_too_large`.")
     auth_cache_ttl_s: float = Field(
-        default=30.0, ge=0,
-        description="How long each ingress process caches a valid API key's lookup.")
+        default=10.0, ge=0,
+        description="How long each ingress process caches a valid API key's lookup. A "
+        "revocation (a key revoked or rotated, a tenant suspended) reaches every ingress at "
+        "once through the revocations channel; an ingress that misses it (its Redis "
+        "subscription down) stops honouring the key within this long.")
     auth_negative_cache_ttl_s: float = Field(
         default=2.0, ge=0,
         description="How long each ingress process caches an unknown API key as unknown.")
+    last_used_flush_s: float = Field(
+        default=5.0, gt=0,
+        description="How often each ingress writes the `last_used_at` of the API keys it "
+        "served (one statement per tenant served, never a write per request): the time "
+        "lags by at most this much.")
     default_deadline_s: float = Field(
         default=120.0, gt=0,
         description="Deadline of a request without `x-switchyard-timeout-ms`: how long it may "
@@ -203,6 +217,11 @@ class RouterSettings(BaseModel):
         description="The share of answers expected to get a quality score (`POST "
         "/v1/feedback`): it sets how much one score counts against one outcome (one score "
         "stands for the answers it represents). 0: quality never enters the reward.")
+    key_cache_ttl_s: float = Field(
+        default=10.0, ge=0,
+        description="How long a router keeps what it read of a request's API key and tenant "
+        "(revoked, expired, suspended, role, allowed models) before reading it again; a "
+        "revocation broadcast drops it at once.")
     policy_cache_ttl_s: float = Field(
         default=5.0, ge=0,
         description="How long a router keeps a tenant's routing policy before reading it "

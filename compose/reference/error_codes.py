@@ -260,8 +260,21 @@ MEANINGS: dict[str, str] = {
                        "`checks` says which and why",
     "image_too_large": "a data-URL image is larger than `SWITCHYARD_INGRESS__MAX_IMAGE_BYTES`",
     "invalid_api_key": "the API key is unknown or revoked, or the Authorization header is not "
-                       "`Bearer <key>`",
-    "key_expired": "the API key's expiry (`expires_at`) has passed",
+                       "`Bearer <key>`; on the batch path, the envelope's `key_id` is no key "
+                       "of its `tenant_id`",
+    "key_revoked": "the batch path (a request published to Kafka): the envelope's key has been "
+                   "revoked; the router answered on the reply topic without calling a "
+                   "provider",
+    "tenant_not_found": "no such tenant, or one the caller may not see (another tenant's id "
+                        "gets the same answer)",
+    "key_expired": "the API key's expiry (`expires_at`) has passed, or a rotation's grace "
+                   "period for it has ended",
+    "role_not_grantable": "a key may create, rotate or revoke only keys whose role it could "
+                          "hold itself (no key outranks its maker), and `platform_admin` keys "
+                          "exist only in the platform administrators' own tenant",
+    "unknown_model": "a model name that is not in the catalog, in a routing policy "
+                     "(`allowed_models`, `pinned_routes`, `fallbacks`, `judge_model`) or in an "
+                     "API key's `allowed_models`; `GET /v1/models` lists them",
     "permission_denied": "the caller's role lacks the permission the route requires; the "
                          "message names both (docs/tenancy.md lists each role's permissions)",
     "model_not_allowed": "the API key is limited to some models (`allowed_models`) and the "
@@ -294,8 +307,8 @@ MEANINGS: dict[str, str] = {
     "reply_incomplete": "the answer ended without its final frame",
     "request_too_large": "the body is larger than the route's limit: "
                          "`SWITCHYARD_INGRESS__MAX_BODY_BYTES` on model routes, 64 KiB on the "
-                         "vault and routing-policy routes, 4 KiB on `POST /v1/feedback`; or, "
-                         "rarely, a body within it whose queued envelope is over "
+                         "vault, routing-policy and admin routes, 4 KiB on `POST /v1/feedback`; "
+                         "or, rarely, a body within it whose queued envelope is over "
                          "`SWITCHYARD_KAFKA__MAX_MESSAGE_BYTES` (re-serialised numbers grow)",
     "response_too_large": "the answer (a long completion, the embeddings of many inputs) is "
                           "larger than `SWITCHYARD_KAFKA__MAX_MESSAGE_BYTES`, the largest reply "

@@ -26,7 +26,14 @@ from topics.bandit import ObjectiveWeights, Outcome, outcome_weight, reward
 from topics.catalog import Catalog, Model
 from topics.errors import InvalidRequest, NotFound, Unavailable
 from topics.messages import CouncilOutput, Mode, RequestEnvelope
-from topics.routing_policy import AUTO, GENERAL_CATEGORY, RoutingPolicy, admits, route_tiers
+from topics.routing_policy import (
+    AUTO,
+    GENERAL_CATEGORY,
+    RoutingPolicy,
+    admits,
+    route_tiers,
+    within_key_models,
+)
 from topics.settings import RouterSettings
 from workers.router.sampler import ThompsonSampler
 
@@ -89,10 +96,15 @@ class Decider:
         self._degraded = degraded or Degraded()
         self._counting: set[asyncio.Task[None]] = set()
 
-    async def decide(self, env: RequestEnvelope) -> Decision:
+    async def decide(self, env: RequestEnvelope,
+                     key_models: frozenset[str] | None = None) -> Decision:
+        """`key_models`: the models the request's API key is limited to (None: any); the
+        routes, "auto"'s choice included, stay among them."""
         policy = await self._policies.policy_for(env.tenant_id)
         fallbacks = env.routing.fallbacks
-        tiers = route_tiers(self._catalog, policy, category=env.category,
+        tiers = route_tiers(self._catalog, policy if key_models is None
+                            else within_key_models(self._catalog, policy, key_models),
+                            category=env.category,
                             requested_model=str(env.body.get("model")),
                             fallbacks=tuple(fallbacks) if fallbacks is not None else None)
         routes = [m for t in tiers for m in t]

@@ -15,6 +15,7 @@ from state.bandit import CachedPosteriors, PosteriorStore
 from state.breakers import BreakerConfig, Breakers
 from state.claims import Claims
 from state.degraded import Degraded
+from state.revocations import RevocationListener
 from state.routing_policy import PolicyCache
 from state.runtime import open_runtime
 from state.vault import MasterKeys, TenantKeys
@@ -29,6 +30,7 @@ from workers.providers.anthropic import AnthropicMessages
 from workers.providers.base import Dialect, MalformedHook, Timeouts
 from workers.providers.gemini import GeminiGenerateContent
 from workers.providers.openai_compat import OpenAICompat
+from workers.router.access import AccessCheck
 from workers.router.attempt import AttemptRunner
 from workers.router.cancel import CancelListener
 from workers.router.council import Council, CouncilSettings
@@ -100,8 +102,13 @@ async def run_router(settings: Settings, stop: asyncio.Event) -> None:
                                producer=producer, decider=decider,
                                breakers=breakers, latency=latency, metrics=metrics)
         resolver = RouteResolver(catalog, route_config, tenant_keys.key_for)
+        # Each request's key and tenant, re-checked; revocations reach the cache at once.
+        access = AccessCheck(pool, ttl_s=cfg.key_cache_ttl_s)
+        revocations = RevocationListener(client, [access],
+                                         check_s=settings.redis.revocation_check_s,
+                                         answer_s=settings.redis.socket_timeout_s)
         worker = RouterWorker(
-            decider=decider, claims=claims,
+            decider=decider, claims=claims, access=access,
             executor=Executor(runner, resolver, latency, ExecutionSettings.from_settings(cfg),
                               metrics),
             council=Council(runner, resolver, CouncilSettings.from_settings(cfg)),
@@ -116,6 +123,7 @@ async def run_router(settings: Settings, stop: asyncio.Event) -> None:
                             close_remaining=runtime.close_remaining)
         log.info("router %s consuming %s", worker_id, topic)
         background = [asyncio.create_task(cancels.run()),
+                      asyncio.create_task(revocations.run()),
                       asyncio.create_task(_heartbeat(claims, cfg.heartbeat_ttl_ms / 3000))]
         try:
             await loop.run(stop)

@@ -24,6 +24,9 @@ class RouterMetrics:
                                    registry=registry)
         self.skipped = Counter("switchyard_router_skipped", "Redeliveries not executed again",
                                ["reason"], registry=registry)
+        self.refused = Counter("switchyard_router_refused", "Requests refused before any "
+                               "provider call: their key, tenant, role or model (by code)",
+                               ["code"], registry=registry)
         self.cancelled = Counter("switchyard_router_cancelled",
                                  "Attempts cancelled by their client", registry=registry)
         self.malformed_events = Counter(

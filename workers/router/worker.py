@@ -1,6 +1,12 @@
 """What the router does with one request: check its deadline, claim it (`state/claims.py`),
-label it (when this router classifies), decide its routes and mode, and hand it to the
-executor (auto, fixed, speculative, hedged) or the council."""
+re-check its key and tenant (`workers/router/access.py`), label it (when this router
+classifies), decide its routes and mode, and hand it to the executor (auto, fixed,
+speculative, hedged) or the council.
+
+The key is checked right after the claim, not before: a copy of a request that another
+router is running (a redelivery) is skipped by the claim instead of being answered with a
+refusal the client would read beside the real answer; and a refusal, like an answer, is
+given once. The check costs no round trip while the key is cached."""
 
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ from state.runtime import outage
 from topics.errors import GatewayTimeout, SwitchyardError, Unavailable, UpstreamError
 from topics.messages import RequestEnvelope
 from workers.classifier.stage import needs_label
+from workers.router.access import AccessCheck
 from workers.router.attempt import now_ms
 from workers.router.cancel import CancelListener
 from workers.router.council import Council
@@ -28,7 +35,8 @@ log = logging.getLogger(__name__)
 
 class RouterWorker:
     def __init__(self, *, decider: Decider, executor: Executor, council: Council,
-                 claims: Claims, frames: Callable[[RequestEnvelope], FrameWriter],
+                 claims: Claims, access: AccessCheck,
+                 frames: Callable[[RequestEnvelope], FrameWriter],
                  cancels: CancelListener, metrics: RouterMetrics,
                  settled: Callable[[str], Awaitable[None]],
                  label: Callable[[RequestEnvelope], Awaitable[RequestEnvelope]] | None = None,
@@ -37,6 +45,7 @@ class RouterWorker:
         self._executor = executor
         self._council = council
         self._claims = claims
+        self._access = access
         self._frames = frames
         self._cancels = cancels
         self._metrics = metrics
@@ -107,12 +116,19 @@ class RouterWorker:
         interrupted = False
         try:
             try:
+                caller = await self._access.check(env)
                 if labelling is not None:
                     env = await labelling
-                decision = await self._decider.decide(env)
+                decision = await self._decider.decide(env, caller.allowed_models)
             except SwitchyardError as exc:
+                _discard(labelling)
+                if exc.status in (401, 403):
+                    self._metrics.refused.labels(exc.code).inc()
                 await out.error(exc)
                 return
+            except BaseException:
+                _discard(labelling)
+                raise
             mode = self._council if decision.mode == "council" else self._executor
             work = asyncio.create_task(mode.run(env, decision, out))
             # A client that leaves cancels this task, and with it every attempt in flight.
