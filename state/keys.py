@@ -1,7 +1,8 @@
 """Tenants and API keys. A key is shown once at creation; only its SHA-256 is stored.
 
 `ingress/auth.py` checks bearer keys against them (cached briefly) and turns a key into the
-request's `Principal` (`topics/identity.py`); `compose/cli.py` (`switchyard keys create`)
+request's `Principal` (`topics/identity.py`), and a session token into the record of the key
+it was opened with (`find_key_by_id`); `compose/cli.py` (`switchyard keys create`)
 creates them."""
 
 from __future__ import annotations
@@ -79,14 +80,24 @@ async def create_key(conn: asyncpg.Connection | asyncpg.Pool, tenant_name: str) 
     return await store_key(conn, tenant_id, api_key), api_key
 
 
+_RECORD_QUERY = (
+    "SELECT k.id, k.tenant_id, k.role, k.allowed_models, k.expires_at, t.status"
+    " FROM api_keys k JOIN tenants t ON t.id = k.tenant_id"
+    " WHERE k.revoked_at IS NULL AND ")
+
+
 async def find_key(pool: asyncpg.Pool, api_key: str) -> KeyRecord | None:
     """The key's record, or None when no such key exists or it was revoked."""
-    row = await pool.fetchrow(
-        "SELECT k.id, k.tenant_id, k.role, k.allowed_models, k.expires_at, t.status"
-        " FROM api_keys k JOIN tenants t ON t.id = k.tenant_id"
-        " WHERE k.key_sha256 = $1 AND k.revoked_at IS NULL",
-        hash_key(api_key),
-    )
+    return _record(await pool.fetchrow(_RECORD_QUERY + "k.key_sha256 = $1", hash_key(api_key)))
+
+
+async def find_key_by_id(pool: asyncpg.Pool, key_id: str) -> KeyRecord | None:
+    """The record of the key with this id (what a session token names, `topics/sessions.py`),
+    or None when no such key exists or it was revoked."""
+    return _record(await pool.fetchrow(_RECORD_QUERY + "k.id = $1", key_id))
+
+
+def _record(row: asyncpg.Record | None) -> KeyRecord | None:
     if row is None:
         return None
     models = row["allowed_models"]

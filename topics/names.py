@@ -17,6 +17,8 @@ CLASSIFIED_GROUP: Final = "router"
 USAGE_GROUP: Final = "usage"
 
 CANCEL_CHANNEL: Final = "cancel"  # Redis pub/sub, broadcast to every router process
+# Redis pub/sub, broadcast to every ingress process: session tokens revoked (state/sessions.py)
+REVOKED_TOKENS_CHANNEL: Final = "sy:revoked-tokens"
 
 
 def dlq(topic: str) -> str:
