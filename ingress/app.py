@@ -14,7 +14,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 
-from ingress.auth import Authenticator
+from ingress.auth import Authenticator, SessionVerifier
 from ingress.errors import on_http_exception, on_switchyard_error
 from ingress.metrics import IngressMetrics
 from ingress.middleware import RequestIdentity
@@ -25,13 +25,15 @@ from ingress.routes import ROUTES, metric_paths
 from ingress.services import Services
 from state.bandit import PosteriorStore
 from state.breakers import BreakerConfig, Breakers
-from state.keys import KeyRecord, find_key
-from state.runtime import open_runtime
+from state.keys import KeyRecord, find_key, find_key_by_id
+from state.runtime import Runtime, open_runtime
+from state.sessions import RevokedTokens
 from state.vault import MasterKeys
 from topics import names
 from topics.catalog import load_catalog
 from topics.errors import SwitchyardError
 from topics.heap import settle_heap
+from topics.sessions import SessionCodec
 from topics.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -42,6 +44,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
     catalog = load_catalog(settings.catalog_path)
     # Malformed master keys fail the start; absent ones make the vault routes 503.
     master_keys = MasterKeys.from_settings(settings.vault)
+    # The same for session signing keys: malformed fails the start, absent refuses logins.
+    session_codec = SessionCodec.from_settings(settings.auth)
     metrics = IngressMetrics(CollectorRegistry())
 
     @contextlib.asynccontextmanager
@@ -59,11 +63,15 @@ def create_app(settings: Settings | None = None) -> Starlette:
             async def lookup(key: str) -> KeyRecord | None:
                 return await find_key(pool, key)
 
+            sessions = (None if session_codec is None
+                        else await _follow_sessions(runtime, session_codec, settings))
             router = settings.router
             services = Services(
                 settings=settings, catalog=catalog,
                 auth=Authenticator(lookup, ttl_s=settings.ingress.auth_cache_ttl_s,
-                                   negative_ttl_s=settings.ingress.auth_negative_cache_ttl_s),
+                                   negative_ttl_s=settings.ingress.auth_negative_cache_ttl_s,
+                                   sessions=sessions),
+                sessions=sessions,
                 pipeline=Pipeline(settings=settings.ingress, producer=runtime.producer,
                                   redis_client=runtime.redis, replies=replies, metrics=metrics,
                                   max_message_bytes=settings.kafka.max_message_bytes),
@@ -82,6 +90,27 @@ def create_app(settings: Settings | None = None) -> Starlette:
                             HTTPException: on_http_exception},
         lifespan=lifespan,
     )
+
+
+async def _follow_sessions(runtime: Runtime, codec: SessionCodec,
+                           settings: Settings) -> SessionVerifier:
+    """The session verifier, once the revoked-token set is loaded and kept current
+    (`state/sessions.py`)."""
+    revoked = RevokedTokens()
+    loaded = asyncio.Event()
+    follower = asyncio.create_task(revoked.follow(
+        runtime.redis, loaded, check_s=settings.redis.reply_check_s,
+        answer_s=settings.redis.socket_timeout_s))
+    runtime.on_close(_cancel, follower)
+    await asyncio.wait_for(loaded.wait(), timeout=10)
+    pool = runtime.pool
+
+    async def lookup_by_id(key_id: str) -> KeyRecord | None:
+        return await find_key_by_id(pool, key_id)
+
+    return SessionVerifier(codec, revoked, lookup_by_id,
+                           ttl_s=settings.ingress.auth_cache_ttl_s,
+                           negative_ttl_s=settings.ingress.auth_negative_cache_ttl_s)
 
 
 async def _cancel(task: asyncio.Task[None]) -> None:

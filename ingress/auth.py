@@ -1,69 +1,157 @@
 """Bearer credentials to a `Principal` (`topics/identity.py`): API keys checked against
-PostgreSQL by SHA-256 (`state/keys.py`) and cached briefly in-process.
+PostgreSQL by SHA-256 (`state/keys.py`) and cached briefly in-process; session tokens
+(`topics/sessions.py`, issued by `ingress/sessions.py`) verified in-process by a
+`SessionVerifier`, which checks the record of the key the session was opened with.
+
+A credential starting with `sy-` is an API key; one shaped like a JWT (three base64url
+segments) is a session token; anything else is tried as an API key (keys stored by hand).
 
 A cached key is re-checked at each use for what can change without the database being asked
 (its expiry); what needs the database to change (a revocation, a tenant's suspension) reaches
 every ingress through `drop_key`/`drop_tenant`/`drop_all`, fed by the revocation broadcast,
-and otherwise within the cache's TTL (`ingress.auth_cache_ttl_s`).
+and otherwise within the cache's TTL (`ingress.auth_cache_ttl_s`). A session's key goes
+through the same checks, from a cache of its own keyed by key id. Neither path costs a round
+trip per request while its cache holds: a logged-out token is known from the in-memory set
+that `state/sessions.py` keeps current.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
-from state.keys import KeyRecord
+from state.keys import KEY_PREFIX, KeyRecord
 from state.runtime import outage
+from state.sessions import RevokedTokens
 from topics.errors import Forbidden, Unauthorized
 from topics.identity import Principal
+from topics.sessions import SessionClaims, SessionCodec, invalid_token
 
 Lookup = Callable[[str], Awaitable[KeyRecord | None]]
 
 log = logging.getLogger(__name__)
 
 _MAX_CACHED = 10_000
+# Three base64url segments; the last may be empty (an unsigned token, refused as invalid).
+_JWT_SHAPE = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
 
 
-class Authenticator:
+class _RecordCache:
+    """Key records by a lookup value (the key itself, or a key id), each for `ttl_s`; an
+    unknown one for `negative_ttl_s`. While the database is down, a record known before is
+    served (and asked for again shortly)."""
+
     def __init__(self, lookup: Lookup, *, ttl_s: float, negative_ttl_s: float) -> None:
         self._lookup = lookup
         self._ttl_s = ttl_s
         self._negative_ttl_s = negative_ttl_s
-        # key -> (record or None, expiry). Keyed by the key itself: it never leaves the process.
+        # Keyed by the key itself for API keys: it never leaves the process.
         self._cache: dict[str, tuple[KeyRecord | None, float]] = {}
 
-    async def authenticate(self, authorization: str | None) -> Principal:
-        if not authorization:
-            raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'",
-                               code="missing_api_key")
-        scheme, _, key = authorization.partition(" ")
-        key = key.strip()
-        if scheme.lower() != "bearer" or not key:
-            raise Unauthorized("malformed Authorization header: expected 'Bearer <key>'")
-        return _usable(await self._record(key))
-
-    async def _record(self, key: str) -> KeyRecord | None:
+    async def get(self, value: str) -> KeyRecord | None:
         now = time.monotonic()
-        hit = self._cache.get(key)
+        hit = self._cache.get(value)
         if hit is not None and hit[1] > now:
             return hit[0]
         try:
-            record = await self._lookup(key)
+            record = await self._lookup(value)
         except Exception as exc:
             if hit is None or outage(exc) is None:
                 raise
             # The database is down: a key known before keeps working (one revoked
             # meanwhile too, until the database is back); asked again shortly.
             log.warning("key lookup failed (%s); using the cached answer", exc)
-            self._cache[key] = (hit[0], now + self._negative_ttl_s)
+            self._cache[value] = (hit[0], now + self._negative_ttl_s)
             return hit[0]
         if len(self._cache) >= _MAX_CACHED:
             self._cache.clear()  # crude but bounded; a refill costs one query per key
         ttl = self._ttl_s if record is not None else self._negative_ttl_s
-        self._cache[key] = (record, now + ttl)
+        self._cache[value] = (record, now + ttl)
         return record
+
+    def drop(self, matches: Callable[[KeyRecord], bool]) -> None:
+        stale = [value for value, (record, _) in self._cache.items()
+                 if record is not None and matches(record)]
+        for value in stale:
+            del self._cache[value]
+
+    def clear(self) -> None:
+        self._cache.clear()
+
+
+class SessionVerifier:
+    """Session tokens to a principal: the token's signature and claims (`SessionCodec`), its
+    id against the revoked ones (`RevokedTokens`, kept current by its listener), then the
+    current record of the key it names, through a cache keyed by key id (`lookup_by_id`).
+
+    The principal is the key's as it is now (role, allowed models), not as the token says
+    it was at login: a key's role lowered, the key revoked or expired, or its tenant
+    suspended, holds for its sessions as for the key."""
+
+    def __init__(self, codec: SessionCodec, revoked: RevokedTokens, lookup_by_id: Lookup, *,
+                 ttl_s: float, negative_ttl_s: float) -> None:
+        self.codec = codec
+        self.revoked = revoked
+        self._keys = _RecordCache(lookup_by_id, ttl_s=ttl_s, negative_ttl_s=negative_ttl_s)
+
+    async def verify(self, token: str) -> Principal:
+        claims = self.claims(token)
+        record = await self.usable_record(claims)
+        return Principal(tenant_id=record.tenant_id, key_id=record.key_id, role=record.role,
+                         allowed_models=record.allowed_models, session_id=claims.jti)
+
+    def claims(self, token: str) -> SessionClaims:
+        """The token's claims if it verifies and was not revoked; no I/O."""
+        claims = self.codec.verify(token)
+        if claims.jti in self.revoked:
+            raise Unauthorized("this session token was logged out (or replaced by a refresh): "
+                               "log in again", code="token_revoked")
+        return claims
+
+    async def usable_record(self, claims: SessionClaims) -> KeyRecord:
+        """The current record of the key the session was opened with, if that key may be
+        used now (as `usable`)."""
+        record = await self._keys.get(claims.key_id)
+        if record is None:
+            raise Unauthorized("the API key this session was opened with is revoked")
+        if record.tenant_id != claims.tenant_id:
+            raise invalid_token("its tenant is not its key's")
+        return usable(record)
+
+    def drop(self, matches: Callable[[KeyRecord], bool]) -> None:
+        self._keys.drop(matches)
+
+    def drop_all(self) -> None:
+        self._keys.clear()
+
+
+class Authenticator:
+    def __init__(self, lookup: Lookup, *, ttl_s: float, negative_ttl_s: float,
+                 sessions: SessionVerifier | None = None) -> None:
+        self._keys = _RecordCache(lookup, ttl_s=ttl_s, negative_ttl_s=negative_ttl_s)
+        self._sessions = sessions  # None: no signing key configured, no session accepted
+
+    async def authenticate(self, authorization: str | None) -> Principal:
+        if not authorization:
+            raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'",
+                               code="missing_api_key")
+        scheme, _, credential = authorization.partition(" ")
+        credential = credential.strip()
+        if scheme.lower() != "bearer" or not credential:
+            raise Unauthorized("malformed Authorization header: expected 'Bearer <key>'")
+        if not credential.startswith(KEY_PREFIX) and _JWT_SHAPE.fullmatch(credential):
+            if self._sessions is None:
+                raise invalid_token("sessions are not configured on this gateway")
+            return await self._sessions.verify(credential)
+        return usable(await self._keys.get(credential)).principal()
+
+    async def api_key_record(self, api_key: str) -> KeyRecord:
+        """The usable record of an API key sent other than as a bearer (the body of `POST
+        /v1/auth/login`): the same lookup, cache and checks as `authenticate`."""
+        return usable(await self._keys.get(api_key))
 
     def drop_key(self, key_id: str) -> None:
         """Forget a key revoked (or changed) elsewhere: its next use asks the database."""
@@ -75,20 +163,23 @@ class Authenticator:
 
     def drop_all(self) -> None:
         """Forget everything: revocations may have been missed (the broadcast was down)."""
-        self._cache.clear()
+        self._keys.clear()
+        if self._sessions is not None:
+            self._sessions.drop_all()
 
     def _drop(self, matches: Callable[[KeyRecord], bool]) -> None:
-        stale = [key for key, (record, _) in self._cache.items()
-                 if record is not None and matches(record)]
-        for key in stale:
-            del self._cache[key]
+        self._keys.drop(matches)
+        if self._sessions is not None:
+            self._sessions.drop(matches)
 
 
-def _usable(record: KeyRecord | None) -> Principal:
+def usable(record: KeyRecord | None) -> KeyRecord:
+    """The record if its key may be used now: 401 when unknown, revoked or expired, 403 when
+    its tenant is suspended."""
     if record is None:
         raise Unauthorized("invalid API key")
     if record.expires_at is not None and record.expires_at <= datetime.now(UTC):
         raise Unauthorized("this API key has expired", code="key_expired")
     if record.tenant_suspended:
         raise Forbidden("this tenant is suspended", code="tenant_suspended")
-    return record.principal()
+    return record

@@ -8,7 +8,7 @@ route labels and the generated API reference (`docs/api.md`) all read this table
 
 from __future__ import annotations
 
-from ingress import chat, embeddings, insights, ops, routing_policy, vault
+from ingress import chat, embeddings, insights, ops, routing_policy, sessions, vault
 from ingress.call import PUBLIC, Endpoint
 from topics.identity import Permission as P
 
@@ -27,6 +27,10 @@ ROUTES: tuple[Endpoint, ...] = (
     Endpoint("GET", "/v1/routing/policy", routing_policy.get_policy, P.POLICY_READ),
     Endpoint("PUT", "/v1/routing/policy", routing_policy.put_policy, P.POLICY_WRITE),
     Endpoint("DELETE", "/v1/routing/policy", routing_policy.delete_policy, P.POLICY_WRITE),
+    # Public: the API key comes in the body and is checked there (`ingress/sessions.py`).
+    Endpoint("POST", "/v1/auth/login", sessions.login, PUBLIC),
+    Endpoint("POST", "/v1/auth/refresh", sessions.refresh, P.SESSION),
+    Endpoint("POST", "/v1/auth/logout", sessions.logout, P.SESSION),
     Endpoint("GET", "/v1/health", ops.health, PUBLIC),
     Endpoint("GET", "/metrics", ops.metrics, PUBLIC),
 )
