@@ -12,7 +12,8 @@ every ingress through `drop_key`/`drop_tenant`/`drop_all`, fed by the revocation
 and otherwise within the cache's TTL (`ingress.auth_cache_ttl_s`). A session's key goes
 through the same checks, from a cache of its own keyed by key id. Neither path costs a round
 trip per request while its cache holds: a logged-out token is known from the in-memory set
-that `state/sessions.py` keeps current.
+that `state/sessions.py` keeps current, and a token's signature is checked at its first use
+in the process only (its expiry at every use).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from state.runtime import outage
 from state.sessions import RevokedTokens
 from topics.errors import Forbidden, Unauthorized
 from topics.identity import Principal
-from topics.sessions import SessionClaims, SessionCodec, invalid_token
+from topics.sessions import SessionClaims, SessionCodec, invalid_token, token_expired
 
 Lookup = Callable[[str], Awaitable[KeyRecord | None]]
 
@@ -96,6 +97,10 @@ class SessionVerifier:
         self.codec = codec
         self.revoked = revoked
         self._keys = _RecordCache(lookup_by_id, ttl_s=ttl_s, negative_ttl_s=negative_ttl_s)
+        # Tokens that verified, by the token itself: what verification found cannot change
+        # while the process's signing keys do not, so the signature is checked once per
+        # token, its expiry and revocation at every use. Only valid tokens get in.
+        self._verified: dict[str, SessionClaims] = {}
 
     async def verify(self, token: str) -> Principal:
         claims = self.claims(token)
@@ -105,7 +110,15 @@ class SessionVerifier:
 
     def claims(self, token: str) -> SessionClaims:
         """The token's claims if it verifies and was not revoked; no I/O."""
-        claims = self.codec.verify(token)
+        claims = self._verified.get(token)
+        if claims is None:
+            claims = self.codec.verify(token)
+            if len(self._verified) >= _MAX_CACHED:
+                self._verified.clear()  # bounded; a refill costs one verification per token
+            self._verified[token] = claims
+        elif self.codec.expired(claims):
+            del self._verified[token]
+            raise token_expired()
         if claims.jti in self.revoked:
             raise Unauthorized("this session token was logged out (or replaced by a refresh): "
                                "log in again", code="token_revoked")

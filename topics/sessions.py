@@ -48,6 +48,11 @@ def invalid_token(why: str) -> Unauthorized:
     return Unauthorized(f"invalid session token: {why}", code="invalid_token")
 
 
+def token_expired() -> Unauthorized:
+    return Unauthorized("the session token has expired: log in again (or refresh before it "
+                        "expires)", code="token_expired")
+
+
 def _decode_secret(key_id: str, text: str) -> bytes:
     """base64url or standard base64, padding optional."""
     text = text.replace("+", "-").replace("/", "_").rstrip("=")
@@ -167,6 +172,11 @@ class SessionCodec:
                                  headers={"kid": active})
         return token, claims
 
+    def expired(self, claims: SessionClaims, now: float | None = None) -> bool:
+        """Whether a token verified earlier has expired since (PyJWT's rule: `exp` at or
+        before now minus the leeway)."""
+        return claims.expires_at <= (time.time() if now is None else now) - self.leeway_s
+
     def verify(self, token: str) -> SessionClaims:
         """The claims of a token signed by a configured key, unexpired, for this issuer and
         audience; else 401 `token_expired` or `invalid_token` (saying why, never echoing the
@@ -187,8 +197,7 @@ class SessionCodec:
                                        audience=self._audience, issuer=self._issuer,
                                        leeway=self.leeway_s)
         except jwt.ExpiredSignatureError:
-            raise Unauthorized("the session token has expired: log in again (or refresh "
-                               "before it expires)", code="token_expired") from None
+            raise token_expired() from None
         except jwt.InvalidTokenError as exc:
             raise invalid_token(_why(exc)) from None
         return _claims(payload)
