@@ -329,6 +329,17 @@ async def test_a_revocation_is_stored_until_the_token_expires_and_counts_once(
     assert jti in revoked
 
 
+def test_revoked_ids_are_forgotten_once_their_tokens_have_expired() -> None:
+    revoked = RevokedTokens()
+    now_ms = int(time.time() * 1000)
+    live = uuid.uuid4().hex
+    revoked.add(live, now_ms + 60_000)
+    for n in range(2000):  # past tokens: they fail verification anyway
+        revoked.add(f"gone-{n}", now_ms - 1)
+    assert live in revoked
+    assert len(revoked) < 1100  # swept when the set reached 1024 entries
+
+
 # ---------------------------------------------------------- expiry, the key's own state
 
 async def test_a_session_token_expires(quick: Gateway, pg: asyncpg.Pool) -> None:
