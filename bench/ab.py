@@ -3,7 +3,7 @@ long warm-up at that rate (the Kafka broker's JIT takes tens of seconds to settl
 for a few rounds. Prints added p50/p99 (and TTFT when streaming) and CPU-ms per request per
 process; writes nothing. For the recorded figures use `make bench`.
 
-    python -m bench.ab RATE [--phase-s 20] [--rounds 2] [--warmup-s 30] [--stream]
+    python -m bench.ab RATE [--phase-s 20] [--rounds 2] [--warmup-s 30] [--stream] [--session]
 """
 
 from __future__ import annotations
@@ -31,6 +31,10 @@ async def _run(args: argparse.Namespace, gateway_url: str, fake_url: str, key: s
     async with httpx.AsyncClient() as admin:
         await admin.put(f"{fake_url}/_fake/config", json={
             "tokens": 100 if args.stream else 16, "inter_token_ms": 1 if args.stream else 0})
+        if args.session:  # the bearer is a session token instead of the API key
+            login = await admin.post(f"{gateway_url}/v1/auth/login", json={"api_key": key})
+            login.raise_for_status()
+            key = login.json()["token"]
     body = {"model": "gpt-4o-mini", "stream": args.stream,
             "messages": [{"role": "user", "content": "bench hello there"}]}
     gateway = (f"{gateway_url}/v1/chat/completions",
@@ -74,6 +78,9 @@ def parse() -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--warmup-s", type=float, default=30.0)
     p.add_argument("--stream", action="store_true", help="100-token answers, 1 ms per token")
+    p.add_argument("--session", action="store_true",
+                   help="authenticate with a session token (POST /v1/auth/login) instead of "
+                   "the API key")
     return p.parse_args()
 
 

@@ -20,13 +20,15 @@ import aiohttp
 import asyncpg
 import numpy as np
 import orjson
+from pydantic import SecretStr
 
 from compose.children import Children, wait_http
 from compose.gateway import Gateway
 from compose.stack import LocalStack, free_port
 from state.keys import create_key
 from topics.catalog import load_catalog
-from topics.settings import RouterSettings, Settings
+from topics.sessions import SigningKeys
+from topics.settings import AuthSettings, RouterSettings, Settings
 from workers.providers.base import SseParser
 
 
@@ -365,7 +367,10 @@ async def single_upstream_gateway(log: Callable[[str], None],
         settings = stack.settings.model_copy(update={
             "ingress": stack.settings.ingress.model_copy(update={"port": free_port()}),
             "router": router or stack.settings.router,
-            "fallback_upstream_url": f"http://127.0.0.1:{fake_port}/v1"})
+            "fallback_upstream_url": f"http://127.0.0.1:{fake_port}/v1",
+            # Sessions work too (`bench.ab --session` measures a JWT bearer).
+            "auth": AuthSettings(signing_keys=SecretStr(SigningKeys.generate("s1")),
+                                 active_signing_key="s1")})
         conn = await asyncpg.connect(settings.postgres.owner_dsn)
         try:
             _, api_key = await create_key(conn, "bench")

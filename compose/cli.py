@@ -69,6 +69,11 @@ def main(argv: list[str] | None = None) -> None:
     new_master = vault_sub.add_parser("new-master-key", help="print a fresh random master key "
                                       "in the SWITCHYARD_VAULT__MASTER_KEYS format")
     new_master.add_argument("--id", help="its id (default: the first free of k1, k2, …)")
+    auth = sub.add_parser("auth", help="signing keys of session tokens")
+    auth_sub = auth.add_subparsers(dest="auth_command", required=True)
+    new_signing = auth_sub.add_parser("new-signing-key", help="print a fresh random session "
+                                      "signing key in the SWITCHYARD_AUTH__SIGNING_KEYS format")
+    new_signing.add_argument("--id", help="its id (default: the first free of s1, s2, …)")
     sub.add_parser("fake-upstream", help="run the fake OpenAI-compatible upstream",
                    add_help=False)
 
@@ -112,6 +117,8 @@ def main(argv: list[str] | None = None) -> None:
               f"platform admin key (shown once, store it now): {api_key}")
     elif args.command == "vault":
         _vault(settings, args.vault_command, getattr(args, "id", None))
+    elif args.command == "auth":
+        _new_signing_key(settings, args.id)
 
 
 def _classify(model: Path, prompts: list[str], eval_path: Path | None) -> None:
@@ -130,7 +137,14 @@ def _classify(model: Path, prompts: list[str], eval_path: Path | None) -> None:
 
 
 def _ingress(settings: Settings) -> None:
+    import logging
+
     import uvicorn
+
+    # uvicorn configures only its own loggers: ours (administrative events, warnings) would
+    # go unheard below WARNING. The same format as the workers' (workers/runtime.py).
+    logging.basicConfig(level=settings.log_level,
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
 
     options = dict(host=settings.ingress.host, port=settings.ingress.port, loop="uvloop",
                    http="httptools", log_level=settings.log_level.lower(), access_log=False,
@@ -268,6 +282,33 @@ def _vault(settings: Settings, command: str, key_id: str | None) -> None:
           else "no stored key uses any other master key; those may be removed")
 
 
+def _new_signing_key(settings: Settings, key_id: str | None) -> None:
+    from topics.sessions import SigningKeys
+
+    spec = settings.auth.signing_keys.get_secret_value()
+    taken = {entry.partition(":")[0].strip() for entry in spec.split(",")}
+    key_id = key_id or next(f"s{n}" for n in range(1, 1000) if f"s{n}" not in taken)
+    print(SigningKeys.generate(key_id))  # stdout carries the key alone, for scripts
+    print(f"append it to SWITCHYARD_AUTH__SIGNING_KEYS on every ingress, restart them, then set "
+          f"SWITCHYARD_AUTH__ACTIVE_SIGNING_KEY={key_id} (docs/tenancy.md, key rotation)",
+          file=sys.stderr)
+
+
+def _dev_signing_key(settings: Settings) -> Settings:
+    """Settings with a session signing key: the configured one, else one generated for this
+    run (tokens then end with the stack, which wipes its data at start anyway)."""
+    if settings.auth.signing_keys.get_secret_value().strip():
+        return settings
+    from pydantic import SecretStr
+
+    from topics.sessions import SigningKeys
+
+    print("session signing key: generated for this run (set SWITCHYARD_AUTH__SIGNING_KEYS "
+          "to keep sessions across restarts)")
+    return settings.model_copy(update={"auth": settings.auth.model_copy(update={
+        "signing_keys": SecretStr(SigningKeys.generate("dev")), "active_signing_key": "dev"})})
+
+
 async def _seed_dev_key(settings: Settings) -> tuple[str, bool]:
     """The dev tenant's key: SWITCHYARD_DEV_API_KEY if set, else a new one."""
     import asyncpg
@@ -299,6 +340,8 @@ def _up(settings: Settings, data_dir: Path, routers: int,
             update={"fallback_upstream_url": f"http://127.0.0.1:{fake_port}/v1"})
     print(f"providers with keys: {', '.join(configured) or 'none'}; models without a key go to "
           f"{settings.fallback_upstream_url}" + (" (fake upstream)" if fake_port else ""))
+
+    settings = _dev_signing_key(settings)
 
     shutil.rmtree(data_dir, ignore_errors=True)
     data_dir.mkdir(parents=True)

@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 
 from ingress.audit import AuditLog
-from ingress.auth import Authenticator
+from ingress.auth import Authenticator, SessionVerifier
 from ingress.errors import on_http_exception, on_switchyard_error
 from ingress.metrics import IngressMetrics
 from ingress.middleware import RequestIdentity
@@ -27,15 +27,17 @@ from ingress.routes import ROUTES, metric_paths
 from ingress.services import Services
 from state.bandit import PosteriorStore
 from state.breakers import BreakerConfig, Breakers
-from state.keys import KeyRecord, find_key
+from state.keys import KeyRecord, find_key, key_status
 from state.last_used import LastUsed
 from state.revocations import RevocationListener
 from state.runtime import Runtime, open_runtime
+from state.sessions import RevokedTokens
 from state.vault import MasterKeys
 from topics import names
 from topics.catalog import load_catalog
 from topics.errors import SwitchyardError
 from topics.heap import settle_heap
+from topics.sessions import SessionCodec
 from topics.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -46,6 +48,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
     catalog = load_catalog(settings.catalog_path)
     # Malformed master keys fail the start; absent ones make the vault routes 503.
     master_keys = MasterKeys.from_settings(settings.vault)
+    # The same for session signing keys: malformed fails the start, absent refuses logins.
+    session_codec = SessionCodec.from_settings(settings.auth)
     metrics = IngressMetrics(CollectorRegistry())
     version = package_version()
 
@@ -66,19 +70,27 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 return await find_key(pool, key)
 
             last_used = LastUsed()
+            sessions = None if session_codec is None else _sessions(runtime, session_codec,
+                                                                    settings)
             auth = Authenticator(lookup, ttl_s=settings.ingress.auth_cache_ttl_s,
                                  negative_ttl_s=settings.ingress.auth_negative_cache_ttl_s,
-                                 last_used=last_used)
+                                 last_used=last_used, sessions=sessions)
             # Closes run in reverse: the periodic flusher stops, then one last flush.
             runtime.on_close(last_used.flush, pool, name="last_used_at flush", quiet=True)
             _background(runtime, last_used.run(pool, settings.ingress.last_used_flush_s))
-            # Revocations reach this process's key cache at once (state/revocations.py).
-            _background(runtime, RevocationListener(
-                runtime.redis, [auth], check_s=settings.redis.revocation_check_s,
-                answer_s=settings.redis.socket_timeout_s).run())
+            # Revocations reach this process's caches at once (state/revocations.py); the
+            # revoked session tokens are loaded before the first request is served.
+            revocations = RevocationListener(
+                runtime.redis, [auth],
+                on_token=None if sessions is None else sessions.revoked.add,
+                check_s=settings.redis.revocation_check_s,
+                answer_s=settings.redis.socket_timeout_s)
+            listening = asyncio.Event()
+            _background(runtime, revocations.run(listening))
+            await asyncio.wait_for(listening.wait(), timeout=10)
             router = settings.router
             services = Services(
-                settings=settings, catalog=catalog, auth=auth,
+                settings=settings, catalog=catalog, auth=auth, sessions=sessions,
                 pipeline=Pipeline(settings=settings.ingress, producer=runtime.producer,
                                   redis_client=runtime.redis, replies=replies, metrics=metrics,
                                   max_message_bytes=settings.kafka.max_message_bytes),
@@ -106,6 +118,19 @@ def create_app(settings: Settings | None = None) -> Starlette:
 def _background(runtime: Runtime, work: Coroutine[Any, Any, None]) -> None:
     """Run `work` until the runtime closes."""
     runtime.on_close(_cancel, asyncio.create_task(work))
+
+
+def _sessions(runtime: Runtime, codec: SessionCodec, settings: Settings) -> SessionVerifier:
+    """The session verifier: its revoked tokens are fed by the revocation listener."""
+    pool = runtime.pool
+
+    async def lookup_by_id(key: tuple[str, str]) -> KeyRecord | None:
+        tenant_id, key_id = key
+        return await key_status(pool, tenant_id, key_id)
+
+    return SessionVerifier(codec, RevokedTokens(), lookup_by_id,
+                           ttl_s=settings.ingress.auth_cache_ttl_s,
+                           negative_ttl_s=settings.ingress.auth_negative_cache_ttl_s)
 
 
 async def _cancel(task: asyncio.Task[None]) -> None:

@@ -16,6 +16,7 @@ from ingress import (
     keys,
     ops,
     routing_policy,
+    sessions,
     tenants,
     usage,
     vault,
@@ -42,8 +43,6 @@ ROUTES: tuple[Endpoint, ...] = (
     Endpoint("PUT", "/v1/routing/policy", routing_policy.put_policy, P.POLICY_WRITE),
     Endpoint("DELETE", "/v1/routing/policy", routing_policy.delete_policy, P.POLICY_WRITE),
     Endpoint("GET", "/v1/audit", audit.list_audit, P.AUDIT_READ),
-
-
     Endpoint("POST", "/v1/tenants/{tenant_id}/api-keys", keys.create_api_key, P.KEYS_MANAGE),
     Endpoint("GET", "/v1/tenants/{tenant_id}/api-keys", keys.list_api_keys, P.KEYS_MANAGE),
     Endpoint("DELETE", "/v1/tenants/{tenant_id}/api-keys/{key_id}", keys.revoke_api_key,
@@ -56,6 +55,10 @@ ROUTES: tuple[Endpoint, ...] = (
              P.TENANTS_MANAGE),
     Endpoint("POST", "/v1/admin/tenants/{tenant_id}/resume", tenants.resume_tenant,
              P.TENANTS_MANAGE),
+    # Public: the API key comes in the body and is checked there (`ingress/sessions.py`).
+    Endpoint("POST", "/v1/auth/login", sessions.login, PUBLIC),
+    Endpoint("POST", "/v1/auth/refresh", sessions.refresh, P.SESSION),
+    Endpoint("POST", "/v1/auth/logout", sessions.logout, P.SESSION),
     Endpoint("GET", "/v1/health", ops.health, PUBLIC),
     Endpoint("GET", "/metrics", ops.metrics, PUBLIC),
 )

@@ -11,7 +11,7 @@ import redis.asyncio as redis
 from aiokafka import AIOKafkaProducer
 
 from ingress.audit import AuditLog
-from ingress.auth import Authenticator
+from ingress.auth import Authenticator, SessionVerifier
 from ingress.metrics import IngressMetrics
 from ingress.pipeline import Pipeline
 from state.bandit import PosteriorStore
@@ -26,6 +26,8 @@ class Services:
     settings: Settings
     catalog: Catalog
     auth: Authenticator
+    # None: no session signing key configured; login answers 503 (`ingress/sessions.py`).
+    sessions: SessionVerifier | None
     pipeline: Pipeline
     metrics: IngressMetrics
     producer: AIOKafkaProducer

@@ -70,18 +70,21 @@ def _now_ms() -> int:
 
 
 async def publish_revocation(client: redis.Redis, kind: RevocationKind, id: str,
-                             expires_at_ms: int | None = None) -> None:
+                             expires_at_ms: int | None = None) -> bool:
     """Tell every ingress and router that `id` (a key, tenant or token) changed. Call it
     after the change is stored. Raises a Redis error when Redis is unreachable: the
-    change still holds everywhere within the caches' TTL."""
+    change still holds everywhere within the caches' TTL. For a token: True if this call
+    revoked it, False if it was revoked already (a refresh is single-use even when two
+    race); True for the other kinds."""
     message = Revocation(kind=kind, id=id, expires_at_ms=expires_at_ms)  # checks the pair
     async with client.pipeline(transaction=True) as pipe:
         if message.expires_at_ms is not None:
-            pipe.zadd(TOKENS_KEY, {id: message.expires_at_ms})
+            pipe.zadd(TOKENS_KEY, {id: message.expires_at_ms}, nx=True)
             # Pruned here, by the writers: the set holds only tokens that could still be used.
             pipe.zremrangebyscore(TOKENS_KEY, "-inf", _now_ms())
         pipe.publish(REVOCATIONS_CHANNEL, message.to_json())
-        await pipe.execute()
+        replies = await pipe.execute()
+    return message.expires_at_ms is None or bool(replies[0])
 
 
 async def revoked_tokens(client: redis.Redis) -> dict[str, int]:

@@ -25,7 +25,8 @@ from state.keys import create_key, find_key
 from state.redis_client import make_redis
 from state.vault import MasterKeys
 from topics.catalog import load_catalog
-from topics.settings import RouterSettings, Settings, VaultSettings
+from topics.sessions import SigningKeys
+from topics.settings import AuthSettings, RouterSettings, Settings, VaultSettings
 
 # Its models have no key in the environment: they exercise the offline fallback route.
 FALLBACK_ONLY_PROVIDER = "minimax"
@@ -132,6 +133,9 @@ def gateway(stack: LocalStack, tmp_path_factory: pytest.TempPathFactory) -> Iter
         # A fresh vault master key per session (tests/test_vault.py).
         "vault": VaultSettings(master_keys=MasterKeys.generate("k1"), active_key_id="k1",
                                cache_ttl_s=0.5),
+        # Fresh session signing keys per session (tests/test_sessions.py): s2 verifies only.
+        "auth": AuthSettings(signing_keys=f"{SigningKeys.generate('s1')},"
+                             f"{SigningKeys.generate('s2')}", active_signing_key="s1"),
         "provider_base_urls": {
             name: fake + ("/v1beta" if p.dialect == "gemini" else "/v1")
             for name, p in catalog.providers.items() if name != FALLBACK_ONLY_PROVIDER},

@@ -26,7 +26,7 @@ from topics.messages import SCHEMA_VERSION, _Message
 # producer may record an action this version does not know); a producer in this repository
 # names one of these, so a typo fails the type check instead of starting a new action.
 AuditAction = Literal[
-    "auth.login", "auth.logout",
+    "auth.login", "auth.refresh", "auth.logout",
     "key.created", "key.rotated", "key.revoked",
     "tenant.created", "tenant.suspended", "tenant.resumed",
     "vault.key_stored", "vault.key_rotated", "vault.key_deleted",

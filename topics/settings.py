@@ -133,10 +133,11 @@ class IngressSettings(BaseModel):
         "`image_too_large`.")
     auth_cache_ttl_s: float = Field(
         default=10.0, ge=0,
-        description="How long each ingress process caches a valid API key's lookup. A "
-        "revocation (a key revoked or rotated, a tenant suspended) reaches every ingress at "
-        "once through the revocations channel; an ingress that misses it (its Redis "
-        "subscription down) stops honouring the key within this long.")
+        description="How long each ingress process caches a valid API key's lookup (by the key "
+        "for API keys, by the tenant and key id for session tokens). A revocation (a key "
+        "revoked or rotated, a tenant suspended) reaches every ingress at once through the "
+        "revocations channel; an ingress that misses it (its Redis subscription down) stops "
+        "honouring the key within this long.")
     auth_negative_cache_ttl_s: float = Field(
         default=2.0, ge=0,
         description="How long each ingress process caches an unknown API key as unknown.")
@@ -407,6 +408,35 @@ class VaultSettings(BaseModel):
         "it again.")
 
 
+class AuthSettings(BaseModel):
+    """Session tokens (JWT, HS256) that `POST /v1/auth/login` issues for an API key."""
+
+    signing_keys: SecretStr = Field(
+        default=SecretStr(""),
+        description="Session signing keys, `s1:<base64url of at least 32 bytes>,s2:<…>` "
+        "(secret). Every key listed verifies tokens (the JWT header's `kid` names the key "
+        "that signed it); only `active_signing_key` signs. Several ids let a new key be rolled "
+        "in without downtime (docs/tenancy.md). `switchyard auth new-signing-key` prints one; "
+        "`switchyard up` generates one for its run when unset. Empty: `POST /v1/auth/login` "
+        "answers 503 `sessions_not_configured` and session tokens are refused.")
+    active_signing_key: str = Field(
+        default="", description="The id of the signing key new session tokens are signed with.")
+    session_ttl_s: int = Field(
+        default=86_400, ge=1, le=30 * 86_400,
+        description="How long a session token is valid after login or refresh (never past the "
+        "API key's own expiry).")
+    issuer: str = Field(
+        default="switchyard", min_length=1,
+        description="The tokens' `iss`: set at signing, required at verification.")
+    audience: str = Field(
+        default="switchyard-api", min_length=1,
+        description="The tokens' `aud`: set at signing, required at verification.")
+    clock_leeway_s: float = Field(
+        default=5.0, ge=0, le=300,
+        description="Clock difference tolerated between the process that signed a token and "
+        "the one verifying it (`iat` in the future, `exp` just past).")
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="SWITCHYARD_", env_nested_delimiter="__", extra="ignore"
@@ -421,6 +451,7 @@ class Settings(BaseSettings):
     audit: AuditSettings = AuditSettings()
     classifier: ClassifierSettings = ClassifierSettings()
     vault: VaultSettings = VaultSettings()
+    auth: AuthSettings = AuthSettings()
     catalog_path: Path = Field(
         default=Path(__file__).with_name("catalog.toml"),
         description="The model catalog (providers, models, prices).")

@@ -281,6 +281,23 @@ MEANINGS: dict[str, str] = {
                          "request names another",
     "tenant_suspended": "the tenant was suspended by a platform administrator; every key and "
                         "session of it is refused until it is resumed",
+    "invalid_token": "a session token that does not verify: malformed, a bad signature, an "
+                     "algorithm other than HS256, a wrong issuer or audience, a missing claim, "
+                     "signed with a key id not configured (any more), or sessions are not "
+                     "configured; the message says which",
+    "token_expired": "the session token's `exp` has passed (`SWITCHYARD_AUTH__SESSION_TTL_S` "
+                     "after login or refresh): log in again",
+    "token_revoked": "the session token was logged out, or replaced by a refresh (a token "
+                     "refreshes once): log in again",
+    "session_token_required": "`POST /v1/auth/refresh` and `/logout` take a session token "
+                              "as the bearer, not an API key",
+    "unsupported_login": "`POST /v1/auth/login` with `email`/`password`: the gateway has no "
+                         "user accounts; log in with `{\"api_key\": …}`",
+    "sessions_not_configured": "no session signing key (`SWITCHYARD_AUTH__SIGNING_KEYS` "
+                               "unset): logins answer 503, the rest of the gateway runs",
+    "sessions_misconfigured": "`SWITCHYARD_AUTH__SIGNING_KEYS` or "
+                              "`SWITCHYARD_AUTH__ACTIVE_SIGNING_KEY` is malformed (the message "
+                              "says which key; never its value): the ingress does not start",
     "invalid_field": "a field fails validation; `param` names it (e.g. `messages.0.role`, "
                      "`weights.cost`, `policy.timeout_ms`, `models`)",
     "invalid_header": "`x-switchyard-category` is not a category, or `x-switchyard-timeout-ms` "
