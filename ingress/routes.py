@@ -33,8 +33,8 @@ ROUTES: tuple[Endpoint, ...] = (
     Endpoint("POST", "/v1/feedback", insights.feedback, P.INFERENCE),
     Endpoint("GET", "/v1/providers/stats", insights.stats, P.USAGE_READ),
     # The whole tenant's usage: `usage:read` (a key's own usage would be `usage:read_own`).
-    Endpoint("GET", "/v1/usage", usage.usage, P.USAGE_READ),
-    Endpoint("GET", "/v1/usage/history", usage.usage_history, P.USAGE_READ),
+    Endpoint("GET", "/v1/usage", usage.usage, P.USAGE_READ_OWN),
+    Endpoint("GET", "/v1/usage/history", usage.usage_history, P.USAGE_READ_OWN),
     Endpoint("POST", "/v1/vault/keys", vault.store_key, P.VAULT_MANAGE),
     Endpoint("GET", "/v1/vault/keys", vault.list_keys, P.VAULT_MANAGE),
     Endpoint("POST", "/v1/vault/keys/{provider}/rotate", vault.rotate_key, P.VAULT_MANAGE),

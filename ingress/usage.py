@@ -24,6 +24,7 @@ from ingress.call import Call
 from ingress.money import usd_fields
 from state.usage_report import Counts, UsageRow, Window, usage_rows
 from topics.errors import InvalidRequest
+from topics.identity import Permission
 
 USAGE_PERIOD = "month"  # GET /v1/usage without a window: this month so far (budgets are monthly)
 HISTORY_PERIOD = "7d"  # GET /v1/usage/history without one: the last seven days
@@ -33,14 +34,16 @@ _PERIOD = re.compile(r"([1-9][0-9]{0,4})([dh])")
 
 
 async def usage(call: Call) -> Response:
-    """The tenant's usage totals over a window (`period`=`month` by default, `7d`, `24h`, …;
-    or `start`/`end`): `{total_requests, total_tokens, total_cost_usd, period}`, and more."""
+    """Usage totals over a window (`period`=`month` by default, `7d`, `24h`, …; or
+    `start`/`end`): `{total_requests, total_tokens, total_cost_usd, period}`, and more; the
+    tenant's, or a member's own key's (`scope`)."""
     period, window = _window(call, USAGE_PERIOD)
     totals = Counts()
-    for row in await usage_rows(call.services.pool, call.principal.tenant_id, window):
+    scope, key_id = _scope(call)
+    for row in await usage_rows(call.services.pool, call.principal.tenant_id, window, key_id):
         totals.add(row)
     return json_response({
-        "object": "usage", "period": period, **_bounds(window),
+        "object": "usage", "period": period, "scope": scope, **_bounds(window),
         "total_requests": totals.requests, "total_tokens": totals.total_tokens,
         **usd_fields("total_cost_usd", totals.cost_usd),
         "total_attempts": totals.attempts, "prompt_tokens": totals.prompt_tokens,
@@ -48,19 +51,30 @@ async def usage(call: Call) -> Response:
 
 
 async def usage_history(call: Call) -> Response:
-    """The tenant's usage over a window (`period`=`7d` by default, or `start`/`end`) as
-    `{entries, period}`: by UTC day with each day's models and providers (`group_by=day`), or
-    by `model` or `provider`."""
+    """Usage over a window (`period`=`7d` by default, or `start`/`end`) as `{entries,
+    period}`: by UTC day with each day's models and providers (`group_by=day`), or by `model`
+    or `provider`; the tenant's, or a member's own key's (`scope`)."""
     period, window = _window(call, HISTORY_PERIOD)
     group_by = call.request.query_params.get("group_by") or "day"
     if group_by not in GROUPS:
         raise InvalidRequest(f"group_by must be one of {', '.join(GROUPS)}",
                              code="invalid_query", param="group_by")
-    rows = await usage_rows(call.services.pool, call.principal.tenant_id, window)
+    scope, key_id = _scope(call)
+    rows = await usage_rows(call.services.pool, call.principal.tenant_id, window, key_id)
     entries = (_by_day(rows, window) if group_by == "day" else
                _grouped(rows, group_by, "provider" if group_by == "model" else "model"))
-    return json_response({"object": "list", "period": period, **_bounds(window),
+    return json_response({"object": "list", "period": period, "scope": scope,
+                          **_bounds(window),
                           "group_by": group_by, "entries": entries})
+
+
+def _scope(call: Call) -> tuple[str, str | None]:
+    """Whose usage the caller sees: the whole tenant's with `usage:read`, else (a member) its
+    own key's only."""
+    principal = call.principal
+    if principal.can(Permission.USAGE_READ):
+        return "tenant", None
+    return "key", principal.key_id
 
 
 def _counts(counts: Counts) -> dict[str, Any]:

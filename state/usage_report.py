@@ -94,6 +94,20 @@ ORDER BY 1, 2, 3
 """
 
 
+# One key's usage (a member reads its own): the rollup has no key, so the ledger answers for
+# the whole window, through the tenant's (tenant_id, started_at) index.
+_KEY_ROWS = """
+SELECT (started_at AT TIME ZONE 'UTC')::date AS day, model, provider,
+       count(*) FILTER (WHERE attempt = 1) AS requests, count(*) AS attempts,
+       sum(prompt_tokens) AS prompt_tokens, sum(completion_tokens) AS completion_tokens,
+       sum(cached_tokens) AS cached_tokens, sum(cost_usd) AS cost_usd
+FROM usage_events
+WHERE tenant_id = $1 AND key_id = $2 AND started_at >= $3 AND started_at < $4
+GROUP BY 1, 2, 3
+ORDER BY 1, 2, 3
+"""
+
+
 def _midnight(day: date) -> datetime:
     return datetime.combine(day, time(), UTC)
 
@@ -110,11 +124,16 @@ def split(window: Window) -> tuple[tuple[date, date], tuple[datetime, datetime],
     return (first, last), (start, _midnight(first)), (_midnight(last), end)
 
 
-async def usage_rows(pool: asyncpg.Pool, tenant_id: str, window: Window) -> list[UsageRow]:
-    """The tenant's usage in `window` by (UTC day, model, provider), in that order."""
-    (first, last), before, after = split(window)
+async def usage_rows(pool: asyncpg.Pool, tenant_id: str, window: Window,
+                     key_id: str | None = None) -> list[UsageRow]:
+    """The tenant's usage in `window` by (UTC day, model, provider), in that order; only
+    the key `key_id`'s when given."""
     async with tenant_scope(pool, tenant_id) as conn:
-        rows = await conn.fetch(_ROWS, tenant_id, first, last, *before, *after)
+        if key_id is not None:
+            rows = await conn.fetch(_KEY_ROWS, tenant_id, key_id, window.start, window.end)
+        else:
+            (first, last), before, after = split(window)
+            rows = await conn.fetch(_ROWS, tenant_id, first, last, *before, *after)
     return [UsageRow(day=r["day"], model=r["model"], provider=r["provider"],
                      requests=r["requests"], attempts=r["attempts"],
                      prompt_tokens=r["prompt_tokens"], completion_tokens=r["completion_tokens"],

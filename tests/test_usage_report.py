@@ -19,10 +19,12 @@ import httpx
 import pytest
 
 from compose.gateway import Gateway
-from state.keys import create_key
+from state.keys import create_key, new_api_key, store_key
 from state.migrations import MIGRATIONS_DIR
+from state.tenancy import platform_scope
 from state.usage import record_usage
 from tests.test_errors import assert_openai_error
+from topics.identity import Role
 from topics.messages import UsageEvent
 
 
@@ -246,3 +248,32 @@ async def test_the_migration_rebuilds_the_rollup_by_provider(
     finally:
         await conn.close()
         await pg.execute(f'DROP DATABASE "{name}"')
+
+
+async def test_a_member_sees_its_own_keys_usage_and_an_admin_the_whole_tenants(
+        pg: asyncpg.Pool, app_pg: asyncpg.Pool, gateway: Gateway, tenant: Tenant) -> None:
+    """`usage:read_own`: a member key reads the usage of that key only; a key with
+    `usage:read` (here the tenant's admin) reads everyone's."""
+    member_id, member_key = await store_member(pg, tenant.id)
+    mine = event(tenant.id, at("2024-03-01T10:00:00"), cost="0.5")
+    theirs = event(tenant.id, at("2024-03-01T11:00:00"), cost="0.25")
+    mine = mine.model_copy(update={"key_id": member_id})
+    await record_usage(app_pg, [mine, theirs])
+    window = {"start": "2024-03-01", "end": "2024-03-01"}
+    whole = await get(tenant, "/v1/usage", **window)
+    assert (whole["scope"], whole["total_requests"], whole["total_cost_usd"]) == \
+        ("tenant", 2, 0.75)
+    async with httpx.AsyncClient(base_url=gateway.url, timeout=30,
+                                 headers={"Authorization": f"Bearer {member_key}"}) as http:
+        member = Tenant(tenant.id, http)
+        own = await get(member, "/v1/usage", **window)
+        assert (own["scope"], own["total_requests"], own["total_cost_usd"]) == ("key", 1, 0.5)
+        history = await get(member, "/v1/usage/history", **window)
+        assert history["scope"] == "key"
+        assert [day["total_cost_usd"] for day in history["entries"]] == [0.5]
+
+
+async def store_member(pg: asyncpg.Pool, tenant_id: str) -> tuple[str, str]:
+    api_key = new_api_key()
+    async with platform_scope(pg) as conn:
+        return await store_key(conn, tenant_id, api_key, role=Role.MEMBER), api_key
