@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import uuid
@@ -29,7 +30,7 @@ from workers.providers.anthropic import AnthropicMessages
 from workers.providers.base import Dialect, MalformedHook, Timeouts
 from workers.providers.gemini import GeminiGenerateContent
 from workers.providers.openai_compat import OpenAICompat
-from workers.router.attempt import AttemptRunner
+from workers.router.attempt import AttemptRunner, produce_usage
 from workers.router.cancel import CancelListener
 from workers.router.council import Council, CouncilSettings
 from workers.router.decide import Decider, ModeDefaults
@@ -106,8 +107,10 @@ async def run_router(settings: Settings, stop: asyncio.Event) -> None:
                               metrics),
             council=Council(runner, resolver, CouncilSettings.from_settings(cfg)),
             frames=lambda env: FrameWriter(env.request_id, env.reply, publisher, producer,
-                                           max_bytes=settings.kafka.max_message_bytes),
+                                           max_bytes=settings.kafka.max_message_bytes,
+                                           books=runner, claims=claims),
             cancels=cancels, metrics=metrics, settled=runner.settled,
+            rebill=functools.partial(produce_usage, producer),
             label=labeller.label if labeller is not None else None)
         loop = ConsumerLoop(consumer=consumer, producer=producer, topic=topic,
                             decode=RequestEnvelope.from_json, handler=worker.handle,

@@ -24,6 +24,10 @@ class RouterMetrics:
                                    registry=registry)
         self.skipped = Counter("switchyard_router_skipped", "Redeliveries not executed again",
                                ["reason"], registry=registry)
+        self.orphans = Counter(
+            "switchyard_router_orphans", "Redeliveries of requests whose worker had died: "
+            "billed (it had answered; its bill written now) or lost (died mid-call; "
+            "answered worker_lost)", ["outcome"], registry=registry)
         self.cancelled = Counter("switchyard_router_cancelled",
                                  "Attempts cancelled by their client", registry=registry)
         self.malformed_events = Counter(
