@@ -176,3 +176,12 @@ async def publish_cancel(client: redis.Redis, request_id: str, reason: str, ttl_
                                                         reason=reason).to_json())
         await pipe.execute()
 
+
+async def cancelled_among(client: redis.Redis, request_ids: list[str]) -> list[str]:
+    """Which of `request_ids` their clients have left (marked by `publish_cancel`): for a
+    router that may have missed the cancel channel's message."""
+    if not request_ids:
+        return []
+    marks = await client.mget([_CANCELLED + request_id for request_id in request_ids])
+    return [request_id for request_id, mark in zip(request_ids, marks, strict=True)
+            if mark is not None]

@@ -1,5 +1,6 @@
-"""Exactly-once billing when a router dies after answering, on a stack of their own (these
-tests kill routers, which the session stack's users must never see).
+"""Exactly-once billing when a router dies after answering, and the cancel listener across a
+Redis outage, on a stack of their own (these tests kill routers and Redis, which the session
+stack's users must never see).
 
 The gap closed (issue 16): a router publishes a request's answer, then writes its usage
 events to `llm.usage`. SIGKILLed in between, it used to leave an answered request unbilled:
@@ -15,6 +16,9 @@ when it is killed."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -28,6 +32,7 @@ from aiokafka import AIOKafkaProducer
 
 from compose.gateway import Gateway
 from compose.stack import LocalStack, free_port
+from state.claims import publish_cancel
 from state.keys import create_key
 from state.redis_client import make_redis
 from tests.conftest import eventually
@@ -37,6 +42,7 @@ from topics.kafka import make_producer
 from topics.messages import UsageEvent
 from topics.settings import RouterSettings, Settings
 from workers.router.attempt import produce_usage
+from workers.router.cancel import CancelListener
 
 
 @pytest.fixture(scope="module")
@@ -195,3 +201,87 @@ async def test_a_router_killed_mid_call_is_still_reported_worker_lost(
     assert response.json()["error"]["code"] == "worker_lost"
     assert await _ledger(gateway, [response.headers["x-request-id"]]) == []
 
+
+# ------------------------------------------------------------------ the cancel listener
+
+
+async def _listening(stack: LocalStack) -> tuple[redis.Redis, CancelListener,
+                                                   asyncio.Task[None]]:
+    client = make_redis(stack.settings.redis)
+    listener = CancelListener(client, check_s=0.2, answer_s=0.5)
+    ready = asyncio.Event()
+    task = asyncio.create_task(listener.run(ready))
+    await asyncio.wait_for(ready.wait(), timeout=10)
+    return client, listener, task
+
+
+async def _cancels(listener: CancelListener, stack: LocalStack) -> bool:
+    """Whether a cancel published now (as the ingress does) stops the request it names."""
+    request_id = f"req_{uuid.uuid4().hex}"
+    work = asyncio.create_task(asyncio.sleep(3600))
+    listener.register(request_id, work)
+    client = make_redis(stack.settings.redis)  # the ingress's: not this test's, restarted
+    try:
+        await publish_cancel(client, request_id, "client_disconnected", ttl_s=60)
+        await asyncio.wait({work}, timeout=5)
+        return work.cancelled()
+    finally:
+        listener.unregister(request_id)
+        work.cancel()
+        await client.aclose()
+
+
+async def test_the_cancel_listener_subscribes_again_after_redis_restarts(
+        own_stack: LocalStack) -> None:
+    client, listener, task = await _listening(own_stack)
+    try:
+        assert await _cancels(listener, own_stack)
+        own_stack.kill("redis")
+        await eventually(lambda: not listener.connected, timeout_s=10)
+        await asyncio.to_thread(own_stack.start_again, "redis")
+        await eventually(lambda: listener.connected, timeout_s=10)
+        assert await _cancels(listener, own_stack)
+        assert not task.done()
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await client.aclose()
+
+
+async def test_a_cancel_missed_while_the_channel_was_down_still_stops_its_request(
+        own_stack: LocalStack) -> None:
+    client, listener, task = await _listening(own_stack)
+    try:
+        request_id = f"req_{uuid.uuid4().hex}"
+        work = asyncio.create_task(asyncio.sleep(3600))
+        listener.register(request_id, work)
+        # The client left while the channel was down: its cancel mark is set, the message
+        # never reached the listener.
+        await client.set(f"sy:cancelled:{request_id}", b"1", ex=60)
+        await client.client_kill_filter(_type="pubsub")  # the listener's connection drops
+        await asyncio.wait({work}, timeout=10)
+        assert work.cancelled()
+        assert listener.connected
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await client.aclose()
+
+
+async def test_the_cancel_listener_notices_a_paused_redis(own_stack: LocalStack) -> None:
+    client, listener, task = await _listening(own_stack)
+    redis_pid = own_stack.pids()["redis"]
+    try:
+        assert listener.connected
+        os.kill(redis_pid, signal.SIGSTOP)
+        try:
+            # No error comes from a paused Redis: its silence to a PING is what tells.
+            await eventually(lambda: not listener.connected, timeout_s=10)
+        finally:
+            os.kill(redis_pid, signal.SIGCONT)
+        await eventually(lambda: listener.connected, timeout_s=10)
+        assert await _cancels(listener, own_stack)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await client.aclose()

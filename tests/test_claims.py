@@ -12,7 +12,7 @@ from decimal import Decimal
 
 import redis.asyncio as redis
 
-from state.claims import Claim, ClaimResult, Claims, publish_cancel
+from state.claims import Claim, ClaimResult, Claims, cancelled_among, publish_cancel
 from tests.test_reply_publisher import Channel
 from topics.messages import UsageEvent, encode_frame
 from workers.router.publisher import ReplyPublisher
@@ -113,6 +113,8 @@ async def test_a_bill_outweighs_the_clients_cancel(r: redis.Redis) -> None:
     # It left mid-call or before the start: nobody is told, nothing to bill.
     assert await successor.claim(interrupted) == Claim(ClaimResult.CANCELLED)
     assert await successor.claim(unstarted) == Claim(ClaimResult.CANCELLED)
+    assert sorted(await cancelled_among(r, [answered, _request(), unstarted])) \
+        == sorted([answered, unstarted])
 
 
 async def test_a_late_flush_does_not_turn_a_finished_claim_back_into_a_bill(

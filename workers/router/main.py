@@ -83,7 +83,8 @@ async def run_router(settings: Settings, stop: asyncio.Event) -> None:
         runtime.on_close(claims.retire, name="claims", quiet=True)
         publisher = await runtime.enter(ReplyPublisher(
             client, flush_interval_s=cfg.reply_flush_interval_ms / 1000))
-        cancels = CancelListener(client)
+        cancels = CancelListener(client, check_s=settings.redis.reply_check_s,
+                                 answer_s=settings.redis.socket_timeout_s)
         store = PosteriorStore(client, half_life_s=cfg.bandit_half_life_s)
         # A random seed per process: workers must not draw in lockstep.
         seed = int.from_bytes(os.urandom(8), "big")
