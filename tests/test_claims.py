@@ -149,9 +149,11 @@ async def test_the_bill_is_in_redis_when_the_answer_arrives_even_after_a_failed_
     r.evalsha = flaky_evalsha  # type: ignore[method-assign]
     async with Channel(r) as channel, ReplyPublisher(r) as publisher:
         publisher.publish(channel.name, encode_frame(request_id, 0, "meta", b"{}"))
-        publisher.publish(channel.name, encode_frame(request_id, 1, "done", b"{}"),
-                          write=owner.answered(request_id, events))
+        billed = publisher.publish(channel.name, encode_frame(request_id, 1, "done", b"{}"),
+                                   write=owner.answered(request_id, events))
+        assert billed is not None
         await asyncio.sleep(0.01)  # the first flush fails
+        assert not billed.done()  # the router does not write the usage to Kafka yet
         other = _request()
         publisher.publish(channel.name, encode_frame(other, 0, "chunk", b"{}"))
         received: list[tuple[str, int]] = []
@@ -164,3 +166,22 @@ async def test_the_bill_is_in_redis_when_the_answer_arrives_even_after_a_failed_
                 assert claim.startswith(f"ans:{owner.worker_id}\n".encode())
     assert received == [(request_id, 0), (request_id, 1), (other, 0)]
     assert refusals == 0
+    assert billed.done()
+
+
+async def test_a_bill_whose_flush_is_given_up_on_no_longer_holds_back_the_usage(
+        r: redis.Redis) -> None:
+    # Redis gone for good while the router stops: the frames are dropped, and the usage is
+    # written to Kafka all the same (the provider served those attempts).
+    owner = _claims(r, _worker())
+    request_id = _request()
+
+    async def refused(*args: object, **kwargs: object) -> object:
+        raise redis.ConnectionError("Connection refused (injected)")
+
+    r.evalsha = refused  # type: ignore[method-assign]
+    async with ReplyPublisher(r) as publisher:
+        billed = publisher.publish("nobody-listens", encode_frame(request_id, 0, "done", b"{}"),
+                                   write=owner.answered(request_id, [_event(request_id, 1)]))
+        assert billed is not None
+    assert billed.done()

@@ -9,6 +9,7 @@ durable before the frame is produced (batch work is not waiting on the milliseco
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any, Protocol
 
 import orjson
@@ -43,6 +44,7 @@ class FrameWriter:
         # Both or neither: without them (framing alone) no frame carries a bill.
         self._books = books
         self._claims = claims
+        self._billed: asyncio.Future[None] | None = None  # the bill's write is in Redis
 
     async def send(self, kind: FrameKind, data: dict[str, Any]) -> None:
         frame = self._encode(kind, data)
@@ -73,7 +75,10 @@ class FrameWriter:
                 events = self._books.bill(self._request_id)
                 if events:
                     write = self._claims.answered(self._request_id, events)
-            self._publisher.publish(self._reply.channel, frame, urgent=urgent, write=write)
+            billed = self._publisher.publish(self._reply.channel, frame, urgent=urgent,
+                                             write=write)
+            if billed is not None:
+                self._billed = billed
             return
         assert self._reply.topic is not None
         key = self._request_id.encode()
@@ -86,6 +91,13 @@ class FrameWriter:
             await self._producer.send_and_wait(self._reply.topic, frame, key=key)
         else:
             await self._producer.send(self._reply.topic, frame, key=key)
+
+    async def bill_published(self) -> None:
+        """Wait until the last frame that carried the bill is in Redis (or was given up on
+        with it). Usage events produced only then never bill an answer that a router killed
+        before its publish left unsent."""
+        if self._billed is not None:
+            await asyncio.shield(self._billed)
 
     def _encode(self, kind: FrameKind, data: dict[str, Any]) -> bytes:
         # A channel frame carries the data's JSON after a header line, so that the ingress

@@ -17,7 +17,9 @@ A request's last frame may come with a write of its claim (`state/claims.py` `Cl
 the claim as answered, carrying the request's bill). A flush whose batch holds such writes is
 one Lua script, the claims set and the frames published atomically, so that the answer never
 reaches the client without its bill in Redis; a flush without (every follow-on chunk) stays
-a plain PUBLISH. Writes are retried with their frames."""
+a plain PUBLISH. Writes are retried with their frames; the caller learns when its write is in
+Redis (or was dropped with its frames), and only then writes the bill to Kafka, so that a
+router killed in between never leaves a billed answer that nobody received."""
 
 from __future__ import annotations
 
@@ -56,7 +58,8 @@ class ReplyPublisher:
         self._redis = client
         self._interval_s = flush_interval_s
         self._pending: dict[str, list[bytes]] = {}
-        self._writes: list[ClaimWrite] = []  # with the frames pending
+        # With the frames pending: each write, and what its caller waits on.
+        self._writes: list[tuple[ClaimWrite, asyncio.Future[None]]] = []
         self._script: Any = client.register_script(_WRITE_AND_PUBLISH_LUA)
         self._wake = asyncio.Event()
         self._timer: asyncio.TimerHandle | None = None
@@ -66,15 +69,18 @@ class ReplyPublisher:
         self._failing_since: float | None = None  # loop time of the first failed flush
 
     def publish(self, channel: str, frame: bytes, *, urgent: bool = True,
-                write: ClaimWrite | None = None) -> None:
+                write: ClaimWrite | None = None) -> asyncio.Future[None] | None:
         """Queue one encoded frame; frames of a channel keep their order. A frame that is
         not urgent may wait up to the flush interval for company. `write` is made in the
-        same atomic operation as the frame's publish."""
+        same atomic operation as the frame's publish; the future returned for it is done
+        once that operation succeeded, or was given up on (Redis gone too long)."""
         self._pending.setdefault(channel, []).append(frame)
+        flushed = None
         if write is not None:
-            self._writes.append(write)
+            flushed = asyncio.get_running_loop().create_future()
+            self._writes.append((write, flushed))
         if self._wake.is_set():
-            return
+            return flushed
         if urgent:
             self._wake.set()
         elif self._timer is None:
@@ -84,6 +90,7 @@ class ReplyPublisher:
                 self._wake.set()
             else:
                 self._timer = loop.call_later(delay_s, self._wake.set)
+        return flushed
 
     async def __aenter__(self) -> ReplyPublisher:
         self._task = asyncio.create_task(self._run())
@@ -110,6 +117,7 @@ class ReplyPublisher:
             try:
                 await self._flush(batch, writes)
                 self._failing_since = None
+                _resolve(writes)
             except (redis.RedisError, OSError) as exc:
                 await self._failed(batch, writes, exc, loop.time())
             if self._closing:
@@ -117,7 +125,8 @@ class ReplyPublisher:
                     return
                 self._wake.set()
 
-    async def _failed(self, batch: dict[str, list[bytes]], writes: list[ClaimWrite],
+    async def _failed(self, batch: dict[str, list[bytes]],
+                      writes: list[tuple[ClaimWrite, asyncio.Future[None]]],
                       exc: BaseException, now: float) -> None:
         if self._failing_since is None:
             self._failing_since = now
@@ -126,6 +135,7 @@ class ReplyPublisher:
                         "%d answers' bills with them", now - self._failing_since, exc,
                         len(batch), len(writes))
             self._failing_since = None
+            _resolve(writes)
             return
         for channel, frames in self._pending.items():  # newer frames after the failed ones
             batch.setdefault(channel, []).extend(frames)
@@ -136,14 +146,15 @@ class ReplyPublisher:
         await asyncio.sleep(delay_s)
         self._wake.set()
 
-    async def _flush(self, batch: dict[str, list[bytes]], writes: list[ClaimWrite]) -> None:
+    async def _flush(self, batch: dict[str, list[bytes]],
+                     writes: list[tuple[ClaimWrite, asyncio.Future[None]]]) -> None:
         if writes:
             args: list[bytes | str | int] = []
-            for write in writes:
+            for write, _ in writes:
                 args += (write.expect, write.value, write.ttl_ms)
             for channel, frames in batch.items():
                 args += (channel, b"".join(frames))
-            await self._script(keys=[write.key for write in writes], args=args)
+            await self._script(keys=[write.key for write, _ in writes], args=args)
             return
         if not batch:
             return
@@ -155,3 +166,9 @@ class ReplyPublisher:
             for channel, frames in batch.items():
                 pipe.publish(channel, b"".join(frames))
             await pipe.execute()
+
+
+def _resolve(writes: list[tuple[ClaimWrite, asyncio.Future[None]]]) -> None:
+    for _, flushed in writes:
+        if not flushed.done():  # a waiter's cancellation is its own business
+            flushed.set_result(None)

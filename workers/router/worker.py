@@ -137,13 +137,19 @@ class RouterWorker:
         finally:
             self._cancels.unregister(env.request_id)
             try:
+                # After the answer and its bill are in Redis: a kill before that leaves the
+                # client answerless and unbilled (worker_lost), never billed for nothing.
+                await out.bill_published()
                 # Before the offset can be committed: every attempt's usage event durable.
                 await self._settled(env.request_id)
+            except asyncio.CancelledError:
+                interrupted = True  # shutting down past the grace period, mid-bookkeeping
+                raise
             finally:
                 if not interrupted:
-                    # An interrupted request keeps its running claim: once this worker's
-                    # heartbeat is gone, its redelivery is reported as worker_lost, not
-                    # skipped.
+                    # An interrupted request keeps its claim: once this worker's heartbeat is
+                    # gone, its redelivery is reported as worker_lost, or billed from the
+                    # bill its answer left, not skipped.
                     await self._claims.finish(env.request_id)
 
 
