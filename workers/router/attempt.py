@@ -326,7 +326,6 @@ class AttemptRunner:
             self._latency.observe(report.model.id, streamed, report.latency_ms)
 
 
-
 def _usage_event(env: RequestEnvelope, report: Report, started_ms: int,
                  mode: Mode) -> UsageEvent:
     usage = report.usage
