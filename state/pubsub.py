@@ -10,7 +10,8 @@ subscription is made again, with a backoff; `on_subscribed` runs each time it is
 confirmed, before any message after it is handed over. An idle channel costs one PING per
 `check_s` and is never torn down for being idle.
 
-Used by `state/revocations.py` (every ingress and router); `ingress/replies.py` applies the
+Used by `state/revocations.py` (every ingress and router) and the routers' cancel listener
+(`workers/router/cancel.py`); `ingress/replies.py` applies the
 same checks to its reply channel.
 """
 

@@ -1,6 +1,6 @@
 """The fault suite's quick form (`python -m bench.chaos --quick`) on a stack of its own:
-Redis SIGKILLed and restarted, then the usage worker SIGKILLed and restarted by the
-supervisor, under open-loop load; no request hangs or is silently truncated, every 503 has
+Redis SIGKILLed and restarted, then a router and the usage worker SIGKILLed and restarted by
+the supervisor, under open-loop load; no request hangs or is silently truncated, every 503 has
 Retry-After, and every answered request is billed exactly once. And, as a unit test, what
 the full suite found in the ingress."""
 
@@ -26,7 +26,7 @@ from topics.settings import IngressSettings
 
 async def test_quick_fault_suite_no_hang_no_truncation_exact_ledger() -> None:
     scenarios = await run(parse(["--quick"]), lambda line: None)
-    assert [s.name for s in scenarios] == ["kill-redis", "kill-usage"]
+    assert [s.name for s in scenarios] == ["kill-redis", "kill-router", "kill-usage"]
     for scenario in scenarios:
         assert scenario.samples, scenario.name
         assert not failures(scenario), (scenario.name, failures(scenario),

@@ -6,7 +6,13 @@ Several attempts of one request may run at once (racing, hedging) or one after t
 (failover), so an attempt does not own the client's output: it takes the request's `Lead`
 when its first token (or whole answer) arrives. Only the attempt holding the lead writes to
 the client; a streamed attempt holds back what precedes its first token (the role chunk), so
-an attempt that fails before answering leaves no trace the client can see."""
+an attempt that fails before answering leaves no trace the client can see.
+
+An attempt's usage event is built the moment it ends; the request's events so far are its
+bill (`bill`), which the answer's last frame carries (`workers/router/frames.py`), and are
+produced to `llm.usage` once the request has answered (`settled`), or before its last frame
+when that goes to a Kafka reply topic (`bill_durable`). `produce_usage` is the one way they
+are produced: also by the worker that finds a dead worker's bill (`workers/router/worker.py`)."""
 
 from __future__ import annotations
 
@@ -15,8 +21,8 @@ import contextlib
 import functools
 import time
 import uuid
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
@@ -104,6 +110,15 @@ class Report:
         return out
 
 
+@dataclass(slots=True)
+class _Books:
+    """One request's bookkeeping not yet written."""
+
+    events: list[UsageEvent] = field(default_factory=list)  # its bill, in attempts' order
+    durable: int = 0  # events[:durable] are on llm.usage already
+    lessons: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+
+
 class AttemptRunner:
     """Runs attempts for the worker; one per process, shared by every request."""
 
@@ -118,7 +133,7 @@ class AttemptRunner:
         self._metrics = metrics
         self._breaker_seen: dict[str, str] = {}  # route → last state, for the metrics
         # request id → its attempts' bookkeeping, not yet written
-        self._settling: dict[str, list[Callable[[], Awaitable[None]]]] = {}
+        self._books: dict[str, _Books] = {}
 
     async def run(self, env: RequestEnvelope, decision: Decision, model: Model, route: Route,
                   n: int, lead: Lead, *, mode: Mode, body: dict[str, Any] | None = None,
@@ -181,28 +196,47 @@ class AttemptRunner:
             self._observe_latency(report, streamed, mode)
             # The client's answer waits for none of the bookkeeping: it is written once the
             # request has answered (`settled`), before its offset can be committed. Started
-            # here, it would run ahead of the publish of the answer. A failure is taught at
-            # once: the breaker must count it before anyone can act on it (the client on a
-            # 502, the next request choosing a route).
-            later = self._settling.setdefault(env.request_id, [])
+            # here, it would run ahead of the publish of the answer. The usage event is built
+            # now (the answer's last frame carries it); a failure is taught at once: the
+            # breaker must count it before anyone can act on it (the client on a 502, the
+            # next request choosing a route).
+            books = self._books.setdefault(env.request_id, _Books())
             if report.error is None or report.error.code != "upstream_unreachable":
                 # A provider we could not even connect to did not serve (or bill) an attempt.
-                later.append(functools.partial(self._record_usage, env, report, started_ms,
-                                               mode))
+                books.events.append(_usage_event(env, report, started_ms, mode))
             lesson = functools.partial(self._teach, env, decision, report, streamed,
                                        teach=teach)
             if report.status in ("error", "timeout"):
                 await lesson()
             else:
-                later.append(lesson)
+                books.lessons.append(lesson)
         return report
+
+    def bill(self, request_id: str) -> list[UsageEvent]:
+        """The usage events of the request's attempts so far (they stay to be written)."""
+        books = self._books.get(request_id)
+        return list(books.events) if books is not None else []
+
+    async def bill_durable(self, request_id: str) -> None:
+        """Produce the request's usage events so far, now; `settled` does not repeat them."""
+        books = self._books.get(request_id)
+        if books is None or books.durable == len(books.events):
+            return
+        upto = len(books.events)
+        await produce_usage(self._producer, books.events[books.durable:upto])
+        books.durable = upto
 
     async def settled(self, request_id: str) -> None:
         """Write the bookkeeping of every attempt of the request: usage events (durable when
         this returns), breaker outcomes, what the bandit learns. Raises if any of it failed."""
-        pending = self._settling.pop(request_id, [])
+        books = self._books.pop(request_id, None)
+        if books is None:
+            return
+        pending = [settle() for settle in books.lessons]
+        if books.durable < len(books.events):
+            pending.append(produce_usage(self._producer, books.events[books.durable:]))
         if pending:
-            await asyncio.gather(*(settle() for settle in pending))
+            await asyncio.gather(*pending)
 
     async def _stream(self, route: Route, body: dict[str, Any], request_id: str, lead: Lead,
                       report: Report, t0: float) -> None:
@@ -291,25 +325,31 @@ class AttemptRunner:
             # be learnt from the fast calls only and hedges would start ever earlier.
             self._latency.observe(report.model.id, streamed, report.latency_ms)
 
-    async def _record_usage(self, env: RequestEnvelope, report: Report, started_ms: int,
-                            mode: Mode) -> None:
-        usage = report.usage
-        event = UsageEvent(
-            event_id=str(uuid.uuid4()), request_id=env.request_id, tenant_id=env.tenant_id,
-            key_id=env.key_id, provider=report.provider, model=report.model.id,
-            category=env.category, mode=mode, status=report.status,
-            error_code=report.error.code if report.error else None,
-            prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
-            cached_tokens=usage.cached_tokens, estimated=report.estimated,
-            cost_usd=report.cost_usd, latency_ms=round(report.latency_ms, 3),
-            ttft_ms=None if report.ttft_ms is None else round(report.ttft_ms, 3),
-            attempt=report.n, started_at_ms=started_ms, finished_at_ms=now_ms())
-        # Awaited: the request's offset is committed only once its usage is durable.
-        await self._producer.send_and_wait(
-            names.USAGE, event.to_json(), key=env.request_id.encode(),
-            headers=[(names.H_REQUEST_ID, env.request_id.encode()),
-                     (names.H_TENANT_ID, env.tenant_id.encode()),
-                     (names.H_CONTENT_TYPE, names.CONTENT_TYPE_JSON)])
+
+def _usage_event(env: RequestEnvelope, report: Report, started_ms: int,
+                 mode: Mode) -> UsageEvent:
+    usage = report.usage
+    return UsageEvent(
+        event_id=str(uuid.uuid4()), request_id=env.request_id, tenant_id=env.tenant_id,
+        key_id=env.key_id, provider=report.provider, model=report.model.id,
+        category=env.category, mode=mode, status=report.status,
+        error_code=report.error.code if report.error else None,
+        prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
+        cached_tokens=usage.cached_tokens, estimated=report.estimated,
+        cost_usd=report.cost_usd, latency_ms=round(report.latency_ms, 3),
+        ttft_ms=None if report.ttft_ms is None else round(report.ttft_ms, 3),
+        attempt=report.n, started_at_ms=started_ms, finished_at_ms=now_ms())
+
+
+async def produce_usage(producer: AIOKafkaProducer, events: Sequence[UsageEvent]) -> None:
+    """Produce `events` to `llm.usage`; durable when this returns. The same event again (a
+    dead worker's bill written by its successor) is one ledger row: it is keyed by event id."""
+    sent = [await producer.send(
+        names.USAGE, event.to_json(), key=event.request_id.encode(),
+        headers=[(names.H_REQUEST_ID, event.request_id.encode()),
+                 (names.H_TENANT_ID, event.tenant_id.encode()),
+                 (names.H_CONTENT_TYPE, names.CONTENT_TYPE_JSON)]) for event in events]
+    await asyncio.gather(*sent)
 
 
 async def _write(lead: Lead, chunk: dict[str, Any]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import uuid
@@ -31,7 +32,7 @@ from workers.providers.base import Dialect, MalformedHook, Timeouts
 from workers.providers.gemini import GeminiGenerateContent
 from workers.providers.openai_compat import OpenAICompat
 from workers.router.access import AccessCheck
-from workers.router.attempt import AttemptRunner
+from workers.router.attempt import AttemptRunner, produce_usage
 from workers.router.cancel import CancelListener
 from workers.router.council import Council, CouncilSettings
 from workers.router.decide import Decider, ModeDefaults
@@ -84,7 +85,8 @@ async def run_router(settings: Settings, stop: asyncio.Event) -> None:
         runtime.on_close(claims.retire, name="claims", quiet=True)
         publisher = await runtime.enter(ReplyPublisher(
             client, flush_interval_s=cfg.reply_flush_interval_ms / 1000))
-        cancels = CancelListener(client)
+        cancels = CancelListener(client, check_s=settings.redis.reply_check_s,
+                                 answer_s=settings.redis.socket_timeout_s)
         store = PosteriorStore(client, half_life_s=cfg.bandit_half_life_s)
         # A random seed per process: workers must not draw in lockstep.
         seed = int.from_bytes(os.urandom(8), "big")
@@ -113,8 +115,10 @@ async def run_router(settings: Settings, stop: asyncio.Event) -> None:
                               metrics),
             council=Council(runner, resolver, CouncilSettings.from_settings(cfg)),
             frames=lambda env: FrameWriter(env.request_id, env.reply, publisher, producer,
-                                           max_bytes=settings.kafka.max_message_bytes),
+                                           max_bytes=settings.kafka.max_message_bytes,
+                                           books=runner, claims=claims),
             cancels=cancels, metrics=metrics, settled=runner.settled,
+            rebill=functools.partial(produce_usage, producer),
             label=labeller.label if labeller is not None else None)
         loop = ConsumerLoop(consumer=consumer, producer=producer, topic=topic,
                             decode=RequestEnvelope.from_json, handler=worker.handle,

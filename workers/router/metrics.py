@@ -27,6 +27,10 @@ class RouterMetrics:
         self.refused = Counter("switchyard_router_refused", "Requests refused before any "
                                "provider call: their key, tenant, role or model (by code)",
                                ["code"], registry=registry)
+        self.orphans = Counter(
+            "switchyard_router_orphans", "Redeliveries of requests whose worker had died: "
+            "billed (it had answered; its bill written now) or lost (died mid-call; "
+            "answered worker_lost)", ["outcome"], registry=registry)
         self.cancelled = Counter("switchyard_router_cancelled",
                                  "Attempts cancelled by their client", registry=registry)
         self.malformed_events = Counter(

@@ -6,20 +6,27 @@ speculative, hedged) or the council.
 The key is checked right after the claim, not before: a copy of a request that another
 router is running (a redelivery) is skipped by the claim instead of being answered with a
 refusal the client would read beside the real answer; and a refusal, like an answer, is
-given once. The check costs no round trip while the key is cached."""
+given once. The check costs no round trip while the key is cached.
+
+A redelivered request whose worker died is orphaned. If its claim carries a bill, the dead
+worker's answer reached the client (the last frame and the bill are one Redis write,
+`workers/router/frames.py`) and only its usage events may be missing: they are produced
+again, the same events (the ledger keeps one row per event id), and the client hears
+nothing more. Without a bill the worker died mid-call: the client is told `worker_lost`,
+and the call is not run again (the provider may already have billed it)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from state.claims import ClaimResult, Claims
+from state.claims import Claim, ClaimResult, Claims
 from state.runtime import outage
 from topics.errors import GatewayTimeout, SwitchyardError, Unavailable, UpstreamError
-from topics.messages import RequestEnvelope
+from topics.messages import RequestEnvelope, UsageEvent
 from workers.classifier.stage import needs_label
 from workers.router.access import AccessCheck
 from workers.router.attempt import now_ms
@@ -39,6 +46,7 @@ class RouterWorker:
                  frames: Callable[[RequestEnvelope], FrameWriter],
                  cancels: CancelListener, metrics: RouterMetrics,
                  settled: Callable[[str], Awaitable[None]],
+                 rebill: Callable[[Sequence[UsageEvent]], Awaitable[None]],
                  label: Callable[[RequestEnvelope], Awaitable[RequestEnvelope]] | None = None,
                  ) -> None:
         self._decider = decider
@@ -50,6 +58,7 @@ class RouterWorker:
         self._cancels = cancels
         self._metrics = metrics
         self._settled = settled  # the attempts' bookkeeping, written after the answer
+        self._rebill = rebill  # a dead worker's bill to llm.usage
         self._label = label  # set when this router classifies the requests it reads
 
     async def handle(self, env: RequestEnvelope, _record: Any) -> None:
@@ -72,7 +81,7 @@ class RouterWorker:
                                                 code="router_failed"))
             raise
 
-    async def _claim(self, env: RequestEnvelope) -> tuple[ClaimResult, str]:
+    async def _claim(self, env: RequestEnvelope) -> Claim:
         """The claim, waiting out a Redis outage (backing off up to 1 s) while the request's
         deadline allows: a request that arrives while Redis restarts runs once it is back."""
         delay_s = 0.05
@@ -97,21 +106,17 @@ class RouterWorker:
         labelling = (asyncio.ensure_future(self._label(env))
                      if self._label is not None and needs_label(env) else None)
         try:
-            claim, owner = await self._claim(env)
+            claim = await self._claim(env)
         except BaseException:
             _discard(labelling)
             raise
-        if claim is not ClaimResult.CLAIMED:
+        if claim.result is not ClaimResult.CLAIMED:
             _discard(labelling)
-        if claim is ClaimResult.ORPHANED:
-            # The provider may already have run (and billed) it: report, never re-run.
-            log.warning("request %s was interrupted with worker %s", env.request_id, owner)
-            await out.error(UpstreamError(
-                "the worker executing this request stopped mid-call; it was not retried so "
-                "that it does not run twice", code="worker_lost"))
+        if claim.result is ClaimResult.ORPHANED:
+            await self._orphaned(env, claim, out)
             return
-        if claim is not ClaimResult.CLAIMED:
-            self._metrics.skipped.labels(claim.value).inc()
+        if claim.result is not ClaimResult.CLAIMED:
+            self._metrics.skipped.labels(claim.result.value).inc()
             return
         interrupted = False
         try:
@@ -148,14 +153,39 @@ class RouterWorker:
         finally:
             self._cancels.unregister(env.request_id)
             try:
+                # After the answer and its bill are in Redis: a kill before that leaves the
+                # client answerless and unbilled (worker_lost), never billed for nothing.
+                await out.bill_published()
                 # Before the offset can be committed: every attempt's usage event durable.
                 await self._settled(env.request_id)
+            except asyncio.CancelledError:
+                interrupted = True  # shutting down past the grace period, mid-bookkeeping
+                raise
             finally:
                 if not interrupted:
-                    # An interrupted request keeps its running claim: once this worker's
-                    # heartbeat is gone, its redelivery is reported as worker_lost, not
-                    # skipped.
+                    # An interrupted request keeps its claim: once this worker's heartbeat is
+                    # gone, its redelivery is reported as worker_lost, or billed from the
+                    # bill its answer left, not skipped.
                     await self._claims.finish(env.request_id)
+
+    async def _orphaned(self, env: RequestEnvelope, claim: Claim, out: FrameWriter) -> None:
+        events = claim.events()
+        if events:
+            # Answered, then killed before its usage was durable: the client has its answer,
+            # and now the bill. The claim passed to us with the bill; finished once written.
+            log.warning("request %s was answered by worker %s, which died before writing its "
+                        "usage: writing its %d usage events", env.request_id, claim.owner,
+                        len(events))
+            await self._rebill(events)
+            await self._claims.finish(env.request_id)
+            self._metrics.orphans.labels("billed").inc()
+            return
+        # The provider may already have run (and billed) it: report, never re-run.
+        log.warning("request %s was interrupted with worker %s", env.request_id, claim.owner)
+        self._metrics.orphans.labels("lost").inc()
+        await out.error(UpstreamError(
+            "the worker executing this request stopped mid-call; it was not retried so "
+            "that it does not run twice", code="worker_lost"))
 
 
 def _discard(task: asyncio.Future[RequestEnvelope] | None) -> None:
