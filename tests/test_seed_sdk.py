@@ -37,6 +37,7 @@ from compose.gateway import Gateway
 from ingress.routes import ROUTES
 from state.keys import create_key
 from tests.conftest import FakeAdmin, eventually
+from tests.tenancy_util import new_platform_admin
 
 
 class J(Enum):
@@ -65,6 +66,7 @@ _COMPLETION: Shape = {
     "metadata.cost_usd_exact": STR, "metadata.cache_hit": BOOL,
 }
 _KEY: Shape = {"provider": STR, "key_id": STR, "created_at": TIME, "rotated_at": (TIME, NULL)}
+_SESSION: Shape = {"token": STR, "expires_at": TIME, "tenant_id": STR}
 _ERROR: Shape = {"error.message": STR, "error.type": STR, "error.code": (STR, NULL)}
 
 
@@ -86,6 +88,27 @@ SHAPES: dict[str, Shape] = {
                       "period": STR},
     "GET /v1/usage/history": {"entries": LIST, "period": STR},
     "GET /v1/providers/stats": {},  # any object
+    # Identity: a session from an API key; refresh and logout with the JWT as bearer.
+    "POST /v1/auth/login": _SESSION,
+    "POST /v1/auth/refresh": _SESSION,
+    "POST /v1/auth/logout": {},  # 204: nothing decoded
+    "GET /v1/audit": {"entries": LIST, "entries.*.id": STR, "entries.*.action": STR,
+                      "entries.*.timestamp": TIME, "entries.*.user?": STR,
+                      "entries.*.details?": OBJ},
+    # The docs' admin API.
+    "POST /v1/admin/tenants": {"tenant_id": STR, "name": STR, "tier": STR, "limits": OBJ,
+                               "api_keys": LIST, "api_keys.*.key_id": STR,
+                               "api_keys.*.key": STR, "api_keys.*.key_preview": STR,
+                               "api_keys.*.created_at": TIME},
+    "POST /v1/admin/tenants/{tenant_id}/suspend": {"tenant_id": STR, "status": STR},
+    "POST /v1/admin/tenants/{tenant_id}/resume": {"tenant_id": STR, "status": STR},
+    "POST /v1/tenants/{tenant_id}/api-keys": {"key_id": STR, "key": STR, "key_preview": STR,
+                                              "name": STR, "expires_at": (TIME, NULL)},
+    "GET /v1/tenants/{tenant_id}/api-keys": {
+        "api_keys": LIST, **_each("api_keys.*", {
+            "key_id": STR, "key_preview": STR, "name": STR, "created_at": TIME,
+            "last_used_at": (TIME, NULL), "expires_at": (TIME, NULL)})},
+    "DELETE /v1/tenants/{tenant_id}/api-keys/{key_id}": {},  # 204 or a small object
 }
 
 # A streamed answer's last chunk (with `stream_options.include_usage`): the same metadata.
@@ -351,3 +374,53 @@ async def test_a_bad_key_is_401_in_the_envelope(gateway: Gateway) -> None:
         response = await http.get("/v1/usage", headers={"Authorization": "Bearer sy-nope"})
     assert response.status_code == 401
     check(response.json(), _ERROR)
+
+
+async def test_login_refresh_logout_as_the_sdks_do(seed: SeedClient) -> None:
+    opened = decoded("POST /v1/auth/login", await seed.call(
+        "POST", "/v1/auth/login", {"api_key": seed.api_key}))
+    assert opened["tenant_id"] == seed.tenant_id
+    session = SeedClient(seed.tenant_id, opened["token"], seed.http)  # a JWT takes precedence
+    decoded("GET /v1/models", await session.call("GET", "/v1/models"))
+    renewed = decoded("POST /v1/auth/refresh", await session.call("POST", "/v1/auth/refresh"))
+    session = SeedClient(seed.tenant_id, renewed["token"], seed.http)
+    assert (await session.call("POST", "/v1/auth/logout")).status_code == 204
+    gone = await session.call("GET", "/v1/models")
+    assert gone.status_code == 401
+    check(gone.json(), _ERROR)
+
+
+async def test_the_admin_api_and_the_audit_trail_as_the_docs_show_them(
+        seed: SeedClient, pg: asyncpg.Pool) -> None:
+    platform_tenant, platform_key = await new_platform_admin(pg)
+    admin = SeedClient(platform_tenant, platform_key, seed.http)
+    created = decoded("POST /v1/admin/tenants", await admin.call(
+        "POST", "/v1/admin/tenants", {"name": f"seed-{uuid.uuid4().hex[:8]}", "tier": "trial",
+                                      "monthly_budget_usd": 10}), 201)
+    tenant_id = created["tenant_id"]
+    owner = SeedClient(tenant_id, created["api_keys"][0]["key"], seed.http)
+
+    keys = f"/v1/tenants/{tenant_id}/api-keys"
+    made = decoded("POST /v1/tenants/{tenant_id}/api-keys", await owner.call(
+        "POST", keys, {"name": "ci", "expires_in_days": 30}), 201)
+    listed = decoded("GET /v1/tenants/{tenant_id}/api-keys", await owner.call("GET", keys))
+    assert made["key_id"] in [k["key_id"] for k in listed["api_keys"]]
+    revoked = await owner.call("DELETE", f"{keys}/{made['key_id']}")
+    if revoked.status_code != 204:
+        decoded("DELETE /v1/tenants/{tenant_id}/api-keys/{key_id}", revoked)
+
+    suspend = f"/v1/admin/tenants/{tenant_id}/suspend"
+    decoded("POST /v1/admin/tenants/{tenant_id}/suspend",
+            await admin.call("POST", suspend, {"reason": "unpaid"}))
+    decoded("POST /v1/admin/tenants/{tenant_id}/resume",
+            await admin.call("POST", f"/v1/admin/tenants/{tenant_id}/resume"))
+
+    async def trail() -> dict[str, Any] | None:
+        response = await owner.call("GET", "/v1/audit", limit="50")
+        body: dict[str, Any] = response.json()
+        return body if response.status_code == 200 and len(body["entries"]) >= 5 else None
+
+    entries = (await eventually(trail, timeout_s=30))["entries"]
+    check({"entries": entries}, SHAPES["GET /v1/audit"])
+    assert {e["action"] for e in entries} >= {"tenant.created", "key.created", "key.revoked",
+                                              "tenant.suspended", "tenant.resumed"}
