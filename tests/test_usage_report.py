@@ -270,7 +270,7 @@ async def test_a_member_sees_its_own_keys_usage_and_an_admin_the_whole_tenants(
         assert (own["scope"], own["total_requests"], own["total_cost_usd"]) == ("key", 1, 0.5)
         history = await get(member, "/v1/usage/history", **window)
         assert history["scope"] == "key"
-        assert [day["total_cost_usd"] for day in history["entries"]] == [0.5]
+        assert [day["cost_usd"] for day in history["entries"]] == [0.5]
 
 
 async def store_member(pg: asyncpg.Pool, tenant_id: str) -> tuple[str, str]:
