@@ -32,13 +32,13 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from state.cache import ReadThroughCache
 from state.tenancy import platform_scope, tenant_scope
 from topics.errors import NotFound, SwitchyardError, Unavailable
+from topics.keyring import KEY_ID, parse_keyring
 from topics.settings import VaultSettings
 
 KEY_BYTES = 32
 NONCE_BYTES = 12  # 96 bits: GCM's native nonce size, random per encryption
 MASTER_KEYS_ENV = "SWITCHYARD_VAULT__MASTER_KEYS"
 ACTIVE_KEY_ENV = "SWITCHYARD_VAULT__ACTIVE_KEY_ID"
-_KEY_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _HEX_KEY = re.compile(r"[0-9a-fA-F]{64}")
 _AAD_VERSION = b"switchyard.provider_keys.v1"
 _COLUMNS = ("tenant_id, provider, master_key_id, nonce, last4, config, created_at,"
@@ -87,17 +87,9 @@ class MasterKeys:
 
     @classmethod
     def parse(cls, spec: str, active_id: str) -> MasterKeys:
-        """From "k1:<key>,k2:<key>" (whitespace around entries ignored)."""
-        keys: dict[str, bytes] = {}
-        for entry in filter(None, (e.strip() for e in spec.split(","))):
-            key_id, sep, text = (part.strip() for part in entry.partition(":"))
-            if not sep or not _KEY_ID.fullmatch(key_id):
-                raise _misconfigured(f"{MASTER_KEYS_ENV} entries must look like 'k1:<key>' "
-                                     "with an id of letters, digits, '_', '.' or '-'")
-            if key_id in keys:
-                raise _misconfigured(f"master key id {key_id!r} appears twice in "
-                                     f"{MASTER_KEYS_ENV}")
-            keys[key_id] = _decode_key(key_id, text)
+        """From "k1:<key>,k2:<key>" (`topics/keyring.py`)."""
+        keys = parse_keyring(spec, env=MASTER_KEYS_ENV, example="k1:<key>", what="master key",
+                             decode=_decode_key, misconfigured=_misconfigured)
         return cls(keys, active_id.strip())
 
     @classmethod
@@ -109,7 +101,7 @@ class MasterKeys:
     @staticmethod
     def generate(key_id: str) -> str:
         """A fresh random master key in the environment's format: "<id>:<base64url>"."""
-        if not _KEY_ID.fullmatch(key_id):
+        if not KEY_ID.fullmatch(key_id):
             raise ValueError("a master key id is letters, digits, '_', '.' or '-'")
         return f"{key_id}:{base64.urlsafe_b64encode(os.urandom(KEY_BYTES)).decode().rstrip('=')}"
 

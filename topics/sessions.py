@@ -19,7 +19,6 @@ from __future__ import annotations
 import base64
 import binascii
 import os
-import re
 import time
 import uuid
 from collections.abc import Mapping
@@ -30,13 +29,13 @@ import jwt
 
 from topics.errors import SwitchyardError, Unauthorized
 from topics.identity import Principal, Role
+from topics.keyring import KEY_ID, parse_keyring
 from topics.settings import AuthSettings
 
 ALGORITHM = "HS256"  # the only one accepted: never read from the token (RFC 8725 §2.1)
 MIN_SECRET_BYTES = 32  # HS256's own output size; shorter secrets are guessable faster
 SIGNING_KEYS_ENV = "SWITCHYARD_AUTH__SIGNING_KEYS"
 ACTIVE_KEY_ENV = "SWITCHYARD_AUTH__ACTIVE_SIGNING_KEY"
-_KEY_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _REQUIRED = ["iss", "aud", "sub", "jti", "iat", "exp"]
 
 
@@ -83,23 +82,16 @@ class SigningKeys:
 
     @classmethod
     def parse(cls, spec: str, active_id: str) -> SigningKeys:
-        """From "s1:<secret>,s2:<secret>" (whitespace around entries ignored)."""
-        secrets: dict[str, bytes] = {}
-        for entry in filter(None, (e.strip() for e in spec.split(","))):
-            key_id, sep, text = (part.strip() for part in entry.partition(":"))
-            if not sep or not _KEY_ID.fullmatch(key_id):
-                raise _misconfigured(f"{SIGNING_KEYS_ENV} entries must look like 's1:<secret>' "
-                                     "with an id of letters, digits, '_', '.' or '-'")
-            if key_id in secrets:
-                raise _misconfigured(f"signing key id {key_id!r} appears twice in "
-                                     f"{SIGNING_KEYS_ENV}")
-            secrets[key_id] = _decode_secret(key_id, text)
+        """From "s1:<secret>,s2:<secret>" (`topics/keyring.py`)."""
+        secrets = parse_keyring(spec, env=SIGNING_KEYS_ENV, example="s1:<secret>",
+                                what="signing key", decode=_decode_secret,
+                                misconfigured=_misconfigured)
         return cls(secrets, active_id.strip())
 
     @staticmethod
     def generate(key_id: str) -> str:
         """A fresh random signing key in the environment's format: "<id>:<base64url>"."""
-        if not _KEY_ID.fullmatch(key_id):
+        if not KEY_ID.fullmatch(key_id):
             raise ValueError("a signing key id is letters, digits, '_', '.' or '-'")
         secret = base64.urlsafe_b64encode(os.urandom(MIN_SECRET_BYTES)).decode().rstrip("=")
         return f"{key_id}:{secret}"
@@ -186,7 +178,7 @@ class SessionCodec:
         except jwt.InvalidTokenError:
             raise invalid_token("malformed") from None
         key_id = header.get("kid")
-        if not isinstance(key_id, str) or not _KEY_ID.fullmatch(key_id):
+        if not isinstance(key_id, str) or not KEY_ID.fullmatch(key_id):
             raise invalid_token("no valid key id (kid) in its header")
         secret = self.keys.secret(key_id)
         if secret is None:
