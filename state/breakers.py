@@ -279,6 +279,12 @@ class Breakers:
         # Probe tokens this process was granted and has not reported yet, oldest first.
         self._tokens: dict[str, list[str]] = {}
 
+
+    @property
+    def cooldown_s(self) -> float:
+        """How long an open breaker refuses calls before a probe may try the route again."""
+        return self._config.cooldown_s
+
     @property
     def config(self) -> BreakerConfig:
         return self._config

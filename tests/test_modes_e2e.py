@@ -194,6 +194,8 @@ async def test_a_breaker_opened_by_one_worker_is_honoured_by_another(
     pinned = await tenant.chat(model=A, mode="fixed")
     assert pinned.status_code == 503, pinned.text
     assert pinned.json()["error"]["code"] == "circuit_open"
+    # Our own 503: when to ask again is the breaker's cool-down.
+    assert int(pinned.headers["retry-after"]) >= 1
     for _ in range(6):
         response = await tenant.chat()
         assert response.status_code == 200

@@ -192,8 +192,10 @@ class Decider:
         allowed = await self._breakers.closed_or_probing([m.id for m in routes])
         selectable = [m for m in routes if m.id in allowed]
         if not selectable:
+            # A probe may try a route again once its cool-down is over: then ask again.
             raise Unavailable("every route that can serve this request is failing: their "
-                              "circuit breakers are open", code="circuit_open")
+                              "circuit breakers are open", code="circuit_open",
+                              retry_after_s=max(1.0, self._breakers.cooldown_s))
         return selectable
 
     def _counted(self, task: asyncio.Task[None]) -> None:
