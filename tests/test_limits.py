@@ -10,6 +10,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import urlsplit
 
 import asyncpg
 import pytest
@@ -20,6 +21,7 @@ from compose.gateway import Gateway
 from compose.stack import free_port
 from state.limits import LimitTicket, reservation_key, run_tickets
 from tests.conftest import FakeAdmin, eventually
+from tests.tcp_proxy import TcpProxy
 from tests.tenancy_util import CHAT, Admin, Tenant, batch, client, new_key, new_tenant, platform
 from topics.limits import LimitPolicy, Limits
 
@@ -213,3 +215,43 @@ async def test_limits_are_read_and_changed_through_the_admin_api_and_audited(
     assert raised["limits"]["requests_per_minute"] == 100_000
     assert raised["fail_open"] is False
 
+
+
+async def test_with_redis_unreachable_admission_fails_open_or_closed_as_the_tenant_says(
+        gateway: Gateway, platform_admin: Admin,
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    """An ingress whose Redis is cut: a fail-closed tenant gets 503 `limits_unavailable`
+    with Retry-After; a fail-open one passes admission (and meets the next part that needs
+    Redis: the reply channel). Neither waits past `redis.socket_timeout_s`."""
+    closed = await new_tenant(platform_admin.http, tier="growth")
+    opened = await new_tenant(platform_admin.http, tier="growth")
+    await set_limits(platform_admin, closed.id, fail_open=False)
+    redis_url = urlsplit(gateway.settings.redis.url)
+    assert redis_url.hostname is not None
+    assert redis_url.port is not None
+    proxy = TcpProxy(redis_url.hostname, redis_url.port)
+    await proxy.start()
+    extra = Gateway(gateway.settings, tmp_path_factory.mktemp("cut"), log=lambda _: None)
+    try:
+        port = free_port()
+        proc = extra.spawn("ingress-cut", "ingress", env={
+            "SWITCHYARD_INGRESS__PORT": str(port),
+            "SWITCHYARD_REDIS__URL": f"redis://127.0.0.1:{proxy.port}{redis_url.path}",
+            "SWITCHYARD_REDIS__SOCKET_TIMEOUT_S": "1"})
+        url = f"http://{gateway.settings.ingress.host}:{port}"
+        await asyncio.to_thread(wait_http, f"{url}/v1/health", 60,
+                                extra.log_file("ingress-cut"), proc)
+        async with client(url, closed.admin_key) as shut, client(url, opened.admin_key) as op:
+            for http in (shut, op):  # keys and limits cached while Redis is there
+                assert (await http.post("/v1/chat/completions", json=CHAT)).status_code == 200
+            await proxy.cut()
+            refused = await shut.post("/v1/chat/completions", json=CHAT)
+            served = await op.post("/v1/chat/completions", json=CHAT)
+        assert refused.status_code == 503, refused.text
+        assert refused.json()["error"]["code"] == "limits_unavailable"
+        assert int(refused.headers["retry-after"]) >= 1
+        assert served.status_code == 503, served.text
+        assert served.json()["error"]["code"] != "limits_unavailable"  # admitted: fail-open
+    finally:
+        await proxy.aclose()
+        await asyncio.to_thread(extra.stop)
