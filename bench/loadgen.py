@@ -25,7 +25,8 @@ from pydantic import SecretStr
 from compose.children import Children, wait_http
 from compose.gateway import Gateway
 from compose.stack import LocalStack, free_port
-from state.keys import create_key
+from state.keys import create_key, find_key
+from state.limits import lift_limits
 from topics.catalog import load_catalog
 from topics.sessions import SigningKeys
 from topics.settings import AuthSettings, RouterSettings, Settings
@@ -357,16 +358,18 @@ class Served:
 
 @contextlib.asynccontextmanager
 async def single_upstream_gateway(log: Callable[[str], None],
-                                  router: RouterSettings | None = None
-                                  ) -> AsyncIterator[Served]:
+                                  router: RouterSettings | None = None,
+                                  limits: bool = True) -> AsyncIterator[Served]:
     """A fresh stack and gateway, the fake upstream as the offline fallback for every model,
     and an API key; all stopped on exit. `router`: the routers' settings, if not the
-    defaults."""
+    defaults. `limits`: rate limits checked on every request (the key's tenant unlimited, so
+    that admission costs what it costs and refuses nothing), or not checked at all."""
     with LocalStack.ephemeral(log=log) as stack:
         fake_port = free_port()
         settings = stack.settings.model_copy(update={
             "ingress": stack.settings.ingress.model_copy(update={"port": free_port()}),
             "router": router or stack.settings.router,
+            "limits": stack.settings.limits.model_copy(update={"enabled": limits}),
             "fallback_upstream_url": f"http://127.0.0.1:{fake_port}/v1",
             # Sessions work too (`bench.ab --session` measures a JWT bearer).
             "auth": AuthSettings(signing_keys=SecretStr(SigningKeys.generate("s1")),
@@ -374,6 +377,9 @@ async def single_upstream_gateway(log: Callable[[str], None],
         conn = await asyncpg.connect(settings.postgres.owner_dsn)
         try:
             _, api_key = await create_key(conn, "bench")
+            record = await find_key(conn, api_key)
+            assert record is not None
+            await lift_limits(conn, record.tenant_id)
         finally:
             await conn.close()
         logs = Path(tempfile.mkdtemp(prefix="switchyard-bench-"))

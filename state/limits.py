@@ -35,7 +35,7 @@ import redis.asyncio as redis
 from redis.exceptions import NoScriptError
 
 from state.cache import ReadThroughCache
-from state.tenancy import tenant_scope
+from state.tenancy import Connection, platform_scope, tenant_scope
 from topics.limits import POLICY_FIELDS, LimitPolicy, Limits, Verdict, tier_policy
 from topics.tenants import Tier
 
@@ -297,6 +297,17 @@ async def write_limits(pool: asyncpg.Pool, tenant_id: str, key_id: str,
             f" ON CONFLICT (tenant_id, key_id) DO UPDATE SET updated_at = now()"
             f"{''.join(', ' + u for u in [updates] if u)}",
             tenant_id, key_id, *vals)
+
+
+async def lift_limits(db: asyncpg.Pool | Connection, tenant_id: str) -> None:
+    """As the owner role: make the tenant's limits unlimited (every field 0). For operators'
+    own tenants: the test suite's shared tenant, the benchmarks' (which measure admission,
+    not refusals)."""
+    async with platform_scope(db) as conn:
+        await conn.execute(
+            f"INSERT INTO rate_limits (tenant_id, {_COLUMNS}) VALUES ($1, 0, 0, 0, 0, 0)"
+            f" ON CONFLICT (tenant_id, key_id) DO UPDATE SET "
+            + ", ".join(f"{name} = 0" for name in POLICY_FIELDS), tenant_id)
 
 
 class LimitStore:

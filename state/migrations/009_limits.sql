@@ -4,7 +4,7 @@
 -- `fail_open` (tenant rows only): admission's behaviour while Redis is unreachable.
 
 CREATE TABLE rate_limits (
-    tenant_id text NOT NULL REFERENCES tenants (id),
+    tenant_id text NOT NULL REFERENCES tenants (id) ON DELETE CASCADE,
     key_id text NOT NULL DEFAULT '',
     requests_per_second integer CHECK (requests_per_second >= 0),
     burst integer CHECK (burst >= 0),
