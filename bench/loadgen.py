@@ -25,8 +25,9 @@ from pydantic import SecretStr
 from compose.children import Children, wait_http
 from compose.gateway import Gateway
 from compose.stack import LocalStack, free_port
-from state.keys import create_key, find_key
+from state.keys import create_key
 from state.limits import lift_limits
+from state.tenancy import platform_scope
 from topics.catalog import load_catalog
 from topics.sessions import SigningKeys
 from topics.settings import AuthSettings, RouterSettings, Settings
@@ -376,10 +377,11 @@ async def single_upstream_gateway(log: Callable[[str], None],
                                  active_signing_key="s1")})
         conn = await asyncpg.connect(settings.postgres.owner_dsn)
         try:
-            _, api_key = await create_key(conn, "bench")
-            record = await find_key(conn, api_key)
-            assert record is not None
-            await lift_limits(conn, record.tenant_id)
+            key_id, api_key = await create_key(conn, "bench")
+            async with platform_scope(conn) as scoped:
+                tenant_id = await scoped.fetchval(
+                    "SELECT tenant_id FROM api_keys WHERE id = $1", key_id)
+            await lift_limits(conn, tenant_id)
         finally:
             await conn.close()
         logs = Path(tempfile.mkdtemp(prefix="switchyard-bench-"))
