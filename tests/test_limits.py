@@ -13,6 +13,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import asyncpg
+import httpx
 import pytest
 import redis.asyncio as redis
 
@@ -152,11 +153,20 @@ async def test_a_dead_requests_concurrency_slot_is_released_after_its_deadline(
         assert refused.status_code == 429, refused.text
         assert refused.json()["error"]["param"] == "concurrent_requests"
 
+        answers: list[httpx.Response] = []
+
         async def served() -> bool:
-            return (await http.post("/v1/chat/completions", json=CHAT)).status_code == 200
+            answers.append(await http.post("/v1/chat/completions", json=CHAT))
+            return answers[-1].status_code == 200
 
         await eventually(served)
-        # Served requests free their slot when they end: the next one is admitted too.
+
+        # A served request frees its slot when it ends (the router settles it, moments after
+        # the answer): the next one is admitted too.
+        async def slot_free() -> bool:
+            return not await r.exists(reservation_key(answers[-1].headers["x-request-id"]))
+
+        await eventually(slot_free)
         assert (await http.post("/v1/chat/completions", json=CHAT)).status_code == 200
 
 
