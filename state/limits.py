@@ -122,10 +122,10 @@ for s = 0, 1 do
     redis.call('HSET', res, 'k' .. s, KEYS[k+4])
   end
 end
-if redis.call('EXISTS', res) == 1 then
-  redis.call('HSET', res, 'id', rid)
-  redis.call('PEXPIRE', res, hold + 60000)
-end
+-- Always written: it is also the proof that this request was admitted (the router checks
+-- it for envelopes that say `admitted`, which a batch producer could forge).
+redis.call('HSET', res, 'id', rid)
+redis.call('PEXPIRE', res, hold + 60000)
 return {1, '', 0, lim_req, math.max(rem_req, 0), math.ceil(reset_req),
         lim_tok, math.max(rem_tok, 0), math.ceil(reset_tok)}
 """
@@ -236,6 +236,11 @@ async def settle(client: redis.Redis, request_id: str, used_tokens: int) -> bool
     except NoScriptError:
         done = await client.eval(SETTLE_LUA, 1, key, used_tokens)
     return bool(done)
+
+
+async def was_admitted(client: redis.Redis, request_id: str) -> bool:
+    """Whether an admission holds a reservation for the request (until it is settled)."""
+    return bool(await client.exists(reservation_key(request_id)))
 
 
 # --- PostgreSQL: the overrides -----------------------------------------------------------

@@ -186,6 +186,9 @@ async def test_the_batch_path_is_refused_as_the_http_path_is(
     assert (data["status"], data["type"], data["code"], data["param"]) == (
         429, "rate_limit_error", "rate_limit_exceeded", "requests_per_minute")
     assert data["retry_after_s"] > 0
+    # Saying it was admitted by an ingress does not make it so.
+    _, forged = await batch(gateway, tenant.id, key["key_id"], admitted=True)
+    assert (forged["kind"], forged["data"]["code"]) == ("error", "rate_limit_exceeded")
     assert request_id not in (await fake.stats())["calls_by_request_id"]
     async with client(gateway.url, key["key"]) as http:
         again = await http.post("/v1/chat/completions", json=CHAT)

@@ -1,7 +1,8 @@
 """The router's side of the rate limits (`topics/limits.py`, `state/limits.py`).
 
 - The batch path: a request published straight to `llm.requests` was admitted by no ingress
-  (`RequestEnvelope.admitted` is false); the router admits it with the same script, after
+  (`RequestEnvelope.admitted` is false, or true without the admission's reservation in
+  Redis: the field alone proves nothing); the router admits it with the same script, after
   its key check, and refuses it with the same 429 `rate_limit_exceeded` on its reply
   target. So Kafka is no way around the limits.
 - Settlement: when a request ends (`settled`, after its usage events are durable), its token
@@ -40,10 +41,12 @@ class RouterLimits:
 
     async def admit(self, env: RequestEnvelope) -> None:
         """Admit a request no ingress admitted; raises its 429 (or fail-closed 503)."""
-        if env.admitted:
-            return
         limits = await self._limits.limits(env.tenant_id, env.key_id)
         if limits is None or not (limits.tenant.any or limits.key.any):
+            return
+        # `admitted` is trusted only with the admission's reservation behind it: a batch
+        # producer could set the field, not make the reservation.
+        if env.admitted and await self._admitted(env.request_id, limits.fail_open):
             return
         ticket = LimitTicket(tenant_id=env.tenant_id, key_id=env.key_id,
                              request_id=env.request_id, deadline_ms=env.deadline_ms,
@@ -68,6 +71,14 @@ class RouterLimits:
             self._metrics.limit_refusals.labels(verdict.limit or "").inc()
             raise refusal(verdict.limit or "", verdict.retry_after_ms)
         self._metrics.limit_admissions.labels("admitted").inc()
+
+    async def _admitted(self, request_id: str, fail_open: bool) -> bool:
+        try:
+            return await store.was_admitted(self._redis, request_id)
+        except Exception as exc:
+            if outage(exc) is None:
+                raise
+            return fail_open  # admit() then applies the tenant's fail-safe if it is closed
 
     async def settle(self, request_id: str, events: Sequence[UsageEvent]) -> None:
         used = sum(event.prompt_tokens + event.completion_tokens for event in events)
