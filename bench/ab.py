@@ -4,6 +4,7 @@ for a few rounds. Prints added p50/p99 (and TTFT when streaming) and CPU-ms per 
 process; writes nothing. For the recorded figures use `make bench`.
 
     python -m bench.ab RATE [--phase-s 20] [--rounds 2] [--warmup-s 30] [--stream] [--session]
+        [--limits on|off]
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ _HARNESS = frozenset(("fake-upstream", "load-generator"))
 
 
 async def main(args: argparse.Namespace) -> None:
-    async with single_upstream_gateway(lambda line: None) as served:
+    async with single_upstream_gateway(lambda line: None,
+                                       limits=args.limits == "on") as served:
         await _run(args, served.url, served.fake_url, served.api_key, served.pids)
 
 
@@ -78,6 +80,9 @@ def parse() -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--warmup-s", type=float, default=30.0)
     p.add_argument("--stream", action="store_true", help="100-token answers, 1 ms per token")
+    p.add_argument("--limits", choices=("on", "off"), default="on",
+                   help="rate limits checked at admission (high enough never to refuse) or "
+                   "turned off (`limits.enabled`): the A/B of admission's cost")
     p.add_argument("--session", action="store_true",
                    help="authenticate with a session token (POST /v1/auth/login) instead of "
                    "the API key")

@@ -26,6 +26,8 @@ from compose.children import Children, wait_http
 from compose.gateway import Gateway
 from compose.stack import LocalStack, free_port
 from state.keys import create_key
+from state.limits import lift_limits
+from state.tenancy import platform_scope
 from topics.catalog import load_catalog
 from topics.sessions import SigningKeys
 from topics.settings import AuthSettings, RouterSettings, Settings
@@ -357,23 +359,29 @@ class Served:
 
 @contextlib.asynccontextmanager
 async def single_upstream_gateway(log: Callable[[str], None],
-                                  router: RouterSettings | None = None
-                                  ) -> AsyncIterator[Served]:
+                                  router: RouterSettings | None = None,
+                                  limits: bool = True) -> AsyncIterator[Served]:
     """A fresh stack and gateway, the fake upstream as the offline fallback for every model,
     and an API key; all stopped on exit. `router`: the routers' settings, if not the
-    defaults."""
+    defaults. `limits`: rate limits checked on every request (the key's tenant unlimited, so
+    that admission costs what it costs and refuses nothing), or not checked at all."""
     with LocalStack.ephemeral(log=log) as stack:
         fake_port = free_port()
         settings = stack.settings.model_copy(update={
             "ingress": stack.settings.ingress.model_copy(update={"port": free_port()}),
             "router": router or stack.settings.router,
+            "limits": stack.settings.limits.model_copy(update={"enabled": limits}),
             "fallback_upstream_url": f"http://127.0.0.1:{fake_port}/v1",
             # Sessions work too (`bench.ab --session` measures a JWT bearer).
             "auth": AuthSettings(signing_keys=SecretStr(SigningKeys.generate("s1")),
                                  active_signing_key="s1")})
         conn = await asyncpg.connect(settings.postgres.owner_dsn)
         try:
-            _, api_key = await create_key(conn, "bench")
+            key_id, api_key = await create_key(conn, "bench")
+            async with platform_scope(conn) as scoped:
+                tenant_id = await scoped.fetchval(
+                    "SELECT tenant_id FROM api_keys WHERE id = $1", key_id)
+            await lift_limits(conn, tenant_id)
         finally:
             await conn.close()
         logs = Path(tempfile.mkdtemp(prefix="switchyard-bench-"))

@@ -15,6 +15,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 
+from ingress.admission import Admission
 from ingress.audit import AuditLog
 from ingress.auth import Authenticator, SessionVerifier
 from ingress.errors import on_http_exception, on_switchyard_error
@@ -29,6 +30,7 @@ from state.bandit import PosteriorStore
 from state.breakers import BreakerConfig, Breakers
 from state.keys import KeyRecord, find_key, key_status
 from state.last_used import LastUsed
+from state.limits import LimitStore
 from state.revocations import RevocationListener
 from state.runtime import Runtime, open_runtime
 from state.sessions import RevokedTokens
@@ -80,8 +82,11 @@ def create_app(settings: Settings | None = None) -> Starlette:
             _background(runtime, last_used.run(pool, settings.ingress.last_used_flush_s))
             # Revocations reach this process's caches at once (state/revocations.py); the
             # revoked session tokens are loaded before the first request is served.
+            limit_store = LimitStore(pool, ttl_s=settings.limits.cache_ttl_s,
+                                     default_fail_open=settings.limits.fail_open) \
+                if settings.limits.enabled else None
             revocations = RevocationListener(
-                runtime.redis, [auth],
+                runtime.redis, [auth] if limit_store is None else [auth, limit_store],
                 on_token=None if sessions is None else sessions.revoked.add,
                 check_s=settings.redis.revocation_check_s,
                 answer_s=settings.redis.socket_timeout_s)
@@ -90,6 +95,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
             await asyncio.wait_for(listening.wait(), timeout=10)
             router = settings.router
             services = Services(
+                admission=Admission(runtime.redis, limit_store, metrics),
+                limits=limit_store,
                 settings=settings, catalog=catalog, auth=auth, sessions=sessions,
                 pipeline=Pipeline(settings=settings.ingress, producer=runtime.producer,
                                   redis_client=runtime.redis, replies=replies, metrics=metrics,

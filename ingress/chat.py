@@ -34,7 +34,7 @@ async def chat_completions(call: Call) -> Response:
     chat = validate_chat(body, pipeline.settings.max_image_bytes)
     admitted = admit(body, call.services.catalog, "chat", owner,
                      request.headers.get("x-tenant-id"), request.headers.get(MODE_HEADER))
-    first, stream = await pipeline.submit(Submission(
+    first, stream = await call.services.admission.submit(call, pipeline, Submission(
         request_id=request_id, owner=owner, endpoint="chat.completions",
         body=admitted.body, routing=admitted.routing, metadata=admitted.metadata,
         timeout_s=pipeline.timeout_s(request, admitted.timeout_ms),

@@ -22,7 +22,7 @@ async def embeddings(call: Call) -> Response:
     validate_embeddings(body)
     admitted = admit(body, call.services.catalog, "embedding", owner,
                      request.headers.get("x-tenant-id"), request.headers.get(MODE_HEADER))
-    first, _ = await pipeline.submit(Submission(
+    first, _ = await call.services.admission.submit(call, pipeline, Submission(
         request_id=call.request_id, owner=owner, endpoint="embeddings", body=admitted.body,
         routing=admitted.routing, metadata=admitted.metadata,
         timeout_s=pipeline.timeout_s(request, admitted.timeout_ms),

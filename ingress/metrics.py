@@ -19,3 +19,9 @@ class IngressMetrics:
                                registry=registry)
         self.cancels = Counter("switchyard_ingress_cancels", "Cancels sent to the routers",
                                ["reason"], registry=registry)
+        self.limit_admissions = Counter(
+            "switchyard_limit_admissions", "Rate-limit admissions by outcome (admitted, "
+            "refused, fail_open, fail_closed)", ["outcome"], registry=registry)
+        self.limit_refusals = Counter(
+            "switchyard_limit_refusals", "Requests refused by a rate limit, by the limit",
+            ["limit"], registry=registry)

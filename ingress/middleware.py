@@ -42,7 +42,10 @@ class RequestIdentity:
             if message["type"] == "http.response.start":
                 started_response = True
                 headers = [h for h in message.get("headers", []) if h[0] != b"x-request-id"]
-                message["headers"] = [*headers, header]
+                # What admission left for every response of the request: the rate-limit
+                # headers (ingress/admission.py), on errors and streams too.
+                extra = scope["state"].get("response_headers", ())
+                message["headers"] = [*headers, *extra, header]
                 metrics.requests.labels(route, str(message["status"])).inc()
                 metrics.latency.labels(route).observe(time.perf_counter() - started)
             await send(message)

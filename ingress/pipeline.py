@@ -64,6 +64,7 @@ class Submission:
     category: str | None = None  # the client's hint: the classifier stage then skips it
     # Completes when the client disconnects: every attempt in flight is then cancelled.
     client_gone: Callable[[], Awaitable[object]] | None = None
+    admitted: bool = False  # counted by the rate limits already (`ingress/admission.py`)
 
 
 class Pipeline:
@@ -118,7 +119,7 @@ class Pipeline:
             "received_at_ms": received_ms,
             "deadline_ms": received_ms + int(job.timeout_s * 1000),
             "endpoint": job.endpoint, "body": job.body, "routing": job.routing,
-            "metadata": job.metadata, "category": job.category,
+            "metadata": job.metadata, "category": job.category, "admitted": job.admitted,
             "reply": {"channel": self._replies.channel},
         })
         if len(envelope) > self._max_message_bytes:

@@ -10,12 +10,14 @@ import asyncpg
 import redis.asyncio as redis
 from aiokafka import AIOKafkaProducer
 
+from ingress.admission import Admission
 from ingress.audit import AuditLog
 from ingress.auth import Authenticator, SessionVerifier
 from ingress.metrics import IngressMetrics
 from ingress.pipeline import Pipeline
 from state.bandit import PosteriorStore
 from state.breakers import Breakers
+from state.limits import LimitStore
 from state.vault import MasterKeys
 from topics.catalog import Catalog
 from topics.settings import Settings
@@ -42,3 +44,6 @@ class Services:
     started_s: float  # time.monotonic() when the lifespan began: GET /v1/health's uptime
     # Every security- or money-relevant action records itself here before it answers.
     audit: AuditLog
+    # Rate limits (and, with them, any admitter) before a request is queued.
+    admission: Admission
+    limits: LimitStore | None  # None: `limits.enabled` is off

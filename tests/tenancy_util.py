@@ -106,7 +106,8 @@ async def status_of(http: httpx.AsyncClient, body: dict[str, Any] | None = None)
 
 
 async def batch(gateway: Gateway, tenant_id: str, key_id: str,
-                body: dict[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
+                body: dict[str, Any] | None = None,
+                **fields: Any) -> tuple[str, dict[str, Any]]:
     """Publish one request envelope to `llm.requests`, as a batch producer does, and wait for
     its last frame on the reply topic. Returns (request id, that frame)."""
     request_id = f"batch-{uuid.uuid4().hex}"
@@ -114,7 +115,7 @@ async def batch(gateway: Gateway, tenant_id: str, key_id: str,
     envelope = orjson.dumps({
         "schema_version": 1, "request_id": request_id, "tenant_id": tenant_id,
         "key_id": key_id, "received_at_ms": now_ms, "deadline_ms": now_ms + 60_000,
-        "body": body or CHAT, "reply": {"topic": names.REPLIES}})
+        "body": body or CHAT, "reply": {"topic": names.REPLIES}, **fields})
     producer: AIOKafkaProducer = make_producer(gateway.settings.kafka)
     await producer.start()
     try:

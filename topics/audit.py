@@ -32,6 +32,7 @@ AuditAction = Literal[
     "vault.key_stored", "vault.key_rotated", "vault.key_deleted",
     "routing_policy.updated", "routing_policy.deleted",
     "budget.updated",
+    "limits.updated",
 ]
 ACTIONS: tuple[str, ...] = get_args(AuditAction)
 

@@ -28,6 +28,7 @@ class Permission(StrEnum):
     VAULT_MANAGE = "vault:manage"  # the tenant's own provider keys
     KEYS_MANAGE = "keys:manage"  # the tenant's API keys
     BUDGET_MANAGE = "budget:manage"
+    LIMITS_MANAGE = "limits:manage"  # the tenant's and its keys' rate limits
     SESSION = "session"  # log in, refresh, log out
     TENANTS_MANAGE = "tenants:manage"  # platform: create, suspend, resume tenants
 

@@ -91,6 +91,9 @@ class RequestEnvelope(_Message):
     category: str | None = None
     confidence: float | None = None
     classifier_version: str | None = None
+    # Counted by the ingress's rate limits already (`ingress/admission.py`); a request
+    # without it (the batch path) is admitted by the router (`workers/router/limits.py`).
+    admitted: bool = False
 
 
 class ReplyFrame:

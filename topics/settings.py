@@ -437,6 +437,27 @@ class AuthSettings(BaseModel):
         "the one verifying it (`iat` in the future, `exp` just past).")
 
 
+class LimitsSettings(BaseModel):
+    """Rate limits (docs/limits.md): requests per second and minute, tokens per minute,
+    concurrent requests, per tenant and per key, enforced in Redis."""
+
+    enabled: bool = Field(
+        default=True,
+        description="Enforce rate limits at admission (ingress) and on the batch path "
+        "(router). Off: no limit is checked and no `x-ratelimit-*` header is sent.")
+    cache_ttl_s: float = Field(
+        default=10.0, ge=0,
+        description="How long each process caches a tenant's limits; a change through the "
+        "admin API reaches every process at once through the revocation broadcast.")
+    fail_open: bool = Field(
+        default=True,
+        description="Default for tenants that set none: while Redis is unreachable at "
+        "admission, serve the request unlimited (true; logged and counted in "
+        "`switchyard_limit_admissions_total{outcome=\"fail_open\"}`) or refuse it with 503 "
+        "`limits_unavailable` and `Retry-After` (false). Never waits longer than "
+        "`redis.socket_timeout_s`.")
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="SWITCHYARD_", env_nested_delimiter="__", extra="ignore"
@@ -452,6 +473,7 @@ class Settings(BaseSettings):
     classifier: ClassifierSettings = ClassifierSettings()
     vault: VaultSettings = VaultSettings()
     auth: AuthSettings = AuthSettings()
+    limits: LimitsSettings = LimitsSettings()
     catalog_path: Path = Field(
         default=Path(__file__).with_name("catalog.toml"),
         description="The model catalog (providers, models, prices).")

@@ -353,6 +353,15 @@ MEANINGS: dict[str, str] = {
                                  "retried",
     "upstream_overloaded": "the provider says it is overloaded (HTTP 503/529 or its equivalent)",
     "upstream_rate_limited": "the provider rate-limited the gateway (HTTP 429 or its equivalent)",
+    "rate_limit_exceeded": "a rate limit of the tenant or the key (requests per second or "
+                           "minute, tokens per minute, concurrent requests; `param` names it) "
+                           "refused the request, at the ingress or on the batch path; "
+                           "`Retry-After` says when to come back (docs/limits.md)",
+    "limits_unavailable": "the rate limits could not be checked (Redis unreachable) and the "
+                          "tenant's limits fail closed; retry after `Retry-After`",
+    "api_key_not_found": "the tenant has no API key with that id (`key_id`)",
+    "limit_above_tier": "a tenant administrator asked for a rate limit above the tenant's "
+                        "tier's; only a platform administrator may raise it",
     "upstream_server_error": "the provider failed (5xx, an error event inside its stream, an "
                              "unusable answer)",
     "upstream_stream_cut": "the provider ended the stream or the connection before the answer was "

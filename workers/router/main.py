@@ -16,6 +16,7 @@ from state.bandit import CachedPosteriors, PosteriorStore
 from state.breakers import BreakerConfig, Breakers
 from state.claims import Claims
 from state.degraded import Degraded
+from state.limits import LimitStore
 from state.revocations import RevocationListener
 from state.routing_policy import PolicyCache
 from state.runtime import open_runtime
@@ -39,6 +40,7 @@ from workers.router.decide import Decider, ModeDefaults
 from workers.router.execute import ExecutionSettings, Executor
 from workers.router.frames import FrameWriter
 from workers.router.latency import LatencyTracker
+from workers.router.limits import RouterLimits
 from workers.router.metrics import RouterMetrics
 from workers.router.publisher import ReplyPublisher
 from workers.router.routes import RouteConfig, RouteResolver
@@ -106,9 +108,25 @@ async def run_router(settings: Settings, stop: asyncio.Event) -> None:
         resolver = RouteResolver(catalog, route_config, tenant_keys.key_for)
         # Each request's key and tenant, re-checked; revocations reach the cache at once.
         access = AccessCheck(pool, ttl_s=cfg.key_cache_ttl_s)
-        revocations = RevocationListener(client, [access],
+        limit_store = LimitStore(pool, ttl_s=settings.limits.cache_ttl_s,
+                                 default_fail_open=settings.limits.fail_open) \
+            if settings.limits.enabled else None
+        limits = None if limit_store is None else RouterLimits(client, limit_store, metrics)
+        revocations = RevocationListener(client, [access] if limit_store is None
+                                         else [access, limit_store],
                                          check_s=settings.redis.revocation_check_s,
                                          answer_s=settings.redis.socket_timeout_s)
+
+        async def settled(request_id: str) -> None:
+            """The attempts' bookkeeping, then the request's rate-limit reservation settled
+            to the tokens they used."""
+            events = runner.bill(request_id)
+            try:
+                await runner.settled(request_id)
+            finally:
+                if limits is not None:
+                    await limits.settle(request_id, events)
+
         worker = RouterWorker(
             decider=decider, claims=claims, access=access,
             executor=Executor(runner, resolver, latency, ExecutionSettings.from_settings(cfg),
@@ -117,7 +135,7 @@ async def run_router(settings: Settings, stop: asyncio.Event) -> None:
             frames=lambda env: FrameWriter(env.request_id, env.reply, publisher, producer,
                                            max_bytes=settings.kafka.max_message_bytes,
                                            books=runner, claims=claims),
-            cancels=cancels, metrics=metrics, settled=runner.settled,
+            cancels=cancels, metrics=metrics, settled=settled, limits=limits,
             rebill=functools.partial(produce_usage, producer),
             label=labeller.label if labeller is not None else None)
         loop = ConsumerLoop(consumer=consumer, producer=producer, topic=topic,

@@ -24,6 +24,13 @@ class RouterMetrics:
                                    registry=registry)
         self.skipped = Counter("switchyard_router_skipped", "Redeliveries not executed again",
                                ["reason"], registry=registry)
+        self.limit_admissions = Counter(
+            "switchyard_router_limit_admissions", "Batch-path (not admitted by an ingress) "
+            "rate-limit admissions by outcome (admitted, refused, fail_open, fail_closed)",
+            ["outcome"], registry=registry)
+        self.limit_refusals = Counter(
+            "switchyard_router_limit_refusals", "Batch-path requests refused by a rate "
+            "limit, by the limit", ["limit"], registry=registry)
         self.refused = Counter("switchyard_router_refused", "Requests refused before any "
                                "provider call: their key, tenant, role or model (by code)",
                                ["code"], registry=registry)

@@ -35,6 +35,7 @@ from workers.router.council import Council
 from workers.router.decide import Decider
 from workers.router.execute import Executor
 from workers.router.frames import FrameWriter
+from workers.router.limits import RouterLimits
 from workers.router.metrics import RouterMetrics
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,7 @@ class RouterWorker:
                  settled: Callable[[str], Awaitable[None]],
                  rebill: Callable[[Sequence[UsageEvent]], Awaitable[None]],
                  label: Callable[[RequestEnvelope], Awaitable[RequestEnvelope]] | None = None,
+                 limits: RouterLimits | None = None,
                  ) -> None:
         self._decider = decider
         self._executor = executor
@@ -60,6 +62,7 @@ class RouterWorker:
         self._settled = settled  # the attempts' bookkeeping, written after the answer
         self._rebill = rebill  # a dead worker's bill to llm.usage
         self._label = label  # set when this router classifies the requests it reads
+        self._limits = limits  # the batch path's rate limits; None: off
 
     async def handle(self, env: RequestEnvelope, _record: Any) -> None:
         out = self._frames(env)
@@ -122,12 +125,14 @@ class RouterWorker:
         try:
             try:
                 caller = await self._access.check(env)
+                if self._limits is not None:
+                    await self._limits.admit(env)  # the batch path (workers/router/limits.py)
                 if labelling is not None:
                     env = await labelling
                 decision = await self._decider.decide(env, caller.allowed_models)
             except SwitchyardError as exc:
                 _discard(labelling)
-                if exc.status in (401, 403):
+                if exc.status in (401, 403, 429):
                     self._metrics.refused.labels(exc.code).inc()
                 await out.error(exc)
                 return
