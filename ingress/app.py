@@ -17,6 +17,7 @@ from starlette.middleware import Middleware
 
 from ingress.audit import AuditLog
 from ingress.auth import Authenticator, SessionVerifier
+from ingress.budgets import BudgetAdmission
 from ingress.errors import on_http_exception, on_switchyard_error
 from ingress.metrics import IngressMetrics
 from ingress.middleware import RequestIdentity
@@ -27,6 +28,7 @@ from ingress.routes import ROUTES, metric_paths
 from ingress.services import Services
 from state.bandit import PosteriorStore
 from state.breakers import BreakerConfig, Breakers
+from state.budgets import BudgetCache, BudgetLedger
 from state.keys import KeyRecord, find_key, key_status
 from state.last_used import LastUsed
 from state.revocations import RevocationListener
@@ -101,7 +103,12 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 version=version, started_s=started_s,
                 audit=AuditLog(runtime.producer,
                                publish_timeout_s=settings.audit.publish_timeout_s,
-                               registry=metrics.registry))
+                               registry=metrics.registry),
+                budgets=BudgetAdmission(
+                    BudgetCache(pool, ttl_s=settings.ingress.budget_cache_ttl_s),
+                    BudgetLedger(runtime.redis, pool), catalog,
+                    {"speculative": router.race_routes, "hedged": router.hedge_routes,
+                     "council": router.council_members}))
             settle_heap()
             log.info("ingress ready; replies on %s", replies.channel)
             yield {"services": services}

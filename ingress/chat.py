@@ -34,10 +34,15 @@ async def chat_completions(call: Call) -> Response:
     chat = validate_chat(body, pipeline.settings.max_image_bytes)
     admitted = admit(body, call.services.catalog, "chat", owner,
                      request.headers.get("x-tenant-id"), request.headers.get(MODE_HEADER))
+    timeout_s = pipeline.timeout_s(request, admitted.timeout_ms)
+    # Spend budgets (issue 18): reserve the worst case or refuse with 402 before anything is
+    # queued. To move into the shared admission pipeline (ingress/admission.py) at merge.
+    await call.services.budgets.admit(owner, request_id, admitted.body, admitted.routing,
+                                      "chat", timeout_s)
     first, stream = await pipeline.submit(Submission(
         request_id=request_id, owner=owner, endpoint="chat.completions",
         body=admitted.body, routing=admitted.routing, metadata=admitted.metadata,
-        timeout_s=pipeline.timeout_s(request, admitted.timeout_ms),
+        timeout_s=timeout_s,
         traceparent=request.headers.get("traceparent"),
         client_gone=lambda: client_gone(request),
         category=_category_hint(request)))

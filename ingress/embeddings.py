@@ -22,10 +22,14 @@ async def embeddings(call: Call) -> Response:
     validate_embeddings(body)
     admitted = admit(body, call.services.catalog, "embedding", owner,
                      request.headers.get("x-tenant-id"), request.headers.get(MODE_HEADER))
+    timeout_s = pipeline.timeout_s(request, admitted.timeout_ms)
+    # Spend budgets (issue 18): reserve or 402 before anything is queued. To move into the
+    # shared admission pipeline (ingress/admission.py) at merge.
+    await call.services.budgets.admit(owner, call.request_id, admitted.body, admitted.routing,
+                                      "embedding", timeout_s)
     first, _ = await pipeline.submit(Submission(
         request_id=call.request_id, owner=owner, endpoint="embeddings", body=admitted.body,
-        routing=admitted.routing, metadata=admitted.metadata,
-        timeout_s=pipeline.timeout_s(request, admitted.timeout_ms),
+        routing=admitted.routing, metadata=admitted.metadata, timeout_s=timeout_s,
         traceparent=request.headers.get("traceparent"),
         client_gone=lambda: client_gone(request)))
     pipeline.close(call.request_id)

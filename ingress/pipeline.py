@@ -120,6 +120,8 @@ class Pipeline:
             "endpoint": job.endpoint, "body": job.body, "routing": job.routing,
             "metadata": job.metadata, "category": job.category,
             "reply": {"channel": self._replies.channel},
+            # Admitted here (limits and budgets checked): the router does not check again.
+            "admitted": True,
         })
         if len(envelope) > self._max_message_bytes:
             # The body was within its limit but its envelope is not (re-serialised JSON can

@@ -12,6 +12,7 @@ from aiokafka import AIOKafkaProducer
 
 from ingress.audit import AuditLog
 from ingress.auth import Authenticator, SessionVerifier
+from ingress.budgets import BudgetAdmission
 from ingress.metrics import IngressMetrics
 from ingress.pipeline import Pipeline
 from state.bandit import PosteriorStore
@@ -42,3 +43,5 @@ class Services:
     started_s: float  # time.monotonic() when the lifespan began: GET /v1/health's uptime
     # Every security- or money-relevant action records itself here before it answers.
     audit: AuditLog
+    # Spend budgets: admission (reserve or 402) and the admin API's caches (`ingress/budgets.py`).
+    budgets: BudgetAdmission

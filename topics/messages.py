@@ -91,6 +91,10 @@ class RequestEnvelope(_Message):
     category: str | None = None
     confidence: float | None = None
     classifier_version: str | None = None
+    # Set by the ingress once the request passed admission (rate limits, spend budgets); a
+    # request published straight to Kafka (the batch path) has it unset, and the router
+    # admits it itself before executing (`workers/router/budgets.py`).
+    admitted: bool = False
 
 
 class ReplyFrame:
