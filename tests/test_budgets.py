@@ -126,6 +126,16 @@ async def test_200_concurrent_requests_across_replicas_stay_within_a_budget_for_
     spent = await eventually(lambda: _ledger_settled(pg, tenant.id, (served + 1) * cost))
     assert spent <= limit
 
+    # Each alert level the spend reached is in the audit trail once (50 % is the budget's
+    # own threshold), however many routers settled requests past it.
+    reached = [level for level in (50, 75, 90, 100) if spent * 100 >= limit * level]
+    async with client(urls[0], tenant.admin_key) as http:
+        async def alerts() -> list[int] | None:
+            got = (await http.get("/v1/audit", params={"action": "budget.alert"})).json()
+            levels = sorted(e["details"]["level_pct"] for e in got["entries"])
+            return levels if len(levels) >= len(reached) else None
+        assert await eventually(alerts) == reached
+
 
 async def _ledger_settled(pg: asyncpg.Pool, tenant_id: str, expected: Decimal) -> Decimal | None:
     spent = await ledger_cost(pg, tenant_id)
