@@ -3,8 +3,11 @@ ONE pipeline, so admission costs one round trip however many checks it runs.
 
 An admitter (`Admitter`) turns a request into a ticket whose script is queued on the shared
 pipeline (`queue(pipe)`) and whose result says yes or no (`parse(result)`). The rate limits
-(`state/limits.py` `LimitTicket`) are one; spend budgets join the same list. A refusal is
-429 `rate_limit_exceeded` with `Retry-After`; the `x-ratelimit-*` headers (and the seed's
+(`state/limits.py` `LimitTicket`) are one, the spend budgets' reservation
+(`state/budgets.py` `BudgetTicket`, from `ingress/budgets.py`) the other. A rate limit's
+refusal is 429 `rate_limit_exceeded` with `Retry-After`, a hard budget's 402
+`budget_exceeded`; when one refuses, what the other took is given back (a round trip on the
+refusal only). The `x-ratelimit-*` headers (and the seed's
 `X-RateLimit-*`) go on every response of the route, errors and streams included
 (`ingress/middleware.py` adds what admission left in the request's scope).
 
@@ -15,7 +18,9 @@ settled here with nothing used.
 
 Redis unreachable (bounded by `redis.socket_timeout_s`): each tenant's `fail_open` (default
 `limits.fail_open`) serves the request unlimited, or refuses it with 503
-`limits_unavailable`. Policy: `topics/limits.py`; docs/limits.md.
+`limits_unavailable`; a hard budget fails closed unless it says `fail_open` (503
+`budgets_unavailable`). Policy: `topics/limits.py`, `topics/budgets.py`; docs/limits.md,
+docs/budgets.md.
 """
 
 from __future__ import annotations
@@ -28,14 +33,17 @@ from typing import TYPE_CHECKING, Any
 
 import redis.asyncio as redis
 
+from ingress.budgets import BudgetAdmission
 from ingress.metrics import IngressMetrics
 from ingress.pipeline import Pipeline, Submission
 from ingress.replies import FrameStream
 from state import limits as store
+from state.budgets import BudgetTicket, Reservation
 from state.limits import LimitStore, LimitTicket
 from state.runtime import OUTAGE_RETRY_AFTER_S, outage
+from topics.budgets import exceeded
 from topics.errors import SwitchyardError, Unavailable
-from topics.limits import estimate_tokens, refusal
+from topics.limits import Limits, estimate_tokens, refusal
 from topics.messages import ReplyFrame
 
 if TYPE_CHECKING:
@@ -54,6 +62,7 @@ class Admission:
     redis: redis.Redis
     limits: LimitStore | None  # None: rate limits off (`limits.enabled`)
     metrics: IngressMetrics
+    budgets: BudgetAdmission | None = None  # None: no spend budgets checked
 
     async def submit(self, call: Call, pipeline: Pipeline,
                      job: Submission) -> tuple[ReplyFrame, FrameStream]:
@@ -69,40 +78,87 @@ class Admission:
 
     async def admit(self, call: Call, job: Submission) -> bool:
         """True if the request was counted here (the router must not count it again);
-        raises the 429 (or the fail-closed 503)."""
-        if self.limits is None:
+        raises the 429 or 402 (or a fail-closed 503)."""
+        limits = await self._limits(job)
+        reservation = await self._reservation(job)
+        if limits is None and reservation is None:
             return False
         owner = job.owner
-        limits = await self.limits.limits(owner.tenant_id, owner.key_id)
-        if limits is None or not (limits.tenant.any or limits.key.any):
-            return False
-        ticket = LimitTicket(
+        ticket = None if limits is None else LimitTicket(
             tenant_id=owner.tenant_id, key_id=owner.key_id, request_id=job.request_id,
             deadline_ms=int((time.time() + job.timeout_s) * 1000),
             tokens=estimate_tokens(job.body), limits=limits)
+        budget = None if reservation is None or self.budgets is None \
+            else BudgetTicket(self.budgets.ledger, reservation)
         try:
-            (result,) = await store.run_tickets(self.redis, [ticket])
-            verdict = ticket.parse(result)
+            results = await store.run_tickets(self.redis, [t for t in (ticket, budget) if t])
+            verdict = None if ticket is None else ticket.parse(results[0])
+            outcome = None if budget is None else budget.parse(results[-1])
+            if budget is not None and outcome is not None and outcome.kind != "ok" \
+                    and outcome.kind != "over":
+                # Counters to seed from the ledger (their first use in a period): more round
+                # trips, this once.
+                outcome = await budget.ledger.reserve(budget.reservation)
         except Exception as exc:
             if outage(exc) is None:
                 raise
-            if limits.fail_open:
-                self.metrics.limit_admissions.labels("fail_open").inc()
-                log.warning("rate limits not checked for tenant %s (Redis unreachable: %s); "
-                            "served (fail-open)", owner.tenant_id, type(exc).__name__)
-                return False
-            self.metrics.limit_admissions.labels("fail_closed").inc()
-            raise Unavailable("rate limits cannot be checked right now (the gateway's "
-                              "shared state is unreachable); try again shortly",
-                              code="limits_unavailable",
-                              retry_after_s=OUTAGE_RETRY_AFTER_S) from exc
-        headers = verdict.headers(time.time())
-        state: dict[str, Any] = call.request.scope["state"]
-        state[HEADERS_STATE] = [(k.encode(), v.encode()) for k, v in headers.items()]
-        if not verdict.admitted:
+            self._unchecked(owner.tenant_id, limits, reservation, exc)
+            return False
+        if verdict is not None:
+            headers = verdict.headers(time.time())
+            state: dict[str, Any] = call.request.scope["state"]
+            state[HEADERS_STATE] = [(k.encode(), v.encode()) for k, v in headers.items()]
+        if verdict is not None and not verdict.admitted:
             self.metrics.limit_admissions.labels("refused").inc()
             self.metrics.limit_refusals.labels(verdict.limit or "").inc()
+            if outcome is not None and outcome.kind == "ok":
+                await self._release_budget(reservation)
             raise refusal(verdict.limit or "", verdict.retry_after_ms)
-        self.metrics.limit_admissions.labels("admitted").inc()
+        if outcome is not None and outcome.kind == "over" and outcome.budget is not None:
+            assert reservation is not None
+            if verdict is not None:
+                with contextlib.suppress(Exception):
+                    await store.settle(self.redis, job.request_id, 0)
+            raise exceeded(outcome.budget, outcome.used_nano, reservation.at)
+        if verdict is not None:
+            self.metrics.limit_admissions.labels("admitted").inc()
         return True
 
+    async def _limits(self, job: Submission) -> Limits | None:
+        if self.limits is None:
+            return None
+        limits = await self.limits.limits(job.owner.tenant_id, job.owner.key_id)
+        return limits if limits is not None and (limits.tenant.any or limits.key.any) else None
+
+    async def _reservation(self, job: Submission) -> Reservation | None:
+        if self.budgets is None:
+            return None
+        return await self.budgets.reservation(
+            job.owner, job.request_id, job.body, job.routing,
+            "chat" if job.endpoint == "chat.completions" else "embedding", job.timeout_s)
+
+    def _unchecked(self, tenant_id: str, limits: Limits | None,
+                   reservation: Reservation | None, exc: BaseException) -> None:
+        """Redis cannot say: serve unchecked where the policies allow it, else the 503."""
+        if limits is not None:
+            if not limits.fail_open:
+                self.metrics.limit_admissions.labels("fail_closed").inc()
+                raise Unavailable("rate limits cannot be checked right now (the gateway's "
+                                  "shared state is unreachable); try again shortly",
+                                  code="limits_unavailable",
+                                  retry_after_s=OUTAGE_RETRY_AFTER_S) from exc
+            self.metrics.limit_admissions.labels("fail_open").inc()
+        if reservation is not None and not all(b.fail_open or not b.hard
+                                               for b in reservation.budgets):
+            raise Unavailable("spend budgets cannot be checked right now; try again shortly",
+                              code="budgets_unavailable",
+                              retry_after_s=OUTAGE_RETRY_AFTER_S) from exc
+        log.warning("admission not checked for tenant %s (Redis unreachable: %s); served "
+                    "(fail-open)", tenant_id, type(exc).__name__)
+
+    async def _release_budget(self, reservation: Reservation | None) -> None:
+        if reservation is None or self.budgets is None:
+            return
+        with contextlib.suppress(Exception):
+            await self.budgets.ledger.settle(reservation.tenant_id, reservation.request_id,
+                                             reservation.budgets, reservation.at, 0)

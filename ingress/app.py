@@ -18,6 +18,7 @@ from starlette.middleware import Middleware
 from ingress.admission import Admission
 from ingress.audit import AuditLog
 from ingress.auth import Authenticator, SessionVerifier
+from ingress.budgets import BudgetAdmission
 from ingress.errors import on_http_exception, on_switchyard_error
 from ingress.metrics import IngressMetrics
 from ingress.middleware import RequestIdentity
@@ -28,6 +29,7 @@ from ingress.routes import ROUTES, metric_paths
 from ingress.services import Services
 from state.bandit import PosteriorStore
 from state.breakers import BreakerConfig, Breakers
+from state.budgets import BudgetCache, BudgetLedger
 from state.keys import KeyRecord, find_key, key_status
 from state.last_used import LastUsed
 from state.limits import LimitStore
@@ -94,8 +96,13 @@ def create_app(settings: Settings | None = None) -> Starlette:
             _background(runtime, revocations.run(listening))
             await asyncio.wait_for(listening.wait(), timeout=10)
             router = settings.router
+            budgets = BudgetAdmission(
+                BudgetCache(pool, ttl_s=settings.ingress.budget_cache_ttl_s),
+                BudgetLedger(runtime.redis, pool), catalog,
+                {"speculative": router.race_routes, "hedged": router.hedge_routes,
+                 "council": router.council_members})
             services = Services(
-                admission=Admission(runtime.redis, limit_store, metrics),
+                admission=Admission(runtime.redis, limit_store, metrics, budgets),
                 limits=limit_store,
                 settings=settings, catalog=catalog, auth=auth, sessions=sessions,
                 pipeline=Pipeline(settings=settings.ingress, producer=runtime.producer,
@@ -108,7 +115,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 version=version, started_s=started_s,
                 audit=AuditLog(runtime.producer,
                                publish_timeout_s=settings.audit.publish_timeout_s,
-                               registry=metrics.registry))
+                               registry=metrics.registry),
+                budgets=budgets)
             settle_heap()
             log.info("ingress ready; replies on %s", replies.channel)
             yield {"services": services}

@@ -119,6 +119,7 @@ class Pipeline:
             "received_at_ms": received_ms,
             "deadline_ms": received_ms + int(job.timeout_s * 1000),
             "endpoint": job.endpoint, "body": job.body, "routing": job.routing,
+            # Admitted here (limits and budgets checked): the router does not check again.
             "metadata": job.metadata, "category": job.category, "admitted": job.admitted,
             "reply": {"channel": self._replies.channel},
         })

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from ingress import (
     audit,
+    budgets,
     chat,
     embeddings,
     insights,
@@ -44,6 +45,11 @@ ROUTES: tuple[Endpoint, ...] = (
     Endpoint("PUT", "/v1/routing/policy", routing_policy.put_policy, P.POLICY_WRITE),
     Endpoint("DELETE", "/v1/routing/policy", routing_policy.delete_policy, P.POLICY_WRITE),
     Endpoint("GET", "/v1/audit", audit.list_audit, P.AUDIT_READ),
+    Endpoint("POST", "/v1/tenants/{tenant_id}/budget", budgets.set_budget, P.BUDGET_MANAGE),
+    Endpoint("GET", "/v1/tenants/{tenant_id}/budgets", budgets.list_budgets, P.BUDGET_MANAGE),
+    Endpoint("PUT", "/v1/tenants/{tenant_id}/budgets", budgets.put_budgets, P.BUDGET_MANAGE),
+    Endpoint("DELETE", "/v1/tenants/{tenant_id}/budgets", budgets.delete_budget,
+             P.BUDGET_MANAGE),
     Endpoint("POST", "/v1/tenants/{tenant_id}/api-keys", keys.create_api_key, P.KEYS_MANAGE),
     Endpoint("GET", "/v1/tenants/{tenant_id}/api-keys", keys.list_api_keys, P.KEYS_MANAGE),
     Endpoint("DELETE", "/v1/tenants/{tenant_id}/api-keys/{key_id}", keys.revoke_api_key,

@@ -13,6 +13,7 @@ from aiokafka import AIOKafkaProducer
 from ingress.admission import Admission
 from ingress.audit import AuditLog
 from ingress.auth import Authenticator, SessionVerifier
+from ingress.budgets import BudgetAdmission
 from ingress.metrics import IngressMetrics
 from ingress.pipeline import Pipeline
 from state.bandit import PosteriorStore
@@ -47,3 +48,5 @@ class Services:
     # Rate limits (and, with them, any admitter) before a request is queued.
     admission: Admission
     limits: LimitStore | None  # None: `limits.enabled` is off
+    # Spend budgets: admission (reserve or 402) and the admin API's caches (`ingress/budgets.py`).
+    budgets: BudgetAdmission

@@ -31,7 +31,7 @@ AuditAction = Literal[
     "tenant.created", "tenant.suspended", "tenant.resumed",
     "vault.key_stored", "vault.key_rotated", "vault.key_deleted",
     "routing_policy.updated", "routing_policy.deleted",
-    "budget.updated",
+    "budget.updated", "budget.alert",
     "limits.updated",
 ]
 ACTIONS: tuple[str, ...] = get_args(AuditAction)

@@ -45,6 +45,9 @@ class SwitchyardError(Exception):
     def from_frame_data(data: dict[str, Any]) -> SwitchyardError:
         cls = _BY_STATUS.get(int(data.get("status", 500)), SwitchyardError)
         retry_after = data.get("retry_after_s")
+        if cls is BudgetExceeded and isinstance(data.get("details"), dict):
+            return BudgetExceeded(str(data.get("message", "error")), code=data.get("code"),
+                                  details=data["details"])
         return cls(str(data.get("message", "error")), code=data.get("code"),
                    param=data.get("param"),
                    retry_after_s=float(retry_after) if isinstance(retry_after, int | float)
@@ -101,6 +104,23 @@ class Unprocessable(SwitchyardError):
     default_code = "invalid_value"
 
 
+class BudgetExceeded(SwitchyardError):
+    """402: a hard spend budget would be exceeded by this request (`topics/budgets.py`);
+    `details` says by how much and when the budget resets. The seed product's type name."""
+
+    status = 402
+    type = "budget_limit_error"
+    default_code = "budget_exceeded"
+
+    def __init__(self, message: str, *, details: dict[str, Any] | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.details = details or {}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**super().to_dict(), "details": self.details}
+
+
 class RateLimited(SwitchyardError):
     status = 429
     type = "rate_limit_error"
@@ -142,6 +162,6 @@ class ClientClosedRequest(SwitchyardError):
 _BY_STATUS: dict[int, type[SwitchyardError]] = {
     cls.status: cls
     for cls in (InvalidRequest, Unauthorized, Forbidden, NotFound, MethodNotAllowed,
-                Conflict, PayloadTooLarge, Unprocessable,
+                Conflict, PayloadTooLarge, Unprocessable, BudgetExceeded,
                 RateLimited, UpstreamError, Unavailable, GatewayTimeout)
 }

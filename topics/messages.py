@@ -91,8 +91,11 @@ class RequestEnvelope(_Message):
     category: str | None = None
     confidence: float | None = None
     classifier_version: str | None = None
-    # Counted by the ingress's rate limits already (`ingress/admission.py`); a request
-    # without it (the batch path) is admitted by the router (`workers/router/limits.py`).
+    # Set by the ingress once the request passed admission (rate limits, spend budgets:
+    # `ingress/admission.py`); a request published straight to Kafka (the batch path) has it
+    # unset, and the router admits it itself before executing (`workers/router/limits.py`,
+    # `workers/router/budgets.py`). The router trusts it only with the admission's
+    # reservations behind it in Redis: a batch producer can set the field, not make those.
     admitted: bool = False
 
 

@@ -156,10 +156,19 @@ class IngressSettings(BaseModel):
         "`invalid_header`).")
     health_timeout_s: float = Field(
         default=2.0, gt=0, description="Per-dependency timeout of `GET /v1/health`.")
+    budget_cache_ttl_s: float = Field(
+        default=5.0, ge=0,
+        description="How long each ingress process caches a tenant's spend budgets "
+        "(docs/budgets.md); a change through the API applies at once on the ingress that "
+        "took it, within this long on the others.")
 
 
 class RouterSettings(BaseModel):
     """Router workers: classification, claims, provider calls, the bandit, modes, breakers."""
+
+    budget_cache_ttl_s: float = Field(
+        default=5.0, ge=0,
+        description="How long each router caches a tenant's spend budgets (docs/budgets.md).")
 
     classify_inline: bool = Field(
         default=True,

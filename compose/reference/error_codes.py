@@ -352,6 +352,13 @@ MEANINGS: dict[str, str] = {
     "upstream_content_filtered": "the provider refused the request's or the answer's content; not "
                                  "retried",
     "upstream_overloaded": "the provider says it is overloaded (HTTP 503/529 or its equivalent)",
+    "budget_exceeded": "a hard spend budget (the tenant's or the key's, per UTC day or month) "
+                       "would be exceeded by this request's worst-case cost; `details` gives "
+                       "`budget_used_usd`, `budget_limit_usd`, `remaining_usd` (numbers) and "
+                       "`reset_at` (docs/budgets.md)",
+    "budgets_unavailable": "Redis cannot be reached to check a hard spend budget that fails "
+                           "closed (the default); retry after `Retry-After` (docs/budgets.md)",
+    "budget_not_found": "the tenant has no such budget (period, key) to delete",
     "upstream_rate_limited": "the provider rate-limited the gateway (HTTP 429 or its equivalent)",
     "rate_limit_exceeded": "a rate limit of the tenant or the key (requests per second or "
                            "minute, tokens per minute, concurrent requests; `param` names it) "

@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry
 
 from state.bandit import CachedPosteriors, PosteriorStore
 from state.breakers import BreakerConfig, Breakers
+from state.budgets import BudgetCache, BudgetLedger
 from state.claims import Claims
 from state.degraded import Degraded
 from state.limits import LimitStore
@@ -34,6 +35,7 @@ from workers.providers.gemini import GeminiGenerateContent
 from workers.providers.openai_compat import OpenAICompat
 from workers.router.access import AccessCheck
 from workers.router.attempt import AttemptRunner, produce_usage
+from workers.router.budgets import BudgetAlerts, RouterBudgets
 from workers.router.cancel import CancelListener
 from workers.router.council import Council, CouncilSettings
 from workers.router.decide import Decider, ModeDefaults
@@ -127,6 +129,8 @@ async def run_router(settings: Settings, stop: asyncio.Event) -> None:
                 if limits is not None:
                     await limits.settle(request_id, events)
 
+        alerts = BudgetAlerts(producer, http, registry)
+        runtime.on_close(alerts.drain)
         worker = RouterWorker(
             decider=decider, claims=claims, access=access,
             executor=Executor(runner, resolver, latency, ExecutionSettings.from_settings(cfg),
@@ -137,7 +141,12 @@ async def run_router(settings: Settings, stop: asyncio.Event) -> None:
                                            books=runner, claims=claims),
             cancels=cancels, metrics=metrics, settled=settled, limits=limits,
             rebill=functools.partial(produce_usage, producer),
-            label=labeller.label if labeller is not None else None)
+            label=labeller.label if labeller is not None else None,
+            budgets=RouterBudgets(
+                BudgetCache(pool, ttl_s=cfg.budget_cache_ttl_s), BudgetLedger(client, pool),
+                catalog, {"speculative": cfg.race_routes, "hedged": cfg.hedge_routes,
+                          "council": cfg.council_members},
+                runner.bill, alerts))
         loop = ConsumerLoop(consumer=consumer, producer=producer, topic=topic,
                             decode=RequestEnvelope.from_json, handler=worker.handle,
                             max_in_flight=cfg.max_in_flight,

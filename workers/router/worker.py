@@ -30,6 +30,7 @@ from topics.messages import RequestEnvelope, UsageEvent
 from workers.classifier.stage import needs_label
 from workers.router.access import AccessCheck
 from workers.router.attempt import now_ms
+from workers.router.budgets import RouterBudgets
 from workers.router.cancel import CancelListener
 from workers.router.council import Council
 from workers.router.decide import Decider
@@ -50,6 +51,7 @@ class RouterWorker:
                  rebill: Callable[[Sequence[UsageEvent]], Awaitable[None]],
                  label: Callable[[RequestEnvelope], Awaitable[RequestEnvelope]] | None = None,
                  limits: RouterLimits | None = None,
+                 budgets: RouterBudgets | None = None,
                  ) -> None:
         self._decider = decider
         self._executor = executor
@@ -63,6 +65,7 @@ class RouterWorker:
         self._rebill = rebill  # a dead worker's bill to llm.usage
         self._label = label  # set when this router classifies the requests it reads
         self._limits = limits  # the batch path's rate limits; None: off
+        self._budgets = budgets  # spend budgets: the batch path's admission, settlement
 
     async def handle(self, env: RequestEnvelope, _record: Any) -> None:
         out = self._frames(env)
@@ -127,6 +130,8 @@ class RouterWorker:
                 caller = await self._access.check(env)
                 if self._limits is not None:
                     await self._limits.admit(env)  # the batch path (workers/router/limits.py)
+                if self._budgets is not None:
+                    await self._budgets.admit(env)  # the batch path: same 402 as the ingress
                 if labelling is not None:
                     env = await labelling
                 decision = await self._decider.decide(env, caller.allowed_models)
@@ -161,6 +166,9 @@ class RouterWorker:
                 # After the answer and its bill are in Redis: a kill before that leaves the
                 # client answerless and unbilled (worker_lost), never billed for nothing.
                 await out.bill_published()
+                if self._budgets is not None:
+                    # Every attempt's real cost replaces the reservation (never raises).
+                    await self._budgets.settle(env)
                 # Before the offset can be committed: every attempt's usage event durable.
                 await self._settled(env.request_id)
             except asyncio.CancelledError:

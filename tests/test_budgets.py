@@ -1,0 +1,217 @@
+"""Spend budgets hold across every replica (issue 18): three ingress processes and two routers
+share one count in Redis; a hard budget refuses with 402 `budget_exceeded` and its details;
+a request reserves its worst case at admission and settles to its real cost; a dead
+request's reservation is released after its deadline; the batch path is refused the same
+way; an alert level is recorded once."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator
+from decimal import ROUND_DOWN, Decimal
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+import redis.asyncio as redis
+
+from compose.children import wait_http
+from compose.gateway import Gateway
+from compose.stack import free_port
+from state.budgets import BudgetLedger, Reservation, arrival, counter_key
+from state.tenancy import tenant_scope
+from tests.conftest import eventually
+from tests.tenancy_util import Admin, Tenant, batch, client, new_tenant, platform
+from topics.budgets import Budget, to_nano
+
+# A dear model and a long prompt: a request costs far more than the budgets' resolution (a
+# millionth of a dollar). max_tokens bounds the reservation: the fake's answers are short.
+CHAT = {"model": "gpt-5.5", "max_tokens": 64,
+        "messages": [{"role": "user", "content": "hello " * 700}]}
+
+
+@contextlib.asynccontextmanager
+async def replicas(gateway: Gateway, logs: Path) -> AsyncIterator[list[str]]:
+    """Two more ingress processes and one more router on the gateway's stack."""
+    extra = Gateway(gateway.settings, logs, log=lambda _: None)
+    urls = []
+    try:
+        extra.spawn("router-extra", "router")
+        for i in range(2):
+            port = free_port()
+            proc = extra.spawn(f"ingress-{i}", "ingress",
+                               env={"SWITCHYARD_INGRESS__PORT": str(port)})
+            url = f"http://{gateway.settings.ingress.host}:{port}"
+            await asyncio.to_thread(wait_http, f"{url}/v1/health", 60,
+                                    extra.log_file(f"ingress-{i}"), proc)
+            urls.append(url)
+        yield urls
+    finally:
+        await asyncio.to_thread(extra.stop)
+
+
+@pytest.fixture(scope="module")
+async def admin(pg: asyncpg.Pool, gateway: Gateway) -> AsyncIterator[Admin]:
+    async with platform(pg, gateway) as made:
+        yield made
+
+
+@pytest.fixture(scope="module")
+async def urls(gateway: Gateway,
+               tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[list[str]]:
+    async with replicas(gateway, tmp_path_factory.mktemp("budget-replicas")) as extra:
+        yield [gateway.url, *extra]
+
+
+async def ledger_cost(pg: asyncpg.Pool, tenant_id: str) -> Decimal:
+    async with tenant_scope(pg, tenant_id) as conn:
+        value = await conn.fetchval(
+            "SELECT coalesce(sum(cost_usd), 0) FROM usage_events WHERE tenant_id = $1",
+            tenant_id)
+    return Decimal(value)
+
+
+async def one_cost(tenant: Tenant, url: str) -> Decimal:
+    async with client(url, tenant.admin_key) as http:
+        response = await http.post("/v1/chat/completions", json=CHAT)
+    assert response.status_code == 200, response.text
+    return Decimal(response.json()["metadata"]["cost_usd_exact"])
+
+
+async def set_budget(http: httpx.AsyncClient, tenant_id: str, **body: Any) -> httpx.Response:
+    return await http.post(f"/v1/tenants/{tenant_id}/budget", json=body)
+
+
+async def test_200_concurrent_requests_across_replicas_stay_within_a_budget_for_50(
+        admin: Admin, urls: list[str], pg: asyncpg.Pool) -> None:
+    tenant = await new_tenant(admin.http, tier="growth")
+    cost = await one_cost(tenant, urls[0])  # spent before the budget: it counts too
+    assert cost > 0
+    limit = (cost * 51).quantize(Decimal("0.000001"), rounding=ROUND_DOWN)
+    response = await set_budget(admin.http, tenant.id, monthly_budget_usd=str(limit),
+                                alert_threshold=0.5, hard_cap=True)
+    assert response.status_code == 200, response.text
+
+    clients = [client(url, tenant.admin_key) for url in urls]
+    try:
+        responses = await asyncio.gather(*(
+            clients[i % len(clients)].post("/v1/chat/completions", json=CHAT)
+            for i in range(200)))
+    finally:
+        for c in clients:
+            await c.aclose()
+    statuses = [r.status_code for r in responses]
+    assert set(statuses) <= {200, 402}, [r.text for r in responses if r.status_code
+                                         not in (200, 402)][:3]
+    served = statuses.count(200)
+    assert 1 <= served <= 50
+    refused = next(r for r in responses if r.status_code == 402)
+    error = refused.json()["error"]
+    assert (error["code"], error["type"]) == ("budget_exceeded", "budget_limit_error")
+    details = error["details"]
+    for field in ("budget_used_usd", "budget_limit_usd", "remaining_usd"):
+        assert isinstance(details[field], int | float)
+        assert not isinstance(details[field], bool)
+    assert Decimal(str(details["budget_limit_usd"])) == limit
+    assert isinstance(details["reset_at"], str)
+    assert details["reset_at"].endswith("Z")
+
+    # The ledger: every served request billed, the budget never exceeded (the reservation is
+    # each request's worst case, so not even by one request).
+    spent = await eventually(lambda: _ledger_settled(pg, tenant.id, (served + 1) * cost))
+    assert spent <= limit
+
+    # Each alert level the spend reached is in the audit trail once (50 % is the budget's
+    # own threshold), however many routers settled requests past it.
+    reached = [level for level in (50, 75, 90, 100) if spent * 100 >= limit * level]
+    async with client(urls[0], tenant.admin_key) as http:
+        async def alerts() -> list[int] | None:
+            got = (await http.get("/v1/audit", params={"action": "budget.alert"})).json()
+            levels = sorted(e["details"]["level_pct"] for e in got["entries"])
+            return levels if len(levels) >= len(reached) else None
+        assert await eventually(alerts) == reached
+
+
+async def _ledger_settled(pg: asyncpg.Pool, tenant_id: str, expected: Decimal) -> Decimal | None:
+    spent = await ledger_cost(pg, tenant_id)
+    return spent if spent == expected else None
+
+
+async def test_settlement_replaces_the_reservation_with_the_real_cost(
+        admin: Admin, urls: list[str], r: redis.Redis) -> None:
+    tenant = await new_tenant(admin.http, tier="growth")
+    assert (await set_budget(admin.http, tenant.id, monthly_budget_usd="100",
+                             alert_threshold=80, hard_cap=True)).status_code == 200
+    cost = await one_cost(tenant, urls[1])
+    budget = Budget(tenant.id, None, "month", Decimal(100), True)
+    key = counter_key("s", budget, arrival(int(time.time() * 1000)))
+    reserved = counter_key("r", budget, arrival(int(time.time() * 1000)))
+    # Seeded from the ledger (empty) at admission, then the real cost added once settled.
+    assert await eventually(lambda: _equals(r, key, to_nano(cost)))
+    assert await eventually(lambda: _equals(r, reserved, 0))
+
+
+async def _equals(r: redis.Redis, key: str, value: int) -> bool:
+    return int(await r.get(key) or 0) == value
+
+
+async def test_a_dead_requests_reservation_is_released_after_its_deadline(
+        r: redis.Redis, pg: asyncpg.Pool, app_pg: asyncpg.Pool) -> None:
+    tenant_id = f"t_dead_{uuid.uuid4().hex[:8]}"
+    budget = Budget(tenant_id, None, "day", Decimal(1), True)
+    ledger = BudgetLedger(r, app_pg)
+    at = arrival(int(time.time() * 1000))
+    now_ms = int(time.time() * 1000)
+    await r.set(counter_key("s", budget, at), 0)  # seeded: no ledger read
+    dead = Reservation(tenant_id, "dead-request", now_ms + 300, to_nano(Decimal("0.9")),
+                       [budget], at)
+    assert (await ledger.reserve(dead)).kind == "ok"
+    late = Reservation(tenant_id, "next-request", now_ms + 60_000, to_nano(Decimal("0.5")),
+                       [budget], at)
+    over = await ledger.reserve(late)  # the dead one still holds its reservation
+    assert over.kind == "over"
+    assert over.used_nano == to_nano(Decimal("0.9"))
+    await asyncio.sleep(0.4)  # past the dead request's deadline (no router will settle it)
+    assert (await ledger.reserve(late)).kind == "ok"
+    assert int(await r.get(counter_key("r", budget, at)) or 0) == to_nano(Decimal("0.5"))
+
+
+async def test_the_batch_path_is_refused_with_the_same_402(admin: Admin, urls: list[str],
+                                                          gateway: Gateway) -> None:
+    tenant = await new_tenant(admin.http, tier="growth")
+    cost = await one_cost(tenant, urls[0])
+    # Less than what is spent: nothing more may run.
+    assert (await set_budget(admin.http, tenant.id,
+                             monthly_budget_usd=str((cost / 2).quantize(Decimal("0.000001"))),
+                             hard_cap=True)).status_code == 200
+    async with client(urls[2], tenant.admin_key) as http:
+        refused = await http.post("/v1/chat/completions", json=CHAT)
+    assert refused.status_code == 402
+    key_id = tenant.created["api_keys"][0]["key_id"]
+    _, frame = await batch(gateway, tenant.id, key_id, CHAT)
+    assert frame["kind"] == "error"
+    data = frame["data"]
+    assert (data["status"], data["code"], data["type"]) == (402, "budget_exceeded",
+                                                            "budget_limit_error")
+    assert set(data["details"]) >= {"budget_used_usd", "budget_limit_usd", "remaining_usd",
+                                    "reset_at"}
+
+
+async def test_only_a_budget_manager_of_the_tenant_sets_its_budget(
+        admin: Admin, urls: list[str]) -> None:
+    tenant = await new_tenant(admin.http, tier="growth")
+    other = await new_tenant(admin.http, tier="growth")
+    async with client(urls[0], tenant.admin_key) as http:
+        own = await set_budget(http, tenant.id, monthly_budget_usd=25, hard_cap=False,
+                               alert_threshold=0.8)
+        theirs = await set_budget(http, other.id, monthly_budget_usd=25)
+        listed = await http.get(f"/v1/tenants/{tenant.id}/budgets")
+    assert own.status_code == 200, own.text
+    assert own.json()["alert_levels"] == [75, 80, 90, 100]
+    assert theirs.status_code == 403
+    assert [b["limit_usd"] for b in listed.json()["budgets"]] == [25]
