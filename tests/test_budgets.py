@@ -125,7 +125,8 @@ async def test_200_concurrent_requests_across_replicas_stay_within_a_budget_for_
 
     # The ledger: every served request billed, the budget never exceeded (the reservation is
     # each request's worst case, so not even by one request).
-    spent = await eventually(lambda: _ledger_settled(pg, tenant.id, (served + 1) * cost))
+    spent = await eventually(lambda: _ledger_settled(pg, tenant.id, (served + 1) * cost),
+                             timeout_s=60)
     assert spent <= limit
 
     # Each alert level the spend reached is in the audit trail once (50 % is the budget's
@@ -136,7 +137,7 @@ async def test_200_concurrent_requests_across_replicas_stay_within_a_budget_for_
             got = (await http.get("/v1/audit", params={"action": "budget.alert"})).json()
             levels = sorted(e["details"]["level_pct"] for e in got["entries"])
             return levels if len(levels) >= len(reached) else None
-        assert await eventually(alerts) == reached
+        assert await eventually(alerts, timeout_s=60) == reached
 
 
 async def _ledger_settled(pg: asyncpg.Pool, tenant_id: str, expected: Decimal) -> Decimal | None:
