@@ -116,12 +116,15 @@ class Admission:
             raise refusal(verdict.limit or "", verdict.retry_after_ms)
         if outcome is not None and outcome.kind == "over" and outcome.budget is not None:
             assert reservation is not None
+            self.metrics.budget_admissions.labels("refused").inc()
             if verdict is not None:
                 with contextlib.suppress(Exception):
                     await store.settle(self.redis, job.request_id, 0)
             raise exceeded(outcome.budget, outcome.used_nano, reservation.at)
         if verdict is not None:
             self.metrics.limit_admissions.labels("admitted").inc()
+        if outcome is not None:
+            self.metrics.budget_admissions.labels("reserved").inc()
         return True
 
     async def _limits(self, job: Submission) -> Limits | None:
@@ -150,9 +153,12 @@ class Admission:
             self.metrics.limit_admissions.labels("fail_open").inc()
         if reservation is not None and not all(b.fail_open or not b.hard
                                                for b in reservation.budgets):
+            self.metrics.budget_admissions.labels("unavailable").inc()
             raise Unavailable("spend budgets cannot be checked right now; try again shortly",
                               code="budgets_unavailable",
                               retry_after_s=OUTAGE_RETRY_AFTER_S) from exc
+        if reservation is not None:
+            self.metrics.budget_admissions.labels("unchecked").inc()
         log.warning("admission not checked for tenant %s (Redis unreachable: %s); served "
                     "(fail-open)", tenant_id, type(exc).__name__)
 

@@ -25,3 +25,7 @@ class IngressMetrics:
         self.limit_refusals = Counter(
             "switchyard_limit_refusals", "Requests refused by a rate limit, by the limit",
             ["limit"], registry=registry)
+        self.budget_admissions = Counter(
+            "switchyard_budget_admissions", "Spend-budget admissions by outcome (reserved, "
+            "refused: 402, unchecked: Redis unreachable and served, unavailable: 503)",
+            ["outcome"], registry=registry)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 from starlette.responses import Response
@@ -22,7 +23,9 @@ from starlette.responses import Response
 from ingress.bodies import json_response
 from ingress.call import Call
 from ingress.money import usd_fields
+from state.budgets import ledger_spend
 from state.usage_report import Counts, UsageRow, Window, usage_rows
+from topics.budgets import Budget, from_nano, reset_at
 from topics.errors import InvalidRequest
 from topics.identity import Permission
 
@@ -47,7 +50,8 @@ async def usage(call: Call) -> Response:
         "total_requests": totals.requests, "total_tokens": totals.total_tokens,
         **usd_fields("total_cost_usd", totals.cost_usd),
         "total_attempts": totals.attempts, "prompt_tokens": totals.prompt_tokens,
-        "completion_tokens": totals.completion_tokens, "cached_tokens": totals.cached_tokens})
+        "completion_tokens": totals.completion_tokens, "cached_tokens": totals.cached_tokens,
+        **await _budgets(call)})
 
 
 async def usage_history(call: Call) -> Response:
@@ -66,6 +70,40 @@ async def usage_history(call: Call) -> Response:
     return json_response({"object": "list", "period": period, "scope": scope,
                           **_bounds(window),
                           "group_by": group_by, "entries": entries})
+
+
+async def _budgets(call: Call) -> dict[str, Any]:
+    """The spend budgets that apply to the caller (its tenant's and its key's, docs/budgets.md),
+    each with what is used of its current period (spent and reserved, as admission counts it)
+    and what remains; the first one's figures also at the top level (`budget_used_usd`,
+    `budget_limit_usd`, `remaining_usd`), the tenant's monthly budget when there is one.
+    Nothing when no budget applies."""
+    principal = call.principal
+    service = call.services.budgets
+    budgets = await service.cache.budgets(principal.tenant_id, principal.key_id)
+    if not budgets:
+        return {}
+    now = datetime.now(UTC)
+    views = []
+    for budget in sorted(budgets, key=lambda b: (b.scope != "tenant", b.period != "month")):
+        views.append(await _budget_view(call, budget, now))
+    first = views[0]
+    return {"budgets": views, **{name: first[name] for name in (
+        "budget_used_usd", "budget_used_usd_exact", "budget_limit_usd",
+        "budget_limit_usd_exact", "remaining_usd", "remaining_usd_exact")}}
+
+
+async def _budget_view(call: Call, budget: Budget, now: datetime) -> dict[str, Any]:
+    used_nano = await call.services.budgets.ledger.spent_nano(budget, now)
+    used = from_nano(used_nano) if used_nano is not None else \
+        await ledger_spend(call.services.pool, budget, now)  # not counted in Redis yet
+    remaining = max(budget.limit_usd - used, Decimal(0))
+    return {"scope": budget.scope, "key_id": budget.key_id, "period": budget.period,
+            "hard_cap": budget.hard,
+            **usd_fields("budget_used_usd", used),
+            **usd_fields("budget_limit_usd", budget.limit_usd),
+            **usd_fields("remaining_usd", remaining),
+            "reset_at": _rfc3339(reset_at(budget.period, now))}
 
 
 def _scope(call: Call) -> tuple[str, str | None]:

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from decimal import ROUND_DOWN, Decimal
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import asyncpg
 import httpx
@@ -27,6 +28,7 @@ from state.budgets import BudgetLedger, Reservation, arrival, counter_key
 from state.limits import lift_limits
 from state.tenancy import tenant_scope
 from tests.conftest import eventually
+from tests.tcp_proxy import TcpProxy
 from tests.tenancy_util import Admin, Tenant, batch, client, new_tenant, platform
 from topics.budgets import Budget, to_nano
 
@@ -159,6 +161,29 @@ async def test_settlement_replaces_the_reservation_with_the_real_cost(
     assert await eventually(lambda: _equals(r, reserved, 0))
 
 
+async def test_usage_reports_the_budget_used_and_remaining_as_numbers(
+        admin: Admin, urls: list[str], r: redis.Redis) -> None:
+    tenant = await new_tenant(admin.http, tier="growth")
+    async with client(urls[0], tenant.admin_key) as http:
+        assert "budgets" not in (await http.get("/v1/usage")).json()  # none set yet
+    assert (await set_budget(admin.http, tenant.id, monthly_budget_usd="100",
+                             hard_cap=True)).status_code == 200
+    cost = await one_cost(tenant, urls[1])
+    budget = Budget(tenant.id, None, "month", Decimal(100), True)
+    spent = counter_key("s", budget, arrival(int(time.time() * 1000)))
+    await eventually(lambda: _equals(r, spent, to_nano(cost)))  # settled
+    async with client(urls[0], tenant.admin_key) as http:
+        usage = (await http.get("/v1/usage")).json()
+    for field in ("budget_used_usd", "budget_limit_usd", "remaining_usd"):
+        assert isinstance(usage[field], int | float)
+        assert not isinstance(usage[field], bool)
+    assert Decimal(usage["budget_used_usd_exact"]) == cost
+    assert Decimal(usage["remaining_usd_exact"]) == Decimal(100) - cost
+    [view] = usage["budgets"]
+    assert (view["scope"], view["period"], view["hard_cap"]) == ("tenant", "month", True)
+    assert view["reset_at"].endswith("Z")
+
+
 async def _equals(r: redis.Redis, key: str, value: int) -> bool:
     return int(await r.get(key) or 0) == value
 
@@ -218,3 +243,46 @@ async def test_only_a_budget_manager_of_the_tenant_sets_its_budget(
     assert own.json()["alert_levels"] == [75, 80, 90, 100]
     assert theirs.status_code == 403
     assert [b["limit_usd"] for b in listed.json()["budgets"]] == [25]
+
+
+async def test_with_redis_unreachable_a_hard_budget_fails_closed_and_a_soft_one_serves(
+        gateway: Gateway, admin: Admin, pg: asyncpg.Pool,
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    """An ingress whose Redis is cut: a tenant with a hard budget gets 503
+    `budgets_unavailable` with Retry-After, never a hang; one whose budget is soft passes
+    admission (and meets the next part that needs Redis: the reply channel)."""
+    hard = await new_tenant(admin.http, tier="growth")
+    soft = await new_tenant(admin.http, tier="growth")
+    for tenant, cap in ((hard, True), (soft, False)):
+        await lift_limits(pg, tenant.id)  # budgets alone decide here
+        assert (await set_budget(admin.http, tenant.id, monthly_budget_usd="100",
+                                 hard_cap=cap)).status_code == 200
+    redis_url = urlsplit(gateway.settings.redis.url)
+    assert redis_url.hostname is not None
+    assert redis_url.port is not None
+    proxy = TcpProxy(redis_url.hostname, redis_url.port)
+    await proxy.start()
+    extra = Gateway(gateway.settings, tmp_path_factory.mktemp("budget-cut"), log=lambda _: None)
+    try:
+        port = free_port()
+        proc = extra.spawn("ingress-cut", "ingress", env={
+            "SWITCHYARD_INGRESS__PORT": str(port),
+            "SWITCHYARD_REDIS__URL": f"redis://127.0.0.1:{proxy.port}{redis_url.path}",
+            "SWITCHYARD_REDIS__SOCKET_TIMEOUT_S": "1"})
+        url = f"http://{gateway.settings.ingress.host}:{port}"
+        await asyncio.to_thread(wait_http, f"{url}/v1/health", 60,
+                                extra.log_file("ingress-cut"), proc)
+        async with client(url, hard.admin_key) as shut, client(url, soft.admin_key) as open_:
+            for http in (shut, open_):  # keys and budgets cached while Redis is there
+                assert (await http.post("/v1/chat/completions", json=CHAT)).status_code == 200
+            await proxy.cut()
+            refused = await shut.post("/v1/chat/completions", json=CHAT)
+            served = await open_.post("/v1/chat/completions", json=CHAT)
+        assert refused.status_code == 503, refused.text
+        assert refused.json()["error"]["code"] == "budgets_unavailable"
+        assert int(refused.headers["retry-after"]) >= 1
+        assert served.status_code == 503, served.text
+        assert served.json()["error"]["code"] != "budgets_unavailable"  # admitted unchecked
+    finally:
+        await proxy.aclose()
+        await asyncio.to_thread(extra.stop)
