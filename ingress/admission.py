@@ -29,20 +29,27 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import redis.asyncio as redis
 
-from ingress.budgets import BudgetAdmission
 from ingress.metrics import IngressMetrics
 from ingress.pipeline import Pipeline, Submission
 from ingress.replies import FrameStream
 from state import limits as store
-from state.budgets import BudgetTicket, Reservation
+from state.budgets import BudgetCache, BudgetLedger, BudgetTicket, Reservation, arrival
 from state.limits import LimitStore, LimitTicket
 from state.runtime import OUTAGE_RETRY_AFTER_S, outage
-from topics.budgets import exceeded
+from topics.budgets import (
+    candidate_models,
+    exceeded,
+    parallel_attempts,
+    to_nano,
+    worst_case_usd,
+)
+from topics.catalog import Catalog
 from topics.errors import SwitchyardError, Unavailable
+from topics.identity import Principal
 from topics.limits import Limits, estimate_tokens, refusal
 from topics.messages import ReplyFrame
 
@@ -55,6 +62,33 @@ HEADERS_STATE = "response_headers"  # scope["state"] key read by ingress/middlew
 # Errors of the pipeline after which the request is known not to be queued: its
 # reservation is given back at once rather than at its deadline.
 _UNQUEUED = frozenset({"reply_channel_unavailable", "request_too_large"})
+
+
+class BudgetAdmission:
+    """Reserves each request's worst-case cost against its tenant's and key's budgets."""
+
+    def __init__(self, cache: BudgetCache, ledger: BudgetLedger, catalog: Catalog,
+                 mode_routes: dict[str, int]) -> None:
+        self.cache = cache
+        self.ledger = ledger
+        self._catalog = catalog
+        self._mode_routes = mode_routes  # each mode's default routes (router settings)
+
+    async def reservation(self, owner: Principal, request_id: str, body: dict[str, Any],
+                          routing: dict[str, Any], kind: Literal["chat", "embedding"],
+                          timeout_s: float) -> Reservation | None:
+        """What the request reserves; None when no budget applies (no Redis call at all)."""
+        budgets = await self.cache.budgets(owner.tenant_id, owner.key_id)
+        if not budgets:
+            return None
+        amount = worst_case_usd(body, candidate_models(self._catalog, body, kind),
+                                parallel_attempts(routing, self._mode_routes))
+        now_ms = int(time.time() * 1000)
+        return Reservation(tenant_id=owner.tenant_id, request_id=request_id,
+                           # Past its deadline (and the ingress's slack) the request is dead
+                           # or answered: its reservation may go.
+                           deadline_ms=now_ms + int((timeout_s + 5) * 1000),
+                           amount_nano=to_nano(amount), budgets=budgets, at=arrival(now_ms))
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,10 +15,9 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 
-from ingress.admission import Admission
+from ingress.admission import Admission, BudgetAdmission
 from ingress.audit import AuditLog
 from ingress.auth import Authenticator, SessionVerifier
-from ingress.budgets import BudgetAdmission
 from ingress.errors import on_http_exception, on_switchyard_error
 from ingress.metrics import IngressMetrics
 from ingress.middleware import RequestIdentity

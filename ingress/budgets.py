@@ -1,11 +1,10 @@
-"""Spend budgets at the edge: admission (reserve the request's worst case, or 402
-`budget_exceeded`) and the admin API (`POST /v1/tenants/{id}/budget`, the seed's;
-`GET/PUT/DELETE /v1/tenants/{id}/budgets`).
+"""Spend budgets' admin API: `POST /v1/tenants/{id}/budget` (the seed's) and
+`GET/PUT/DELETE /v1/tenants/{id}/budgets`.
 
 The contract is `topics/budgets.py`; storage and the Redis scripts `state/budgets.py`; the
-router's side (the batch path, settlement, alerts) `workers/router/budgets.py`. Admission
-queues one EVALSHA (`state/budgets.py` `BudgetTicket`) on the shared admission pipeline of
-`ingress/admission.py`: one Redis round trip for rate limits and budgets together.
+router's side (the batch path, settlement, alerts) `workers/router/budgets.py`; admission
+(reserve the request's worst case, or 402 `budget_exceeded`) `ingress/admission.py`
+`BudgetAdmission`, one Redis round trip with the rate limits.
 """
 
 from __future__ import annotations
@@ -13,17 +12,15 @@ from __future__ import annotations
 import logging
 import time
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
 
+from ingress.keys import tenant_of
 from ingress.validation import parse_body
 from state.budgets import (
-    BudgetCache,
-    BudgetLedger,
-    Reservation,
     arrival,
     load_budgets,
     put_budget,
@@ -33,47 +30,14 @@ from topics.budgets import (
     MAX_BUDGET_USD,
     Budget,
     Period,
-    candidate_models,
-    parallel_attempts,
-    to_nano,
-    worst_case_usd,
 )
-from topics.catalog import Catalog
-from topics.errors import Forbidden, NotFound
-from topics.identity import Principal, Role
+from topics.errors import NotFound
 
 if TYPE_CHECKING:  # ingress/call.py imports ingress/services.py, which imports this module
     from ingress.call import Call
 
 log = logging.getLogger(__name__)
 
-
-
-class BudgetAdmission:
-    """Reserves each request's worst-case cost against its tenant's and key's budgets."""
-
-    def __init__(self, cache: BudgetCache, ledger: BudgetLedger, catalog: Catalog,
-                 mode_routes: dict[str, int]) -> None:
-        self.cache = cache
-        self.ledger = ledger
-        self._catalog = catalog
-        self._mode_routes = mode_routes  # each mode's default routes (router settings)
-
-    async def reservation(self, owner: Principal, request_id: str, body: dict[str, Any],
-                          routing: dict[str, Any], kind: Literal["chat", "embedding"],
-                          timeout_s: float) -> Reservation | None:
-        """What the request reserves; None when no budget applies (no Redis call at all)."""
-        budgets = await self.cache.budgets(owner.tenant_id, owner.key_id)
-        if not budgets:
-            return None
-        amount = worst_case_usd(body, candidate_models(self._catalog, body, kind),
-                                parallel_attempts(routing, self._mode_routes))
-        now_ms = int(time.time() * 1000)
-        return Reservation(tenant_id=owner.tenant_id, request_id=request_id,
-                           # Past its deadline (and the ingress's slack) the request is dead
-                           # or answered: its reservation may go.
-                           deadline_ms=now_ms + int((timeout_s + 5) * 1000),
-                           amount_nano=to_nano(amount), budgets=budgets, at=arrival(now_ms))
 
 
 # ---- The admin API -------------------------------------------------------------------------
@@ -112,14 +76,6 @@ def _threshold_pct(value: Decimal | None) -> int | None:
     return int(value * 100) if value <= 1 else int(value)
 
 
-def _target_tenant(call: Call) -> str:
-    tenant_id: str = call.request.path_params["tenant_id"]
-    caller = call.principal
-    if tenant_id != caller.tenant_id and caller.role is not Role.PLATFORM_ADMIN:
-        raise Forbidden("a tenant's budgets are its own to manage", code="permission_denied")
-    return tenant_id
-
-
 async def _store(call: Call, budget: Budget) -> None:
     services = call.services
     await put_budget(services.pool, budget)
@@ -138,7 +94,8 @@ def _json(value: Any, status: int = 200) -> Response:
 async def set_budget(call: Call) -> Response:
     """Set a tenant's monthly budget (the seed's shape): `{monthly_budget_usd, alert_threshold,
     hard_cap, webhook_url?}`; audited `budget.updated`."""
-    tenant_id = _target_tenant(call)
+    # Another tenant's id: 404 unless a platform administrator asks (as for its keys).
+    tenant_id = await tenant_of(call)
     body = parse_body(SeedBudget, await call.request.body())
     budget = Budget(tenant_id=tenant_id, key_id=None, period="month",
                     limit_usd=body.monthly_budget_usd, hard=body.hard_cap,
@@ -153,7 +110,7 @@ async def set_budget(call: Call) -> Response:
 
 async def list_budgets(call: Call) -> Response:
     """A tenant's budgets (tenant and keys, day and month), with what each has used."""
-    tenant_id = _target_tenant(call)
+    tenant_id = await tenant_of(call)
     at = arrival(int(time.time() * 1000))
     out = []
     for budget in await load_budgets(call.services.pool, tenant_id):
@@ -166,7 +123,7 @@ async def list_budgets(call: Call) -> Response:
 async def put_budgets(call: Call) -> Response:
     """Set one budget: `{key_id?, period: day|month, limit_usd, hard_cap, alert_threshold?,
     webhook_url?, fail_open?}`; audited `budget.updated`."""
-    tenant_id = _target_tenant(call)
+    tenant_id = await tenant_of(call)
     body = parse_body(BudgetBody, await call.request.body())
     budget = Budget(tenant_id=tenant_id, key_id=body.key_id, period=body.period,
                     limit_usd=body.limit_usd, hard=body.hard_cap,
@@ -178,7 +135,7 @@ async def put_budgets(call: Call) -> Response:
 
 async def delete_budget(call: Call) -> Response:
     """Remove one budget (`?period=day|month&key_id=`); audited `budget.updated`."""
-    tenant_id = _target_tenant(call)
+    tenant_id = await tenant_of(call)
     raw = call.request.query_params.get("period", "month")
     if raw not in ("day", "month"):
         raise NotFound("period must be day or month", code="not_found", param="period")

@@ -93,20 +93,32 @@ class FrameStream:
         self._expected = 0
 
     async def next(self) -> ReplyFrame:
-        if self._queue.empty():
-            try:
-                async with asyncio.timeout_at(self._deadline):
-                    frame = await self._queue.get()
-            except TimeoutError:
-                raise GatewayTimeout("no answer before the request's deadline",
-                                     code="deadline_exceeded") from None
-        else:  # the common case under load: no timer to arm and disarm
-            frame = self._queue.get_nowait()
-        return self._check(frame)
+        while True:
+            if self._queue.empty():
+                try:
+                    async with asyncio.timeout_at(self._deadline):
+                        frame = await self._queue.get()
+                except TimeoutError:
+                    raise GatewayTimeout("no answer before the request's deadline",
+                                         code="deadline_exceeded") from None
+            else:  # the common case under load: no timer to arm and disarm
+                frame = self._queue.get_nowait()
+            if not self._repeated(frame):
+                return self._check(frame)
 
     def next_ready(self) -> ReplyFrame | None:
         """The next frame if it has already arrived, else None."""
-        return None if self._queue.empty() else self._check(self._queue.get_nowait())
+        while not self._queue.empty():
+            frame = self._queue.get_nowait()
+            if not self._repeated(frame):
+                return self._check(frame)
+        return None
+
+    def _repeated(self, frame: ReplyFrame) -> bool:
+        """A frame already relayed, arriving again: a router's publish that timed out while
+        Redis was paused is sent again (`workers/router/publisher.py`), and Redis, once it
+        runs again, executes both. The same frame, the same `seq`: dropped."""
+        return frame.seq < self._expected and frame.kind != "error"
 
     def _check(self, frame: ReplyFrame) -> ReplyFrame:
         if frame.seq != self._expected and frame.kind != "error":

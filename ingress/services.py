@@ -10,10 +10,9 @@ import asyncpg
 import redis.asyncio as redis
 from aiokafka import AIOKafkaProducer
 
-from ingress.admission import Admission
+from ingress.admission import Admission, BudgetAdmission
 from ingress.audit import AuditLog
 from ingress.auth import Authenticator, SessionVerifier
-from ingress.budgets import BudgetAdmission
 from ingress.metrics import IngressMetrics
 from ingress.pipeline import Pipeline
 from state.bandit import PosteriorStore

@@ -241,7 +241,8 @@ async def test_only_a_budget_manager_of_the_tenant_sets_its_budget(
         listed = await http.get(f"/v1/tenants/{tenant.id}/budgets")
     assert own.status_code == 200, own.text
     assert own.json()["alert_levels"] == [75, 80, 90, 100]
-    assert theirs.status_code == 403
+    assert theirs.status_code == 404  # another tenant's: as if it did not exist
+    assert theirs.json()["error"]["code"] == "tenant_not_found"
     assert [b["limit_usd"] for b in listed.json()["budgets"]] == [25]
 
 

@@ -4,10 +4,14 @@ malformed refused rather than half-read."""
 
 from __future__ import annotations
 
+import asyncio
+
 import orjson
 import pytest
 
-from topics.messages import encode_frame, parse_frames
+from ingress.replies import FrameStream
+from topics.errors import UpstreamError
+from topics.messages import ReplyFrame, encode_frame, parse_frames
 
 
 def test_a_message_carries_its_frames_in_order_with_chunk_bytes_verbatim() -> None:
@@ -42,3 +46,29 @@ def test_a_message_carries_its_frames_in_order_with_chunk_bytes_verbatim() -> No
 def test_malformed_messages_are_refused_whole(message: bytes) -> None:
     with pytest.raises(ValueError, match="reply"):
         parse_frames(message)
+
+
+def _frames(*seqs: int, kind: str = "chunk") -> list[ReplyFrame]:
+    return [ReplyFrame("r", seq, kind, b"{}", {}) for seq in seqs]  # type: ignore[arg-type]
+
+
+async def test_a_frame_published_twice_is_relayed_once() -> None:
+    """A router's publish that timed out while Redis was paused is sent again, and Redis runs
+    both once it is back: the ingress drops what it has already relayed."""
+    queue: asyncio.Queue[ReplyFrame] = asyncio.Queue()
+    for frame in _frames(0, 1, 2, 1, 2, 3):
+        queue.put_nowait(frame)
+    stream = FrameStream(queue, deadline=asyncio.get_running_loop().time() + 5)
+    assert [(await stream.next()).seq for _ in range(4)] == [0, 1, 2, 3]
+    assert stream.next_ready() is None
+
+
+async def test_a_frame_missing_is_a_reply_gap() -> None:
+    queue: asyncio.Queue[ReplyFrame] = asyncio.Queue()
+    for frame in _frames(0, 2):
+        queue.put_nowait(frame)
+    stream = FrameStream(queue, deadline=asyncio.get_running_loop().time() + 5)
+    assert (await stream.next()).seq == 0
+    with pytest.raises(UpstreamError) as lost:
+        await stream.next()
+    assert lost.value.code == "reply_gap"
