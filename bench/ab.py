@@ -81,8 +81,9 @@ def parse() -> argparse.Namespace:
     p.add_argument("--warmup-s", type=float, default=30.0)
     p.add_argument("--stream", action="store_true", help="100-token answers, 1 ms per token")
     p.add_argument("--limits", choices=("on", "off"), default="on",
-                   help="rate limits checked at admission (high enough never to refuse) or "
-                   "turned off (`limits.enabled`): the A/B of admission's cost")
+                   help="rate limits and a spend budget checked at admission (high enough "
+                   "never to refuse) or rate limits off (`limits.enabled`) and no budget: the "
+                   "A/B of admission's cost")
     p.add_argument("--session", action="store_true",
                    help="authenticate with a session token (POST /v1/auth/login) instead of "
                    "the API key")

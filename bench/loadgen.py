@@ -25,10 +25,13 @@ from pydantic import SecretStr
 from compose.children import Children, wait_http
 from compose.gateway import Gateway
 from compose.stack import LocalStack, free_port
+from state.budgets import put_budget
 from state.keys import create_key
-from state.limits import lift_limits
+from state.limits import lift_limits, write_limits
 from state.tenancy import platform_scope
+from topics.budgets import MAX_BUDGET_USD, Budget
 from topics.catalog import load_catalog
+from topics.limits import POLICY_FIELDS
 from topics.sessions import SigningKeys
 from topics.settings import AuthSettings, RouterSettings, Settings
 from workers.providers.base import SseParser
@@ -363,8 +366,9 @@ async def single_upstream_gateway(log: Callable[[str], None],
                                   limits: bool = True) -> AsyncIterator[Served]:
     """A fresh stack and gateway, the fake upstream as the offline fallback for every model,
     and an API key; all stopped on exit. `router`: the routers' settings, if not the
-    defaults. `limits`: rate limits checked on every request (the key's tenant unlimited, so
-    that admission costs what it costs and refuses nothing), or not checked at all."""
+    defaults. `limits`: rate limits and a spend budget checked on every request (all far above
+    what a run uses, so that admission costs what it costs and refuses nothing), or rate
+    limits not checked at all and no budget."""
     with LocalStack.ephemeral(log=log) as stack:
         fake_port = free_port()
         settings = stack.settings.model_copy(update={
@@ -384,11 +388,25 @@ async def single_upstream_gateway(log: Callable[[str], None],
             await lift_limits(conn, tenant_id)
         finally:
             await conn.close()
+        if limits:
+            await _admission_never_refusing(settings, tenant_id)
         logs = Path(tempfile.mkdtemp(prefix="switchyard-bench-"))
         with Gateway(settings, logs, fake_upstream_port=fake_port, log=log) as gateway:
             yield Served(gateway.url, f"http://127.0.0.1:{fake_port}", api_key,
                          {name: p.pid for name, p in gateway.processes.items()}
                          | stack.pids(), settings, stack, gateway)
+
+
+async def _admission_never_refusing(settings: Settings, tenant_id: str) -> None:
+    """Every rate limit and a hard monthly budget, all far above what a run uses: admission
+    runs both scripts on every request (its whole cost) and refuses nothing."""
+    pool = await asyncpg.create_pool(settings.postgres.owner_dsn, min_size=1, max_size=1)
+    try:
+        await write_limits(pool, tenant_id, "", {name: 10**9 for name in POLICY_FIELDS},
+                           None, set_fail_open=False)
+        await put_budget(pool, Budget(tenant_id, None, "month", MAX_BUDGET_USD, hard=True))
+    finally:
+        await pool.close()
 
 
 def metadata(sample: Sample) -> dict[str, Any] | None:
