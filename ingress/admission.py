@@ -111,12 +111,14 @@ class Admission:
             raise
 
     async def admit(self, call: Call, job: Submission) -> bool:
-        """True if the request was counted here (the router must not count it again);
-        raises the 429 or 402 (or a fail-closed 503)."""
+        """True if admission ran here, whatever applied was counted (the router must not
+        count it again, nor look for budgets again: without this mark it reads the tenant's
+        budgets from the database for the request, as for the batch path); False only when
+        Redis could not be asked. Raises the 429 or 402 (or a fail-closed 503)."""
         limits = await self._limits(job)
         reservation = await self._reservation(job)
         if limits is None and reservation is None:
-            return False
+            return True  # nothing to count: checked all the same
         owner = job.owner
         ticket = None if limits is None else LimitTicket(
             tenant_id=owner.tenant_id, key_id=owner.key_id, request_id=job.request_id,
