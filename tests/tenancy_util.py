@@ -3,22 +3,28 @@ tenants made through the admin API, batch requests published straight to Kafka."
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import asyncpg
 import httpx
 import orjson
 from aiokafka import AIOKafkaProducer
 
+from compose.children import wait_http
 from compose.gateway import Gateway
+from compose.stack import free_port
 from state.tenants import ensure_platform_admin
 from tests.kafka_util import read_topic
+from tests.tcp_proxy import TcpProxy
 from topics import names
 from topics.kafka import make_producer
 
@@ -136,3 +142,29 @@ async def batch(gateway: Gateway, tenant_id: str, key_id: str,
     frame = last(records)
     assert frame is not None
     return request_id, frame
+
+
+@asynccontextmanager
+async def ingress_behind_proxy(gateway: Gateway,
+                               logs: Path) -> AsyncIterator[tuple[str, TcpProxy]]:
+    """One more ingress on the gateway's stack whose Redis is reached through a proxy the
+    test can cut, with a 1 s socket timeout; yields its URL and the proxy."""
+    redis_url = urlsplit(gateway.settings.redis.url)
+    assert redis_url.hostname is not None
+    assert redis_url.port is not None
+    proxy = TcpProxy(redis_url.hostname, redis_url.port)
+    await proxy.start()
+    extra = Gateway(gateway.settings, logs, log=lambda _: None)
+    try:
+        port = free_port()
+        proc = extra.spawn("ingress-cut", "ingress", env={
+            "SWITCHYARD_INGRESS__PORT": str(port),
+            "SWITCHYARD_REDIS__URL": f"redis://127.0.0.1:{proxy.port}{redis_url.path}",
+            "SWITCHYARD_REDIS__SOCKET_TIMEOUT_S": "1"})
+        url = f"http://{gateway.settings.ingress.host}:{port}"
+        await asyncio.to_thread(wait_http, f"{url}/v1/health", 60,
+                                extra.log_file("ingress-cut"), proc)
+        yield url, proxy
+    finally:
+        await proxy.aclose()
+        await asyncio.to_thread(extra.stop)

@@ -14,7 +14,6 @@ from collections.abc import AsyncIterator
 from decimal import ROUND_DOWN, Decimal
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import asyncpg
 import httpx
@@ -28,8 +27,15 @@ from state.budgets import BudgetLedger, Reservation, arrival, counter_key
 from state.limits import lift_limits
 from state.tenancy import tenant_scope
 from tests.conftest import eventually
-from tests.tcp_proxy import TcpProxy
-from tests.tenancy_util import Admin, Tenant, batch, client, new_tenant, platform
+from tests.tenancy_util import (
+    Admin,
+    Tenant,
+    batch,
+    client,
+    ingress_behind_proxy,
+    new_tenant,
+    platform,
+)
 from topics.budgets import Budget, to_nano
 
 # A dear model and a long prompt: a request costs far more than the budgets' resolution (a
@@ -258,21 +264,8 @@ async def test_with_redis_unreachable_a_hard_budget_fails_closed_and_a_soft_one_
         await lift_limits(pg, tenant.id)  # budgets alone decide here
         assert (await set_budget(admin.http, tenant.id, monthly_budget_usd="100",
                                  hard_cap=cap)).status_code == 200
-    redis_url = urlsplit(gateway.settings.redis.url)
-    assert redis_url.hostname is not None
-    assert redis_url.port is not None
-    proxy = TcpProxy(redis_url.hostname, redis_url.port)
-    await proxy.start()
-    extra = Gateway(gateway.settings, tmp_path_factory.mktemp("budget-cut"), log=lambda _: None)
-    try:
-        port = free_port()
-        proc = extra.spawn("ingress-cut", "ingress", env={
-            "SWITCHYARD_INGRESS__PORT": str(port),
-            "SWITCHYARD_REDIS__URL": f"redis://127.0.0.1:{proxy.port}{redis_url.path}",
-            "SWITCHYARD_REDIS__SOCKET_TIMEOUT_S": "1"})
-        url = f"http://{gateway.settings.ingress.host}:{port}"
-        await asyncio.to_thread(wait_http, f"{url}/v1/health", 60,
-                                extra.log_file("ingress-cut"), proc)
+    logs = tmp_path_factory.mktemp("budget-cut")
+    async with ingress_behind_proxy(gateway, logs) as (url, proxy):
         async with client(url, hard.admin_key) as shut, client(url, soft.admin_key) as open_:
             for http in (shut, open_):  # keys and budgets cached while Redis is there
                 assert (await http.post("/v1/chat/completions", json=CHAT)).status_code == 200
@@ -284,6 +277,3 @@ async def test_with_redis_unreachable_a_hard_budget_fails_closed_and_a_soft_one_
         assert int(refused.headers["retry-after"]) >= 1
         assert served.status_code == 503, served.text
         assert served.json()["error"]["code"] != "budgets_unavailable"  # admitted unchecked
-    finally:
-        await proxy.aclose()
-        await asyncio.to_thread(extra.stop)

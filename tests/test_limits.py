@@ -10,7 +10,6 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from typing import Any
-from urllib.parse import urlsplit
 
 import asyncpg
 import httpx
@@ -22,8 +21,17 @@ from compose.gateway import Gateway
 from compose.stack import free_port
 from state.limits import LimitTicket, reservation_key, run_tickets
 from tests.conftest import FakeAdmin, eventually
-from tests.tcp_proxy import TcpProxy
-from tests.tenancy_util import CHAT, Admin, Tenant, batch, client, new_key, new_tenant, platform
+from tests.tenancy_util import (
+    CHAT,
+    Admin,
+    Tenant,
+    batch,
+    client,
+    ingress_behind_proxy,
+    new_key,
+    new_tenant,
+    platform,
+)
 from topics.limits import LimitPolicy, Limits
 
 OPENAI_HEADERS = ("x-ratelimit-limit-requests", "x-ratelimit-remaining-requests",
@@ -239,21 +247,8 @@ async def test_with_redis_unreachable_admission_fails_open_or_closed_as_the_tena
     closed = await new_tenant(platform_admin.http, tier="growth")
     opened = await new_tenant(platform_admin.http, tier="growth")
     await set_limits(platform_admin, closed.id, fail_open=False)
-    redis_url = urlsplit(gateway.settings.redis.url)
-    assert redis_url.hostname is not None
-    assert redis_url.port is not None
-    proxy = TcpProxy(redis_url.hostname, redis_url.port)
-    await proxy.start()
-    extra = Gateway(gateway.settings, tmp_path_factory.mktemp("cut"), log=lambda _: None)
-    try:
-        port = free_port()
-        proc = extra.spawn("ingress-cut", "ingress", env={
-            "SWITCHYARD_INGRESS__PORT": str(port),
-            "SWITCHYARD_REDIS__URL": f"redis://127.0.0.1:{proxy.port}{redis_url.path}",
-            "SWITCHYARD_REDIS__SOCKET_TIMEOUT_S": "1"})
-        url = f"http://{gateway.settings.ingress.host}:{port}"
-        await asyncio.to_thread(wait_http, f"{url}/v1/health", 60,
-                                extra.log_file("ingress-cut"), proc)
+    logs = tmp_path_factory.mktemp("cut")
+    async with ingress_behind_proxy(gateway, logs) as (url, proxy):
         async with client(url, closed.admin_key) as shut, client(url, opened.admin_key) as op:
             for http in (shut, op):  # keys and limits cached while Redis is there
                 assert (await http.post("/v1/chat/completions", json=CHAT)).status_code == 200
@@ -265,6 +260,3 @@ async def test_with_redis_unreachable_admission_fails_open_or_closed_as_the_tena
         assert int(refused.headers["retry-after"]) >= 1
         assert served.status_code == 503, served.text
         assert served.json()["error"]["code"] != "limits_unavailable"  # admitted: fail-open
-    finally:
-        await proxy.aclose()
-        await asyncio.to_thread(extra.stop)
