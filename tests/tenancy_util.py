@@ -154,17 +154,33 @@ async def ingress_behind_proxy(gateway: Gateway,
     assert redis_url.port is not None
     proxy = TcpProxy(redis_url.hostname, redis_url.port)
     await proxy.start()
-    extra = Gateway(gateway.settings, logs, log=lambda _: None)
     try:
-        port = free_port()
-        proc = extra.spawn("ingress-cut", "ingress", env={
-            "SWITCHYARD_INGRESS__PORT": str(port),
-            "SWITCHYARD_REDIS__URL": f"redis://127.0.0.1:{proxy.port}{redis_url.path}",
-            "SWITCHYARD_REDIS__SOCKET_TIMEOUT_S": "1"})
-        url = f"http://{gateway.settings.ingress.host}:{port}"
-        await asyncio.to_thread(wait_http, f"{url}/v1/health", 60,
-                                extra.log_file("ingress-cut"), proc)
-        yield url, proxy
+        async with ingresses(gateway, logs, {
+                "SWITCHYARD_REDIS__URL": f"redis://127.0.0.1:{proxy.port}{redis_url.path}",
+                "SWITCHYARD_REDIS__SOCKET_TIMEOUT_S": "1"}) as [url]:
+            yield url, proxy
     finally:
         await proxy.aclose()
+
+
+@asynccontextmanager
+async def ingresses(gateway: Gateway, logs: Path, *envs: dict[str, str],
+                    routers: int = 0) -> AsyncIterator[list[str]]:
+    """More processes on the gateway's stack: `routers` routers and one ingress per `envs`
+    (settings over the gateway's, as environment variables); yields the ingresses' URLs."""
+    extra = Gateway(gateway.settings, logs, log=lambda _: None)
+    urls = []
+    try:
+        for i in range(routers):
+            extra.spawn(f"router-extra-{i}", "router")
+        for i, env in enumerate(envs):
+            port = free_port()
+            proc = extra.spawn(f"ingress-{i}", "ingress",
+                               env={"SWITCHYARD_INGRESS__PORT": str(port), **env})
+            url = f"http://{gateway.settings.ingress.host}:{port}"
+            await asyncio.to_thread(wait_http, f"{url}/v1/health", 60,
+                                    extra.log_file(f"ingress-{i}"), proc)
+            urls.append(url)
+        yield urls
+    finally:
         await asyncio.to_thread(extra.stop)

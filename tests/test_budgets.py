@@ -7,12 +7,10 @@ way; an alert level is recorded once."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator
 from decimal import ROUND_DOWN, Decimal
-from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -20,9 +18,7 @@ import httpx
 import pytest
 import redis.asyncio as redis
 
-from compose.children import wait_http
 from compose.gateway import Gateway
-from compose.stack import free_port
 from state.budgets import BudgetLedger, Reservation, arrival, counter_key
 from state.limits import lift_limits
 from state.tenancy import tenant_scope
@@ -33,6 +29,7 @@ from tests.tenancy_util import (
     batch,
     client,
     ingress_behind_proxy,
+    ingresses,
     new_tenant,
     platform,
 )
@@ -44,26 +41,6 @@ CHAT = {"model": "gpt-5.5", "max_tokens": 64,
         "messages": [{"role": "user", "content": "hello " * 700}]}
 
 
-@contextlib.asynccontextmanager
-async def replicas(gateway: Gateway, logs: Path) -> AsyncIterator[list[str]]:
-    """Two more ingress processes and one more router on the gateway's stack."""
-    extra = Gateway(gateway.settings, logs, log=lambda _: None)
-    urls = []
-    try:
-        extra.spawn("router-extra", "router")
-        for i in range(2):
-            port = free_port()
-            proc = extra.spawn(f"ingress-{i}", "ingress",
-                               env={"SWITCHYARD_INGRESS__PORT": str(port)})
-            url = f"http://{gateway.settings.ingress.host}:{port}"
-            await asyncio.to_thread(wait_http, f"{url}/v1/health", 60,
-                                    extra.log_file(f"ingress-{i}"), proc)
-            urls.append(url)
-        yield urls
-    finally:
-        await asyncio.to_thread(extra.stop)
-
-
 @pytest.fixture(scope="module")
 async def admin(pg: asyncpg.Pool, gateway: Gateway) -> AsyncIterator[Admin]:
     async with platform(pg, gateway) as made:
@@ -73,7 +50,9 @@ async def admin(pg: asyncpg.Pool, gateway: Gateway) -> AsyncIterator[Admin]:
 @pytest.fixture(scope="module")
 async def urls(gateway: Gateway,
                tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[list[str]]:
-    async with replicas(gateway, tmp_path_factory.mktemp("budget-replicas")) as extra:
+    # Two more ingress processes and one more router on the gateway's stack.
+    async with ingresses(gateway, tmp_path_factory.mktemp("budget-replicas"), {}, {},
+                         routers=1) as extra:
         yield [gateway.url, *extra]
 
 

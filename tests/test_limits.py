@@ -16,9 +16,7 @@ import httpx
 import pytest
 import redis.asyncio as redis
 
-from compose.children import wait_http
 from compose.gateway import Gateway
-from compose.stack import free_port
 from state.limits import LimitTicket, reservation_key, run_tickets
 from tests.conftest import FakeAdmin, eventually
 from tests.tenancy_util import (
@@ -28,6 +26,7 @@ from tests.tenancy_util import (
     batch,
     client,
     ingress_behind_proxy,
+    ingresses,
     new_key,
     new_tenant,
     platform,
@@ -51,17 +50,9 @@ async def replicas(gateway: Gateway,
                    tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[list[str]]:
     """The gateway's ingress and router plus one more of each: two of both. Yields the two
     ingresses' URLs."""
-    extra = Gateway(gateway.settings, tmp_path_factory.mktemp("replicas"), log=lambda _: None)
-    try:
-        extra.spawn("router-b", "router")
-        port = free_port()
-        proc = extra.spawn("ingress-b", "ingress", env={"SWITCHYARD_INGRESS__PORT": str(port)})
-        url = f"http://{gateway.settings.ingress.host}:{port}"
-        await asyncio.to_thread(wait_http, f"{url}/v1/health", 60,
-                                extra.log_file("ingress-b"), proc)
+    async with ingresses(gateway, tmp_path_factory.mktemp("replicas"), {},
+                         routers=1) as [url]:
         yield [gateway.url, url]
-    finally:
-        await asyncio.to_thread(extra.stop)
 
 
 @pytest.fixture

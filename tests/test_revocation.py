@@ -7,7 +7,6 @@ call."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -15,9 +14,7 @@ from urllib.parse import urlsplit
 import asyncpg
 import pytest
 
-from compose.children import wait_http
 from compose.gateway import Gateway
-from compose.stack import free_port
 from tests.conftest import FakeAdmin, eventually
 from tests.tcp_proxy import TcpProxy
 from tests.tenancy_util import (
@@ -27,6 +24,7 @@ from tests.tenancy_util import (
     Tenant,
     batch,
     client,
+    ingresses,
     keys_url,
     new_key,
     new_tenant,
@@ -36,27 +34,6 @@ from tests.tenancy_util import (
 
 LONG_TTL_S = 600  # an ingress with this cache refuses a key in seconds only by the broadcast
 SHORT_TTL_S = 3
-
-
-@contextlib.asynccontextmanager
-async def ingresses(gateway: Gateway, logs: Path,
-                    *envs: dict[str, str]) -> AsyncIterator[list[str]]:
-    """More ingress processes on the gateway's stack, one per `envs` (settings over the
-    gateway's, as environment variables); yields their URLs."""
-    extra = Gateway(gateway.settings, logs, log=lambda _: None)
-    urls = []
-    try:
-        for i, env in enumerate(envs):
-            port = free_port()
-            proc = extra.spawn(f"ingress-{i}", "ingress",
-                               env={"SWITCHYARD_INGRESS__PORT": str(port), **env})
-            url = f"http://{gateway.settings.ingress.host}:{port}"
-            await asyncio.to_thread(wait_http, f"{url}/v1/health", 60,
-                                    extra.log_file(f"ingress-{i}"), proc)
-            urls.append(url)
-        yield urls
-    finally:
-        await asyncio.to_thread(extra.stop)
 
 
 def _ttl(seconds: float) -> dict[str, str]:
