@@ -50,8 +50,10 @@ async def test_killed_router_loses_no_request_and_runs_none_twice(
                                                       if isinstance(r, BaseException)]
     # Only what the victim had started can be lost with it, and it is reported, not re-run.
     assert len(interrupted) <= victim_in_flight
+    # An interrupted request was claimed by the victim, which may have died before its call
+    # reached the provider; every other request was called, and none twice.
     per_request = (await fake.stats())["calls_by_request_id"]
-    assert len(per_request) == total
+    assert total - len(interrupted) <= len(per_request) <= total
     assert set(per_request.values()) == {1}
 
 
