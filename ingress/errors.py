@@ -29,8 +29,9 @@ _HTTP_TO_ERROR: dict[int, type[SwitchyardError]] = {
 # Paths whose clients speak Anthropic's protocol: errors in its shape.
 ANTHROPIC_PATHS = "/v1/messages"
 # Anthropic's error type for each status (its documented table; 402 is its billing_error,
-# 503 our outage, which its clients retry like its own 529 overloaded_error). Our `code` has
-# no place in its shape: the message says what happened.
+# 503 our outage, which its clients retry like its own 529 overloaded_error). Our `code` rides
+# along in the error object, which Anthropic reserves the right to extend (its SDKs keep
+# what they do not know).
 _ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error",
                     402: "billing_error", 403: "permission_error", 404: "not_found_error",
                     413: "request_too_large", 429: "rate_limit_error", 500: "api_error",
@@ -49,9 +50,10 @@ def anthropic_type(status: int) -> str:
 
 
 def anthropic_error_body(exc: SwitchyardError, request_id: str | None = None) -> bytes:
-    """`{"type": "error", "error": {"type", "message"}, "request_id"}`."""
+    """`{"type": "error", "error": {"type", "message", "code"}, "request_id"}`."""
     body: dict[str, object] = {"type": "error", "error": {"type": anthropic_type(exc.status),
-                                                          "message": exc.message}}
+                                                          "message": exc.message,
+                                                          "code": exc.code}}
     if request_id is not None:
         body["request_id"] = request_id
     return orjson.dumps(body)

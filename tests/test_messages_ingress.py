@@ -238,6 +238,7 @@ async def test_an_unknown_model_is_anthropics_not_found_error(
     assert body["type"] == "error"
     assert body["error"]["type"] == "not_found_error"
     assert "no-such-model" in body["error"]["message"]
+    assert body["error"]["code"] == "model_not_found"  # ours, beside Anthropic's type
     assert body["request_id"] == failure.value.response.headers["x-request-id"]
 
 
