@@ -21,8 +21,9 @@ from anthropic._constants import ANTHROPIC_API_VERSION
 
 from compose.fake_upstream import expected_content
 from compose.gateway import Gateway
-from ingress.messages_translate import to_chat_body
+from ingress.messages_translate import EventWriter, to_chat_body
 from tests.conftest import FakeAdmin, eventually
+from tests.tenancy_util import new_key, new_tenant, platform
 from tests.wire_server import serving
 from topics.anthropic import NATIVE
 from topics.limits import estimate_prompt_tokens
@@ -172,6 +173,59 @@ async def test_an_image_block_is_accepted(claude: anthropic.AsyncAnthropic, fake
     assert message.content[0].text == "hotel-0 hotel-1 "
 
 
+async def test_text_then_two_tool_calls_stream_as_three_blocks() -> None:
+    """What the event writer makes of a chunk stream with text and parallel tool calls, as
+    the official SDK reads it off the wire."""
+    def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+        return {"id": "chatcmpl-1", "model": "m", "choices": [
+            {"index": 0, "delta": delta, "finish_reason": finish}]}
+
+    def call(n: int, arguments: str, first: bool = False) -> dict[str, Any]:
+        head = {"id": f"call_{n}", "type": "function"} if first else {}
+        function = {"name": f"tool{n}", "arguments": arguments} if first \
+            else {"arguments": arguments}
+        return chunk({"tool_calls": [{"index": n, **head, "function": function}]})
+
+    chunks = [chunk({"role": "assistant", "content": ""}), chunk({"content": "Let me "}),
+              chunk({"content": "look."}), call(0, "", first=True), call(0, '{"a": '),
+              call(0, "1}"), call(1, '{"b": 2}', first=True), chunk({}, "tool_calls")]
+    writer = EventWriter()
+    wire = b"".join(e for c in chunks for e in writer.chunk(c))
+    wire += b"".join(writer.end({"prompt_tokens": 9, "completion_tokens": 4}))
+
+    async def replay(_request: web.Request) -> web.StreamResponse:
+        return web.Response(body=wire, content_type="text/event-stream")
+
+    async with serving("/v1/messages", replay) as origin:
+        sdk = anthropic.AsyncAnthropic(base_url=origin, api_key="k", max_retries=0)
+        try:
+            async with sdk.messages.stream(model="m", max_tokens=9,
+                                           messages=user("x")) as stream:
+                message = await stream.get_final_message()
+        finally:
+            await sdk.close()
+    assert [b.type for b in message.content] == ["text", "tool_use", "tool_use"]
+    text, first, second = message.content
+    assert text.type == "text"
+    assert text.text == "Let me look."
+    assert first.type == "tool_use"
+    assert second.type == "tool_use"
+    assert (first.id, first.name, first.input) == ("call_0", "tool0", {"a": 1})
+    assert (second.id, second.name, second.input) == ("call_1", "tool1", {"b": 2})
+    assert message.stop_reason == "tool_use"
+    assert (message.usage.input_tokens, message.usage.output_tokens) == (9, 4)
+    assert message.id == "msg_chatcmpl-1"
+
+
+async def test_auto_lets_the_router_choose_for_a_messages_client(
+        claude: anthropic.AsyncAnthropic, fake: FakeAdmin) -> None:
+    message = await claude.messages.create(model="auto", max_tokens=50,
+                                           messages=user("alpha what is two plus two"))
+    assert message.model not in ("", "auto")  # the model that answered
+    assert message.content[0].type == "text"
+    assert message.content[0].text.startswith("alpha-0 ")
+
+
 # --- pass-through to Anthropic routes -----------------------------------------------------
 
 
@@ -312,6 +366,31 @@ async def test_a_provider_failure_mid_stream_is_an_error_event(
     assert lines[0] == "event: message_start"
     assert lines[-1] == "event: error"
     assert "event: message_stop" not in lines
+
+
+async def test_limits_and_key_scopes_refuse_in_anthropics_shape(
+        gateway: Gateway, pg: asyncpg.Pool, fake: FakeAdmin) -> None:
+    async with platform(pg, gateway) as admin:
+        tenant = await new_tenant(admin.http, tier="growth")
+        response = await admin.http.put(f"/v1/tenants/{tenant.id}/limits",
+                                        json={"requests_per_minute": 1})
+        assert response.status_code == 200, response.text
+        scoped = await new_key(admin.http, tenant.id, allowed_models=[OPENAI_ROUTE])
+    sdk = anthropic.AsyncAnthropic(base_url=gateway.url, api_key=scoped["key"], max_retries=0)
+    try:
+        with pytest.raises(anthropic.PermissionDeniedError) as denied:
+            await sdk.messages.create(model=ANTHROPIC_ROUTE, max_tokens=5,
+                                      messages=user("yankee"))
+        assert await sdk.messages.create(model=OPENAI_ROUTE, max_tokens=5,
+                                         messages=user("yankee"))
+        with pytest.raises(anthropic.RateLimitError) as limited:
+            await sdk.messages.create(model=OPENAI_ROUTE, max_tokens=5, messages=user("zulu"))
+    finally:
+        await sdk.close()
+    refusals: Any = [denied.value.body, limited.value.body]
+    assert [r["error"]["type"] for r in refusals] == ["permission_error", "rate_limit_error"]
+    assert int(limited.value.response.headers["retry-after"]) > 0
+    assert limited.value.response.headers["x-ratelimit-remaining-requests"] == "0"
 
 
 # --- billing ------------------------------------------------------------------------------
