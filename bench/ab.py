@@ -3,8 +3,13 @@ long warm-up at that rate (the Kafka broker's JIT takes tens of seconds to settl
 for a few rounds. Prints added p50/p99 (and TTFT when streaming) and CPU-ms per request per
 process; writes nothing. For the recorded figures use `make bench`.
 
+`--route messages` measures Anthropic's `/v1/messages` (`ingress/messages.py`) next to chat
+completions: each round runs the same answer three ways (the fake directly, the gateway's
+chat completions, the gateway's messages) and also prints what messages adds over chat
+completions, the translation's cost both ways (the route is the fake's OpenAI dialect).
+
     python -m bench.ab RATE [--phase-s 20] [--rounds 2] [--warmup-s 30] [--stream] [--session]
-        [--limits on|off]
+        [--limits on|off] [--route chat|messages]
 """
 
 from __future__ import annotations
@@ -41,11 +46,20 @@ async def _run(args: argparse.Namespace, gateway_url: str, fake_url: str, key: s
             "messages": [{"role": "user", "content": "bench hello there"}]}
     gateway = (f"{gateway_url}/v1/chat/completions",
                {"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+    # Anthropic's shape of the same request, with its key header, as its SDK sends it.
+    messages = (f"{gateway_url}/v1/messages",
+                {"x-api-key": key, "anthropic-version": "2023-06-01",
+                 "Content-Type": "application/json"})
+    messages_body = {**body, "max_tokens": 1024}
     direct = (f"{fake_url}/v1/chat/completions", {"Content-Type": "application/json"})
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
                                      timeout=aiohttp.ClientTimeout(total=60)) as session:
         await run_open_loop(session, *gateway, body, rate=args.rate,
                             duration_s=args.warmup_s, label="warmup", stream=args.stream)
+        if args.route == "messages":
+            await run_open_loop(session, *messages, messages_body, rate=args.rate,
+                                duration_s=min(args.warmup_s, 10), label="warmup",
+                                stream=args.stream)
         for n in range(args.rounds):
             base = await run_open_loop(session, *direct, body, rate=args.rate,
                                        duration_s=args.phase_s, label="direct",
@@ -70,6 +84,21 @@ async def _run(args: argparse.Namespace, gateway_url: str, fake_url: str, key: s
                                sorted(cpu_ms.items(), key=lambda item: -item[1]))
             print(f"{line} | CPU-ms per request {total:.2f} ({shares}) | box busy "
                   f"{box_cores:.2f} cores", flush=True)
+            if args.route == "messages":
+                theirs = await run_open_loop(session, *messages, messages_body,
+                                             rate=args.rate, duration_s=args.phase_s,
+                                             label="messages", stream=args.stream)
+                line = (f"round {n}: /v1/messages added p50 "
+                        f"{theirs.pct(50) - base.pct(50):+.2f} ms, "
+                        f"p99 {theirs.pct(99) - base.pct(99):+.2f} ms "
+                        f"(over chat completions p50 {theirs.pct(50) - ours.pct(50):+.2f} ms, "
+                        f"p99 {theirs.pct(99) - ours.pct(99):+.2f} ms), "
+                        f"errors {theirs.errors}")
+                if args.stream:
+                    line += (f", TTFT p50 {theirs.pct(50, True) - base.pct(50, True):+.2f} "
+                             f"ms (over chat completions "
+                             f"{theirs.pct(50, True) - ours.pct(50, True):+.2f} ms)")
+                print(line, flush=True)
 
 
 def parse() -> argparse.Namespace:
@@ -87,6 +116,9 @@ def parse() -> argparse.Namespace:
     p.add_argument("--session", action="store_true",
                    help="authenticate with a session token (POST /v1/auth/login) instead of "
                    "the API key")
+    p.add_argument("--route", choices=("chat", "messages"), default="chat",
+                   help="messages: also Anthropic's /v1/messages each round, beside chat "
+                   "completions")
     return p.parse_args()
 
 

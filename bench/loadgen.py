@@ -159,7 +159,8 @@ async def _one(session: aiohttp.ClientSession, url: str, headers: dict[str, str]
 class StreamEvents:
     """What the load generator needs of an SSE answer, read a network read at a time (a line
     at a time cost the shared box more CPU than some of the processes it measures): when the
-    first content arrived, the last data event before [DONE], and whether [DONE] came."""
+    first content arrived, the last data event before [DONE], and whether [DONE] came (for
+    Anthropic's streams, `bench.ab --route messages`, their text_delta and message_stop)."""
 
     def __init__(self, scheduled: float) -> None:
         self._scheduled = scheduled
@@ -168,12 +169,13 @@ class StreamEvents:
         self.last = b""
 
     def feed(self, raw: bytes) -> bool:
-        """Take one read; True once [DONE] has arrived."""
+        """Take one read; True once [DONE] (Anthropic's streams: message_stop) has arrived."""
         for event in self._parser.feed(raw):
-            if event.data == b"[DONE]":
+            if event.data == b"[DONE]" or event.data.startswith(b'{"type":"message_stop"'):
                 return True
-            if self.ttft_ms is None and b'"content":"' in event.data \
-                    and b'"content":""' not in event.data:
+            if self.ttft_ms is None and ((b'"content":"' in event.data
+                                         and b'"content":""' not in event.data)
+                                         or b'"type":"text_delta"' in event.data):
                 self.ttft_ms = (time.perf_counter() - self._scheduled) * 1000
             self.last = event.data
         return False

@@ -84,6 +84,9 @@ async def _messages(request: web.Request) -> web.StreamResponse:
     if isinstance(admitted, Failure):
         return await fail(request, request.app[STATE_KEY].stats, admitted, _failure)
     cfg, stats = admitted
+    stats.last_anthropic = {"anthropic-version": request.headers.get("anthropic-version"),
+                            "anthropic-beta": request.headers.get("anthropic-beta"),
+                            "body": None if body is _NOT_JSON else body}
     try:
         if body is _NOT_JSON:
             raise _BadRequest("The request body is not valid JSON.")

@@ -103,6 +103,9 @@ class FakeStats:
     cut_streams: int = 0
     errors_sent: int = 0
     last_authorization: str | None = None
+    # The Anthropic dialect's last request: its `anthropic-version` and `anthropic-beta`
+    # headers and its body, as they arrived (what a native pass-through must keep).
+    last_anthropic: dict[str, Any] | None = None
     # Every call, in order: {"model", "at" (Unix time, seconds), "request_id", "fault" (what
     # was injected: "status 429", "reset", "hang"; None), "body_bytes" (the request body's
     # Content-Length)}. The most recent CALL_LOG_MAX kept.

@@ -169,7 +169,8 @@ class Authenticator:
 
     async def authenticate(self, authorization: str | None) -> Principal:
         if not authorization:
-            raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'",
+            raise Unauthorized("missing API key: send 'Authorization: Bearer <key>' (or "
+                               "'x-api-key: <key>')",
                                code="missing_api_key")
         scheme, _, credential = authorization.partition(" ")
         credential = credential.strip()

@@ -4,9 +4,10 @@ step, and the `Call` every handler receives.
 A handler is `async def handler(call: Call) -> Response`. It never authenticates: the route
 table states the permission each route requires (`topics/identity.py`), and the endpoint
 built here establishes the request's principal and checks that its role grants that
-permission before the handler runs; otherwise it answers 401 (no or a bad credential) or 403
-`permission_denied` without running it. What a handler can reach is `Call.services`
-(`ingress/services.py`).
+permission before the handler runs (the key comes as `Authorization: Bearer <key>` or, as
+Anthropic's clients send it, `x-api-key: <key>`); otherwise it answers 401 (no or a bad
+credential) or 403 `permission_denied` without running it. What a handler can reach is
+`Call.services` (`ingress/services.py`).
 """
 
 from __future__ import annotations
@@ -48,6 +49,16 @@ class Call:
 Handler = Callable[[Call], Awaitable[Response]]
 
 
+def credential_of(request: Request) -> str | None:
+    """The request's Authorization header; else its `x-api-key` (Anthropic's clients send
+    the key there) as a bearer credential. Both: the Authorization header counts."""
+    authorization = request.headers.get("authorization")
+    if authorization:
+        return authorization
+    api_key = request.headers.get("x-api-key", "").strip()
+    return f"Bearer {api_key}" if api_key else None
+
+
 @dataclass(frozen=True, slots=True)
 class Endpoint:
     """One line of the route table."""
@@ -65,8 +76,7 @@ class Endpoint:
             try:
                 caller = None
                 if permission is not None:  # not PUBLIC
-                    caller = await services.auth.authenticate(
-                        request.headers.get("authorization"))
+                    caller = await services.auth.authenticate(credential_of(request))
                     caller.require(permission)
                 return await handler(Call(request, services, caller))
             except SwitchyardError:

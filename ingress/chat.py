@@ -40,7 +40,7 @@ async def chat_completions(call: Call) -> Response:
         timeout_s=pipeline.timeout_s(request, admitted.timeout_ms),
         traceparent=request.headers.get("traceparent"),
         client_gone=lambda: client_gone(request),
-        category=_category_hint(request)))
+        category=category_hint(request)))
     if not chat.stream:
         try:
             while first.kind == "progress":  # nothing to show a client that waits whole
@@ -103,7 +103,7 @@ CATEGORY_HEADER = "x-switchyard-category"
 _RELAYED = frozenset(("chunk", "meta", "progress"))
 
 
-def _category_hint(request: Request) -> str | None:
+def category_hint(request: Request) -> str | None:
     hint = request.headers.get(CATEGORY_HEADER)
     if hint is not None and hint not in CATEGORIES:
         raise InvalidRequest(f"{CATEGORY_HEADER} must be one of {', '.join(CATEGORIES)}",

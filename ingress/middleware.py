@@ -6,6 +6,7 @@ import logging
 import time
 import uuid
 
+from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ingress.errors import unexpected_error_response
@@ -54,11 +55,12 @@ class RequestIdentity:
         try:
             await self._app(scope, receive, send_with_id)
         except Exception:
-            # The boundary for what no handler expected: still an OpenAI-shaped 500 with
-            # its request id, never a traceback. Re-raised if the response already started.
+            # The boundary for what no handler expected: still a 500 in the route's
+            # protocol's shape with its request id, never a traceback. Re-raised if the
+            # response already started.
             log.exception("unhandled error on %s", request_id)
             if started_response:
                 raise
-            await unexpected_error_response()(scope, receive, send_with_id)
+            await unexpected_error_response(Request(scope))(scope, receive, send_with_id)
         finally:
             metrics.in_flight.dec()

@@ -16,6 +16,7 @@ from ingress import (
     insights,
     keys,
     limits,
+    messages,
     ops,
     routing_policy,
     sessions,
@@ -29,6 +30,8 @@ from topics.identity import Permission as P
 ROUTES: tuple[Endpoint, ...] = (
     Endpoint("POST", "/v1/chat/completions", chat.chat_completions, P.INFERENCE),
     Endpoint("POST", "/v1/infer", chat.chat_completions, P.INFERENCE),  # the seed's name
+    Endpoint("POST", "/v1/messages", messages.messages, P.INFERENCE),  # Anthropic's protocol
+    Endpoint("POST", "/v1/messages/count_tokens", messages.count_tokens, P.INFERENCE),
     Endpoint("POST", "/v1/embeddings", embeddings.embeddings, P.INFERENCE),
     Endpoint("GET", "/v1/models", ops.models, P.MODELS_READ),
     Endpoint("GET", "/v1/advisor", insights.advisor, P.USAGE_READ),

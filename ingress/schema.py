@@ -8,7 +8,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from ingress.validation import parse_model
-from topics.errors import PayloadTooLarge, Unprocessable
+from topics.anthropic import NATIVE
+from topics.errors import InvalidRequest, PayloadTooLarge, Unprocessable
 
 
 class _Open(BaseModel):
@@ -56,6 +57,9 @@ class ChatCompletionRequest(_Open):
 
 
 def validate_chat(body: dict[str, Any], max_image_bytes: int) -> ChatCompletionRequest:
+    if NATIVE in body:
+        # Set by the Messages ingress only: an Anthropic route would send it as it is.
+        raise InvalidRequest(f"{NATIVE} is reserved for the gateway", param=NATIVE)
     request = parse_model(ChatCompletionRequest, body)
     for i, tool in enumerate(request.tools or ()):
         schema = tool.function.parameters

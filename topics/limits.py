@@ -89,14 +89,21 @@ class Limits:
     fail_open: bool = True
 
 
+def estimate_prompt_tokens(body: dict[str, Any]) -> int:
+    """A request's prompt at about four characters a token: its `messages` (an embedding's
+    `input`), as admission counts them (`estimate_tokens`); also what the Messages ingress's
+    `count_tokens` answers (`ingress/messages.py`)."""
+    prompt = body.get("messages", body.get("input", ""))
+    chars = len(prompt) if isinstance(prompt, str) else len(repr(prompt))
+    return max(1, chars // CHARS_PER_TOKEN)
+
+
 def estimate_tokens(body: dict[str, Any]) -> int:
     """The tokens a request reserves at admission: its prompt at about four characters a
     token (`messages`, or an embedding's `input`) plus what its answer may take
     (`max_completion_tokens`, `max_tokens`, else `DEFAULT_COMPLETION_TOKENS`; 0 for
     embeddings)."""
-    prompt = body.get("messages", body.get("input", ""))
-    chars = len(prompt) if isinstance(prompt, str) else len(repr(prompt))
-    prompt_tokens = max(1, chars // CHARS_PER_TOKEN)
+    prompt_tokens = estimate_prompt_tokens(body)
     if "messages" not in body:
         return prompt_tokens  # an embedding: no completion
     answer = body.get("max_completion_tokens", body.get("max_tokens"))

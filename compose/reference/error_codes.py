@@ -233,6 +233,9 @@ COMPUTED: dict[tuple[str, str], Computed] = {
         "Starlette's own HTTPException: 405 has its literal code; the routing table raises "
         "only 404 besides, as not_found (no module of ours raises HTTPException)",
         _starlette_not_found),
+    ("ingress/errors.py", "anthropic_error_body"): Computed(
+        "the Messages routes' shape of an error raised elsewhere: its code is that error's own",
+        list),
     ("workers/providers/errors.py", "provider_error"): Computed(
         "f'upstream_{kind.value}' with the class _TAXONOMY gives each Kind", _provider_taxonomy),
     ("workers/router/execute.py", "_Run.failure"): Computed(
@@ -306,9 +309,11 @@ MEANINGS: dict[str, str] = {
     "invalid_json": "the body is not valid JSON, or not a JSON object",
     "invalid_query": "a query parameter is malformed or out of range (`period`, `start`, `end`, "
     "`group_by` of `GET /v1/usage` and `/v1/usage/history`); `param` names it",
-    "invalid_request": "a request field the chosen provider's dialect cannot translate is "
-                       "malformed (`param` names it), e.g. a message without content or a tool "
-                       "call without an id",
+    "invalid_request": "a request field that must be translated is malformed or has no "
+                       "translation (`param` names it): for the chosen provider's dialect (e.g. a "
+                       "message without content, a tool call without an id) or, on "
+                       "`/v1/messages`, for every route (e.g. a `document` block, a server "
+                       "tool); or a chat completion sets the reserved `switchyard_native`",
     "missing_field": "a required field is missing; `param` names it",
     "model_not_found": "the model (or council judge) is not in the catalog; `GET /v1/models` "
                        "lists them",

@@ -13,7 +13,14 @@ Answers: text blocks → `content`; `tool_use` blocks → `tool_calls` (`argumen
 of `input`; in streams each call's `index` is its ordinal among tool calls, not its block
 index); `thinking` blocks → the `reasoning_content` extension, never `content`. With the
 json_object emulation the forced tool's input is the `content`. Usage: prompt = input +
-cache reads + cache writes, cached = cache reads, completion = output tokens."""
+cache reads + cache writes, cached = cache reads, completion = output tokens.
+
+A request that came in through the Messages ingress carries the client's own Anthropic body
+and `anthropic-version` / `anthropic-beta` headers (`topics/anthropic.py` `NATIVE`): that
+body is sent as it is, its model replaced by the route's, with those headers (the pinned
+version when the client sent none), so `cache_control`, beta features and everything else
+the OpenAI shape cannot carry reach Anthropic untouched. The answer comes back the same
+way as any other."""
 
 from __future__ import annotations
 
@@ -24,8 +31,9 @@ from typing import Any
 import aiohttp
 import orjson
 
+from topics.anthropic import API_VERSION, FINISH_OF_STOP, native_of, openai_usage
 from topics.errors import SwitchyardError, UpstreamError
-from workers.providers.anthropic_translate import to_messages_request
+from workers.providers.anthropic_translate import MessagesRequest, to_messages_request
 from workers.providers.base import (
     MalformedEvents,
     MalformedHook,
@@ -43,8 +51,6 @@ from workers.providers.errors import (
     stream_cut,
 )
 
-API_VERSION = "2023-06-01"
-
 _KIND_OF_TYPE = {
     "invalid_request_error": Kind.BAD_REQUEST,
     "request_too_large": Kind.BAD_REQUEST,
@@ -57,15 +63,6 @@ _KIND_OF_TYPE = {
     "timeout_error": Kind.TIMEOUT,
     "api_error": Kind.SERVER_ERROR,
 }
-_FINISH = {
-    "end_turn": "stop",
-    "stop_sequence": "stop",
-    "pause_turn": "stop",  # only server tools pause, and none are ever declared
-    "max_tokens": "length",
-    "model_context_window_exceeded": "length",
-    "refusal": "content_filter",
-    "tool_use": "tool_calls",
-}
 
 
 class AnthropicMessages:
@@ -76,20 +73,20 @@ class AnthropicMessages:
 
     async def complete(self, route: Route, body: dict[str, Any],
                        request_id: str) -> dict[str, Any]:
-        request = to_messages_request(route.provider, body, route.upstream_model)
+        request, headers = _request(route, body)
         raw = await provider_answer(
-            route, lambda: self._post(route, request.payload, request_id), http_error)
+            route, lambda: self._post(route, request.payload, headers, request_id), http_error)
         message = _json(route.provider, raw, "a response")
         return to_completion(route, message, request.json_tool)
 
     async def stream(self, route: Route, body: dict[str, Any],
                      request_id: str) -> AsyncGenerator[dict[str, Any], None]:
-        request = to_messages_request(route.provider, body, route.upstream_model)
+        request, headers = _request(route, body)
         payload = {**request.payload, "stream": True}
         translator = StreamTranslator(route, request.json_tool)
         events = MalformedEvents(route.provider, request_id, self._on_malformed)
         async for event in provider_events(
-                route, lambda: self._post(route, payload, request_id), http_error):
+                route, lambda: self._post(route, payload, headers, request_id), http_error):
             if event.event == "ping":
                 continue
             data = events.parse(event.data)
@@ -102,9 +99,10 @@ class AnthropicMessages:
         for chunk in translator.end():  # the body ended without message_stop
             yield chunk
 
-    def _post(self, route: Route, payload: dict[str, Any], request_id: str) -> Any:
-        headers = {"content-type": "application/json", "anthropic-version": API_VERSION,
-                   "X-Client-Request-Id": request_id}
+    def _post(self, route: Route, payload: dict[str, Any], passed: dict[str, str],
+              request_id: str) -> Any:
+        headers = {"anthropic-version": API_VERSION, **passed,
+                   "content-type": "application/json", "X-Client-Request-Id": request_id}
         if route.api_key:
             headers["x-api-key"] = route.api_key
         return self._session.post(
@@ -112,18 +110,26 @@ class AnthropicMessages:
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=route.timeouts.connect_s))
 
 
+def _request(route: Route, body: dict[str, Any]) -> tuple[MessagesRequest, dict[str, str]]:
+    """The Anthropic request for `body` and the client headers it goes with: the client's own
+    Anthropic request when it came in as one (`topics/anthropic.py`), else the translation."""
+    native = native_of(body)
+    if native is None:
+        return to_messages_request(route.provider, body, route.upstream_model), {}
+    # The stream flag is the router's to set (a council member answers whole).
+    payload = {k: v for k, v in native["body"].items() if k != "stream"}
+    payload["model"] = route.upstream_model
+    headers = native.get("headers") or {}
+    return MessagesRequest(payload), {str(k): str(v) for k, v in headers.items()}
+
+
 def usage_of(usage: dict[str, Any]) -> Usage:
     """Anthropic bills three kinds of input; OpenAI's prompt_tokens is their sum."""
-    read = int(usage.get("cache_read_input_tokens") or 0)
-    written = int(usage.get("cache_creation_input_tokens") or 0)
-    details = usage.get("output_tokens_details") or {}
-    return Usage(prompt_tokens=int(usage.get("input_tokens") or 0) + read + written,
-                 completion_tokens=int(usage.get("output_tokens") or 0), cached_tokens=read,
-                 reasoning_tokens=int(details.get("thinking_tokens") or 0))
+    return Usage(**openai_usage(usage))
 
 
 def finish_reason(stop_reason: str | None, has_tool_calls: bool) -> str:
-    finish = _FINISH.get(stop_reason or "", "stop")
+    finish = FINISH_OF_STOP.get(stop_reason or "", "stop")
     # The json_object tool is not a tool call the client sees: that answer just stops.
     return "stop" if finish == "tool_calls" and not has_tool_calls else finish
 

@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 
 import orjson
 
+from topics.anthropic import without_native
 from topics.errors import InvalidRequest
 from workers.providers.errors import unsupported
 
@@ -88,7 +89,9 @@ def split_call_id(call_id: str) -> tuple[str, str | None]:
 
 
 def to_gemini(provider: str, body: dict[str, Any]) -> dict[str, Any]:
-    """The `generateContent` request body for an OpenAI Chat Completions body."""
+    """The `generateContent` request body for an OpenAI Chat Completions body (a Messages
+    client's native Anthropic request is left out: `topics/anthropic.py`)."""
+    body = without_native(body)
     _check_params(provider, body)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:

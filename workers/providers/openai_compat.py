@@ -2,7 +2,9 @@
 MiniMax, Groq, Together, and any compatible server (vLLM, Ollama, LM Studio).
 
 The request is passed through as the client sent it (unknown fields included), with the
-upstream model name; usage is always requested on streams, because billing needs it."""
+upstream model name (less the client's native Anthropic request a Messages client's body
+carries: `topics/anthropic.py`); usage is always requested on streams, because billing
+needs it."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from typing import Any
 import aiohttp
 import orjson
 
+from topics.anthropic import without_native
 from topics.errors import SwitchyardError, UpstreamError
 from workers.providers.base import (
     MalformedEvents,
@@ -37,7 +40,7 @@ class OpenAICompat:
 
     async def complete(self, route: Route, body: dict[str, Any],
                        request_id: str) -> dict[str, Any]:
-        payload = {**body, "model": route.upstream_model, "stream": False}
+        payload = {**without_native(body), "model": route.upstream_model, "stream": False}
         payload.pop("stream_options", None)
         return text_content(await self._call(route, "/chat/completions", payload, request_id))
 
@@ -59,7 +62,7 @@ class OpenAICompat:
 
     async def stream(self, route: Route, body: dict[str, Any],
                      request_id: str) -> AsyncGenerator[dict[str, Any], None]:
-        payload = {**body, "model": route.upstream_model, "stream": True,
+        payload = {**without_native(body), "model": route.upstream_model, "stream": True,
                    "stream_options": {**(body.get("stream_options") or {}),
                                       "include_usage": True}}
         events = MalformedEvents(route.provider, request_id, self._on_malformed)
