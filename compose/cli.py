@@ -137,18 +137,17 @@ def _classify(model: Path, prompts: list[str], eval_path: Path | None) -> None:
 
 
 def _ingress(settings: Settings) -> None:
-    import logging
-
     import uvicorn
 
-    # uvicorn configures only its own loggers: ours (administrative events, warnings) would
-    # go unheard below WARNING. The same format as the workers' (workers/runtime.py).
-    logging.basicConfig(level=settings.log_level,
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    from topics.logs import configure_logging
+
+    # Ours and uvicorn's loggers alike, as the workers' (workers/runtime.py): uvicorn is told
+    # not to configure logging (log_config=None), so its lines are JSON too when ours are.
+    configure_logging("ingress", settings.log_level, settings.log_format)
 
     options = dict(host=settings.ingress.host, port=settings.ingress.port, loop="uvloop",
                    http="httptools", log_level=settings.log_level.lower(), access_log=False,
-                   timeout_graceful_shutdown=INGRESS_GRACE_S)
+                   timeout_graceful_shutdown=INGRESS_GRACE_S, log_config=None)
     if settings.ingress.workers > 1:  # uvicorn's own process manager, its own stop
         uvicorn.run("ingress.app:create_app", factory=True, workers=settings.ingress.workers,
                     **options)  # type: ignore[arg-type]
@@ -342,6 +341,9 @@ def _up(settings: Settings, data_dir: Path, routers: int,
           f"{settings.fallback_upstream_url}" + (" (fake upstream)" if fake_port else ""))
 
     settings = _dev_signing_key(settings)
+    if "SWITCHYARD_LOG_FORMAT" not in os.environ:
+        # Read in a terminal: text lines, unless JSON is asked for.
+        settings = settings.model_copy(update={"log_format": "text"})
 
     shutil.rmtree(data_dir, ignore_errors=True)
     data_dir.mkdir(parents=True)
