@@ -139,15 +139,14 @@ def _classify(model: Path, prompts: list[str], eval_path: Path | None) -> None:
 def _ingress(settings: Settings) -> None:
     import uvicorn
 
-    from topics.logs import configure_logging
+    from topics.logs import logging_config
 
-    # Ours and uvicorn's loggers alike, as the workers' (workers/runtime.py): uvicorn is told
-    # not to configure logging (log_config=None), so its lines are JSON too when ours are.
-    configure_logging("ingress", settings.log_level, settings.log_format)
-
+    # Ours and uvicorn's loggers alike, as the workers' (workers/runtime.py); uvicorn applies
+    # it in each of its worker processes (SWITCHYARD_INGRESS__WORKERS > 1) as well.
     options = dict(host=settings.ingress.host, port=settings.ingress.port, loop="uvloop",
                    http="httptools", log_level=settings.log_level.lower(), access_log=False,
-                   timeout_graceful_shutdown=INGRESS_GRACE_S, log_config=None)
+                   timeout_graceful_shutdown=INGRESS_GRACE_S,
+                   log_config=logging_config("ingress", settings.log_level, settings.log_format))
     if settings.ingress.workers > 1:  # uvicorn's own process manager, its own stop
         uvicorn.run("ingress.app:create_app", factory=True, workers=settings.ingress.workers,
                     **options)  # type: ignore[arg-type]

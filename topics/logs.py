@@ -9,6 +9,7 @@ that the message does not say: secrets are never logged by the code that logs.""
 from __future__ import annotations
 
 import logging
+import logging.config
 import time
 from typing import Any, Literal
 
@@ -47,13 +48,22 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(out, default=str).decode()
 
 
+def logging_config(process: str, level: str, fmt: LogFormat) -> dict[str, Any]:
+    """The `logging.config.dictConfig` of a process: one stderr handler on the root logger, in
+    `fmt`; uvicorn's loggers pass their records to it. uvicorn applies it in each of its worker
+    processes too (its `log_config`)."""
+    formatter: dict[str, Any] = ({"()": JsonFormatter, "process": process} if fmt == "json"
+                                 else {"format": TEXT_FORMAT})
+    return {
+        "version": 1, "disable_existing_loggers": False,
+        "formatters": {"switchyard": formatter},
+        "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "switchyard"}},
+        "root": {"handlers": ["stderr"], "level": level},
+        "loggers": {name: {"handlers": [], "propagate": True}
+                    for name in ("uvicorn", "uvicorn.error", "uvicorn.access")},
+    }
+
+
 def configure_logging(process: str, level: str, fmt: LogFormat) -> None:
     """The root logger's one handler (stderr), in `fmt`; replaces any configured before."""
-    handler = logging.StreamHandler()
-    handler.setFormatter(JsonFormatter(process) if fmt == "json"
-                         else logging.Formatter(TEXT_FORMAT))
-    root = logging.getLogger()
-    for old in list(root.handlers):
-        root.removeHandler(old)
-    root.addHandler(handler)
-    root.setLevel(level)
+    logging.config.dictConfig(logging_config(process, level, fmt))
