@@ -46,8 +46,7 @@ class RequestIdentity:
         route = scope["path"] if scope["path"] in self._routes else "other"  # bounded labels
         tracing: Tracing = state.get("tracing") or self._untraced
         span, span_context, trace_context = tracing.request(
-            _header(scope, b"traceparent"), request_id, f"{scope['method']} {route}",
-            {"http.request.method": scope["method"], "url.path": scope["path"]})
+            _header(scope, b"traceparent"), request_id, scope["method"], route, scope["path"])
         traceparent = traceparent_of(span_context)
         state["traceparent"] = traceparent  # what the request's messages carry
         trace_headers = ((b"x-trace-id", f"{span_context.trace_id:032x}".encode()),

@@ -33,7 +33,7 @@ from tests.tenancy_util import ingresses
 from topics.catalog import load_catalog
 from topics.logs import JsonFormatter
 from topics.settings import RouterSettings, Settings
-from topics.tracing import Tracing, context_of, parse_traceparent
+from topics.tracing import Tracing, context_of, open_tracing, parse_traceparent
 
 TRACE_ID = re.compile(r"^[0-9a-f]{32}$")
 TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-0[01]$")
@@ -340,3 +340,23 @@ def test_malformed_traceparents_are_ignored() -> None:
                 f"00-{'g' * 32}-{'b' * 16}-01", f"00-{'a' * 32}-{'b' * 16}-01-extra"):
         assert parse_traceparent(bad) is None, bad
     assert context_of(None) is None
+
+
+def test_tracing_is_off_unless_an_exporter_is_named() -> None:
+    for environ in ({}, {"OTEL_TRACES_EXPORTER": "none"},
+                    {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_SDK_DISABLED": "true"}):
+        tracing = open_tracing("router", content=True, environ=environ)
+        assert not tracing.on, environ
+        assert not tracing.content  # nothing to record it in
+        with tracing.span("anything") as span:
+            assert not span.is_recording()
+        tracing.close()
+    on = open_tracing("router", environ={"OTEL_TRACES_EXPORTER": "otlp"})
+    try:
+        assert on.on
+        with on.span("anything") as span:
+            assert span.is_recording()
+    finally:
+        on.close()
+    with pytest.raises(ValueError, match="zipkin"):
+        open_tracing("router", environ={"OTEL_TRACES_EXPORTER": "zipkin"})

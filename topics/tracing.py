@@ -22,7 +22,7 @@ import random
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
@@ -38,6 +38,9 @@ from opentelemetry.trace import (
 )
 
 from topics import names
+
+if TYPE_CHECKING:  # the SDK is imported only by a process that traces (open_tracing)
+    from opentelemetry.sdk.trace import TracerProvider
 
 __all__ = ["Link", "Span", "SpanContext", "SpanKind", "Tracing", "current_traceparent",
            "open_tracing"]
@@ -55,9 +58,9 @@ class Tracing:
     """One process's tracer: on (an SDK provider with a batching OTLP exporter) or off."""
 
     def __init__(self, tracer: Tracer | None = None, *, content: bool = False,
-                 provider: Any = None) -> None:
+                 provider: TracerProvider | None = None) -> None:
         self._tracer = tracer
-        self._provider = provider  # opentelemetry.sdk.trace.TracerProvider, when on
+        self._provider = provider  # when on
         self.on = tracer is not None
         # SWITCHYARD_TRACE_CONTENT: prompts and completions in the attempts' spans.
         self.content = content and self.on
@@ -107,8 +110,8 @@ class Tracing:
                 name, kind=SpanKind.CONSUMER, attributes=attributes) as span:
             yield span
 
-    def request(self, traceparent: str | None, request_id: str, name: str,
-                attributes: dict[str, Any]) -> tuple[Span, SpanContext, otel_context.Context]:
+    def request(self, traceparent: str | None, request_id: str, method: str, route: str,
+                path: str) -> tuple[Span, SpanContext, otel_context.Context]:
         """A request's server span (child of the client's `traceparent` when it sent a valid
         one), its span context (what the response and the messages carry) and the context
         to make current while it is served. Off, no span (a no-op one): the ids are made up
@@ -121,8 +124,9 @@ class Tracing:
                 NonRecordingSpan(span_context), ctx)
         if parent is not None:
             ctx = trace.set_span_in_context(NonRecordingSpan(parent), ctx)
-        span = self._tracer.start_span(name, context=ctx, kind=SpanKind.SERVER,
-                                       attributes=attributes)
+        span = self._tracer.start_span(f"{method} {route}", context=ctx, kind=SpanKind.SERVER,
+                                       attributes={"http.request.method": method,
+                                                   "url.path": path})
         return span, span.get_span_context(), trace.set_span_in_context(span, ctx)
 
     def close(self) -> None:

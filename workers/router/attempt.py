@@ -419,7 +419,8 @@ def _describe(span: Span, report: Report, *, content: bool) -> None:
         span.set_attribute("switchyard.ttft_ms", round(report.ttft_ms, 3))
     if report.error is not None:
         span.set_attribute("error.type", report.error.code)
-        span.set_status(StatusCode.ERROR, report.error.code)
+        if report.status in ("error", "timeout"):  # a lost race is no failure of the route
+            span.set_status(StatusCode.ERROR, report.error.code)
     if content:
         if report.text is not None and report.text:
             span.set_attribute("gen_ai.output.messages", orjson.dumps(
