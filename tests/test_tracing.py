@@ -1,9 +1,10 @@
 """Traces and logs on the real stack: every process (ingress, classifier stage, router, usage
-worker) exports its spans over OTLP/HTTP to a real receiver (compose/otlp_sink.py), and one
-request reads as one connected trace, from the ingress's server span through Kafka, the
-classifier, the routing decision, the provider attempt(s) and the reply, to the usage write.
-With tracing off, responses still carry their trace id and nothing is exported. Log lines are
-JSON objects that carry the trace id of the request they were written for.
+worker, audit writer) exports its spans over OTLP/HTTP to a real receiver
+(compose/otlp_sink.py), and one request reads as one connected trace, from the ingress's
+server span through Kafka, the classifier, the routing decision, the provider attempt(s) and
+the reply, to the usage write. With tracing off, responses still carry their trace id and
+nothing is exported. Log lines are JSON objects that carry the trace id of the request they
+were written for.
 
 The stack is this module's own: its processes run with the `OTEL_*` variables set, which the
 rest of the suite's gateway must not have."""
@@ -29,11 +30,12 @@ from compose.otlp_sink import OtlpSink, ReceivedSpan
 from compose.stack import LocalStack, free_port
 from state.keys import create_key
 from tests.conftest import FakeAdmin, eventually
-from tests.tenancy_util import ingresses
+from tests.tenancy_util import TENANTS, ingresses, platform
 from topics.catalog import load_catalog
 from topics.logs import JsonFormatter
 from topics.settings import RouterSettings, Settings
 from topics.tracing import Tracing, context_of, open_tracing, parse_traceparent
+from workers.router.attempt import Report, describe_attempt
 
 TRACE_ID = re.compile(r"^[0-9a-f]{32}$")
 TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-0[01]$")
@@ -267,6 +269,25 @@ async def test_each_attempt_is_a_span_and_logs_carry_the_trace(
     assert {"ts", "level", "logger", "message"} <= retry[0].keys()
 
 
+async def test_an_audited_action_is_written_in_its_requests_trace(
+        sink: OtlpSink, traced: Gateway) -> None:
+    pool = await asyncpg.create_pool(traced.settings.postgres.owner_dsn, min_size=1,
+                                     max_size=1)
+    try:
+        async with platform(pool, traced) as admin:
+            created = await admin.http.post(TENANTS, json={"name": f"t-{uuid.uuid4().hex}"})
+    finally:
+        await pool.close()
+    assert created.status_code == 201, created.text
+    spans = await _trace(sink, created.headers["x-trace-id"],
+                         {"POST /v1/admin/tenants", "audit.events process"})
+    assert _chain(spans, "audit.events process") == [
+        "audit.events process", "POST /v1/admin/tenants"]
+    append = next(s for s in spans if s.name == "audit.events process")
+    assert append.service == "switchyard-audit"
+    assert append.attributes["switchyard.audit.action"] == "tenant.created"
+
+
 async def test_with_tracing_off_responses_carry_a_trace_and_nothing_is_exported(
         sink: OtlpSink, traced: Gateway, key: str, client: openai.AsyncOpenAI,
         tmp_path: Path) -> None:
@@ -342,7 +363,7 @@ def test_malformed_traceparents_are_ignored() -> None:
     assert context_of(None) is None
 
 
-def test_tracing_is_off_unless_an_exporter_is_named() -> None:
+def test_tracing_is_off_unless_an_exporter_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
     for environ in ({}, {"OTEL_TRACES_EXPORTER": "none"},
                     {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_SDK_DISABLED": "true"}):
         tracing = open_tracing("router", content=True, environ=environ)
@@ -351,12 +372,38 @@ def test_tracing_is_off_unless_an_exporter_is_named() -> None:
         with tracing.span("anything") as span:
             assert not span.is_recording()
         tracing.close()
-    on = open_tracing("router", environ={"OTEL_TRACES_EXPORTER": "otlp"})
-    try:
-        assert on.on
-        with on.span("anything") as span:
-            assert span.is_recording()
-    finally:
-        on.close()
+    with OtlpSink(keep=True) as receiver:
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint)
+        on = open_tracing("router", environ={"OTEL_TRACES_EXPORTER": "otlp"})
+        try:
+            assert on.on
+            with on.span("anything") as span:
+                assert span.is_recording()
+        finally:
+            on.close()  # flushes: the span is exported before this returns
+        assert [(s.name, s.service) for s in receiver.received()] == [
+            ("anything", "switchyard-router")]
     with pytest.raises(ValueError, match="zipkin"):
         open_tracing("router", environ={"OTEL_TRACES_EXPORTER": "zipkin"})
+
+
+def test_prompts_and_answers_are_recorded_only_when_the_operator_opts_in() -> None:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    model = load_catalog(Settings().catalog_path).model(MODEL)
+    assert model is not None
+    exported = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exported))
+    for content in (False, True):
+        report = Report(1, model, "openai", status="ok", text=["Hel", "lo"] if content else None,
+                        response_model="gpt-4o-mini-2024-07-18", finish_reasons=["stop"])
+        with Tracing(provider.get_tracer("t"), content=content).span("chat") as span:
+            describe_attempt(span, report, content=content)
+    plain, opted = (s.attributes or {} for s in exported.get_finished_spans())
+    assert plain["gen_ai.response.model"] == "gpt-4o-mini-2024-07-18"
+    assert "gen_ai.output.messages" not in plain
+    assert orjson.loads(str(opted["gen_ai.output.messages"])) == [
+        {"role": "assistant", "content": "Hello"}]

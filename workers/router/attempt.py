@@ -166,7 +166,7 @@ class AttemptRunner:
                                    orjson.dumps(body.get("messages")).decode())
             await self._run(env, decision, model, route, n, lead, mode, body, teach, timeout_s,
                             report)
-            _describe(span, report, content=tracing.content)
+            describe_attempt(span, report, content=tracing.content)
         return report
 
     async def _run(self, env: RequestEnvelope, decision: Decision, model: Model, route: Route,
@@ -399,7 +399,7 @@ async def produce_usage(producer: AIOKafkaProducer, events: Sequence[UsageEvent]
     await asyncio.gather(*sent)
 
 
-def _describe(span: Span, report: Report, *, content: bool) -> None:
+def describe_attempt(span: Span, report: Report, *, content: bool) -> None:
     """The attempt's outcome on its span (GenAI conventions: no text unless `content`)."""
     usage = report.usage
     span.set_attributes({"gen_ai.usage.input_tokens": usage.prompt_tokens,
