@@ -183,6 +183,7 @@ class AttemptRunner:
                 if env.endpoint == "embeddings":
                     answer = await self._embed(route, body, env.request_id)
                     report.reported = Usage.from_openai(answer.get("usage"))
+                    report.response_model = answer.get("model")
                     report.estimated = bool(answer.pop("usage_estimated", False))
                 elif streamed:
                     answer = {}
