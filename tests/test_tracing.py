@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import anthropic
 import asyncpg
 import openai
 import orjson
@@ -239,6 +240,22 @@ async def test_a_streamed_request_is_one_trace_with_its_relay(
     _assert_genai(spans, messages[0]["content"])
     assert text not in repr([s.attributes for s in spans])
     await _assert_usage_written(sink, spans)
+
+
+async def test_an_anthropic_messages_stream_is_one_trace_too(
+        sink: OtlpSink, traced: Gateway, key: str) -> None:
+    claude = anthropic.AsyncAnthropic(base_url=traced.url, api_key=key, max_retries=0,
+                                      timeout=30)
+    async with claude, claude.messages.stream(
+            model=MODEL, max_tokens=64, messages=_prompt()) as stream:  # type: ignore[arg-type]
+        assert await stream.get_final_text()
+        trace_id = stream.response.headers["x-trace-id"]
+    names = {"POST /v1/messages", *(REQUEST_SPANS - {"POST /v1/chat/completions"}),
+             "reply relay"}
+    spans = await _trace(sink, trace_id, names)
+    roots = [s.name for s in spans if s.parent_span_id not in {t.span_id for t in spans}]
+    assert roots == ["POST /v1/messages"]
+    assert _chain(spans, "reply relay") == ["reply relay", "POST /v1/messages"]
 
 
 async def test_each_attempt_is_a_span_and_logs_carry_the_trace(

@@ -45,8 +45,8 @@ if TYPE_CHECKING:  # the SDK is imported only by a process that traces (open_tra
 __all__ = ["Link", "Span", "SpanContext", "SpanKind", "Tracing", "current_traceparent",
            "open_tracing"]
 
-# A span context a parent can be made from, keyed in OpenTelemetry's context: the request id
-# the logs show (`topics/logs.py`) travels with the trace.
+# The request id the logs show (`topics/logs.py`), carried in OpenTelemetry's context beside
+# the current span: whatever runs for a request finds both there.
 REQUEST_ID_KEY: Final = "switchyard.request_id"
 _OFF_SPAN: Final = contextlib.nullcontext(INVALID_SPAN)  # reusable: it holds nothing
 _UNSAMPLED: Final = TraceFlags(TraceFlags.DEFAULT)
@@ -151,7 +151,7 @@ def open_tracing(process: str, *, content: bool = False,
     `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`, `OTEL_TRACES_SAMPLER` / `…_ARG` (parent-based
     always-on by default), `OTEL_SERVICE_NAME` (default `switchyard-<process>`),
     `OTEL_RESOURCE_ATTRIBUTES`, `OTEL_BSP_*`. Close it (`Tracing.close`) when the process
-    stops."""
+    stops. `environ` (tests): what decides on or off, instead of the process's environment."""
     env = os.environ if environ is None else environ
     exporters = {e.strip().lower() for e in env.get("OTEL_TRACES_EXPORTER", "none").split(",")}
     if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true" \
