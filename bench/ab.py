@@ -9,28 +9,55 @@ chat completions, the gateway's messages) and also prints what messages adds ove
 completions, the translation's cost both ways (the route is the fake's OpenAI dialect).
 
     python -m bench.ab RATE [--phase-s 20] [--rounds 2] [--warmup-s 30] [--stream] [--session]
-        [--limits on|off] [--route chat|messages]
+        [--limits on|off] [--route chat|messages] [--tracing off|on]
+
+`--tracing on`: every process traces every request (`OTEL_TRACES_SAMPLER=always_on`) and
+exports it over OTLP/HTTP to a local sink that accepts and discards (`compose/otlp_sink.py`,
+a process of its own); `off` (the default) is the gateway's default, tracing off.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import subprocess
+import sys
 import time
+from collections.abc import Iterator
 
 import aiohttp
 import httpx
 
 from bench.loadgen import box_busy_s, cpu_seconds, run_open_loop, single_upstream_gateway
+from compose.stack import free_port
 
 # Processes that serve every target alike: shown, but not the gateway's cost.
 _HARNESS = frozenset(("fake-upstream", "load-generator"))
 
 
 async def main(args: argparse.Namespace) -> None:
-    async with single_upstream_gateway(lambda line: None,
-                                       limits=args.limits == "on") as served:
-        await _run(args, served.url, served.fake_url, served.api_key, served.pids)
+    with _otlp_sink(args.tracing == "on") as env:
+        async with single_upstream_gateway(lambda line: None, limits=args.limits == "on",
+                                           env=env) as served:
+            await _run(args, served.url, served.fake_url, served.api_key, served.pids)
+
+
+@contextlib.contextmanager
+def _otlp_sink(on: bool) -> Iterator[dict[str, str]]:
+    """The gateway's tracing environment: none (off), or 100 % sampling exported to a sink
+    process that discards what it receives."""
+    if not on:
+        yield {"OTEL_TRACES_EXPORTER": "none"}
+        return
+    port = free_port()
+    sink = subprocess.Popen([sys.executable, "-m", "compose.otlp_sink", "--port", str(port)])
+    try:
+        yield {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_TRACES_SAMPLER": "always_on",
+               "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}"}
+    finally:
+        sink.terminate()
+        sink.wait(timeout=10)
 
 
 async def _run(args: argparse.Namespace, gateway_url: str, fake_url: str, key: str,
@@ -113,6 +140,10 @@ def parse() -> argparse.Namespace:
                    help="rate limits and a spend budget checked at admission (high enough "
                    "never to refuse) or rate limits off (`limits.enabled`) and no budget: the "
                    "A/B of admission's cost")
+    p.add_argument("--tracing", choices=("off", "on"), default="off",
+                   help="tracing off (the default), or every request traced by every process "
+                   "and exported to a local OTLP sink that discards it: the A/B of tracing's "
+                   "cost")
     p.add_argument("--session", action="store_true",
                    help="authenticate with a session token (POST /v1/auth/login) instead of "
                    "the API key")

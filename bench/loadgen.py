@@ -365,12 +365,14 @@ class Served:
 @contextlib.asynccontextmanager
 async def single_upstream_gateway(log: Callable[[str], None],
                                   router: RouterSettings | None = None,
-                                  limits: bool = True) -> AsyncIterator[Served]:
+                                  limits: bool = True,
+                                  env: dict[str, str] | None = None) -> AsyncIterator[Served]:
     """A fresh stack and gateway, the fake upstream as the offline fallback for every model,
     and an API key; all stopped on exit. `router`: the routers' settings, if not the
     defaults. `limits`: rate limits and a spend budget checked on every request (all far above
     what a run uses, so that admission costs what it costs and refuses nothing), or rate
-    limits not checked at all and no budget."""
+    limits not checked at all and no budget. `env`: more environment for every process of the
+    gateway (e.g. the `OTEL_*` variables of `bench.ab --tracing on`)."""
     with LocalStack.ephemeral(log=log) as stack:
         fake_port = free_port()
         settings = stack.settings.model_copy(update={
@@ -393,7 +395,8 @@ async def single_upstream_gateway(log: Callable[[str], None],
         if limits:
             await _admission_never_refusing(settings, tenant_id)
         logs = Path(tempfile.mkdtemp(prefix="switchyard-bench-"))
-        with Gateway(settings, logs, fake_upstream_port=fake_port, log=log) as gateway:
+        with Gateway(settings, logs, fake_upstream_port=fake_port, log=log,
+                     extra_env=env) as gateway:
             yield Served(gateway.url, f"http://127.0.0.1:{fake_port}", api_key,
                          {name: p.pid for name, p in gateway.processes.items()}
                          | stack.pids(), settings, stack, gateway)

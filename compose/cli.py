@@ -137,18 +137,16 @@ def _classify(model: Path, prompts: list[str], eval_path: Path | None) -> None:
 
 
 def _ingress(settings: Settings) -> None:
-    import logging
-
     import uvicorn
 
-    # uvicorn configures only its own loggers: ours (administrative events, warnings) would
-    # go unheard below WARNING. The same format as the workers' (workers/runtime.py).
-    logging.basicConfig(level=settings.log_level,
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    from topics.logs import logging_config
 
+    # Ours and uvicorn's loggers alike, as the workers' (workers/runtime.py); uvicorn applies
+    # it in each of its worker processes (SWITCHYARD_INGRESS__WORKERS > 1) as well.
     options = dict(host=settings.ingress.host, port=settings.ingress.port, loop="uvloop",
                    http="httptools", log_level=settings.log_level.lower(), access_log=False,
-                   timeout_graceful_shutdown=INGRESS_GRACE_S)
+                   timeout_graceful_shutdown=INGRESS_GRACE_S,
+                   log_config=logging_config("ingress", settings.log_level, settings.log_format))
     if settings.ingress.workers > 1:  # uvicorn's own process manager, its own stop
         uvicorn.run("ingress.app:create_app", factory=True, workers=settings.ingress.workers,
                     **options)  # type: ignore[arg-type]
@@ -342,6 +340,9 @@ def _up(settings: Settings, data_dir: Path, routers: int,
           f"{settings.fallback_upstream_url}" + (" (fake upstream)" if fake_port else ""))
 
     settings = _dev_signing_key(settings)
+    if "SWITCHYARD_LOG_FORMAT" not in os.environ:
+        # Read in a terminal: text lines, unless JSON is asked for.
+        settings = settings.model_copy(update={"log_format": "text"})
 
     shutil.rmtree(data_dir, ignore_errors=True)
     data_dir.mkdir(parents=True)

@@ -42,6 +42,7 @@ from topics.errors import SwitchyardError
 from topics.heap import settle_heap
 from topics.sessions import SessionCodec
 from topics.settings import Settings
+from topics.tracing import Tracing, open_tracing
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,16 @@ def create_app(settings: Settings | None = None) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[dict[str, Any]]:
+        # Closed last: the spans of the requests served until the end are flushed.
+        tracing = open_tracing("ingress", content=settings.trace_content)
+        try:
+            async with _serving(tracing) as state:
+                yield state
+        finally:
+            tracing.close()
+
+    @contextlib.asynccontextmanager
+    async def _serving(tracing: Tracing) -> AsyncIterator[dict[str, Any]]:
         started_s = time.monotonic()
         async with open_runtime(settings) as runtime:
             replies = ReplyRouter(runtime.redis, names.reply_channel(uuid.uuid4().hex),
@@ -106,7 +117,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 settings=settings, catalog=catalog, auth=auth, sessions=sessions,
                 pipeline=Pipeline(settings=settings.ingress, producer=runtime.producer,
                                   redis_client=runtime.redis, replies=replies, metrics=metrics,
-                                  max_message_bytes=settings.kafka.max_message_bytes),
+                                  max_message_bytes=settings.kafka.max_message_bytes,
+                                  tracing=tracing),
                 metrics=metrics, producer=runtime.producer, redis=runtime.redis, pool=pool,
                 posteriors=PosteriorStore(runtime.redis, half_life_s=router.bandit_half_life_s),
                 breakers=Breakers(runtime.redis, BreakerConfig.from_settings(router)),
@@ -118,7 +130,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 budgets=budgets)
             settle_heap()
             log.info("ingress ready; replies on %s", replies.channel)
-            yield {"services": services}
+            # `tracing` for ingress/middleware.py, which runs outside any route.
+            yield {"services": services, "tracing": tracing}
 
     return Starlette(
         routes=[endpoint.route() for endpoint in ROUTES],

@@ -28,6 +28,7 @@ from prometheus_client import CollectorRegistry, Counter
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
 from starlette.responses import Response
 
+from ingress.pipeline import request_traceparent
 from ingress.validation import parse_model
 from state.audit import AuditQuery, list_entries
 from state.runtime import OUTAGE_RETRY_AFTER_S
@@ -77,9 +78,9 @@ class AuditLog:
         event = new_event(
             tenant_id=tenant_id, actor=actor, actor_role=actor_role, action=action,
             target=target, details=dict(details or {}), request_id=call.request_id,
-            trace_id=trace_id_of(request.headers.get("traceparent")),
+            trace_id=trace_id_of(request_traceparent(request)),
             source_ip=request.client.host if request.client else None)
-        await self.publish(event, call.request.headers.get("traceparent"))
+        await self.publish(event, request_traceparent(request))
         return event
 
     async def publish(self, event: AuditEvent, traceparent: str | None = None) -> None:

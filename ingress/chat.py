@@ -16,7 +16,7 @@ from starlette.responses import Response
 from ingress.call import Call
 from ingress.errors import error_response, sse_error_event
 from ingress.money import exact_costs
-from ingress.pipeline import Pipeline, Submission, client_gone
+from ingress.pipeline import Pipeline, Submission, client_gone, request_traceparent
 from ingress.policy import MODE_HEADER, admit, fold_content_parts
 from ingress.replies import FrameStream
 from ingress.schema import validate_chat
@@ -38,7 +38,7 @@ async def chat_completions(call: Call) -> Response:
         request_id=request_id, owner=owner, endpoint="chat.completions",
         body=admitted.body, routing=admitted.routing, metadata=admitted.metadata,
         timeout_s=pipeline.timeout_s(request, admitted.timeout_ms),
-        traceparent=request.headers.get("traceparent"),
+        traceparent=request_traceparent(request),
         client_gone=lambda: client_gone(request),
         category=category_hint(request)))
     if not chat.stream:
@@ -60,6 +60,8 @@ async def _relay(pipeline: Pipeline, request_id: str, frame: ReplyFrame, stream:
     task group: a client that goes away cancels this generator, and the router is told."""
     finished = False
     last_chunk: ReplyFrame | None = None
+    # The frames relayed to the client as SSE, from the first answer to the last event.
+    span = pipeline.tracing.start("reply relay", attributes={"switchyard.stream": True})
     try:
         while frame.kind in _RELAYED:
             # Every chunk that has already arrived leaves in one write.
@@ -93,6 +95,10 @@ async def _relay(pipeline: Pipeline, request_id: str, frame: ReplyFrame, stream:
         finished = True  # lost frames or deadline: say so, never end cleanly
         yield sse_error_event(exc)
     finally:
+        if span.is_recording():
+            span.set_attributes({"switchyard.reply.last": frame.kind,
+                                 "switchyard.reply.finished": finished})
+            span.end()
         pipeline.close(request_id)
         if not finished:
             with anyio.CancelScope(shield=True):

@@ -9,7 +9,7 @@ from starlette.responses import Response
 
 from ingress.call import Call
 from ingress.money import exact_costs
-from ingress.pipeline import Submission, client_gone
+from ingress.pipeline import Submission, client_gone, request_traceparent
 from ingress.policy import MODE_HEADER, admit
 from ingress.schema import validate_embeddings
 from topics.errors import UpstreamError
@@ -26,7 +26,7 @@ async def embeddings(call: Call) -> Response:
         request_id=call.request_id, owner=owner, endpoint="embeddings", body=admitted.body,
         routing=admitted.routing, metadata=admitted.metadata,
         timeout_s=pipeline.timeout_s(request, admitted.timeout_ms),
-        traceparent=request.headers.get("traceparent"),
+        traceparent=request_traceparent(request),
         client_gone=lambda: client_gone(request)))
     pipeline.close(call.request_id)
     result: Any = first.data.get("embeddings")

@@ -26,7 +26,7 @@ from ingress.call import Call
 from ingress.chat import category_hint
 from ingress.errors import anthropic_sse_error_event, error_response
 from ingress.messages_translate import PING, EventWriter, native_body, to_chat_body, to_message
-from ingress.pipeline import Pipeline, Submission, client_gone
+from ingress.pipeline import Pipeline, Submission, client_gone, request_traceparent
 from ingress.policy import MODE_HEADER, admit
 from ingress.replies import FrameStream
 from ingress.schema import validate_chat
@@ -90,7 +90,7 @@ async def messages(call: Call) -> Response:
         request_id=request_id, owner=owner, endpoint="chat.completions",
         body=job_body, routing=admitted.routing, metadata=admitted.metadata,
         timeout_s=pipeline.timeout_s(request, admitted.timeout_ms),
-        traceparent=request.headers.get("traceparent"),
+        traceparent=request_traceparent(request),
         client_gone=lambda: client_gone(request),
         category=category_hint(request)))
     headers = {"request-id": request_id}  # where Anthropic's SDKs look for it
@@ -147,6 +147,8 @@ async def _relay(pipeline: Pipeline, request_id: str, frame: ReplyFrame,
     writer = EventWriter()
     finished = False
     model: str | None = None
+    # As ingress/chat.py's relay: the frames relayed as SSE, to the last event.
+    span = pipeline.tracing.start("reply relay", attributes={"switchyard.stream": True})
     try:
         while frame.kind in _RELAYED:
             out: list[bytes] = []
@@ -173,6 +175,10 @@ async def _relay(pipeline: Pipeline, request_id: str, frame: ReplyFrame,
         finished = True  # lost frames or deadline: say so, never end cleanly
         yield anthropic_sse_error_event(exc)
     finally:
+        if span.is_recording():
+            span.set_attributes({"switchyard.reply.last": frame.kind,
+                                 "switchyard.reply.finished": finished})
+            span.end()
         pipeline.close(request_id)
         if not finished:
             with anyio.CancelScope(shield=True):

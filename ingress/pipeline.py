@@ -35,6 +35,7 @@ from topics.identity import Principal
 from topics.messages import Endpoint, ReplyFrame
 from topics.settings import IngressSettings
 from topics.tasks import Interrupted, unless
+from topics.tracing import SpanKind, Tracing, current_traceparent
 
 TIMEOUT_HEADER = "x-switchyard-timeout-ms"
 # Frames may trail the router's own deadline handling by a little; wait that much longer so
@@ -49,6 +50,8 @@ _CANCEL_ON = {"deadline_exceeded": "deadline_exceeded", "reply_channel_lost": "r
 # batch waits for metadata), so the wait is bounded here; a request refused so may still
 # reach the queue later, and the cancel then makes a router skip it.
 _PRODUCE_TIMEOUT_S = 10.0
+_PUBLISH = {"messaging.system": "kafka", "messaging.operation.type": "send",
+            "messaging.destination.name": names.REQUESTS}
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,8 +73,10 @@ class Submission:
 class Pipeline:
     def __init__(self, *, settings: IngressSettings, producer: AIOKafkaProducer,
                  redis_client: redis.Redis, replies: ReplyRouter,
-                 metrics: IngressMetrics, max_message_bytes: int) -> None:
+                 metrics: IngressMetrics, max_message_bytes: int,
+                 tracing: Tracing | None = None) -> None:
         self.settings = settings
+        self.tracing = tracing or Tracing()
         self._max_message_bytes = max_message_bytes  # kafka.max_message_bytes
         self._producer = producer
         self._redis = redis_client
@@ -90,7 +95,10 @@ class Pipeline:
         stream = FrameStream(self._replies.open(job.request_id), deadline)
         try:
             await self._publish(job)
-            first = await _unless_gone(stream.first_answer(), job.client_gone)
+            with self.tracing.span("reply wait", kind=SpanKind.CONSUMER, attributes={
+                    "messaging.system": "redis",
+                    "messaging.destination.name": self._replies.channel}):
+                first = await _unless_gone(stream.first_answer(), job.client_gone)
             if first.kind == "error":
                 raise SwitchyardError.from_frame_data(first.data)
         except BaseException as exc:
@@ -133,13 +141,20 @@ class Pipeline:
         headers = [(names.H_REQUEST_ID, job.request_id.encode()),
                    (names.H_TENANT_ID, job.owner.tenant_id.encode()),
                    (names.H_CONTENT_TYPE, names.CONTENT_TYPE_JSON)]
-        if job.traceparent:
-            headers.append((names.H_TRACEPARENT, job.traceparent.encode()))
         try:
-            # Awaited to the broker's ack: once we answer anything, the request is durable.
-            async with asyncio.timeout(min(_PRODUCE_TIMEOUT_S, job.timeout_s)):
-                await self._producer.send_and_wait(names.REQUESTS, envelope,
-                                                   key=job.request_id.encode(), headers=headers)
+            with self.tracing.span(f"{names.REQUESTS} publish", kind=SpanKind.PRODUCER,
+                                   attributes=_PUBLISH):
+                # The router's consume span is this one's child; off, the request's
+                # traceparent as the ingress made it (its logs share the trace id).
+                traceparent = current_traceparent() or job.traceparent
+                if traceparent:
+                    headers.append((names.H_TRACEPARENT, traceparent.encode()))
+                # Awaited to the broker's ack: once we answer anything, the request is
+                # durable.
+                async with asyncio.timeout(min(_PRODUCE_TIMEOUT_S, job.timeout_s)):
+                    await self._producer.send_and_wait(names.REQUESTS, envelope,
+                                                       key=job.request_id.encode(),
+                                                       headers=headers)
         except (KafkaError, TimeoutError) as exc:
             raise Unavailable(f"the request queue is unavailable: {exc!r}",
                               code="queue_unavailable", retry_after_s=OUTAGE_RETRY_AFTER_S) from exc
@@ -184,6 +199,13 @@ async def _unless_gone(answer: Coroutine[Any, Any, ReplyFrame],
         raise ClientClosedRequest("the client disconnected before its answer") from None
     finally:
         leaving.cancel()
+
+
+def request_traceparent(request: Request) -> str | None:
+    """The request's `traceparent` as `ingress/middleware.py` made it: its server span's, or
+    its made-up ids when tracing is off (not the client's header, which is its parent)."""
+    value: str | None = request.scope.get("state", {}).get("traceparent")
+    return value
 
 
 async def client_gone(request: Request) -> None:

@@ -8,7 +8,7 @@ docs/configuration.md lists them all, generated from these models (`make docs`).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 from pydantic import BaseModel, Field, SecretStr, model_validator
@@ -501,6 +501,17 @@ class Settings(BaseSettings):
         description="The API key `make up` seeds for the `dev` tenant (unset: it generates "
         "one and prints it).")
     log_level: str = Field(default="INFO", description="Log level of every process.")
+    log_format: Literal["json", "text"] = Field(
+        default="json",
+        description="Log lines of every process: `json` (one object a line with `ts`, `level`, "
+        "`logger`, `message`, `process`, `trace_id`, `span_id`, `request_id`) or `text` "
+        "(`switchyard up` sets it, for people reading a terminal).")
+    trace_content: bool = Field(
+        default=False,
+        description="Record prompts and completions in the provider attempts' spans "
+        "(`gen_ai.input.messages`, `gen_ai.output.messages`). Off, spans hold no text of a "
+        "request. Tracing itself is set with the standard `OTEL_*` variables "
+        "(docs/operations.md, Traces).")
     shutdown_close_timeout_s: float = Field(
         default=3.0, gt=0,
         description="On SIGTERM, after its drain (`…__SHUTDOWN_GRACE_S`), the most a process "

@@ -8,7 +8,6 @@ so does one that gets a second SIGTERM/SIGINT (`topics/shutdown.py`)."""
 from __future__ import annotations
 
 import asyncio
-import logging
 import signal
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -17,6 +16,7 @@ import uvloop
 from prometheus_client import CollectorRegistry, start_http_server
 
 from topics.heap import settle_heap
+from topics.logs import LogFormat, configure_logging
 from topics.shutdown import ShutdownWatchdog
 
 # Past grace + close budget, before the watchdog: the bounded closes' own last turns.
@@ -24,11 +24,12 @@ _MARGIN_S = 1.0
 
 
 def run_process(main: Callable[[asyncio.Event], Coroutine[Any, Any, None]],
-                log_level: str, *, grace_s: float, close_timeout_s: float) -> None:
+                log_level: str, *, grace_s: float, close_timeout_s: float,
+                process: str = "worker", log_format: LogFormat = "json") -> None:
     """Run `main(stop)` on uvloop; SIGTERM/SIGINT set `stop` for a graceful drain of at most
-    `grace_s`, then closes of at most `close_timeout_s` (see the module's docstring)."""
-    logging.basicConfig(level=log_level,
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    `grace_s`, then closes of at most `close_timeout_s` (see the module's docstring). Logs go
+    to stderr as `topics/logs.py` writes them, naming `process`."""
+    configure_logging(process, log_level, log_format)
 
     async def _run() -> None:
         stop = asyncio.Event()

@@ -25,6 +25,7 @@ from state.runtime import Needs, open_runtime, outage
 from topics import names
 from topics.audit import AuditEvent
 from topics.settings import Settings
+from topics.tracing import Tracing, open_tracing
 from workers.consumer import ConsumerLoop
 from workers.runtime import run_process, serve_metrics
 
@@ -56,6 +57,14 @@ class TenantTurns:
 
 
 async def run_audit(settings: Settings, stop: asyncio.Event) -> None:
+    tracing = open_tracing("audit", content=settings.trace_content)
+    try:
+        await _run_audit(settings, stop, tracing)
+    finally:
+        tracing.close()
+
+
+async def _run_audit(settings: Settings, stop: asyncio.Event, tracing: Tracing) -> None:
     cfg = settings.audit
     # The producer is for the DLQ; no Redis: the audit trail never waits on it.
     async with open_runtime(settings, Needs(redis=False)) as runtime:
@@ -86,11 +95,14 @@ async def run_audit(settings: Settings, stop: asyncio.Event) -> None:
                     await asyncio.sleep(delay_s)
                     delay_s = min(delay_s * 2, _RETRY_MAX_S)
 
-        async def handle(event: AuditEvent, _record: Any) -> None:
+        async def handle(event: AuditEvent, record: Any) -> None:
             # The turn is the first thing awaited: turns are taken in the order the consumer
             # loop started the handlers, which is the partition's order.
-            async with turns.turn(event.tenant_id):
-                added = await append(event)
+            with tracing.consume(f"{names.AUDIT} process", record,
+                                 request_id=event.request_id,
+                                 attributes={"switchyard.audit.action": event.action}):
+                async with turns.turn(event.tenant_id):
+                    added = await append(event)
             offered.labels("written" if added else "duplicate").inc()
 
         loop = ConsumerLoop(consumer=consumer, producer=runtime.producer, topic=names.AUDIT,
@@ -105,4 +117,5 @@ def main() -> None:
     settings = Settings()
     run_process(lambda stop: run_audit(settings, stop), settings.log_level,
                 grace_s=settings.audit.shutdown_grace_s,
-                close_timeout_s=settings.shutdown_close_timeout_s)
+                close_timeout_s=settings.shutdown_close_timeout_s,
+                process="audit", log_format=settings.log_format)

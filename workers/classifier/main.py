@@ -12,6 +12,7 @@ from topics import names
 from topics.kafka import group_members
 from topics.messages import RequestEnvelope
 from topics.settings import KafkaSettings, Settings
+from topics.tracing import Tracing, open_tracing
 from workers.classifier.model import PromptClassifier
 from workers.classifier.stage import ClassifierStage, Labeller
 from workers.consumer import ConsumerLoop
@@ -21,12 +22,21 @@ log = logging.getLogger(__name__)
 
 
 async def run_classifier(settings: Settings, stop: asyncio.Event) -> None:
+    tracing = open_tracing("classifier", content=settings.trace_content)
+    try:
+        await _run_classifier(settings, stop, tracing)
+    finally:
+        tracing.close()
+
+
+async def _run_classifier(settings: Settings, stop: asyncio.Event, tracing: Tracing) -> None:
     cfg = settings.classifier
     classifier = PromptClassifier(cfg.model_path)
     async with open_runtime(settings, Needs(redis=False, postgres=False)) as runtime:
         producer = runtime.producer
         consumer = await runtime.consumer(names.REQUESTS_GROUP)
-        stage = ClassifierStage(Labeller(classifier.classify, max_batch=cfg.max_batch), producer)
+        stage = ClassifierStage(Labeller(classifier.classify, max_batch=cfg.max_batch,
+                                         tracing=tracing), producer, tracing)
         loop = ConsumerLoop(consumer=consumer, producer=producer, topic=names.REQUESTS,
                             decode=RequestEnvelope.from_json, handler=stage.handle,
                             max_in_flight=cfg.max_in_flight,
@@ -63,4 +73,5 @@ def main() -> None:
     settings = Settings()
     run_process(lambda stop: run_classifier(settings, stop), settings.log_level,
                 grace_s=settings.classifier.shutdown_grace_s,
-                close_timeout_s=settings.shutdown_close_timeout_s)
+                close_timeout_s=settings.shutdown_close_timeout_s,
+                process="classifier", log_format=settings.log_format)

@@ -15,10 +15,13 @@ from aiokafka import AIOKafkaProducer
 
 from topics import names
 from topics.messages import RequestEnvelope
+from topics.tracing import SpanKind, Tracing, current_traceparent, with_header
 from workers.batching import MicroBatcher
 
 # Long passages carry little extra signal for the label and cost time.
 _MAX_CHARS = 4000
+_PUBLISH = {"messaging.system": "kafka", "messaging.operation.type": "send",
+            "messaging.destination.name": names.CLASSIFIED}
 
 
 class Prediction(Protocol):
@@ -34,29 +37,45 @@ class Labeller:
     """Labels requests, batching the ONNX calls of everything labelled in one loop turn."""
 
     def __init__(self, classify: Callable[[Sequence[str]], Sequence[Prediction]], *,
-                 max_batch: int) -> None:
+                 max_batch: int, tracing: Tracing | None = None) -> None:
         self._batcher: MicroBatcher[str, Prediction] = MicroBatcher(classify,
                                                                     max_batch=max_batch)
+        self._tracing = tracing or Tracing()
 
     async def label(self, env: RequestEnvelope) -> RequestEnvelope:
         if not needs_label(env):
             return env
-        prediction = await self._batcher.submit(prompt_text(env.body))
+        with self._tracing.span("classify") as span:
+            prediction = await self._batcher.submit(prompt_text(env.body))
+            if span.is_recording():
+                span.set_attributes({"switchyard.category": prediction.label,
+                                     "switchyard.category.confidence": prediction.confidence,
+                                     "switchyard.classifier.version": prediction.version})
         return env.model_copy(update={"category": prediction.label,
                                       "confidence": round(prediction.confidence, 4),
                                       "classifier_version": prediction.version})
 
 
 class ClassifierStage:
-    def __init__(self, labeller: Labeller, producer: AIOKafkaProducer) -> None:
+    def __init__(self, labeller: Labeller, producer: AIOKafkaProducer,
+                 tracing: Tracing | None = None) -> None:
         self._labeller = labeller
         self._producer = producer
+        self._tracing = tracing or Tracing()
 
     async def handle(self, env: RequestEnvelope, record: Any) -> None:
-        env = await self._labeller.label(env)
-        # Awaited: the input offset is committed only once the labelled copy is durable.
-        await self._producer.send_and_wait(names.CLASSIFIED, env.to_json(), key=record.key,
-                                           headers=list(record.headers or ()))
+        tracing = self._tracing
+        with tracing.consume(f"{names.REQUESTS} process", record, request_id=env.request_id):
+            env = await self._labeller.label(env)
+            with tracing.span(f"{names.CLASSIFIED} publish", kind=SpanKind.PRODUCER,
+                              attributes=_PUBLISH):
+                # The router's consume span is a child of this one (off: of the ingress's).
+                headers = with_header(record.headers, names.H_TRACEPARENT,
+                                      current_traceparent())
+                # Awaited: the input offset is committed only once the labelled copy is
+                # durable.
+                await self._producer.send_and_wait(names.CLASSIFIED, env.to_json(),
+                                                   key=record.key, headers=headers)
 
 
 def needs_label(env: RequestEnvelope) -> bool:

@@ -28,12 +28,14 @@ from typing import Any
 
 import orjson
 from aiokafka import AIOKafkaProducer
+from opentelemetry.trace import StatusCode
 
 from state.breakers import Breakers
 from topics import names
 from topics.catalog import Model
 from topics.errors import GatewayTimeout, InvalidRequest, SwitchyardError
 from topics.messages import Mode, RequestEnvelope, UsageEvent, UsageStatus
+from topics.tracing import Span, SpanKind, Tracing, current_traceparent
 from workers.providers.base import Dialect, Embedder, Route, Usage
 from workers.providers.errors import AUTH_CODE, CONTEXT_LENGTH_CODE
 from workers.router.decide import Decider, Decision
@@ -96,6 +98,11 @@ class Report:
     answer: dict[str, Any] | None = None  # the completion or embeddings (not streamed)
     reported: Usage | None = None  # what the provider said it used, if it said
     chunks: int = 0  # tokens streamed
+    # For the attempt's span (GenAI conventions): the provider's own name for the model that
+    # answered, why it stopped, and (SWITCHYARD_TRACE_CONTENT only) the streamed text.
+    response_model: str | None = None
+    finish_reasons: list[str] = field(default_factory=list)
+    text: list[str] | None = None
 
     def summary(self) -> dict[str, Any]:
         """This attempt as the response's metadata lists it."""
@@ -124,7 +131,7 @@ class AttemptRunner:
 
     def __init__(self, *, dialects: dict[str, Dialect], producer: AIOKafkaProducer,
                  decider: Decider, breakers: Breakers, latency: LatencyTracker,
-                 metrics: RouterMetrics) -> None:
+                 metrics: RouterMetrics, tracing: Tracing | None = None) -> None:
         self._dialects = dialects
         self._producer = producer
         self._decider = decider
@@ -132,6 +139,7 @@ class AttemptRunner:
         self._latency = latency
         self._metrics = metrics
         self._breaker_seen: dict[str, str] = {}  # route → last state, for the metrics
+        self._tracing = tracing or Tracing()
         # request id → its attempts' bookkeeping, not yet written
         self._books: dict[str, _Books] = {}
 
@@ -141,7 +149,29 @@ class AttemptRunner:
         """Call the route; never raises for the route's failures (they are in the report),
         only CancelledError. `timeout_s` bounds this attempt below the request's deadline."""
         body = env.body if body is None else body
-        report = Report(n, model, route.provider)
+        tracing = self._tracing
+        if not tracing.on:
+            return await self._run(env, decision, model, route, n, lead, mode, body, teach,
+                                   timeout_s, Report(n, model, route.provider))
+        # A CLIENT span per call, as the OpenTelemetry GenAI conventions describe it.
+        operation = "embeddings" if env.endpoint == "embeddings" else "chat"
+        report = Report(n, model, route.provider, text=[] if tracing.content else None)
+        with tracing.span(f"{operation} {model.id}", kind=SpanKind.CLIENT, attributes={
+                "gen_ai.operation.name": operation, "gen_ai.system": route.provider,
+                "gen_ai.provider.name": route.provider,
+                "gen_ai.request.model": route.upstream_model, "switchyard.model": model.id,
+                "switchyard.attempt": n, "switchyard.mode": mode}) as span:
+            if tracing.content and operation == "chat":
+                span.set_attribute("gen_ai.input.messages",
+                                   orjson.dumps(body.get("messages")).decode())
+            await self._run(env, decision, model, route, n, lead, mode, body, teach, timeout_s,
+                            report)
+            describe_attempt(span, report, content=tracing.content)
+        return report
+
+    async def _run(self, env: RequestEnvelope, decision: Decision, model: Model, route: Route,
+                   n: int, lead: Lead, mode: Mode, body: dict[str, Any], teach: bool,
+                   timeout_s: float | None, report: Report) -> Report:
         started_ms = now_ms()
         t0 = time.perf_counter()
         streamed = bool(body.get("stream")) and env.endpoint == "chat.completions"
@@ -153,6 +183,7 @@ class AttemptRunner:
                 if env.endpoint == "embeddings":
                     answer = await self._embed(route, body, env.request_id)
                     report.reported = Usage.from_openai(answer.get("usage"))
+                    report.response_model = answer.get("model")
                     report.estimated = bool(answer.pop("usage_estimated", False))
                 elif streamed:
                     answer = {}
@@ -161,6 +192,7 @@ class AttemptRunner:
                     answer = await self._dialects[route.dialect].complete(
                         route, body, env.request_id)
                     report.reported = Usage.from_openai(answer.get("usage"))
+                    report.response_model = answer.get("model")
                 if not report.led:  # an answer without a single token is an answer
                     report.ttft_ms = (time.perf_counter() - t0) * 1000
                     await self._take_lead(lead, report, route)
@@ -223,7 +255,7 @@ class AttemptRunner:
         if books is None or books.durable == len(books.events):
             return
         upto = len(books.events)
-        await produce_usage(self._producer, books.events[books.durable:upto])
+        await self._produce(books.events[books.durable:upto])
         books.durable = upto
 
     async def settled(self, request_id: str) -> None:
@@ -234,9 +266,16 @@ class AttemptRunner:
             return
         pending = [settle() for settle in books.lessons]
         if books.durable < len(books.events):
-            pending.append(produce_usage(self._producer, books.events[books.durable:]))
+            pending.append(self._produce(books.events[books.durable:]))
         if pending:
             await asyncio.gather(*pending)
+
+    async def _produce(self, events: Sequence[UsageEvent]) -> None:
+        with self._tracing.span(f"{names.USAGE} publish", kind=SpanKind.PRODUCER, attributes={
+                "messaging.system": "kafka", "messaging.operation.type": "send",
+                "messaging.destination.name": names.USAGE,
+                "messaging.batch.message_count": len(events)}):
+            await produce_usage(self._producer, events)
 
     async def _stream(self, route: Route, body: dict[str, Any], request_id: str, lead: Lead,
                       report: Report, t0: float) -> None:
@@ -252,7 +291,13 @@ class AttemptRunner:
                     continue  # the usage-only chunk: sent in `done`, if asked for
                 delta = choices[0].get("delta") or {}
                 chunk.pop("usage", None)
+                if report.response_model is None:
+                    report.response_model = chunk.get("model")
                 chunk["model"] = report.model.id
+                if choices[0].get("finish_reason"):
+                    report.finish_reasons.append(choices[0]["finish_reason"])
+                if report.text is not None and delta.get("content"):
+                    report.text.append(delta["content"])
                 if delta.get("content") or delta.get("tool_calls"):
                     report.chunks += 1
                     if not report.led:
@@ -343,13 +388,47 @@ def _usage_event(env: RequestEnvelope, report: Report, started_ms: int,
 
 async def produce_usage(producer: AIOKafkaProducer, events: Sequence[UsageEvent]) -> None:
     """Produce `events` to `llm.usage`; durable when this returns. The same event again (a
-    dead worker's bill written by its successor) is one ledger row: it is keyed by event id."""
+    dead worker's bill written by its successor) is one ledger row: it is keyed by event id.
+    They carry the current trace (`traceparent`): the usage worker's write joins it."""
+    traceparent = current_traceparent()
+    extra = [(names.H_TRACEPARENT, traceparent.encode())] if traceparent else []
     sent = [await producer.send(
         names.USAGE, event.to_json(), key=event.request_id.encode(),
         headers=[(names.H_REQUEST_ID, event.request_id.encode()),
                  (names.H_TENANT_ID, event.tenant_id.encode()),
-                 (names.H_CONTENT_TYPE, names.CONTENT_TYPE_JSON)]) for event in events]
+                 (names.H_CONTENT_TYPE, names.CONTENT_TYPE_JSON), *extra]) for event in events]
     await asyncio.gather(*sent)
+
+
+def describe_attempt(span: Span, report: Report, *, content: bool) -> None:
+    """The attempt's outcome on its span (GenAI conventions: no text unless `content`)."""
+    usage = report.usage
+    span.set_attributes({"gen_ai.usage.input_tokens": usage.prompt_tokens,
+                         "gen_ai.usage.output_tokens": usage.completion_tokens,
+                         "switchyard.attempt.status": report.status,
+                         "switchyard.usage.estimated": report.estimated,
+                         "switchyard.cost_usd": str(report.cost_usd)})
+    answer = report.answer
+    if answer is not None and not report.finish_reasons:
+        report.finish_reasons = [str(c.get("finish_reason")) for c in answer.get("choices") or ()
+                                 if isinstance(c, dict) and c.get("finish_reason")]
+    if report.response_model:
+        span.set_attribute("gen_ai.response.model", report.response_model)
+    if report.finish_reasons:
+        span.set_attribute("gen_ai.response.finish_reasons", report.finish_reasons)
+    if report.ttft_ms is not None:
+        span.set_attribute("switchyard.ttft_ms", round(report.ttft_ms, 3))
+    if report.error is not None:
+        span.set_attribute("error.type", report.error.code)
+        if report.status in ("error", "timeout"):  # a lost race is no failure of the route
+            span.set_status(StatusCode.ERROR, report.error.code)
+    if content:
+        if report.text is not None and report.text:
+            span.set_attribute("gen_ai.output.messages", orjson.dumps(
+                [{"role": "assistant", "content": "".join(report.text)}]).decode())
+        elif answer is not None and answer.get("choices"):
+            span.set_attribute("gen_ai.output.messages", orjson.dumps(
+                [c.get("message") for c in answer["choices"] if isinstance(c, dict)]).decode())
 
 
 async def _write(lead: Lead, chunk: dict[str, Any]) -> None:

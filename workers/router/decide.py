@@ -35,6 +35,7 @@ from topics.routing_policy import (
     within_key_models,
 )
 from topics.settings import RouterSettings
+from topics.tracing import Span, Tracing
 from workers.router.sampler import ThompsonSampler
 
 # Latency a route should meet before its latency score starts to fall, by model class:
@@ -84,7 +85,7 @@ class Decider:
     def __init__(self, catalog: Catalog, policies: PolicyCache, store: PosteriorStore,
                  posteriors: CachedPosteriors, sampler: ThompsonSampler, breakers: Breakers,
                  *, feedback_rate: float, defaults: ModeDefaults,
-                 degraded: Degraded | None = None) -> None:
+                 degraded: Degraded | None = None, tracing: Tracing | None = None) -> None:
         self._catalog = catalog
         self._policies = policies
         self._store = store
@@ -95,11 +96,25 @@ class Decider:
         self._defaults = defaults
         self._degraded = degraded or Degraded()
         self._counting: set[asyncio.Task[None]] = set()
+        self._tracing = tracing or Tracing()
 
     async def decide(self, env: RequestEnvelope,
                      key_models: frozenset[str] | None = None) -> Decision:
         """`key_models`: the models the request's API key is limited to (None: any); the
         routes, "auto"'s choice included, stay among them."""
+        with self._tracing.span("route decision") as span:
+            decision = await self._decide(env, key_models, span)
+            if span.is_recording():
+                span.set_attributes({
+                    "switchyard.category": decision.category,
+                    "switchyard.mode": decision.mode, "switchyard.width": decision.width,
+                    "switchyard.routing.candidates": [m.id for m in decision.ranked],
+                    "switchyard.routing.chosen": decision.ranked[0].id if decision.ranked
+                    else ""})
+            return decision
+
+    async def _decide(self, env: RequestEnvelope, key_models: frozenset[str] | None,
+                      span: Span) -> Decision:
         policy = await self._policies.policy_for(env.tenant_id)
         fallbacks = env.routing.fallbacks
         tiers = route_tiers(self._catalog, policy if key_models is None
@@ -128,7 +143,7 @@ class Decider:
         weights = _weights(env.routing.weights, policy.weights)
         routes = await self._selectable(routes)
         if len(routes) > 1:
-            routes = await self._ranked(category, routes, tiers)
+            routes = await self._ranked(category, routes, tiers, span)
             # A stats-only counter: counted alongside the provider call, not before it.
             task = asyncio.create_task(self._store.note_selection(category, routes[0].id))
             self._counting.add(task)
@@ -144,20 +159,30 @@ class Decider:
                         primary=frozenset(primary))
 
     async def _ranked(self, category: str, routes: list[Model],
-                      tiers: list[tuple[Model, ...]]) -> list[Model]:
+                      tiers: list[tuple[Model, ...]], span: Span) -> list[Model]:
         """`routes` in the order they are tried: tier by tier, each tier by one Thompson
         draw (`topics/bandit.py`) over its routes' posteriors. One tier ("auto", or a name
         several providers serve) is the bandit's choice alone; a named model stays first."""
         posteriors = await self._posteriors.get(category, [m.id for m in routes])
         kept = {m.id for m in routes}
         ordered: list[Model] = []
+        drawn: list[str] = []
+        draws: list[float] = []
         for tier in tiers:
             members = [m for m in tier if m.id in kept]
             if len(members) > 1:
-                order = self._sampler.rank([(posteriors[m.id].alpha, posteriors[m.id].beta)
-                                            for m in members])
+                values = self._sampler.draw([(posteriors[m.id].alpha, posteriors[m.id].beta)
+                                             for m in members])
+                order = self._sampler.order(values)
+                if span.is_recording():
+                    drawn += [m.id for m in members]
+                    draws += [float(v) for v in values]
                 members = [members[i] for i in order]
             ordered += members
+        if drawn:
+            # The Thompson draws behind the order: what each route sampled, route by route.
+            span.set_attributes({"switchyard.routing.drawn_routes": drawn,
+                                 "switchyard.routing.draws": draws})
         return ordered
 
     def _width(self, mode: Mode, requested: int | None, eligible: int) -> int:

@@ -14,10 +14,12 @@ from typing import Any, Protocol
 
 import orjson
 from aiokafka import AIOKafkaProducer
+from opentelemetry.context import get_current
 
 from state.claims import Claims
 from topics.errors import SwitchyardError, UpstreamError
 from topics.messages import FrameKind, ReplyTarget, UsageEvent, encode_frame
+from topics.tracing import Span, SpanKind, Tracing
 from workers.router.publisher import ReplyPublisher
 
 
@@ -32,7 +34,7 @@ class Books(Protocol):
 class FrameWriter:
     def __init__(self, request_id: str, reply: ReplyTarget, publisher: ReplyPublisher,
                  producer: AIOKafkaProducer, *, max_bytes: int, books: Books | None = None,
-                 claims: Claims | None = None) -> None:
+                 claims: Claims | None = None, tracing: Tracing | None = None) -> None:
         self._request_id = request_id
         self._max_bytes = max_bytes  # kafka.max_message_bytes: the reply topic's limit
         self._reply = reply
@@ -45,8 +47,32 @@ class FrameWriter:
         self._books = books
         self._claims = claims
         self._billed: asyncio.Future[None] | None = None  # the bill's write is in Redis
+        self._tracing = tracing
+        # Made where the request is handled: the reply's span is the request's child, not
+        # the child of whichever attempt sends the first frame.
+        self._parent = get_current() if tracing is not None and tracing.on else None
+        # From the first frame to the last: the reply's publish, under the request's span.
+        self._span: Span | None = None
 
     async def send(self, kind: FrameKind, data: dict[str, Any]) -> None:
+        if self._tracing is None or not self._tracing.on:
+            await self._send(kind, data)
+            return
+        if self._span is None:
+            self._span = self._tracing.start(
+                "reply publish", kind=SpanKind.PRODUCER, parent=self._parent, attributes={
+                "messaging.system": "redis" if self._reply.channel is not None else "kafka",
+                "messaging.destination.name": self._reply.channel or self._reply.topic or ""})
+        span = self._span
+        try:
+            await self._send(kind, data)
+        finally:
+            if kind in ("done", "error"):
+                span.set_attributes({"switchyard.reply.frames": self._seq,
+                                     "switchyard.reply.last": kind})
+                span.end()
+
+    async def _send(self, kind: FrameKind, data: dict[str, Any]) -> None:
         frame = self._encode(kind, data)
         if len(frame) > self._max_bytes:
             # An answer (a long completion, the embeddings of many inputs) that no reply

@@ -26,6 +26,7 @@ from topics import names
 from topics.catalog import load_catalog
 from topics.messages import RequestEnvelope
 from topics.settings import Settings
+from topics.tracing import Tracing, open_tracing
 from workers.classifier.model import PromptClassifier
 from workers.classifier.stage import Labeller
 from workers.consumer import ConsumerLoop
@@ -54,6 +55,14 @@ log = logging.getLogger(__name__)
 
 
 async def run_router(settings: Settings, stop: asyncio.Event) -> None:
+    tracing = open_tracing("router", content=settings.trace_content)
+    try:
+        await _run_router(settings, stop, tracing)
+    finally:
+        tracing.close()
+
+
+async def _run_router(settings: Settings, stop: asyncio.Event, tracing: Tracing) -> None:
     catalog = load_catalog(settings.catalog_path)
     route_config = RouteConfig(
         provider_keys={name: os.environ.get(p.api_key_env) or None
@@ -65,7 +74,8 @@ async def run_router(settings: Settings, stop: asyncio.Event) -> None:
     labeller, topic, group_id = None, names.CLASSIFIED, names.CLASSIFIED_GROUP
     if cfg.classify_inline:
         classifier = PromptClassifier(settings.classifier.model_path)
-        labeller = Labeller(classifier.classify, max_batch=settings.classifier.max_batch)
+        labeller = Labeller(classifier.classify, max_batch=settings.classifier.max_batch,
+                            tracing=tracing)
         topic, group_id = names.REQUESTS, names.REQUESTS_GROUP
     worker_id = f"router-{uuid.uuid4().hex[:12]}"
     registry = CollectorRegistry()
@@ -102,11 +112,13 @@ async def run_router(settings: Settings, stop: asyncio.Event) -> None:
                           CachedPosteriors(store, ttl_s=cfg.posterior_cache_ttl_s,
                                            degraded=degraded),
                           ThompsonSampler(seed), breakers, feedback_rate=cfg.feedback_rate,
-                          defaults=ModeDefaults.from_settings(cfg), degraded=degraded)
+                          defaults=ModeDefaults.from_settings(cfg), degraded=degraded,
+                          tracing=tracing)
         latency = LatencyTracker()
         runner = AttemptRunner(dialects=dialects(http, metrics.malformed_event),
                                producer=producer, decider=decider,
-                               breakers=breakers, latency=latency, metrics=metrics)
+                               breakers=breakers, latency=latency, metrics=metrics,
+                               tracing=tracing)
         resolver = RouteResolver(catalog, route_config, tenant_keys.key_for)
         # Each request's key and tenant, re-checked; revocations reach the cache at once.
         access = AccessCheck(pool, ttl_s=cfg.key_cache_ttl_s)
@@ -138,8 +150,8 @@ async def run_router(settings: Settings, stop: asyncio.Event) -> None:
             council=Council(runner, resolver, CouncilSettings.from_settings(cfg)),
             frames=lambda env: FrameWriter(env.request_id, env.reply, publisher, producer,
                                            max_bytes=settings.kafka.max_message_bytes,
-                                           books=runner, claims=claims),
-            cancels=cancels, metrics=metrics, settled=settled, limits=limits,
+                                           books=runner, claims=claims, tracing=tracing),
+            cancels=cancels, metrics=metrics, settled=settled, limits=limits, tracing=tracing,
             rebill=functools.partial(produce_usage, producer),
             label=labeller.label if labeller is not None else None,
             budgets=RouterBudgets(
@@ -186,4 +198,5 @@ def main() -> None:
     settings = Settings()
     run_process(lambda stop: run_router(settings, stop), settings.log_level,
                 grace_s=settings.router.shutdown_grace_s,
-                close_timeout_s=settings.shutdown_close_timeout_s)
+                close_timeout_s=settings.shutdown_close_timeout_s,
+                process="router", log_format=settings.log_format)

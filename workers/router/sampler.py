@@ -49,5 +49,10 @@ class ThompsonSampler:
 
     def rank(self, posteriors: Sequence[tuple[float, float]]) -> list[int]:
         """Every arm's index, best draw first: the first choice, then the failover order."""
-        order: list[int] = np.argsort(-self.draw(posteriors), kind="stable").tolist()
+        return self.order(self.draw(posteriors))
+
+    @staticmethod
+    def order(draws: np.ndarray) -> list[int]:
+        """The arms' indexes, best of `draws` first (what `rank` returns for them)."""
+        order: list[int] = np.argsort(-draws, kind="stable").tolist()
         return order

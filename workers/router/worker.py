@@ -27,6 +27,7 @@ from state.claims import Claim, ClaimResult, Claims
 from state.runtime import outage
 from topics.errors import GatewayTimeout, SwitchyardError, Unavailable, UpstreamError
 from topics.messages import RequestEnvelope, UsageEvent
+from topics.tracing import Tracing
 from workers.classifier.stage import needs_label
 from workers.router.access import AccessCheck
 from workers.router.attempt import now_ms
@@ -52,6 +53,7 @@ class RouterWorker:
                  label: Callable[[RequestEnvelope], Awaitable[RequestEnvelope]] | None = None,
                  limits: RouterLimits | None = None,
                  budgets: RouterBudgets | None = None,
+                 tracing: Tracing | None = None,
                  ) -> None:
         self._decider = decider
         self._executor = executor
@@ -66,8 +68,18 @@ class RouterWorker:
         self._label = label  # set when this router classifies the requests it reads
         self._limits = limits  # the batch path's rate limits; None: off
         self._budgets = budgets  # spend budgets: the batch path's admission, settlement
+        self._tracing = tracing or Tracing()
 
-    async def handle(self, env: RequestEnvelope, _record: Any) -> None:
+    async def handle(self, env: RequestEnvelope, record: Any) -> None:
+        # The request's trace, from its traceparent header: every span below is under it
+        # (decision, attempts, reply, usage produce); off, its ids still reach the logs.
+        with self._tracing.consume(f"{record.topic} process", record,
+                                   request_id=env.request_id, attributes={
+                                       "switchyard.request_id": env.request_id,
+                                       "switchyard.tenant_id": env.tenant_id}):
+            await self._traced(env)
+
+    async def _traced(self, env: RequestEnvelope) -> None:
         out = self._frames(env)
         try:
             await self._handle(env, out)
