@@ -27,7 +27,9 @@ from topics.audit import AuditEvent
 from topics.settings import Settings
 from topics.tracing import Tracing, open_tracing
 from workers.consumer import ConsumerLoop
-from workers.runtime import run_process, serve_metrics
+from workers.kafka_metrics import ConsumerMetrics
+from workers.probes import serve_probes
+from workers.runtime import run_process
 
 log = logging.getLogger(__name__)
 
@@ -68,16 +70,16 @@ async def _run_audit(settings: Settings, stop: asyncio.Event, tracing: Tracing) 
     cfg = settings.audit
     # The producer is for the DLQ; no Redis: the audit trail never waits on it.
     async with open_runtime(settings, Needs(redis=False)) as runtime:
+        registry = CollectorRegistry()
+        probes = await serve_probes(runtime, registry, cfg.metrics_host, cfg.metrics_port)
         pool = runtime.pool
         consumer = await runtime.consumer(names.AUDIT_GROUP)
 
-        registry = CollectorRegistry()
         offered = Counter("switchyard_audit_events", "Audit events offered to the chains, by "
                           "outcome (a redelivery is `duplicate`)", ["outcome"],
                           registry=registry)
-        append_seconds = Histogram("switchyard_audit_append_seconds", "One chain append",
+        append_seconds = Histogram("switchyard_audit_append_duration_seconds", "One chain append",
                                    registry=registry)
-        runtime.on_close_sync(serve_metrics(registry, cfg.metrics_port))
         turns = TenantTurns()
 
         async def append(event: AuditEvent) -> bool:
@@ -108,7 +110,9 @@ async def _run_audit(settings: Settings, stop: asyncio.Event, tracing: Tracing) 
         loop = ConsumerLoop(consumer=consumer, producer=runtime.producer, topic=names.AUDIT,
                             decode=AuditEvent.from_json, handler=handle,
                             max_in_flight=cfg.max_in_flight, shutdown_grace_s=cfg.shutdown_grace_s,
-                            close_remaining=runtime.close_remaining)
+                            close_remaining=runtime.close_remaining,
+                            metrics=ConsumerMetrics(registry, names.AUDIT_GROUP))
+        probes.watch(loop.status)
         log.info("audit writer consuming %s", names.AUDIT)
         await loop.run(stop)
 
