@@ -324,7 +324,7 @@ async def _seed_dev_key(settings: Settings) -> tuple[str, bool]:
 
 def _up(settings: Settings, data_dir: Path, routers: int,
         fake_upstream_port: int = FAKE_UPSTREAM_PORT) -> None:
-    from compose.gateway import Gateway, GaveUp, RestartPolicy
+    from compose.gateway import Gateway, GaveUp, RestartPolicy, default_metrics_ports
     from compose.stack import LocalStack
     from topics.catalog import load_catalog
 
@@ -372,8 +372,11 @@ def _up(settings: Settings, data_dir: Path, routers: int,
         admin_key_file.touch(mode=0o600)
         admin_key_file.write_text(admin_key + "\n")
         with Gateway(settings, data_dir / "logs", routers=routers,
-                     fake_upstream_port=fake_port, log=log) as gateway:
+                     fake_upstream_port=fake_port, log=log,
+                     metrics_ports=default_metrics_ports(routers)) as gateway:
             running.append(gateway)
+            metrics = "".join(f"\n    {name}: {url}"
+                              for name, url in gateway.metrics_urls.items())
             print(f"\nSwitchyard is up at {gateway.url}"
                   f"\n  dev API key{' (generated)' if generated else ''}: {api_key}"
                   f"\n  try: curl {gateway.url}/v1/chat/completions -H 'Authorization: Bearer "
@@ -381,7 +384,8 @@ def _up(settings: Settings, data_dir: Path, routers: int,
                   f"\"gpt-4o-mini\", \"messages\": [{{\"role\": \"user\", \"content\": "
                   f"\"hello\"}}]}}'"
                   f"\n  platform admin key (the admin API, docs/tenancy.md): in "
-                  f"{admin_key_file}\n  Ctrl-C stops everything (twice: at once); a process "
+                  f"{admin_key_file}\n  metrics (and /healthz, /readyz beside them):"
+                  f"{metrics}\n  Ctrl-C stops everything (twice: at once); a process "
                   f"that exits on its own is restarted.", flush=True)
             # A process that dies is restarted (compose/gateway.py RestartPolicy); one that
             # keeps dying stops everything.

@@ -54,7 +54,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     master_keys = MasterKeys.from_settings(settings.vault)
     # The same for session signing keys: malformed fails the start, absent refuses logins.
     session_codec = SessionCodec.from_settings(settings.auth)
-    metrics = IngressMetrics(CollectorRegistry())
+    metrics = IngressMetrics(CollectorRegistry(), process=True)
     version = package_version()
 
     @contextlib.asynccontextmanager

@@ -6,7 +6,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+)
 
 _BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
@@ -18,8 +26,13 @@ DEFAULT_MODE = "default"
 
 
 class IngressMetrics:
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: CollectorRegistry, *, process: bool = False) -> None:
+        """`process`: add prometheus_client's process basics (`process_*`, `python_*`); the
+        ingress's own registry has them, tests' throwaway ones need not."""
         self.registry = registry
+        if process:
+            for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+                registry.register(collector)
         self.requests = Counter("switchyard_ingress_requests", "HTTP requests answered, by "
                                 "route, status and routing mode", ["route", "status", "mode"],
                                 registry=registry)

@@ -81,7 +81,7 @@ async def test_metrics_count_requests_by_route_and_status(http: httpx.AsyncClien
     await http.post("/v1/chat/completions", json={"model": "nope", "messages": []})
     text = (await http.get("/metrics")).text
     assert re.search(r'switchyard_ingress_requests_total\{route="/v1/chat/completions",'
-                     r'status="422"\} [1-9]', text)
+                     r'status="422",mode="none"\} [1-9]', text)
     assert "switchyard_ingress_in_flight" in text
 
 

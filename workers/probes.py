@@ -17,7 +17,14 @@ import logging
 from collections.abc import Callable
 
 import orjson
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    generate_latest,
+)
 
 from state.runtime import Runtime
 
@@ -28,6 +35,15 @@ Readiness = Callable[[], tuple[bool, dict[str, object]]]
 _REQUEST_TIMEOUT_S = 5.0
 _MAX_HEAD_BYTES = 8192
 _REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}
+
+
+def process_registry() -> CollectorRegistry:
+    """A registry of the process's own, with prometheus_client's process basics (`process_*`,
+    `python_*`: memory, CPU, file descriptors, GC)."""
+    registry = CollectorRegistry()
+    for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+        registry.register(collector)
+    return registry
 
 
 class ProbeServer:

@@ -18,7 +18,7 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import Counter, Histogram
 
 from state.audit import append_event
 from state.runtime import Needs, open_runtime, outage
@@ -28,7 +28,7 @@ from topics.settings import Settings
 from topics.tracing import Tracing, open_tracing
 from workers.consumer import ConsumerLoop
 from workers.kafka_metrics import ConsumerMetrics
-from workers.probes import serve_probes
+from workers.probes import process_registry, serve_probes
 from workers.runtime import run_process
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ async def _run_audit(settings: Settings, stop: asyncio.Event, tracing: Tracing) 
     cfg = settings.audit
     # The producer is for the DLQ; no Redis: the audit trail never waits on it.
     async with open_runtime(settings, Needs(redis=False)) as runtime:
-        registry = CollectorRegistry()
+        registry = process_registry()
         probes = await serve_probes(runtime, registry, cfg.metrics_host, cfg.metrics_port)
         pool = runtime.pool
         consumer = await runtime.consumer(names.AUDIT_GROUP)

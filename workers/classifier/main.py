@@ -6,7 +6,6 @@ import asyncio
 import logging
 
 from aiokafka.errors import KafkaError
-from prometheus_client import CollectorRegistry
 
 from state.runtime import Needs, open_runtime
 from topics import names
@@ -19,7 +18,7 @@ from workers.classifier.model import PromptClassifier
 from workers.classifier.stage import ClassifierStage, Labeller
 from workers.consumer import ConsumerLoop
 from workers.kafka_metrics import ConsumerMetrics
-from workers.probes import serve_probes
+from workers.probes import process_registry, serve_probes
 from workers.runtime import run_process
 
 log = logging.getLogger(__name__)
@@ -36,7 +35,7 @@ async def run_classifier(settings: Settings, stop: asyncio.Event) -> None:
 async def _run_classifier(settings: Settings, stop: asyncio.Event, tracing: Tracing) -> None:
     cfg = settings.classifier
     classifier = PromptClassifier(cfg.model_path)
-    registry = CollectorRegistry()
+    registry = process_registry()
     async with open_runtime(settings, Needs(redis=False, postgres=False)) as runtime:
         probes = await serve_probes(runtime, registry, cfg.metrics_host, cfg.metrics_port)
         producer = runtime.producer

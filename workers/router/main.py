@@ -10,7 +10,6 @@ import uuid
 
 import aiohttp
 import redis.asyncio as redis
-from prometheus_client import CollectorRegistry
 
 from state.bandit import CachedPosteriors, PosteriorStore
 from state.breakers import BreakerConfig, Breakers
@@ -32,7 +31,7 @@ from workers.classifier.model import PromptClassifier
 from workers.classifier.stage import Labeller
 from workers.consumer import ConsumerLoop
 from workers.kafka_metrics import ConsumerMetrics
-from workers.probes import serve_probes
+from workers.probes import process_registry, serve_probes
 from workers.providers.anthropic import AnthropicMessages
 from workers.providers.base import Dialect, MalformedHook, Timeouts
 from workers.providers.gemini import GeminiGenerateContent
@@ -74,7 +73,7 @@ async def _run_router(settings: Settings, stop: asyncio.Event, tracing: Tracing)
         fallback_url=settings.fallback_upstream_url,
         timeouts=Timeouts.from_settings(settings.router))
     cfg = settings.router
-    registry = CollectorRegistry()
+    registry = process_registry()
     metrics = RouterMetrics(registry, tenant_labels=settings.metrics.tenant_labels)
     labeller, topic, group_id = None, names.CLASSIFIED, names.CLASSIFIED_GROUP
     if cfg.classify_inline:

@@ -9,7 +9,6 @@ from collections.abc import Sequence
 from typing import Any
 
 from opentelemetry.context import Context
-from prometheus_client import CollectorRegistry
 
 from state.runtime import Needs, open_runtime
 from state.usage import record_usage
@@ -19,7 +18,7 @@ from topics.settings import Settings
 from topics.tracing import Link, SpanContext, SpanKind, Tracing, open_tracing
 from workers.consumer import ConsumerLoop
 from workers.kafka_metrics import ConsumerMetrics
-from workers.probes import serve_probes
+from workers.probes import process_registry, serve_probes
 from workers.runtime import run_process
 from workers.usage.batcher import UsageBatcher
 from workers.usage.metrics import UsageMetrics
@@ -39,7 +38,7 @@ async def _run_usage(settings: Settings, stop: asyncio.Event, tracing: Tracing) 
     cfg = settings.usage
     # The producer is for the DLQ; no Redis: billing never waits on it.
     async with open_runtime(settings, Needs(redis=False)) as runtime:
-        registry = CollectorRegistry()
+        registry = process_registry()
         probes = await serve_probes(runtime, registry, cfg.metrics_host, cfg.metrics_port)
         pool = runtime.pool
         consumer = await runtime.consumer(names.USAGE_GROUP,
