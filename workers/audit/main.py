@@ -18,14 +18,13 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
-from prometheus_client import Counter, Histogram
-
 from state.audit import append_event
 from state.runtime import Needs, open_runtime, outage
 from topics import names
 from topics.audit import AuditEvent
 from topics.settings import Settings
 from topics.tracing import Tracing, open_tracing
+from workers.audit.metrics import AuditMetrics
 from workers.consumer import ConsumerLoop
 from workers.kafka_metrics import ConsumerMetrics
 from workers.probes import process_registry, serve_probes
@@ -75,18 +74,14 @@ async def _run_audit(settings: Settings, stop: asyncio.Event, tracing: Tracing) 
         pool = runtime.pool
         consumer = await runtime.consumer(names.AUDIT_GROUP)
 
-        offered = Counter("switchyard_audit_events", "Audit events offered to the chains, by "
-                          "outcome (a redelivery is `duplicate`)", ["outcome"],
-                          registry=registry)
-        append_seconds = Histogram("switchyard_audit_append_duration_seconds", "One chain append",
-                                   registry=registry)
+        metrics = AuditMetrics(registry)
         turns = TenantTurns()
 
         async def append(event: AuditEvent) -> bool:
             delay_s = 0.1
             while True:
                 try:
-                    with append_seconds.time():
+                    with metrics.append_duration.time():
                         async with asyncio.timeout(cfg.write_timeout_s):
                             return await append_event(pool, event)
                 except Exception as exc:
@@ -105,7 +100,7 @@ async def _run_audit(settings: Settings, stop: asyncio.Event, tracing: Tracing) 
                                  attributes={"switchyard.audit.action": event.action}):
                 async with turns.turn(event.tenant_id):
                     added = await append(event)
-            offered.labels("written" if added else "duplicate").inc()
+            metrics.offered.labels("written" if added else "duplicate").inc()
 
         loop = ConsumerLoop(consumer=consumer, producer=runtime.producer, topic=names.AUDIT,
                             decode=AuditEvent.from_json, handler=handle,
