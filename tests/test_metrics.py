@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ import asyncpg
 import httpx
 import openai
 import pytest
+from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from compose.gateway import Gateway
@@ -22,6 +24,10 @@ from state.keys import create_key
 from tests.conftest import FakeAdmin, eventually
 from tests.tenancy_util import ingress_behind_proxy
 from topics import names
+from topics.kafka import make_producer
+from topics.settings import Settings
+from workers.providers.base import Usage
+from workers.router.metrics import RouterMetrics
 
 NAMED, FALLBACK = "gpt-4o-mini", "claude-haiku-4-5"
 # Three fast openai-dialect routes of three providers (tests/test_modes_e2e.py).
@@ -252,3 +258,44 @@ async def test_ingress_probes_split_liveness_from_readiness(
 
         page = await eventually(lost, timeout_s=15)
         assert page.value("switchyard_ingress_reply_channel_losses_total") >= 1
+
+
+async def test_an_undecodable_message_is_counted_as_dead_lettered(
+        gateway: Gateway, urls: dict[str, str]) -> None:
+    before = await scrape(urls["usage"])
+    producer = make_producer(gateway.settings.kafka)
+    await producer.start()
+    try:
+        await producer.send_and_wait(names.USAGE, b"not a usage event", key=b"dlq-test")
+    finally:
+        await producer.stop()
+
+    async def counted() -> bool:
+        page = await scrape(urls["usage"])
+        labels = {"group": names.USAGE_GROUP, "topic": names.USAGE, "reason": "undecodable"}
+        return page.value("switchyard_dlq_messages_total", **labels) == before.value(
+            "switchyard_dlq_messages_total", **labels) + 1
+
+    assert await eventually(counted, timeout_s=30)
+
+
+def test_tenants_label_tokens_and_cost_only_when_the_operator_enables_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    assert Settings().metrics.tenant_labels is False
+    monkeypatch.setenv("SWITCHYARD_METRICS__TENANT_LABELS", "true")
+    assert Settings().metrics.tenant_labels is True
+    for enabled in (False, True):
+        registry = CollectorRegistry()
+        metrics = RouterMetrics(registry, tenant_labels=enabled)
+        metrics.attempt("openai", "gpt-4o-mini", "ok", 120.0, 40.0, Usage(10, 5, 4),
+                        Decimal("0.25"), "tenant-a")
+        tenant = {"tenant": "tenant-a"} if enabled else {}
+        series = {"provider": "openai", "model": "gpt-4o-mini", **tenant}
+        assert registry.get_sample_value("switchyard_router_tokens_total",
+                                         {**series, "kind": "prompt"}) == 10
+        assert registry.get_sample_value("switchyard_router_tokens_total",
+                                         {**series, "kind": "cached_prompt"}) == 4
+        assert registry.get_sample_value("switchyard_router_cost_usd_total", series) == 0.25
+        # Attempts and latency never carry a tenant.
+        assert registry.get_sample_value("switchyard_router_attempts_total", {
+            "provider": "openai", "model": "gpt-4o-mini", "status": "ok"}) == 1
