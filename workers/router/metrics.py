@@ -129,7 +129,8 @@ class RouterMetrics:
         self.degraded.labels(what).inc()
 
     def breaker(self, route: str, before: str | None, state: str) -> None:
-        if before is not None:  # the first state seen is no transition
+        # Every breaker starts closed: a first outcome that opens it is a transition.
+        if state != (before or "closed"):
             self.breaker_transitions.labels(route, state).inc()
         self.breaker_state.labels(route).set(_BREAKER_VALUES[state])
 
