@@ -30,6 +30,9 @@ def main(argv: list[str] | None = None) -> None:
     up.add_argument("--fake-upstream-port", type=int, default=FAKE_UPSTREAM_PORT,
                     help="port of the fake upstream, started when "
                     "SWITCHYARD_FALLBACK_UPSTREAM_URL is unset")
+    up.add_argument("--metrics-ports", choices=("default", "off"), default="default",
+                    help="the workers' metrics and probe ports: the defaults (router 9101, "
+                    "usage 9102, audit 9103, classifier 9104, more routers 9111, …), or none")
     sub.add_parser("ingress", help="run the HTTP ingress")
     sub.add_parser("classifier", help="run the classifier as its own stage (for routers "
                    "started with SWITCHYARD_ROUTER__CLASSIFY_INLINE=false)")
@@ -87,7 +90,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     settings = Settings()
     if args.command == "up":
-        _up(settings, args.data_dir, args.routers, args.fake_upstream_port)
+        _up(settings, args.data_dir, args.routers, args.fake_upstream_port,
+            metrics_ports=args.metrics_ports == "default")
     elif args.command == "ingress":
         _ingress(settings)
     elif args.command == "classifier":
@@ -323,8 +327,8 @@ async def _seed_dev_key(settings: Settings) -> tuple[str, bool]:
 
 
 def _up(settings: Settings, data_dir: Path, routers: int,
-        fake_upstream_port: int = FAKE_UPSTREAM_PORT) -> None:
-    from compose.gateway import Gateway, GaveUp, RestartPolicy
+        fake_upstream_port: int = FAKE_UPSTREAM_PORT, *, metrics_ports: bool = True) -> None:
+    from compose.gateway import Gateway, GaveUp, RestartPolicy, default_metrics_ports
     from compose.stack import LocalStack
     from topics.catalog import load_catalog
 
@@ -372,8 +376,12 @@ def _up(settings: Settings, data_dir: Path, routers: int,
         admin_key_file.touch(mode=0o600)
         admin_key_file.write_text(admin_key + "\n")
         with Gateway(settings, data_dir / "logs", routers=routers,
-                     fake_upstream_port=fake_port, log=log) as gateway:
+                     fake_upstream_port=fake_port, log=log,
+                     metrics_ports=default_metrics_ports(routers) if metrics_ports
+                     else None) as gateway:
             running.append(gateway)
+            metrics = "".join(f"\n    {name}: {url}"
+                              for name, url in gateway.metrics_urls.items())
             print(f"\nSwitchyard is up at {gateway.url}"
                   f"\n  dev API key{' (generated)' if generated else ''}: {api_key}"
                   f"\n  try: curl {gateway.url}/v1/chat/completions -H 'Authorization: Bearer "
@@ -381,7 +389,8 @@ def _up(settings: Settings, data_dir: Path, routers: int,
                   f"\"gpt-4o-mini\", \"messages\": [{{\"role\": \"user\", \"content\": "
                   f"\"hello\"}}]}}'"
                   f"\n  platform admin key (the admin API, docs/tenancy.md): in "
-                  f"{admin_key_file}\n  Ctrl-C stops everything (twice: at once); a process "
+                  f"{admin_key_file}\n  metrics (and /healthz, /readyz beside them):"
+                  f"{metrics}\n  Ctrl-C stops everything (twice: at once); a process "
                   f"that exits on its own is restarted.", flush=True)
             # A process that dies is restarted (compose/gateway.py RestartPolicy); one that
             # keeps dying stops everything.

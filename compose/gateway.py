@@ -5,7 +5,11 @@ test fixtures alike, so both run the gateway exactly the same way.
 `supervise()` (what `switchyard up` runs) restarts a child that exits on its own, after an
 exponential backoff, and gives up only when one keeps dying (`RestartPolicy`). Without it,
 as in the test fixtures, a child that dies stays dead. A child stopped through `kill` or
-`terminate` is never restarted: those take it out of `processes` first."""
+`terminate` is never restarted: those take it out of `processes` first.
+
+With `metrics_ports` (child name → port: `default_metrics_ports` in `make up`, free ports in
+the tests), each worker serves `/metrics`, `/healthz` and `/readyz` on its port
+(`workers/probes.py`); `metrics_urls` says where."""
 
 from __future__ import annotations
 
@@ -15,12 +19,29 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from compose.children import Children, wait_http
 from topics.settings import Settings
+
+# The operations contract's metrics ports (docs/operations.md): the first router 9101, the
+# usage worker 9102, the audit writer 9103, the classifier stage 9104; more routers 9111, ….
+METRICS_PORTS = {"usage": 9102, "audit": 9103, "classifier": 9104}
+ROUTER_METRICS_PORT = 9101
+MORE_ROUTERS_METRICS_PORT = 9110  # + the router's number: router-1 on 9111
+
+# Which settings section a child's metrics port is in.
+_METRICS_SECTION = {"router": "ROUTER", "usage": "USAGE", "audit": "AUDIT",
+                    "classifier": "CLASSIFIER"}
+
+
+def default_metrics_ports(routers: int) -> dict[str, int]:
+    """The contract's metrics port of every worker `make up` starts, by child name."""
+    return {**METRICS_PORTS, **{
+        f"router-{i}": ROUTER_METRICS_PORT if i == 0 else MORE_ROUTERS_METRICS_PORT + i
+        for i in range(routers)}}
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,8 +76,10 @@ class Gateway(Children):
     def __init__(self, settings: Settings, log_dir: Path, *, routers: int = 1,
                  fake_upstream_port: int | None = None,
                  extra_env: dict[str, str] | None = None,
+                 metrics_ports: Mapping[str, int] | None = None,
                  log: Callable[[str], None] = print) -> None:
         self.settings = settings
+        self._metrics_ports = dict(metrics_ports or {})
         self._log_dir = log_dir
         self._routers = routers
         self._fake_port = fake_upstream_port
@@ -79,16 +102,36 @@ class Gateway(Children):
                        str(self._fake_port))
             wait_http(f"http://127.0.0.1:{self._fake_port}/_fake/stats", 20,
                       self._log_dir / "fake-upstream.log", self.processes["fake-upstream"])
-        self.spawn("usage", "usage")
-        self.spawn("audit", "audit", "run")
+        self.spawn("usage", "usage", env=self._metrics_env("usage"))
+        self.spawn("audit", "audit", "run", env=self._metrics_env("audit"))
         if not self.settings.router.classify_inline:
-            self.spawn("classifier", "classifier")
+            self.spawn("classifier", "classifier", env=self._metrics_env("classifier"))
         for i in range(self._routers):
-            self.spawn(f"router-{i}", "router")
+            self.spawn(f"router-{i}", "router", env=self._metrics_env(f"router-{i}"))
         self.spawn("ingress", "ingress")
         wait_http(f"{self.url}/v1/health", 30, self._log_dir / "ingress.log",
                   self.processes["ingress"])
         self._log(f"gateway: {self.url} (logs in {self._log_dir})")
+
+    @property
+    def metrics_urls(self) -> dict[str, str]:
+        """Child name → its `/metrics` URL: every process started with a metrics port, and
+        the ingress (which serves `/metrics` on its own port)."""
+        urls = {name: f"http://{self._metrics_host(name)}:{port}/metrics"
+                for name, port in self._metrics_ports.items() if name in self._specs}
+        return {"ingress": f"{self.url}/metrics", **urls}
+
+    def _metrics_host(self, name: str) -> str:
+        host: str = getattr(self.settings, _METRICS_SECTION[name.split("-")[0]].lower()
+                            ).metrics_host
+        return "127.0.0.1" if host == "0.0.0.0" else host
+
+    def _metrics_env(self, name: str) -> dict[str, str] | None:
+        port = self._metrics_ports.get(name)
+        if port is None:
+            return None
+        section = _METRICS_SECTION[name.split("-")[0]]
+        return {f"SWITCHYARD_{section}__METRICS_PORT": str(port)}
 
     def spawn(self, name: str, *command: str,
               env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import redis.asyncio as redis
 
-from ingress.metrics import IngressMetrics
+from ingress.metrics import DEFAULT_MODE, NO_MODE, IngressMetrics
 from ingress.pipeline import Pipeline, Submission
 from ingress.replies import FrameStream
 from state import limits as store
@@ -51,7 +51,7 @@ from topics.catalog import Catalog
 from topics.errors import SwitchyardError, Unavailable
 from topics.identity import Principal
 from topics.limits import Limits, estimate_tokens, refusal
-from topics.messages import ReplyFrame
+from topics.messages import MODES, ReplyFrame
 
 if TYPE_CHECKING:
     from ingress.call import Call  # whose Services hold an Admission
@@ -62,6 +62,8 @@ HEADERS_STATE = "response_headers"  # scope["state"] key read by ingress/middlew
 # Errors of the pipeline after which the request is known not to be queued: its
 # reservation is given back at once rather than at its deadline.
 _UNQUEUED = frozenset({"reply_channel_unavailable", "request_too_large"})
+# Bounded: a mode the request names is one of these (it is validated before it is queued).
+_MODE_LABELS = frozenset((*MODES, DEFAULT_MODE))
 
 
 class BudgetAdmission:
@@ -101,6 +103,9 @@ class Admission:
     async def submit(self, call: Call, pipeline: Pipeline,
                      job: Submission) -> tuple[ReplyFrame, FrameStream]:
         """Admit `job`, then submit it marked admitted."""
+        # The request's metrics label (`ingress/middleware.py`), whatever becomes of it.
+        mode = job.routing.get("mode") or DEFAULT_MODE
+        call.request.scope["state"]["mode"] = mode if mode in _MODE_LABELS else NO_MODE
         admitted = await self.admit(call, job)
         try:
             return await pipeline.submit(replace(job, admitted=admitted))

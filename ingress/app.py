@@ -54,7 +54,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     master_keys = MasterKeys.from_settings(settings.vault)
     # The same for session signing keys: malformed fails the start, absent refuses logins.
     session_codec = SessionCodec.from_settings(settings.auth)
-    metrics = IngressMetrics(CollectorRegistry())
+    metrics = IngressMetrics(CollectorRegistry(), process=True)
     version = package_version()
 
     @contextlib.asynccontextmanager
@@ -73,7 +73,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         async with open_runtime(settings) as runtime:
             replies = ReplyRouter(runtime.redis, names.reply_channel(uuid.uuid4().hex),
                                   check_s=settings.redis.reply_check_s,
-                                  answer_s=settings.redis.socket_timeout_s)
+                                  answer_s=settings.redis.socket_timeout_s, metrics=metrics)
             subscribed = asyncio.Event()
             reader = asyncio.create_task(replies.run(subscribed))
             runtime.on_close(_cancel, reader)
@@ -119,6 +119,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
                                   redis_client=runtime.redis, replies=replies, metrics=metrics,
                                   max_message_bytes=settings.kafka.max_message_bytes,
                                   tracing=tracing),
+                replies=replies,
                 metrics=metrics, producer=runtime.producer, redis=runtime.redis, pool=pool,
                 posteriors=PosteriorStore(runtime.redis, half_life_s=router.bandit_half_life_s),
                 breakers=Breakers(runtime.redis, BreakerConfig.from_settings(router)),

@@ -12,7 +12,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ingress.errors import unexpected_error_response
-from ingress.metrics import IngressMetrics
+from ingress.metrics import NO_MODE, IngressMetrics
 from topics.tracing import Tracing, traceparent_of
 
 # Set here whatever the application set: the request's own id and trace.
@@ -69,8 +69,10 @@ class RequestIdentity:
                     span.set_attribute("http.response.status_code", message["status"])
                     if message["status"] >= 500:
                         span.set_status(StatusCode.ERROR)
-                metrics.requests.labels(route, str(message["status"])).inc()
-                metrics.latency.labels(route).observe(time.perf_counter() - started)
+                # The routing mode, once admission has read it (`ingress/admission.py`).
+                metrics.answered(route, str(message["status"]),
+                                 scope["state"].get("mode", NO_MODE),
+                                 time.perf_counter() - started)
             await send(message)
 
         metrics.in_flight.inc()

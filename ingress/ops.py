@@ -1,4 +1,9 @@
-"""GET /v1/models, /v1/health and /metrics."""
+"""GET /v1/models, /v1/health, the probes (/healthz, /readyz) and /metrics.
+
+Probes, for an orchestrator: `/healthz` is liveness (the process answers; it calls nothing,
+so an outage of Kafka, Redis or PostgreSQL never gets the ingress restarted), `/readyz` is
+readiness (every dependency answers, and this process's reply channel is subscribed: without
+it no model call can be answered). `/v1/health` is the seed's shape, kept as it is."""
 
 from __future__ import annotations
 
@@ -49,19 +54,7 @@ def package_version() -> str:
 async def health(call: Call) -> Response:
     """Checks Kafka, Redis and PostgreSQL, with the version and uptime; 503 with `checks`
     naming what is down."""
-    checks = _dependency_checks(call.services)
-    timeout_s = call.services.settings.ingress.health_timeout_s
-
-    async def check(name: str) -> tuple[str, str]:
-        try:
-            async with asyncio.timeout(timeout_s):
-                await checks[name]()
-            return name, "ok"
-        except Exception as exc:  # any failure at all means "down"; say which and why
-            return name, f"down: {type(exc).__name__}: {exc}"[:300]
-
-    results = dict(await asyncio.gather(*(check(name) for name in checks)))
-    down = [name for name, state in results.items() if state != "ok"]
+    results, down = await _check(call.services, _dependency_checks(call.services))
     # Whole seconds: an integer decodes into a client's integer and float fields alike.
     uptime_s = int(time.monotonic() - call.services.started_s)
     body: dict[str, object] = {"status": "ok" if not down else "degraded",
@@ -72,6 +65,44 @@ async def health(call: Call) -> Response:
                          "type": "server_error", "code": "dependency_down", "param": None}
     return Response(orjson.dumps(body), status_code=503 if down else 200,
                     media_type="application/json")
+
+
+async def healthz(_call: Call) -> Response:
+    """Liveness: 200 while the process answers; checks no dependency."""
+    return Response(b'{"status":"ok"}', media_type="application/json")
+
+
+async def readyz(call: Call) -> Response:
+    """Readiness: Kafka, Redis, PostgreSQL and this ingress's reply channel; 503 with
+    `checks` naming what is down."""
+    services = call.services
+    checks = _dependency_checks(services)
+
+    async def reply_channel() -> None:
+        if not services.replies.connected:
+            raise ConnectionError("not subscribed (Redis pub/sub)")
+
+    results, down = await _check(services, {**checks, "reply_channel": reply_channel})
+    return Response(orjson.dumps({"status": "not_ready" if down else "ready",
+                                  "checks": results}),
+                    status_code=503 if down else 200, media_type="application/json")
+
+
+async def _check(services: Services, checks: dict[str, Callable[[], Awaitable[object]]]
+                 ) -> tuple[dict[str, str], list[str]]:
+    """Every check at once, each within `ingress.health_timeout_s`: "ok" or "down: why"."""
+    timeout_s = services.settings.ingress.health_timeout_s
+
+    async def check(name: str) -> tuple[str, str]:
+        try:
+            async with asyncio.timeout(timeout_s):
+                await checks[name]()
+            return name, "ok"
+        except Exception as exc:  # any failure at all means "down"; say which and why
+            return name, f"down: {type(exc).__name__}: {exc}"[:300]
+
+    results = dict(await asyncio.gather(*(check(name) for name in checks)))
+    return results, [name for name, state in results.items() if state != "ok"]
 
 
 def _dependency_checks(services: Services) -> dict[str, Callable[[], Awaitable[object]]]:

@@ -21,6 +21,7 @@ import logging
 import orjson
 import redis.asyncio as redis
 
+from ingress.metrics import IngressMetrics
 from state.pubsub import Subscription
 from state.runtime import OUTAGE_RETRY_AFTER_S
 from topics.errors import GatewayTimeout, Unavailable, UpstreamError
@@ -31,8 +32,11 @@ log = logging.getLogger(__name__)
 
 class ReplyRouter:
     def __init__(self, client: redis.Redis, channel: str, *, check_s: float = 1.0,
-                 answer_s: float = 2.0) -> None:
+                 answer_s: float = 2.0, metrics: IngressMetrics | None = None) -> None:
         self.channel = channel
+        self._metrics = metrics
+        if metrics is not None:
+            metrics.watch_reply_channel(lambda: self.connected)
         self._queues: dict[str, asyncio.Queue[ReplyFrame]] = {}
         self._subscription = Subscription(client, channel, self._dispatch, check_s=check_s,
                                           answer_s=answer_s, on_lost=self._lost)
@@ -57,6 +61,8 @@ class ReplyRouter:
 
     def _lost(self, exc: BaseException) -> None:
         failed = self._fail_waiting()
+        if self._metrics is not None:
+            self._metrics.reply_channel_losses.inc()
         log.warning("reply channel lost (%s); %d waiting requests failed", exc, failed)
 
     def _fail_waiting(self) -> int:

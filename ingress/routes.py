@@ -72,6 +72,8 @@ ROUTES: tuple[Endpoint, ...] = (
     Endpoint("POST", "/v1/auth/refresh", sessions.refresh, P.SESSION),
     Endpoint("POST", "/v1/auth/logout", sessions.logout, P.SESSION),
     Endpoint("GET", "/v1/health", ops.health, PUBLIC),
+    Endpoint("GET", "/healthz", ops.healthz, PUBLIC),
+    Endpoint("GET", "/readyz", ops.readyz, PUBLIC),
     Endpoint("GET", "/metrics", ops.metrics, PUBLIC),
 )
 

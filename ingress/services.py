@@ -15,6 +15,7 @@ from ingress.audit import AuditLog
 from ingress.auth import Authenticator, SessionVerifier
 from ingress.metrics import IngressMetrics
 from ingress.pipeline import Pipeline
+from ingress.replies import ReplyRouter
 from state.bandit import PosteriorStore
 from state.breakers import Breakers
 from state.limits import LimitStore
@@ -31,6 +32,7 @@ class Services:
     # None: no session signing key configured; login answers 503 (`ingress/sessions.py`).
     sessions: SessionVerifier | None
     pipeline: Pipeline
+    replies: ReplyRouter  # this process's reply channel: `/readyz` checks its subscription
     metrics: IngressMetrics
     producer: AIOKafkaProducer
     redis: redis.Redis

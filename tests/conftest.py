@@ -144,7 +144,10 @@ def gateway(stack: LocalStack, tmp_path_factory: pytest.TempPathFactory) -> Iter
     keys = {p.api_key_env: f"env-key-{name}" for name, p in catalog.providers.items()
             if name != FALLBACK_ONLY_PROVIDER}
     logs: Path = tmp_path_factory.mktemp("gateway-logs")
-    with Gateway(settings, logs, fake_upstream_port=fake_port, extra_env=keys) as running:
+    # Every worker serves its metrics and probes (tests/test_metrics.py), on a free port.
+    metrics_ports = {name: free_port() for name in ("router-0", "usage", "audit", "classifier")}
+    with Gateway(settings, logs, fake_upstream_port=fake_port, extra_env=keys,
+                 metrics_ports=metrics_ports) as running:
         yield running
 
 

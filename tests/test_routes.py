@@ -34,7 +34,7 @@ def test_every_route_states_the_permission_it_requires() -> None:
     assert all(e.permission is None or isinstance(e.permission, Permission) for e in ROUTES)
     # Login is public: its API key comes in the body, checked by the handler.
     assert {e.path for e in ROUTES if e.permission is None} == {
-        "/v1/health", "/metrics", "/v1/auth/login"}
+        "/v1/health", "/healthz", "/readyz", "/metrics", "/v1/auth/login"}
 
 
 def _callers(attribute: str) -> list[str]:
@@ -71,7 +71,7 @@ async def test_an_authenticated_route_refuses_a_caller_without_a_key(
     assert wrong.json()["error"]["code"] == "invalid_api_key"
 
 
-@pytest.mark.parametrize("path", ["/v1/health", "/metrics"])
+@pytest.mark.parametrize("path", ["/v1/health", "/healthz", "/readyz", "/metrics"])
 async def test_a_public_route_answers_without_a_key(gateway: Gateway, path: str) -> None:
     async with httpx.AsyncClient(base_url=gateway.url, timeout=10) as anonymous:
         response = await anonymous.get(path)

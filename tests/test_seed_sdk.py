@@ -415,12 +415,17 @@ async def test_the_admin_api_and_the_audit_trail_as_the_docs_show_them(
     decoded("POST /v1/admin/tenants/{tenant_id}/resume",
             await admin.call("POST", f"/v1/admin/tenants/{tenant_id}/resume"))
 
+    expected = {"tenant.created", "key.created", "key.revoked", "tenant.suspended",
+                "tenant.resumed"}
+
     async def trail() -> dict[str, Any] | None:
+        # Until the last action's event is written too: five entries can be there before
+        # it (the tenant's first key is a `key.created` of its own).
         response = await owner.call("GET", "/v1/audit", limit="50")
         body: dict[str, Any] = response.json()
-        return body if response.status_code == 200 and len(body["entries"]) >= 5 else None
+        return body if response.status_code == 200 and {
+            e["action"] for e in body["entries"]} >= expected else None
 
     entries = (await eventually(trail, timeout_s=30))["entries"]
     check({"entries": entries}, SHAPES["GET /v1/audit"])
-    assert {e["action"] for e in entries} >= {"tenant.created", "key.created", "key.revoked",
-                                              "tenant.suspended", "tenant.resumed"}
+    assert {e["action"] for e in entries} >= expected

@@ -178,7 +178,10 @@ def test_switchyard_up_restarts_a_killed_router_and_stops_on_ctrl_c(tmp_path: Pa
         "ingress": settings.ingress.model_copy(update={"port": free_port()})})
     up = subprocess.Popen(
         [sys.executable, "-m", "compose.cli", "up", "--data-dir", str(tmp_path / "up"),
-         "--fake-upstream-port", str(free_port())],
+         "--fake-upstream-port", str(free_port()),
+         # The workers' default metrics ports are fixed: another stack on this machine may
+         # hold them (tests/test_metrics.py covers them on free ports).
+         "--metrics-ports", "off"],
         env={**os.environ, **settings.to_env()}, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True, start_new_session=True)
     output = _Lines(up)
@@ -186,6 +189,7 @@ def test_switchyard_up_restarts_a_killed_router_and_stops_on_ctrl_c(tmp_path: Pa
         ready = output.wait_for("dev API key", 120)
         api_key = ready.rsplit(": ", 1)[1].strip()
         output.wait_for("Ctrl-C stops everything", 10)
+        assert f"ingress: http://127.0.0.1:{settings.ingress.port}/metrics" in output.text()
         victim = _child_pid(up.pid, "router")
         os.kill(victim, signal.SIGKILL)
         output.wait_for(f"router-0 (pid {victim}) was killed by SIGKILL; restart 1 in", 10)

@@ -205,7 +205,13 @@ class RouterSettings(BaseModel):
     upstream_pool_size: int = Field(
         default=512, ge=1, description="Pooled upstream connections per router process.")
     metrics_port: int = Field(
-        default=0, description="Prometheus port of a router process (0: no metrics endpoint).")
+        default=0, ge=0, le=65535,
+        description="Port of a router process's metrics and probe server (`/metrics`, "
+        "`/healthz`, `/readyz`; 0: none). `make up`, compose and the Helm chart use 9101.")
+    metrics_host: str = Field(
+        default="127.0.0.1",
+        description="Address the router's metrics and probe server binds (`0.0.0.0` in a "
+        "container, so that Prometheus and the kubelet reach it).")
     reply_flush_interval_ms: float = Field(
         default=5.0, ge=0, le=50,
         description="Stream chunks after a request's first leave at most this often (all "
@@ -351,7 +357,13 @@ class UsageSettings(BaseModel):
         "cut off is retried like a refused one (the events wait, nothing is lost). Bounds a "
         "connection attempt left hanging across a database restart.")
     metrics_port: int = Field(
-        default=0, description="Prometheus port of the usage worker (0: no metrics endpoint).")
+        default=0, ge=0, le=65535,
+        description="Port of the usage worker's metrics and probe server (`/metrics`, "
+        "`/healthz`, `/readyz`; 0: none). `make up`, compose and the Helm chart use 9102.")
+    metrics_host: str = Field(
+        default="127.0.0.1",
+        description="Address the usage worker's metrics and probe server binds (`0.0.0.0` in a "
+        "container, so that Prometheus and the kubelet reach it).")
 
 
 class AuditSettings(BaseModel):
@@ -372,7 +384,13 @@ class AuditSettings(BaseModel):
         description="Longest one chain append may take, getting a connection included; one "
         "cut off is retried like a refused one (the event waits, nothing is lost).")
     metrics_port: int = Field(
-        default=0, description="Prometheus port of the audit writer (0: no metrics endpoint).")
+        default=0, ge=0, le=65535,
+        description="Port of the audit writer's metrics and probe server (`/metrics`, "
+        "`/healthz`, `/readyz`; 0: none). `make up`, compose and the Helm chart use 9103.")
+    metrics_host: str = Field(
+        default="127.0.0.1",
+        description="Address the audit writer's metrics and probe server binds (`0.0.0.0` in a "
+        "container, so that Prometheus and the kubelet reach it).")
 
 
 class ClassifierSettings(BaseModel):
@@ -399,6 +417,14 @@ class ClassifierSettings(BaseModel):
         description="How often a classifier process checks that some router reads what it "
         "forwards (it warns while none does: its share of the requests would wait in "
         "`llm.classified`).")
+    metrics_port: int = Field(
+        default=0, ge=0, le=65535,
+        description="Port of the classifier stage's metrics and probe server (`/metrics`, "
+        "`/healthz`, `/readyz`; 0: none). `make up`, compose and the Helm chart use 9104.")
+    metrics_host: str = Field(
+        default="127.0.0.1",
+        description="Address the classifier stage's metrics and probe server binds (`0.0.0.0` in a "
+        "container, so that Prometheus and the kubelet reach it).")
 
 
 class VaultSettings(BaseModel):
@@ -467,6 +493,16 @@ class LimitsSettings(BaseModel):
         "`redis.socket_timeout_s`.")
 
 
+class MetricsSettings(BaseModel):
+    """Prometheus metrics of every process (docs/operations.md)."""
+
+    tenant_labels: bool = Field(
+        default=False,
+        description="Add a `tenant` label to the routers' token and cost counters "
+        "(`switchyard_router_tokens_total`, `switchyard_router_cost_usd_total`): one series "
+        "per tenant, provider and model. Off by default: the series grow with the tenants.")
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="SWITCHYARD_", env_nested_delimiter="__", extra="ignore"
@@ -483,6 +519,7 @@ class Settings(BaseSettings):
     vault: VaultSettings = VaultSettings()
     auth: AuthSettings = AuthSettings()
     limits: LimitsSettings = LimitsSettings()
+    metrics: MetricsSettings = MetricsSettings()
     catalog_path: Path = Field(
         default=Path(__file__).with_name("catalog.toml"),
         description="The model catalog (providers, models, prices).")

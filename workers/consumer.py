@@ -1,6 +1,9 @@
 """The consume loop every worker runs: many messages in flight, bounded by a semaphore;
 offsets committed per partition only up to the first unfinished message; undecodable
-messages sent to `<topic>.dlq` with the reason; graceful drain on shutdown."""
+messages sent to `<topic>.dlq` with the reason; graceful drain on shutdown. Its metrics
+(`workers/kafka_metrics.py`: lag per partition, commit time, partitions, DLQ counts) and its
+readiness (`status`, served on `/readyz` by `workers/probes.py`) are kept here, once, for
+every worker."""
 
 from __future__ import annotations
 
@@ -10,11 +13,12 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Generic, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import CommitFailedError, KafkaError
+from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 from pydantic import ValidationError
 
 from topics import names
 from topics.tasks import Interrupted, unless
+from workers.kafka_metrics import ConsumerMetrics
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +80,7 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         log.info("assigned %s", sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned))
+        self._loop.assigned(set(assigned))
 
 
 class ConsumerLoop(Generic[M]):
@@ -96,6 +101,10 @@ class ConsumerLoop(Generic[M]):
         # cancelled past the grace period and the last commit, which a broker that does not
         # answer would otherwise hold forever. None: unbounded.
         close_remaining: Callable[[], float] | None = None,
+        metrics: ConsumerMetrics | None = None,
+        # How often the lag per partition is measured: a few dict reads per partition, not
+        # per message.
+        lag_interval_s: float = 5.0,
     ) -> None:
         self._consumer = consumer
         self._producer = producer
@@ -111,12 +120,31 @@ class ConsumerLoop(Generic[M]):
         self.tracker = OffsetTracker()
         # A fetch's records belong to the assignment it was made under, which ends here.
         self._revocations = 0
+        self._metrics = metrics
+        self._lag_interval_s = lag_interval_s
+        self._lag: dict[TopicPartition, int] = {}
+        self._joined = False  # the group has given this consumer an assignment (maybe empty)
+        self._running = False
+
+    def status(self) -> tuple[bool, dict[str, object]]:
+        """Readiness, and what `/readyz` reports: ready once the loop runs and the group has
+        given it an assignment, until it stops. An assignment with no partition (more
+        consumers than partitions) is ready too: a standby, alive and polling, that takes
+        partitions at the next rebalance; `partitions` says 0."""
+        ready = self._running and self._joined
+        body: dict[str, object] = {
+            "status": "ready" if ready else "not_ready",
+            "partitions": len(self._consumer.assignment()) if self._joined else 0,
+            "lag": sum(self._lag.values())}
+        return ready, body
 
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until `stop` is set, then drain in-flight work and commit."""
         self._consumer.subscribe([self._topic], listener=_Rebalance(self))
         loop = asyncio.get_running_loop()
         next_commit = loop.time() + self._commit_interval_s
+        next_lag = loop.time()
+        self._running = True
         poll_ms = max(1, int(self._commit_interval_s * 1000))
         # The poll is awaited in this task, not raced against `stop` in a task of its own:
         # that cost two loop turns per fetch, and let aiokafka send its next fetch before the
@@ -134,9 +162,13 @@ class ConsumerLoop(Generic[M]):
                     if loop.time() >= next_commit:
                         await unless(self.commit(), stopping)
                         next_commit = loop.time() + self._commit_interval_s
+                    if loop.time() >= next_lag:
+                        await self._measure_lag()
+                        next_lag = loop.time() + self._lag_interval_s
                 except Interrupted:
                     break
         finally:
+            self._running = False
             stopping.cancel()
             await self._drain()
 
@@ -146,6 +178,34 @@ class ConsumerLoop(Generic[M]):
         await self.commit()
         self.tracker.forget(partitions)
         self._revocations += 1
+        for tp in partitions:
+            self._lag.pop(tp, None)
+        if self._metrics is not None:
+            self._metrics.forget({(tp.topic, tp.partition) for tp in partitions})
+            self._metrics.assigned.set(len(self._consumer.assignment()))
+
+    def assigned(self, partitions: set[TopicPartition]) -> None:
+        self._joined = True
+        if self._metrics is not None:
+            self._metrics.assigned.set(len(self._consumer.assignment()))
+
+    async def _measure_lag(self) -> None:
+        """High watermark (from the last fetch response) minus the position, per partition
+        this consumer holds. A partition not fetched yet has no high watermark: skipped."""
+        for tp in self._consumer.assignment():
+            highwater = self._consumer.highwater(tp)
+            if highwater is None:
+                continue
+            try:
+                # Immediate when the position is known (it is, once fetched); never let a
+                # partition being reset hold the poll loop.
+                async with asyncio.timeout(0.05):
+                    position = await self._consumer.position(tp)
+            except (TimeoutError, IllegalStateError):
+                continue
+            lag = self._lag[tp] = max(highwater - position, 0)
+            if self._metrics is not None:
+                self._metrics.lag(tp.topic, tp.partition, lag)
 
     async def _start(self, fetched: dict[TopicPartition, list[Any]]) -> None:
         revocations = self._revocations
@@ -184,7 +244,7 @@ class ConsumerLoop(Generic[M]):
         try:
             message = self._decode(record.value)
         except (ValidationError, ValueError, TypeError) as exc:
-            await self.dead_letter(record, f"undecodable: {exc}")
+            await self.dead_letter(record, f"undecodable: {exc}", kind="undecodable")
             return
         try:
             await self._handler(message, record)
@@ -193,9 +253,11 @@ class ConsumerLoop(Generic[M]):
         except Exception as exc:  # a bug must not lose the message or stop the loop
             log.exception("handler failed on %s[%d]@%d", record.topic, record.partition,
                           record.offset)
-            await self.dead_letter(record, f"handler failed: {exc!r}")
+            await self.dead_letter(record, f"handler failed: {exc!r}", kind="handler_failed")
 
-    async def dead_letter(self, record: Any, reason: str) -> None:
+    async def dead_letter(self, record: Any, reason: str, *, kind: str) -> None:
+        """Send `record` to `<topic>.dlq` with `reason`; `kind` (one of
+        `kafka_metrics.DLQ_REASONS`) is its metrics label."""
         headers = [*(record.headers or ()),
                    (names.H_DLQ_REASON, reason[:2000].encode()),
                    (names.H_DLQ_SOURCE,
@@ -204,13 +266,19 @@ class ConsumerLoop(Generic[M]):
             names.dlq(self._topic), value=record.value, key=record.key, headers=headers)
         log.warning("dead-lettered %s[%d]@%d: %s", record.topic, record.partition,
                     record.offset, reason[:200])
+        if self._metrics is not None:
+            self._metrics.dead_lettered(record.topic, kind)
 
     async def commit(self) -> None:
         positions = self.tracker.committable()
         if not positions:
             return
         try:
-            await self._consumer.commit(positions)
+            if self._metrics is None:
+                await self._consumer.commit(positions)
+            else:
+                with self._metrics.commit.time():
+                    await self._consumer.commit(positions)
             self.tracker.committed(positions)
         except (CommitFailedError, KafkaError) as exc:
             # Refused mid-rebalance (the new owner is redelivered the work, and the claims

@@ -1,4 +1,5 @@
-"""What every worker process does around its work: uvloop, logging, signals, metrics port.
+"""What every worker process does around its work: uvloop, logging, signals. (Its metrics
+and probe server: `workers/probes.py`.)
 
 Stopping is bounded: the first SIGTERM/SIGINT sets `stop` (the worker drains within its grace
 period, then closes its connections within `Settings.shutdown_close_timeout_s`); a process
@@ -13,7 +14,6 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 import uvloop
-from prometheus_client import CollectorRegistry, start_http_server
 
 from topics.heap import settle_heap
 from topics.logs import LogFormat, configure_logging
@@ -45,15 +45,3 @@ def run_process(main: Callable[[asyncio.Event], Coroutine[Any, Any, None]],
 
     uvloop.run(_run())
 
-
-def serve_metrics(registry: CollectorRegistry, port: int) -> Callable[[], None]:
-    """Expose `registry` on `port` (0: not at all); returns how to stop it."""
-    if not port:
-        return lambda: None
-    server, thread = start_http_server(port, addr="127.0.0.1", registry=registry)
-
-    def stop() -> None:
-        server.shutdown()
-        thread.join(timeout=5)
-
-    return stop

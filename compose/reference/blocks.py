@@ -17,6 +17,7 @@ from compose.reference.error_codes import (
     errors_markdown,
     provider_errors_markdown,
 )
+from compose.reference.metrics import metrics_markdown
 from compose.reference.routes import roles_markdown, routes_markdown
 
 BLOCKS: dict[str, tuple[str, Callable[[], str]]] = {
@@ -26,6 +27,7 @@ BLOCKS: dict[str, tuple[str, Callable[[], str]]] = {
     "error-classes": ("errors.md", error_classes_markdown),
     "provider-errors": ("errors.md", provider_errors_markdown),
     "errors": ("errors.md", errors_markdown),
+    "metrics": ("operations.md", metrics_markdown),
 }
 
 

@@ -18,16 +18,17 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
-
 from state.audit import append_event
 from state.runtime import Needs, open_runtime, outage
 from topics import names
 from topics.audit import AuditEvent
 from topics.settings import Settings
 from topics.tracing import Tracing, open_tracing
+from workers.audit.metrics import AuditMetrics
 from workers.consumer import ConsumerLoop
-from workers.runtime import run_process, serve_metrics
+from workers.kafka_metrics import ConsumerMetrics
+from workers.probes import process_registry, serve_probes
+from workers.runtime import run_process
 
 log = logging.getLogger(__name__)
 
@@ -68,23 +69,19 @@ async def _run_audit(settings: Settings, stop: asyncio.Event, tracing: Tracing) 
     cfg = settings.audit
     # The producer is for the DLQ; no Redis: the audit trail never waits on it.
     async with open_runtime(settings, Needs(redis=False)) as runtime:
+        registry = process_registry()
+        probes = await serve_probes(runtime, registry, cfg.metrics_host, cfg.metrics_port)
         pool = runtime.pool
         consumer = await runtime.consumer(names.AUDIT_GROUP)
 
-        registry = CollectorRegistry()
-        offered = Counter("switchyard_audit_events", "Audit events offered to the chains, by "
-                          "outcome (a redelivery is `duplicate`)", ["outcome"],
-                          registry=registry)
-        append_seconds = Histogram("switchyard_audit_append_seconds", "One chain append",
-                                   registry=registry)
-        runtime.on_close_sync(serve_metrics(registry, cfg.metrics_port))
+        metrics = AuditMetrics(registry)
         turns = TenantTurns()
 
         async def append(event: AuditEvent) -> bool:
             delay_s = 0.1
             while True:
                 try:
-                    with append_seconds.time():
+                    with metrics.append_duration.time():
                         async with asyncio.timeout(cfg.write_timeout_s):
                             return await append_event(pool, event)
                 except Exception as exc:
@@ -103,12 +100,14 @@ async def _run_audit(settings: Settings, stop: asyncio.Event, tracing: Tracing) 
                                  attributes={"switchyard.audit.action": event.action}):
                 async with turns.turn(event.tenant_id):
                     added = await append(event)
-            offered.labels("written" if added else "duplicate").inc()
+            metrics.offered.labels("written" if added else "duplicate").inc()
 
         loop = ConsumerLoop(consumer=consumer, producer=runtime.producer, topic=names.AUDIT,
                             decode=AuditEvent.from_json, handler=handle,
                             max_in_flight=cfg.max_in_flight, shutdown_grace_s=cfg.shutdown_grace_s,
-                            close_remaining=runtime.close_remaining)
+                            close_remaining=runtime.close_remaining,
+                            metrics=ConsumerMetrics(registry, names.AUDIT_GROUP))
+        probes.watch(loop.status)
         log.info("audit writer consuming %s", names.AUDIT)
         await loop.run(stop)
 

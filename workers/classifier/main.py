@@ -13,9 +13,12 @@ from topics.kafka import group_members
 from topics.messages import RequestEnvelope
 from topics.settings import KafkaSettings, Settings
 from topics.tracing import Tracing, open_tracing
+from workers.classifier.metrics import ClassifierMetrics
 from workers.classifier.model import PromptClassifier
 from workers.classifier.stage import ClassifierStage, Labeller
 from workers.consumer import ConsumerLoop
+from workers.kafka_metrics import ConsumerMetrics
+from workers.probes import process_registry, serve_probes
 from workers.runtime import run_process
 
 log = logging.getLogger(__name__)
@@ -32,16 +35,22 @@ async def run_classifier(settings: Settings, stop: asyncio.Event) -> None:
 async def _run_classifier(settings: Settings, stop: asyncio.Event, tracing: Tracing) -> None:
     cfg = settings.classifier
     classifier = PromptClassifier(cfg.model_path)
+    registry = process_registry()
     async with open_runtime(settings, Needs(redis=False, postgres=False)) as runtime:
+        probes = await serve_probes(runtime, registry, cfg.metrics_host, cfg.metrics_port)
         producer = runtime.producer
         consumer = await runtime.consumer(names.REQUESTS_GROUP)
         stage = ClassifierStage(Labeller(classifier.classify, max_batch=cfg.max_batch,
-                                         tracing=tracing), producer, tracing)
+                                         tracing=tracing,
+                                         metrics=ClassifierMetrics(registry)), producer,
+                                tracing)
         loop = ConsumerLoop(consumer=consumer, producer=producer, topic=names.REQUESTS,
                             decode=RequestEnvelope.from_json, handler=stage.handle,
                             max_in_flight=cfg.max_in_flight,
                             shutdown_grace_s=cfg.shutdown_grace_s,
-                            close_remaining=runtime.close_remaining)
+                            close_remaining=runtime.close_remaining,
+                            metrics=ConsumerMetrics(registry, names.REQUESTS_GROUP))
+        probes.watch(loop.status)
         log.info("classifier %s consuming %s", classifier.version, names.REQUESTS)
         check = asyncio.create_task(_warn_without_readers(settings.kafka,
                                                           cfg.reader_check_interval_s))

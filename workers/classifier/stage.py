@@ -17,6 +17,7 @@ from topics import names
 from topics.messages import RequestEnvelope
 from topics.tracing import SpanKind, Tracing, current_traceparent, with_header
 from workers.batching import MicroBatcher
+from workers.classifier.metrics import ClassifierMetrics
 
 # Long passages carry little extra signal for the label and cost time.
 _MAX_CHARS = 4000
@@ -37,7 +38,11 @@ class Labeller:
     """Labels requests, batching the ONNX calls of everything labelled in one loop turn."""
 
     def __init__(self, classify: Callable[[Sequence[str]], Sequence[Prediction]], *,
-                 max_batch: int, tracing: Tracing | None = None) -> None:
+                 max_batch: int, tracing: Tracing | None = None,
+                 metrics: ClassifierMetrics | None = None) -> None:
+        self._metrics = metrics
+        if metrics is not None:
+            classify = _timed(classify, metrics)
         self._batcher: MicroBatcher[str, Prediction] = MicroBatcher(classify,
                                                                     max_batch=max_batch)
         self._tracing = tracing or Tracing()
@@ -51,9 +56,19 @@ class Labeller:
                 span.set_attributes({"switchyard.category": prediction.label,
                                      "switchyard.category.confidence": prediction.confidence,
                                      "switchyard.classifier.version": prediction.version})
+            if self._metrics is not None:
+                self._metrics.labelled(prediction.label)
         return env.model_copy(update={"category": prediction.label,
                                       "confidence": round(prediction.confidence, 4),
                                       "classifier_version": prediction.version})
+
+
+def _timed(classify: Callable[[Sequence[str]], Sequence[Prediction]],
+           metrics: ClassifierMetrics) -> Callable[[Sequence[str]], Sequence[Prediction]]:
+    def timed(prompts: Sequence[str]) -> Sequence[Prediction]:
+        with metrics.duration.time():
+            return classify(prompts)
+    return timed
 
 
 class ClassifierStage:

@@ -223,8 +223,8 @@ class AttemptRunner:
             report.cost_usd = model.cost_usd(report.usage.prompt_tokens,
                                              report.usage.completion_tokens,
                                              report.usage.cached_tokens)
-            self._metrics.observe(route.provider, report.status, report.latency_ms,
-                                  report.ttft_ms)
+            self._metrics.attempt(route.provider, model.id, report.status, report.latency_ms,
+                                  report.ttft_ms, report.usage, report.cost_usd, env.tenant_id)
             self._observe_latency(report, streamed, mode)
             # The client's answer waits for none of the bookkeeping: it is written once the
             # request has answered (`settled`), before its offset can be committed. Started

@@ -53,8 +53,9 @@ class BudgetAlerts:
         self._producer = producer
         self._http = http
         self._tasks: set[asyncio.Task[None]] = set()
-        self.sent = Counter("switchyard_budget_alerts", "Budget alerts raised, by budget and "
-                            "level", ["budget", "level"], registry=registry)
+        self.sent = Counter("switchyard_budget_alerts", "Budget alerts raised, by the "
+                            "threshold crossed (percent of the budget)", ["threshold"],
+                            registry=registry)
         self.failed = Counter("switchyard_budget_alert_failures", "Budget alerts not "
                               "delivered, by channel (audit, webhook)", ["channel"],
                               registry=registry)
@@ -70,7 +71,7 @@ class BudgetAlerts:
                    "level_pct": alert.level_pct, "hard_cap": b.hard,
                    "budget_used_usd": usd_text(from_nano(alert.spent_nano)),
                    "budget_limit_usd": usd_text(b.limit_usd)}
-        self.sent.labels(b.name, str(alert.level_pct)).inc()
+        self.sent.labels(str(alert.level_pct)).inc()
         event = new_event(tenant_id=b.tenant_id, actor=ALERT_ACTOR, action="budget.alert",
                           target=b.name, details=details, request_id=request_id)
         try:

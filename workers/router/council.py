@@ -30,6 +30,7 @@ from workers.router.judge import (
     question_of,
     synthesis_body,
 )
+from workers.router.metrics import RouterMetrics
 from workers.router.routes import RouteResolver
 
 
@@ -50,20 +51,27 @@ class CouncilSettings:
 
 class Council:
     def __init__(self, runner: AttemptRunner, resolver: RouteResolver,
-                 settings: CouncilSettings) -> None:
+                 settings: CouncilSettings, metrics: RouterMetrics | None = None) -> None:
         self._runner = runner
         self._resolver = resolver
         self._settings = settings
+        self._metrics = metrics
+
+    def _stage(self, stage: str) -> None:
+        if self._metrics is not None:
+            self._metrics.council_stages.labels(stage).inc()
 
     async def run(self, env: RequestEnvelope, decision: Decision, out: FrameWriter) -> None:
         assert decision.judge is not None  # the decider refuses a council without a judge
         t0 = time.perf_counter()
         streamed = bool(env.body.get("stream"))
         members = decision.ranked[:decision.width]
+        self._stage("members")
         reports = await self._members(env, decision, members, out if streamed else None)
         answered = [r for r in reports if r.status == "ok" and r.answer is not None]
         quorum = min(self._settings.quorum, len(members))
         if len(answered) < quorum:
+            self._stage("quorum_lost")
             await out.error(UpstreamError(
                 f"the council lost its quorum: {len(answered)} of {len(members)} members "
                 f"answered, {quorum} needed",
@@ -74,12 +82,14 @@ class Council:
         question = question_of(env.body)
         texts = [answer_of(r.answer or {}) for r in answered]
         n = len(reports)
+        self._stage("judge")
         judge, verdict = await self._judge(env, decision, decision.judge, question, texts, n + 1)
         reports.append(judge)
         chosen = answered[verdict.best - 1] if verdict is not None else answered[0]
         completion = dict(chosen.answer or {})
         synthesis: Report | None = None
         if (env.routing.council_output or decision.council_output) == "synthesis":
+            self._stage("synthesis")
             synthesis = await self._call(env, decision, decision.judge, synthesis_body(
                 decision.judge.id, question, texts, verdict), len(reports) + 1)
             reports.append(synthesis)

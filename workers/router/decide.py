@@ -36,6 +36,7 @@ from topics.routing_policy import (
 )
 from topics.settings import RouterSettings
 from topics.tracing import Span, Tracing
+from workers.router.metrics import RouterMetrics
 from workers.router.sampler import ThompsonSampler
 
 # Latency a route should meet before its latency score starts to fall, by model class:
@@ -85,7 +86,8 @@ class Decider:
     def __init__(self, catalog: Catalog, policies: PolicyCache, store: PosteriorStore,
                  posteriors: CachedPosteriors, sampler: ThompsonSampler, breakers: Breakers,
                  *, feedback_rate: float, defaults: ModeDefaults,
-                 degraded: Degraded | None = None, tracing: Tracing | None = None) -> None:
+                 degraded: Degraded | None = None, tracing: Tracing | None = None,
+                 metrics: RouterMetrics | None = None) -> None:
         self._catalog = catalog
         self._policies = policies
         self._store = store
@@ -97,6 +99,7 @@ class Decider:
         self._degraded = degraded or Degraded()
         self._counting: set[asyncio.Task[None]] = set()
         self._tracing = tracing or Tracing()
+        self._metrics = metrics
 
     async def decide(self, env: RequestEnvelope,
                      key_models: frozenset[str] | None = None) -> Decision:
@@ -144,6 +147,8 @@ class Decider:
         routes = await self._selectable(routes)
         if len(routes) > 1:
             routes = await self._ranked(category, routes, tiers, span)
+            if self._metrics is not None:
+                self._metrics.drawn(routes[0].id, category)
             # A stats-only counter: counted alongside the provider call, not before it.
             task = asyncio.create_task(self._store.note_selection(category, routes[0].id))
             self._counting.add(task)
@@ -164,6 +169,9 @@ class Decider:
         draw (`topics/bandit.py`) over its routes' posteriors. One tier ("auto", or a name
         several providers serve) is the bandit's choice alone; a named model stays first."""
         posteriors = await self._posteriors.get(category, [m.id for m in routes])
+        if self._metrics is not None:
+            for route, p in posteriors.items():
+                self._metrics.posterior(route, category, p.alpha, p.beta)
         kept = {m.id for m in routes}
         ordered: list[Model] = []
         drawn: list[str] = []

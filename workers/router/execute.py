@@ -81,6 +81,9 @@ class Executor:
         t0 = time.perf_counter()
         reports = await run.execute(initial=width if mode == "speculative" else 1)
         winner = next((r for r in reports if r.led), None)
+        if mode == "speculative" and self._metrics is not None:
+            answered = winner is not None and winner.error is None
+            self._metrics.races.labels("answered" if answered else "failed").inc()
         if winner is None:
             await out.error(run.failure())
         elif winner.error is not None:
@@ -149,12 +152,12 @@ class _Run:
                 if self._lead.taken.is_set():
                     self._cancel_others()
                 if not done:  # the hedge timer: the running route is slower than usual
-                    await self._start()
+                    await self._start("hedge")
                     continue
                 for task in self._running.keys() & done:
                     await self._finished(task)
                 if not self._lead.taken.is_set():
-                    while len(self._running) < self._width and await self._start():
+                    while len(self._running) < self._width and await self._start("failover"):
                         pass
         finally:
             if taken is not None:
@@ -195,8 +198,9 @@ class _Run:
         return (not self._stop_starting and bool(self._candidates)
                 and self._routes < self._budget and not self._lead.taken.is_set())
 
-    async def _start(self) -> bool:
-        """Start an attempt on the next candidate that can take one; False if none can."""
+    async def _start(self, why: str | None = None) -> bool:
+        """Start an attempt on the next candidate that can take one; False if none can.
+        `why` (failover, hedge) is counted; None: one of the request's first attempts."""
         while self._can_start():
             model = self._candidates.pop(0)
             if model.context_window <= self._min_window:
@@ -215,6 +219,8 @@ class _Run:
                 self._env, self._decision, model, route, self._started, self._lead,
                 mode=self._decision.mode))
             self._running[task] = _Started(self._started, model, route.provider, route, 0)
+            if why is not None and self._metrics is not None:
+                (self._metrics.hedges if why == "hedge" else self._metrics.failovers).inc()
             return True
         return False
 

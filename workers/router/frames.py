@@ -53,6 +53,7 @@ class FrameWriter:
         self._parent = get_current() if tracing is not None and tracing.on else None
         # From the first frame to the last: the reply's publish, under the request's span.
         self._span: Span | None = None
+        self.ended: FrameKind | None = None  # done or error, once the last frame is sent
 
     async def send(self, kind: FrameKind, data: dict[str, Any]) -> None:
         if self._tracing is None or not self._tracing.on:
@@ -90,6 +91,8 @@ class FrameWriter:
             return
         held, self._meta = self._meta, None
         last = kind in ("done", "error")
+        if last:
+            self.ended = kind
         if self._reply.channel is not None:
             # Only a follow-on chunk may wait for company: the first is the client's TTFT.
             urgent = kind != "chunk" or not self._chunked

@@ -10,7 +10,6 @@ import uuid
 
 import aiohttp
 import redis.asyncio as redis
-from prometheus_client import CollectorRegistry
 
 from state.bandit import CachedPosteriors, PosteriorStore
 from state.breakers import BreakerConfig, Breakers
@@ -27,9 +26,12 @@ from topics.catalog import load_catalog
 from topics.messages import RequestEnvelope
 from topics.settings import Settings
 from topics.tracing import Tracing, open_tracing
+from workers.classifier.metrics import ClassifierMetrics
 from workers.classifier.model import PromptClassifier
 from workers.classifier.stage import Labeller
 from workers.consumer import ConsumerLoop
+from workers.kafka_metrics import ConsumerMetrics
+from workers.probes import process_registry, serve_probes
 from workers.providers.anthropic import AnthropicMessages
 from workers.providers.base import Dialect, MalformedHook, Timeouts
 from workers.providers.gemini import GeminiGenerateContent
@@ -49,7 +51,7 @@ from workers.router.publisher import ReplyPublisher
 from workers.router.routes import RouteConfig, RouteResolver
 from workers.router.sampler import ThompsonSampler
 from workers.router.worker import RouterWorker
-from workers.runtime import run_process, serve_metrics
+from workers.runtime import run_process
 
 log = logging.getLogger(__name__)
 
@@ -71,18 +73,18 @@ async def _run_router(settings: Settings, stop: asyncio.Event, tracing: Tracing)
         fallback_url=settings.fallback_upstream_url,
         timeouts=Timeouts.from_settings(settings.router))
     cfg = settings.router
+    registry = process_registry()
+    metrics = RouterMetrics(registry, tenant_labels=settings.metrics.tenant_labels)
     labeller, topic, group_id = None, names.CLASSIFIED, names.CLASSIFIED_GROUP
     if cfg.classify_inline:
         classifier = PromptClassifier(settings.classifier.model_path)
         labeller = Labeller(classifier.classify, max_batch=settings.classifier.max_batch,
-                            tracing=tracing)
+                            tracing=tracing, metrics=ClassifierMetrics(registry))
         topic, group_id = names.REQUESTS, names.REQUESTS_GROUP
     worker_id = f"router-{uuid.uuid4().hex[:12]}"
-    registry = CollectorRegistry()
-    metrics = RouterMetrics(registry)
 
     async with open_runtime(settings) as runtime:
-        runtime.on_close_sync(serve_metrics(registry, cfg.metrics_port))
+        probes = await serve_probes(runtime, registry, cfg.metrics_host, cfg.metrics_port)
         producer, client, pool = runtime.producer, runtime.redis, runtime.pool
         http = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=cfg.upstream_pool_size),
@@ -113,7 +115,7 @@ async def _run_router(settings: Settings, stop: asyncio.Event, tracing: Tracing)
                                            degraded=degraded),
                           ThompsonSampler(seed), breakers, feedback_rate=cfg.feedback_rate,
                           defaults=ModeDefaults.from_settings(cfg), degraded=degraded,
-                          tracing=tracing)
+                          tracing=tracing, metrics=metrics)
         latency = LatencyTracker()
         runner = AttemptRunner(dialects=dialects(http, metrics.malformed_event),
                                producer=producer, decider=decider,
@@ -147,7 +149,7 @@ async def _run_router(settings: Settings, stop: asyncio.Event, tracing: Tracing)
             decider=decider, claims=claims, access=access,
             executor=Executor(runner, resolver, latency, ExecutionSettings.from_settings(cfg),
                               metrics),
-            council=Council(runner, resolver, CouncilSettings.from_settings(cfg)),
+            council=Council(runner, resolver, CouncilSettings.from_settings(cfg), metrics),
             frames=lambda env: FrameWriter(env.request_id, env.reply, publisher, producer,
                                            max_bytes=settings.kafka.max_message_bytes,
                                            books=runner, claims=claims, tracing=tracing),
@@ -163,7 +165,9 @@ async def _run_router(settings: Settings, stop: asyncio.Event, tracing: Tracing)
                             decode=RequestEnvelope.from_json, handler=worker.handle,
                             max_in_flight=cfg.max_in_flight,
                             shutdown_grace_s=cfg.shutdown_grace_s,
-                            close_remaining=runtime.close_remaining)
+                            close_remaining=runtime.close_remaining,
+                            metrics=ConsumerMetrics(registry, group_id))
+        probes.watch(loop.status)
         log.info("router %s consuming %s", worker_id, topic)
         background = [asyncio.create_task(cancels.run()),
                       asyncio.create_task(revocations.run()),

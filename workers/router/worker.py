@@ -116,6 +116,7 @@ class RouterWorker:
     async def _handle(self, env: RequestEnvelope, out: FrameWriter) -> None:
         if now_ms() >= env.deadline_ms:
             self._metrics.expired.inc()
+            self._counted(env.routing.mode, "expired")
             await out.error(GatewayTimeout("the request waited past its deadline and was not "
                                            "executed", code="deadline_exceeded"))
             return
@@ -151,6 +152,7 @@ class RouterWorker:
                 _discard(labelling)
                 if exc.status in (401, 403, 429):
                     self._metrics.refused.labels(exc.code).inc()
+                self._counted(env.routing.mode, "refused" if exc.status < 500 else "error")
                 await out.error(exc)
                 return
             except BaseException:
@@ -172,6 +174,9 @@ class RouterWorker:
                 self._metrics.cancelled.inc()
                 await out.error(SwitchyardError("the request was cancelled",
                                                 code="request_cancelled"))
+                self._counted(decision.mode, "cancelled")
+            else:
+                self._counted(decision.mode, "ok" if out.ended == "done" else "error")
         finally:
             self._cancels.unregister(env.request_id)
             try:
@@ -211,6 +216,11 @@ class RouterWorker:
         await out.error(UpstreamError(
             "the worker executing this request stopped mid-call; it was not retried so "
             "that it does not run twice", code="worker_lost"))
+
+
+    def _counted(self, mode: str | None, outcome: str) -> None:
+        # None: refused before the tenant's policy was read; its default mode is unknown.
+        self._metrics.requests.labels(mode or "default", outcome).inc()
 
 
 def _discard(task: asyncio.Future[RequestEnvelope] | None) -> None:

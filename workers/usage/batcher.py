@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable, Sequence
 import asyncpg
 
 from topics.messages import UsageEvent
+from workers.usage.metrics import UsageMetrics
 
 log = logging.getLogger(__name__)
 
@@ -20,8 +21,10 @@ _RETRYABLE = (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError,
 
 
 class UsageBatcher:
-    def __init__(self, write: Writer, *, batch_max: int, linger_s: float) -> None:
+    def __init__(self, write: Writer, *, batch_max: int, linger_s: float,
+                 metrics: UsageMetrics | None = None) -> None:
         self._write = write
+        self._metrics = metrics
         self._batch_max = batch_max
         self._linger_s = linger_s
         self._pending: list[tuple[UsageEvent, asyncio.Future[None]]] = []
@@ -56,9 +59,13 @@ class UsageBatcher:
             except _RETRYABLE as exc:
                 # The database is down or restarting: usage must wait, never be dropped.
                 log.warning("usage write failed (%s); retrying in %.1fs", exc, delay_s)
+                if self._metrics is not None:
+                    self._metrics.retried.inc(len(batch))
                 await asyncio.sleep(delay_s)
                 delay_s = min(delay_s * 2, 5.0)
             except Exception as exc:
+                if self._metrics is not None:
+                    self._metrics.failed.inc(len(batch))
                 for _, done in batch:
                     if not done.done():
                         done.set_exception(exc)

@@ -9,7 +9,6 @@ from collections.abc import Sequence
 from typing import Any
 
 from opentelemetry.context import Context
-from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from state.runtime import Needs, open_runtime
 from state.usage import record_usage
@@ -18,8 +17,11 @@ from topics.messages import UsageEvent
 from topics.settings import Settings
 from topics.tracing import Link, SpanContext, SpanKind, Tracing, open_tracing
 from workers.consumer import ConsumerLoop
-from workers.runtime import run_process, serve_metrics
+from workers.kafka_metrics import ConsumerMetrics
+from workers.probes import process_registry, serve_probes
+from workers.runtime import run_process
 from workers.usage.batcher import UsageBatcher
+from workers.usage.metrics import UsageMetrics
 
 log = logging.getLogger(__name__)
 
@@ -36,17 +38,14 @@ async def _run_usage(settings: Settings, stop: asyncio.Event, tracing: Tracing) 
     cfg = settings.usage
     # The producer is for the DLQ; no Redis: billing never waits on it.
     async with open_runtime(settings, Needs(redis=False)) as runtime:
+        registry = process_registry()
+        probes = await serve_probes(runtime, registry, cfg.metrics_host, cfg.metrics_port)
         pool = runtime.pool
         consumer = await runtime.consumer(names.USAGE_GROUP,
                                           fetch_min_bytes=cfg.fetch_min_bytes,
                                           fetch_max_wait_ms=cfg.fetch_max_wait_ms)
 
-        registry = CollectorRegistry()
-        written = Counter("switchyard_usage_events", "Usage events offered to the ledger "
-                          "(replays included; the ledger keeps each once)", registry=registry)
-        batch_seconds = Histogram("switchyard_usage_batch_seconds", "One ledger statement",
-                                  registry=registry)
-        runtime.on_close_sync(serve_metrics(registry, cfg.metrics_port))
+        metrics = UsageMetrics(registry)
 
         # Each event's span while it waits for its statement: the write's span links them.
         waiting: dict[str, SpanContext] = {}
@@ -60,12 +59,13 @@ async def _run_usage(settings: Settings, stop: asyncio.Event, tracing: Tracing) 
                               links=links, attributes={"db.system.name": "postgresql",
                                                        "db.operation.name": "INSERT",
                                                        "switchyard.usage.rows": len(events)}), \
-                    batch_seconds.time():
+                    metrics.write_duration.time():
                 async with asyncio.timeout(cfg.write_timeout_s):
                     await record_usage(pool, events)
-            written.inc(len(events))
+            metrics.committed(events)
 
-        batcher = UsageBatcher(write, batch_max=cfg.batch_max, linger_s=cfg.batch_linger_ms / 1000)
+        batcher = UsageBatcher(write, batch_max=cfg.batch_max, linger_s=cfg.batch_linger_ms / 1000,
+                               metrics=metrics)
 
         async def handle(event: UsageEvent, record: Any) -> None:
             # The request's trace (its traceparent header): this span lasts until the event
@@ -85,7 +85,9 @@ async def _run_usage(settings: Settings, stop: asyncio.Event, tracing: Tracing) 
         loop = ConsumerLoop(consumer=consumer, producer=runtime.producer, topic=names.USAGE,
                             decode=UsageEvent.from_json, handler=handle,
                             max_in_flight=cfg.max_in_flight, shutdown_grace_s=cfg.shutdown_grace_s,
-                            close_remaining=runtime.close_remaining)
+                            close_remaining=runtime.close_remaining,
+                            metrics=ConsumerMetrics(registry, names.USAGE_GROUP))
+        probes.watch(loop.status)
         log.info("usage worker consuming %s", names.USAGE)
         await loop.run(stop)
 
