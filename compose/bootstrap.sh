@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what a fresh Debian machine lacks to run Switchyard and its local stack: Redis and
-# PostgreSQL (apt), the Kafka broker jars (Maven Central, into ~/.cache/switchyard) and the
-# Python venv. Idempotent: re-running it is cheap, and silent when everything is in place.
+# PostgreSQL (apt), the Kafka broker jars (Maven Central, into ~/.cache/switchyard), the
+# Python venv, and the checking tools the tests run (.tools/bin: prometheus, promtool). Idempotent: re-running it is cheap, and silent when everything is in place.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -65,6 +65,40 @@ if [ ! -f "${KAFKA_LIBS}/kafka_2.13-${KAFKA_VERSION}.jar" ]; then
   rm -rf "${KAFKA_LIBS}"
   mv "${staging}" "${KAFKA_LIBS}"
   trap - EXIT
+fi
+
+# --- Prometheus and promtool (tests/test_prometheus.py, deploy/prometheus/) -----------------
+# Linked or built into the repo-local .tools/bin, where the tests look first
+# (tests/local_tools.py). Debian's package when apt can be used; otherwise built from the Go
+# module proxy (the module's v0.X.Y tags are Prometheus 2.X.Y).
+TOOLS_BIN="${ROOT}/.tools/bin"
+PROMETHEUS_MODULE_VERSION=v0.54.1
+mkdir -p "${TOOLS_BIN}"
+if [ ! -x "${TOOLS_BIN}/prometheus" ] || [ ! -x "${TOOLS_BIN}/promtool" ]; then
+  if [ ! -x /usr/bin/promtool ] && command -v apt-get >/dev/null 2>&1 \
+      && { [ "$(id -u)" -eq 0 ] || command -v sudo >/dev/null 2>&1; }; then
+    apt_install prometheus
+    # The package enables and starts a system-wide Prometheus on :9090. Nothing here wants
+    # it (the tests start their own on a free port, deploy/prometheus/ is run by hand), and
+    # it would hold the port an operator's own `prometheus` expects. Only the service we just
+    # installed is stopped; an existing one is left alone (this branch does not run then).
+    if [ -d /run/systemd/system ]; then
+      as_root systemctl disable --now prometheus.service >/dev/null 2>&1 || true
+    elif [ -x /etc/init.d/prometheus ]; then
+      as_root /etc/init.d/prometheus stop >/dev/null 2>&1 || true
+    fi
+  fi
+  if [ -x /usr/bin/promtool ] && [ -x /usr/bin/prometheus ]; then
+    ln -sf /usr/bin/prometheus "${TOOLS_BIN}/prometheus"
+    ln -sf /usr/bin/promtool "${TOOLS_BIN}/promtool"
+  else
+    command -v go >/dev/null 2>&1 \
+      || die "no apt to install prometheus with, and no go to build it; install prometheus and promtool into ${TOOLS_BIN}"
+    say "building prometheus and promtool ${PROMETHEUS_MODULE_VERSION} with go install into ${TOOLS_BIN}"
+    GOBIN="${TOOLS_BIN}" go install \
+      "github.com/prometheus/prometheus/cmd/prometheus@${PROMETHEUS_MODULE_VERSION}" \
+      "github.com/prometheus/prometheus/cmd/promtool@${PROMETHEUS_MODULE_VERSION}"
+  fi
 fi
 
 # --- Python venv -----------------------------------------------------------------------------
