@@ -197,6 +197,32 @@ async def test_prometheus_scrapes_every_process_of_the_stack(
             "a process exports no series of ours"
 
 
+# Grafana's variables, as Grafana would fill them in, so that Prometheus can parse the query.
+_GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__range": "1h", "$provider": ".*",
+                      "$group": ".*"}
+
+
+def _dashboard_queries() -> Iterator[tuple[str, str, str]]:
+    """(dashboard file, panel title, PromQL) of every panel target."""
+    for path in sorted(DASHBOARDS_DIR.glob("*.json")):
+        for panel in json.loads(path.read_text())["panels"]:
+            for target in panel.get("targets", []):
+                yield path.name, panel["title"], target["expr"]
+
+
+async def test_every_dashboard_query_is_one_prometheus_accepts(prometheus: str) -> None:
+    rejected = []
+    async with httpx.AsyncClient(base_url=prometheus, timeout=10) as api:
+        for dashboard, title, expr in _dashboard_queries():
+            for variable, value in _GRAFANA_VARIABLES.items():
+                expr = expr.replace(variable, value)
+            assert "$" not in expr, f"{dashboard} {title!r}: a variable this test lacks: {expr}"
+            response = await api.get("/api/v1/query", params={"query": expr})
+            if response.status_code != 200:
+                rejected.append(f"{dashboard} {title!r}: {expr}: {response.json()['error']}")
+    assert not rejected, "\n".join(rejected)
+
+
 # ------------------------------------------------- what dashboards and alerts name, exported
 
 
