@@ -62,7 +62,8 @@ def test_every_alert_has_a_severity_a_summary_and_a_runbook_section() -> None:
     for rule in _alert_rules():
         name = rule["alert"]
         assert rule["labels"]["severity"] in ("critical", "warning", "info"), name
-        assert rule["annotations"]["summary"] and rule["annotations"]["description"], name
+        assert rule["annotations"]["summary"], name
+        assert rule["annotations"]["description"], name
         runbook = rule["annotations"]["runbook"]
         assert runbook.startswith("docs/operations.md#"), name
         assert runbook.split("#", 1)[1] in anchors, f"{name}: no section {runbook}"
