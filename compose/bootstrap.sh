@@ -70,7 +70,7 @@ fi
 # --- Prometheus and promtool (tests/test_prometheus.py, deploy/prometheus/) -----------------
 # Linked or built into the repo-local .tools/bin, where the tests look first
 # (tests/local_tools.py). Debian's package when apt can be used; otherwise built from the Go
-# module proxy (the module's v0.X.Y tags are Prometheus 2.X.Y).
+# module proxy (the module's v0.X.Y tags are Prometheus 2.X.Y; needs go 1.21+).
 TOOLS_BIN="${ROOT}/.tools/bin"
 PROMETHEUS_MODULE_VERSION=v0.54.1
 mkdir -p "${TOOLS_BIN}"
@@ -94,10 +94,19 @@ if [ ! -x "${TOOLS_BIN}/prometheus" ] || [ ! -x "${TOOLS_BIN}/promtool" ]; then
   else
     command -v go >/dev/null 2>&1 \
       || die "no apt to install prometheus with, and no go to build it; install prometheus and promtool into ${TOOLS_BIN}"
-    say "building prometheus and promtool ${PROMETHEUS_MODULE_VERSION} with go install into ${TOOLS_BIN}"
-    GOBIN="${TOOLS_BIN}" go install \
-      "github.com/prometheus/prometheus/cmd/prometheus@${PROMETHEUS_MODULE_VERSION}" \
-      "github.com/prometheus/prometheus/cmd/promtool@${PROMETHEUS_MODULE_VERSION}"
+    say "building prometheus and promtool ${PROMETHEUS_MODULE_VERSION} with go into ${TOOLS_BIN}"
+    # Not `go install pkg@version`: Prometheus's go.mod has replace directives, which only a
+    # build inside the module honours. So: the module from the proxy, built as the main
+    # module, in a writable copy (the module cache is read-only). No web UI assets: the
+    # HTTP API, which is what the tests and Grafana use, is all there.
+    module_dir="$(go mod download -json "github.com/prometheus/prometheus@${PROMETHEUS_MODULE_VERSION}" \
+      | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')"
+    [ -n "${module_dir}" ] || die "go mod download of prometheus ${PROMETHEUS_MODULE_VERSION} failed"
+    build_dir="$(mktemp -d)"
+    cp -R "${module_dir}/." "${build_dir}/"
+    chmod -R u+w "${build_dir}"
+    (cd "${build_dir}" && go build -o "${TOOLS_BIN}/" ./cmd/prometheus ./cmd/promtool)
+    rm -rf "${build_dir}"
   fi
 fi
 
