@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what a fresh Debian machine lacks to run Switchyard and its local stack: Redis and
-# PostgreSQL (apt), the Kafka broker jars (Maven Central, into ~/.cache/switchyard) and the
-# Python venv. Idempotent: re-running it is cheap, and silent when everything is in place.
+# PostgreSQL (apt), the Kafka broker jars (Maven Central, into ~/.cache/switchyard), the
+# Python venv, and the checking tools the tests run (.tools/bin: prometheus, promtool). Idempotent: re-running it is cheap, and silent when everything is in place.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -65,6 +65,49 @@ if [ ! -f "${KAFKA_LIBS}/kafka_2.13-${KAFKA_VERSION}.jar" ]; then
   rm -rf "${KAFKA_LIBS}"
   mv "${staging}" "${KAFKA_LIBS}"
   trap - EXIT
+fi
+
+# --- Prometheus and promtool (tests/test_prometheus.py, deploy/prometheus/) -----------------
+# Linked or built into the repo-local .tools/bin, where the tests look first
+# (tests/local_tools.py). Debian's package when apt can be used; otherwise built from the Go
+# module proxy (the module's v0.X.Y tags are Prometheus 2.X.Y; needs go 1.21+).
+TOOLS_BIN="${ROOT}/.tools/bin"
+PROMETHEUS_MODULE_VERSION=v0.54.1
+mkdir -p "${TOOLS_BIN}"
+if [ ! -x "${TOOLS_BIN}/prometheus" ] || [ ! -x "${TOOLS_BIN}/promtool" ]; then
+  if [ ! -x /usr/bin/promtool ] && command -v apt-get >/dev/null 2>&1 \
+      && { [ "$(id -u)" -eq 0 ] || command -v sudo >/dev/null 2>&1; }; then
+    apt_install prometheus
+    # The package enables and starts a system-wide Prometheus on :9090. Nothing here wants
+    # it (the tests start their own on a free port, deploy/prometheus/ is run by hand), and
+    # it would hold the port an operator's own `prometheus` expects. Only the service we just
+    # installed is stopped; an existing one is left alone (this branch does not run then).
+    if [ -d /run/systemd/system ]; then
+      as_root systemctl disable --now prometheus.service >/dev/null 2>&1 || true
+    elif [ -x /etc/init.d/prometheus ]; then
+      as_root /etc/init.d/prometheus stop >/dev/null 2>&1 || true
+    fi
+  fi
+  if [ -x /usr/bin/promtool ] && [ -x /usr/bin/prometheus ]; then
+    ln -sf /usr/bin/prometheus "${TOOLS_BIN}/prometheus"
+    ln -sf /usr/bin/promtool "${TOOLS_BIN}/promtool"
+  else
+    command -v go >/dev/null 2>&1 \
+      || die "no apt to install prometheus with, and no go to build it; install prometheus and promtool into ${TOOLS_BIN}"
+    say "building prometheus and promtool ${PROMETHEUS_MODULE_VERSION} with go into ${TOOLS_BIN}"
+    # Not `go install pkg@version`: Prometheus's go.mod has replace directives, which only a
+    # build inside the module honours. So: the module from the proxy, built as the main
+    # module, in a writable copy (the module cache is read-only). No web UI assets: the
+    # HTTP API, which is what the tests and Grafana use, is all there.
+    module_dir="$(go mod download -json "github.com/prometheus/prometheus@${PROMETHEUS_MODULE_VERSION}" \
+      | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')"
+    [ -n "${module_dir}" ] || die "go mod download of prometheus ${PROMETHEUS_MODULE_VERSION} failed"
+    build_dir="$(mktemp -d)"
+    cp -R "${module_dir}/." "${build_dir}/"
+    chmod -R u+w "${build_dir}"
+    (cd "${build_dir}" && go build -o "${TOOLS_BIN}/" ./cmd/prometheus ./cmd/promtool)
+    rm -rf "${build_dir}"
+  fi
 fi
 
 # --- Python venv -----------------------------------------------------------------------------
