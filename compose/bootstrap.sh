@@ -98,6 +98,10 @@ go_install() {  # go_install BINARY VERSION PACKAGE@VERSION LDFLAGS
   if [ -x "${TOOLS_BIN}/${bin}" ] && [ "$(cat "${TOOLS_BIN}/.${bin}.version" 2>/dev/null)" = "${version}" ]; then
     return
   fi
+  # The official tarball's place, often not on PATH; else Debian's package.
+  if ! command -v go >/dev/null 2>&1 && [ -x /usr/local/go/bin/go ]; then
+    PATH="/usr/local/go/bin:${PATH}"
+  fi
   command -v go >/dev/null 2>&1 || apt_install golang-go
   say "building ${bin} ${version} with go install into ${TOOLS_BIN} (the first time: a few minutes)"
   mkdir -p "${TOOLS_BIN}"
