@@ -21,7 +21,8 @@ from compose.fake_upstream import expected_content
 from compose.gateway import Gateway
 from ingress.responses_translate import EventWriter, skeleton
 from tests.conftest import FakeAdmin, eventually
-from tests.tenancy_util import new_key, new_tenant, platform
+from tests.tenancy_util import client as tenancy_client
+from tests.tenancy_util import ingress_behind_proxy, new_key, new_tenant, platform
 from tests.wire_server import serving
 
 OPENAI_ROUTE = "gpt-4o-mini"
@@ -121,6 +122,7 @@ async def test_a_streamed_answer_is_the_responses_event_sequence(
     assert numbers == list(range(len(numbers)))
     assert response.output_text == expected_content(user("delta echo"), 5)
     assert response.status == "completed"
+    assert response.model == model
     assert response.usage is not None
     assert (response.usage.input_tokens, response.usage.output_tokens) == (
         fake_prompt_tokens("be brief", "delta echo"), 5)
@@ -180,6 +182,58 @@ async def test_a_streamed_function_call_arrives_as_argument_deltas(
     call = response.output[-1]
     assert call.type == "function_call"
     assert (call.name, orjson.loads(call.arguments)) == ("lookup", {"query": "hotel"})
+
+
+async def test_a_streamed_answer_cut_at_max_output_tokens_ends_incomplete(
+        client: openai.AsyncOpenAI, gateway: Gateway, api_key: str, fake: FakeAdmin) -> None:
+    await fake.configure(tokens=20)
+    async with httpx.AsyncClient(base_url=gateway.url, timeout=60,
+                                 headers={"Authorization": f"Bearer {api_key}"}) as raw, \
+            raw.stream("POST", "/v1/responses", json={
+                "model": OPENAI_ROUTE, "stream": True, "max_output_tokens": 4,
+                "input": "echo"}) as r:
+        data = [orjson.loads(line[len("data: "):]) async for line in r.aiter_lines()
+                if line.startswith("data: ")]
+    last = data[-1]
+    assert last["type"] == "response.incomplete"
+    assert last["response"]["incomplete_details"] == {"reason": "max_output_tokens"}
+    assert last["response"]["output"][0]["status"] == "incomplete"
+    assert last["response"]["output"][0]["content"][0]["text"] == \
+        expected_content(user("echo"), 4)
+
+
+async def test_tool_choice_parallel_calls_and_a_json_schema_reach_the_provider(
+        client: openai.AsyncOpenAI, fake: FakeAdmin) -> None:
+    other: Any = {**TOOL, "name": "define"}
+    response = await client.responses.create(
+        model=OPENAI_ROUTE, input="kilo", tools=[TOOL, other],
+        tool_choice={"type": "function", "name": "define"}, parallel_tool_calls=False,
+        temperature=0.5, top_p=0.9, max_output_tokens=99, user="u-7")
+    call = response.output[-1]
+    assert call.type == "function_call"
+    assert call.name == "define"
+    sent = (await fake.stats())["last_chat"]
+    assert sent["tool_choice"] == {"type": "function", "function": {"name": "define"}}
+    assert [t["function"]["name"] for t in sent["tools"]] == ["lookup", "define"]
+    assert sent["tools"][0]["function"]["parameters"] == TOOL["parameters"]
+    assert (sent["parallel_tool_calls"], sent["temperature"], sent["top_p"],
+            sent["user"]) == (False, 0.5, 0.9, "u-7")
+    assert 99 in (sent.get("max_tokens"), sent.get("max_completion_tokens"))
+    schema: Any = {"type": "object", "properties": {"word": {"type": "string"}}}
+    shaped = await client.responses.create(
+        model=OPENAI_ROUTE, input="lima", text={"format": {
+            "type": "json_schema", "name": "word", "schema": schema, "strict": True}})
+    assert orjson.loads(shaped.output_text)["word"] == "lima"
+    sent = (await fake.stats())["last_chat"]
+    assert sent["response_format"] == {"type": "json_schema", "json_schema": {
+        "name": "word", "schema": schema, "strict": True}}
+
+
+async def test_auto_lets_the_router_choose_for_a_responses_client(
+        client: openai.AsyncOpenAI, fake: FakeAdmin) -> None:
+    response = await client.responses.create(model="auto", input="mike what is two plus two")
+    assert response.model not in ("", "auto")  # the model that answered
+    assert response.output_text.startswith("mike-0 ")
 
 
 # --- conversations ------------------------------------------------------------------------
@@ -268,6 +322,26 @@ async def test_another_tenants_response_is_not_found(
     body: Any = retrieved.value.body
     assert body["code"] == "response_not_found"
     assert (await client.responses.retrieve(mine.id)).id == mine.id  # still the owner's
+
+
+async def test_stored_responses_are_a_503_while_redis_is_unreachable(
+        gateway: Gateway, api_key: str, fake: FakeAdmin,
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    """An outage, said as one (503 with Retry-After), never a 404 that would tell the client
+    its conversation is gone."""
+    async with ingress_behind_proxy(gateway, tmp_path_factory.mktemp("cut")) as (url, proxy), \
+            tenancy_client(url, api_key) as http:
+        stored = await http.post("/v1/responses", json={"model": OPENAI_ROUTE,
+                                                        "input": "oscar"})
+        assert stored.status_code == 200, stored.text
+        response_id = stored.json()["id"]
+        await proxy.cut()
+        fetched = await http.get(f"/v1/responses/{response_id}")
+        continued = await http.post("/v1/responses", json={
+            "model": OPENAI_ROUTE, "input": "papa", "previous_response_id": response_id})
+    for refused in (fetched, continued):
+        assert refused.status_code == 503, refused.text
+        assert int(refused.headers["retry-after"]) >= 1
 
 
 # --- errors -------------------------------------------------------------------------------
