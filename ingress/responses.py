@@ -27,7 +27,7 @@ from starlette.responses import JSONResponse, Response
 from ingress.call import Call
 from ingress.chat import category_hint
 from ingress.errors import error_response
-from ingress.pipeline import Pipeline, Submission, client_gone
+from ingress.pipeline import Pipeline, Submission, client_gone, request_traceparent
 from ingress.policy import MODE_HEADER, admit
 from ingress.replies import FrameStream
 from ingress.responses_translate import (
@@ -101,7 +101,7 @@ async def create_response(call: Call) -> Response:
         request_id=request_id, owner=owner, endpoint="chat.completions",
         body=admitted.body, routing=admitted.routing, metadata=admitted.metadata,
         timeout_s=pipeline.timeout_s(request, admitted.timeout_ms),
-        traceparent=request.headers.get("traceparent"),
+        traceparent=request_traceparent(request),
         client_gone=lambda: client_gone(request),
         category=category_hint(request)))
     turn = _Turn(call, skeleton(body, new_id(RESPONSE_PREFIX)), [*history, *new])
@@ -197,6 +197,8 @@ class _Turn:
         request_id = self._call.request_id
         writer = EventWriter(self._response)
         finished = False
+        # As ingress/chat.py's relay: the frames relayed as SSE, to the last event.
+        span = pipeline.tracing.start("reply relay", attributes={"switchyard.stream": True})
         try:
             yield b"".join(writer.start())
             while frame.kind in _RELAYED:
@@ -225,6 +227,10 @@ class _Turn:
             finished = True  # lost frames or deadline: say so, never end cleanly
             yield writer.fail(exc.to_dict())
         finally:
+            if span.is_recording():
+                span.set_attributes({"switchyard.reply.last": frame.kind,
+                                     "switchyard.reply.finished": finished})
+                span.end()
             pipeline.close(request_id)
             if not finished:
                 with anyio.CancelScope(shield=True):
