@@ -7,9 +7,11 @@ process; writes nothing. For the recorded figures use `make bench`.
 completions: each round runs the same answer three ways (the fake directly, the gateway's
 chat completions, the gateway's messages) and also prints what messages adds over chat
 completions, the translation's cost both ways (the route is the fake's OpenAI dialect).
+`--route responses` does the same for OpenAI's `/v1/responses` (`ingress/responses.py`),
+each response stored as by default (`store: true`: one Redis write per request).
 
     python -m bench.ab RATE [--phase-s 20] [--rounds 2] [--warmup-s 30] [--stream] [--session]
-        [--limits on|off] [--route chat|messages] [--tracing off|on]
+        [--limits on|off] [--route chat|messages|responses] [--tracing off|on]
 
 `--tracing on`: every process traces every request (`OTEL_TRACES_SAMPLER=always_on`) and
 exports it over OTLP/HTTP to a local sink that accepts and discards (`compose/otlp_sink.py`,
@@ -73,18 +75,25 @@ async def _run(args: argparse.Namespace, gateway_url: str, fake_url: str, key: s
             "messages": [{"role": "user", "content": "bench hello there"}]}
     gateway = (f"{gateway_url}/v1/chat/completions",
                {"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
-    # Anthropic's shape of the same request, with its key header, as its SDK sends it.
-    messages = (f"{gateway_url}/v1/messages",
-                {"x-api-key": key, "anthropic-version": "2023-06-01",
-                 "Content-Type": "application/json"})
-    messages_body = {**body, "max_tokens": 1024}
+    # The same request in the other ingresses' shapes, with their key headers, as their SDKs
+    # send them: Anthropic's Messages, OpenAI's Responses.
+    other = {
+        "messages": (f"{gateway_url}/v1/messages",
+                     {"x-api-key": key, "anthropic-version": "2023-06-01",
+                      "Content-Type": "application/json"},
+                     {**body, "max_tokens": 1024}),
+        "responses": (f"{gateway_url}/v1/responses",
+                      {"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+                      {"model": body["model"], "stream": args.stream,
+                       "input": "bench hello there"}),
+    }.get(args.route)
     direct = (f"{fake_url}/v1/chat/completions", {"Content-Type": "application/json"})
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
                                      timeout=aiohttp.ClientTimeout(total=60)) as session:
         await run_open_loop(session, *gateway, body, rate=args.rate,
                             duration_s=args.warmup_s, label="warmup", stream=args.stream)
-        if args.route == "messages":
-            await run_open_loop(session, *messages, messages_body, rate=args.rate,
+        if other is not None:
+            await run_open_loop(session, *other, rate=args.rate,
                                 duration_s=min(args.warmup_s, 10), label="warmup",
                                 stream=args.stream)
         for n in range(args.rounds):
@@ -111,11 +120,11 @@ async def _run(args: argparse.Namespace, gateway_url: str, fake_url: str, key: s
                                sorted(cpu_ms.items(), key=lambda item: -item[1]))
             print(f"{line} | CPU-ms per request {total:.2f} ({shares}) | box busy "
                   f"{box_cores:.2f} cores", flush=True)
-            if args.route == "messages":
-                theirs = await run_open_loop(session, *messages, messages_body,
-                                             rate=args.rate, duration_s=args.phase_s,
-                                             label="messages", stream=args.stream)
-                line = (f"round {n}: /v1/messages added p50 "
+            if other is not None:
+                theirs = await run_open_loop(session, *other, rate=args.rate,
+                                             duration_s=args.phase_s, label=args.route,
+                                             stream=args.stream)
+                line = (f"round {n}: /v1/{args.route} added p50 "
                         f"{theirs.pct(50) - base.pct(50):+.2f} ms, "
                         f"p99 {theirs.pct(99) - base.pct(99):+.2f} ms "
                         f"(over chat completions p50 {theirs.pct(50) - ours.pct(50):+.2f} ms, "
@@ -147,9 +156,9 @@ def parse() -> argparse.Namespace:
     p.add_argument("--session", action="store_true",
                    help="authenticate with a session token (POST /v1/auth/login) instead of "
                    "the API key")
-    p.add_argument("--route", choices=("chat", "messages"), default="chat",
+    p.add_argument("--route", choices=("chat", "messages", "responses"), default="chat",
                    help="messages: also Anthropic's /v1/messages each round, beside chat "
-                   "completions")
+                   "completions; responses: also OpenAI's /v1/responses")
     return p.parse_args()
 
 

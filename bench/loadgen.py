@@ -156,11 +156,18 @@ async def _one(session: aiohttp.ClientSession, url: str, headers: dict[str, str]
                              request_id, retry_after, broken))
 
 
+# The data that ends the other ingresses' streams, and that starts a Responses text delta.
+_ENDS = (b'{"type":"message_stop"', b'{"type":"response.completed"')
+_FIRST_TEXT = b'{"type":"response.output_text.delta"'
+
+
 class StreamEvents:
     """What the load generator needs of an SSE answer, read a network read at a time (a line
     at a time cost the shared box more CPU than some of the processes it measures): when the
     first content arrived, the last data event before [DONE], and whether [DONE] came (for
-    Anthropic's streams, `bench.ab --route messages`, their text_delta and message_stop)."""
+    Anthropic's streams, `bench.ab --route messages`, their text_delta and message_stop; for
+    OpenAI's Responses streams, `--route responses`, output_text.delta and the terminal
+    response.completed)."""
 
     def __init__(self, scheduled: float) -> None:
         self._scheduled = scheduled
@@ -169,12 +176,14 @@ class StreamEvents:
         self.last = b""
 
     def feed(self, raw: bytes) -> bool:
-        """Take one read; True once [DONE] (Anthropic's streams: message_stop) has arrived."""
+        """Take one read; True once [DONE] (Anthropic's streams: message_stop; Responses
+        streams: response.completed) has arrived."""
         for event in self._parser.feed(raw):
-            if event.data == b"[DONE]" or event.data.startswith(b'{"type":"message_stop"'):
+            if event.data == b"[DONE]" or event.data.startswith(_ENDS):
                 return True
             if self.ttft_ms is None and ((b'"content":"' in event.data
                                          and b'"content":""' not in event.data)
+                                         or event.data.startswith(_FIRST_TEXT)
                                          or b'"type":"text_delta"' in event.data):
                 self.ttft_ms = (time.perf_counter() - self._scheduled) * 1000
             self.last = event.data

@@ -106,6 +106,8 @@ class FakeStats:
     # The Anthropic dialect's last request: its `anthropic-version` and `anthropic-beta`
     # headers and its body, as they arrived (what a native pass-through must keep).
     last_anthropic: dict[str, Any] | None = None
+    # The OpenAI dialect's last request body, as it arrived (what a translation must send).
+    last_chat: dict[str, Any] | None = None
     # Every call, in order: {"model", "at" (Unix time, seconds), "request_id", "fault" (what
     # was injected: "status 429", "reset", "hang"; None), "body_bytes" (the request body's
     # Content-Length)}. The most recent CALL_LOG_MAX kept.

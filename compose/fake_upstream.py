@@ -143,6 +143,7 @@ async def _chat(request: web.Request) -> web.StreamResponse:
     if isinstance(admitted, Failure):
         return await fail(request, request.app[STATE_KEY].stats, admitted, _failure)
     cfg, stats = admitted
+    stats.last_chat = body if isinstance(body, dict) else None
     try:
         if not isinstance(body, dict):
             raise TypeError

@@ -18,6 +18,7 @@ from ingress import (
     limits,
     messages,
     ops,
+    responses,
     routing_policy,
     sessions,
     tenants,
@@ -32,6 +33,9 @@ ROUTES: tuple[Endpoint, ...] = (
     Endpoint("POST", "/v1/infer", chat.chat_completions, P.INFERENCE),  # the seed's name
     Endpoint("POST", "/v1/messages", messages.messages, P.INFERENCE),  # Anthropic's protocol
     Endpoint("POST", "/v1/messages/count_tokens", messages.count_tokens, P.INFERENCE),
+    Endpoint("POST", "/v1/responses", responses.create_response, P.INFERENCE),  # OpenAI's
+    Endpoint("GET", "/v1/responses/{response_id}", responses.get_response, P.INFERENCE),
+    Endpoint("DELETE", "/v1/responses/{response_id}", responses.delete_response, P.INFERENCE),
     Endpoint("POST", "/v1/embeddings", embeddings.embeddings, P.INFERENCE),
     Endpoint("GET", "/v1/models", ops.models, P.MODELS_READ),
     Endpoint("GET", "/v1/advisor", insights.advisor, P.USAGE_READ),

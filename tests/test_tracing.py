@@ -258,6 +258,19 @@ async def test_an_anthropic_messages_stream_is_one_trace_too(
     assert _chain(spans, "reply relay") == ["reply relay", "POST /v1/messages"]
 
 
+async def test_a_responses_stream_is_one_trace_too(sink: OtlpSink,
+                                                   client: openai.AsyncOpenAI) -> None:
+    async with client.responses.stream(model=MODEL, input="say hello") as stream:
+        assert (await stream.get_final_response()).output_text
+        trace_id = stream._response.headers["x-trace-id"]
+    names = {"POST /v1/responses", *(REQUEST_SPANS - {"POST /v1/chat/completions"}),
+             "reply relay"}
+    spans = await _trace(sink, trace_id, names)
+    roots = [s.name for s in spans if s.parent_span_id not in {t.span_id for t in spans}]
+    assert roots == ["POST /v1/responses"]
+    assert _chain(spans, "reply relay") == ["reply relay", "POST /v1/responses"]
+
+
 async def test_each_attempt_is_a_span_and_logs_carry_the_trace(
         sink: OtlpSink, client: openai.AsyncOpenAI, fake: FakeAdmin, traced: Gateway) -> None:
     await fake.configure(fail_first=1)  # a 500, then the route answers: called again

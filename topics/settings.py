@@ -161,6 +161,11 @@ class IngressSettings(BaseModel):
         description="How long each ingress process caches a tenant's spend budgets "
         "(docs/budgets.md); a change through the API applies at once on the ingress that "
         "took it, within this long on the others.")
+    responses_ttl_s: int = Field(
+        default=2_592_000, ge=1,
+        description="How long a stored response of `POST /v1/responses` (`store` not false) "
+        "stays retrievable (`GET /v1/responses/{id}`) and continuable (`previous_response_id`), "
+        "in Redis; 30 days, as OpenAI keeps them.")
 
 
 class RouterSettings(BaseModel):

@@ -312,12 +312,19 @@ MEANINGS: dict[str, str] = {
     "invalid_request": "a request field that must be translated is malformed or has no "
                        "translation (`param` names it): for the chosen provider's dialect (e.g. a "
                        "message without content, a tool call without an id) or, on "
-                       "`/v1/messages`, for every route (e.g. a `document` block, a server "
-                       "tool); or a chat completion sets the reserved `switchyard_native`",
+                       "`/v1/messages` and `/v1/responses`, for every route (e.g. a `document` "
+                       "block, a server tool, an `input_file` part, a `web_search` tool, "
+                       "`background` or `conversation`); or a chat completion sets the "
+                       "reserved `switchyard_native`",
     "missing_field": "a required field is missing; `param` names it",
     "model_not_found": "the model (or council judge) is not in the catalog; `GET /v1/models` "
                        "lists them",
     "not_found": "no route matches the path",
+    "previous_response_not_found": "`previous_response_id` names no stored response of the "
+                                   "tenant: another tenant's, one sent with `store: false`, "
+                                   "deleted, or past `SWITCHYARD_INGRESS__RESPONSES_TTL_S`",
+    "response_not_found": "`GET` or `DELETE /v1/responses/{id}` names no stored response of "
+                          "the tenant (the same reasons as `previous_response_not_found`)",
     "policy_conflict": "a routing policy (stored or the seed shape's `policy`) at odds with "
                        "itself or the catalog: a pinned route or judge that is not an eligible "
                        "chat model, a policy that admits no model, a pinned provider without such "
