@@ -205,7 +205,7 @@ async def test_a_hit_is_replayed_as_a_stream(
     usage = replayed[-1]  # include_usage: the last chunk has no choices, the usage
     assert usage.choices == []
     assert usage.usage is not None
-    assert usage.usage.model_dump() == live_chunks[-1].usage.model_dump()  # type: ignore[union-attr]
+    assert usage.usage == live_chunks[-1].usage
     assert (usage.model_extra or {})["metadata"]["cache_hit"] is True
 
     # On the wire: SSE `data:` events ending with [DONE], nothing after it.
@@ -239,11 +239,9 @@ async def test_a_failed_stream_is_not_stored(
     body = ask()
     await fake.configure(cut_after_tokens=3)
     async with sdk(gateway, tenant) as client:
+        stream = await client.chat.completions.create(**body, stream=True, extra_headers=ON)
         with pytest.raises(openai.APIError):
-            stream = await client.chat.completions.create(**body, stream=True,
-                                                          extra_headers=ON)
-            async for _ in stream:
-                pass
+            _ = [chunk async for chunk in stream]  # the provider cuts it after 3 tokens
         await fake.configure(cut_after_tokens=None)
         before = await calls(fake)
         state, _ = await complete(client, body, ON)
@@ -329,3 +327,23 @@ async def test_lookups_and_stores_are_counted(
             await complete(client, body, ON)
         after = (await http.get("/metrics")).text
     assert [metric(after, n) - metric(before, n) for n in names] == [1, 1, 1]
+
+
+async def test_a_hit_counts_as_a_request_of_the_rate_limits_and_holds_no_slot(
+        gateway: Gateway, tenant: Tenant, admin: Admin, fake: FakeAdmin) -> None:
+    response = await admin.http.put(f"/v1/tenants/{tenant.id}/limits", json={
+        "requests_per_minute": 4, "concurrent_requests": 2, "requests_per_second": 0})
+    assert response.status_code == 200, response.text
+    body = ask()
+    async with httpx.AsyncClient(base_url=gateway.url, timeout=30, headers={
+            "Authorization": f"Bearer {tenant.admin_key}", **ON}) as http:
+        first = await http.post("/v1/chat/completions", json=body)
+        assert first.headers["x-switchyard-cache"] == "miss"
+        hits = [await http.post("/v1/chat/completions", json=body) for _ in range(3)]
+        # Three after one another within two concurrent requests: each hit gave its slot
+        # back at once (the router frees the miss's as its request ends).
+        assert [(h.status_code, h.headers.get("x-switchyard-cache")) for h in hits] == \
+            [(200, "hit")] * 3, hits[0].text
+        assert hits[-1].headers["x-ratelimit-remaining"] == "0"
+        refused = await http.post("/v1/chat/completions", json=body)
+    assert_error(refused, 429, "rate_limit_exceeded")

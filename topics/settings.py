@@ -527,7 +527,7 @@ class CacheSettings(BaseModel):
     max_entry_bytes: int = Field(
         default=1_048_576, ge=1024,
         description="Largest answer stored (its JSON); a larger one is served but not cached "
-        "(`switchyard_cache_stores_total{outcome=\"too_large\"}`).")
+        "(`switchyard_cache_store_skips_total{reason=\"too_large\"}`).")
     policy_cache_ttl_s: float = Field(
         default=10.0, ge=0,
         description="How long each ingress caches a tenant's cache policy (read from its "
