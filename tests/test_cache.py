@@ -347,3 +347,46 @@ async def test_a_hit_counts_as_a_request_of_the_rate_limits_and_holds_no_slot(
         assert hits[-1].headers["x-ratelimit-remaining"] == "0"
         refused = await http.post("/v1/chat/completions", json=body)
     assert_error(refused, 429, "rate_limit_exceeded")
+
+
+TOOLS = [{"type": "function", "function": {
+    "name": "search", "description": "Search the web",
+    "parameters": {"type": "object", "properties": {"query": {"type": "string"}}}}}]
+
+
+async def test_a_streamed_tool_call_is_stored_whole_and_replayed(
+        gateway: Gateway, tenant: Tenant, fake: FakeAdmin) -> None:
+    body = ask(tools=TOOLS)
+    async with sdk(gateway, tenant) as client:
+        live = await client.chat.completions.create(**body, stream=True, extra_headers=ON)
+        pieces = [c.choices[0].delta.tool_calls async for c in live if c.choices]
+        arguments = "".join(call.function.arguments or "" for calls_ in pieces if calls_
+                            for call in calls_ if call.function)
+        before = await calls(fake)
+        state, whole = await complete(client, {**body, "tools": TOOLS}, ON)
+        assert state == "hit"
+        replayed = await client.chat.completions.create(**body, stream=True, extra_headers=ON)
+        deltas = [c.choices[0] async for c in replayed if c.choices]
+    assert await calls(fake) == before
+    (call,) = whole["choices"][0]["message"]["tool_calls"]
+    assert call["function"] == {"name": "search", "arguments": arguments}
+    assert whole["choices"][0]["finish_reason"] == "tool_calls"
+    (streamed,) = [tc for d in deltas for tc in d.delta.tool_calls or ()]
+    assert streamed.function is not None
+    assert (streamed.id, streamed.function.name, streamed.function.arguments) == (
+        call["id"], "search", arguments)
+    assert deltas[-1].finish_reason == "tool_calls"
+
+
+async def test_an_unreadable_entry_is_a_miss_and_is_replaced(
+        gateway: Gateway, tenant: Tenant, fake: FakeAdmin, r: redis.Redis) -> None:
+    body = ask()
+    async with sdk(gateway, tenant) as client:
+        assert (await complete(client, body, ON))[0] == "miss"
+        (key,) = [k async for k in r.scan_iter(match=f"{PREFIX}{tenant.id}:*")]
+        await r.set(key, b"not json", ex=60)
+        before = await calls(fake)
+        state, answer = await complete(client, body, ON)
+        assert (state, answer["metadata"]["cache_hit"]) == ("miss", False)
+        assert await calls(fake) == before + 1
+        assert (await complete(client, body, ON))[0] == "hit"
