@@ -58,6 +58,7 @@ from topics.response_cache import (
     replay_chunks,
 )
 from topics.settings import CacheSettings
+from topics.tracing import current_traceparent
 
 log = logging.getLogger(__name__)
 
@@ -196,13 +197,16 @@ class ResponseCache:
             mode=mode if mode in MODES else "auto", status="ok", cost_usd=Decimal(0),
             latency_ms=latency_ms, started_at_ms=now_ms - int(latency_ms), finished_at_ms=now_ms,
             cache_hit=True)
+        headers = [(names.H_REQUEST_ID, request_id.encode()),
+                   (names.H_TENANT_ID, owner.tenant_id.encode()),
+                   (names.H_CONTENT_TYPE, names.CONTENT_TYPE_JSON)]
+        # The request's trace: the usage worker's write joins it, as for a router's bill.
+        if (traceparent := current_traceparent()) is not None:
+            headers.append((names.H_TRACEPARENT, traceparent.encode()))
         try:
             async with asyncio.timeout(_PRODUCE_TIMEOUT_S):
-                await self._producer.send_and_wait(
-                    names.USAGE, event.to_json(), key=request_id.encode(),
-                    headers=[(names.H_REQUEST_ID, request_id.encode()),
-                             (names.H_TENANT_ID, owner.tenant_id.encode()),
-                             (names.H_CONTENT_TYPE, names.CONTENT_TYPE_JSON)])
+                await self._producer.send_and_wait(names.USAGE, event.to_json(),
+                                                   key=request_id.encode(), headers=headers)
         except Exception as exc:
             log.warning("usage event of cache hit %s not recorded (%s)", request_id,
                         type(exc).__name__)
