@@ -12,7 +12,8 @@ handler checks them before asking); it then passes the rate limits as a request 
 no tokens, whose concurrency slot is freed at once, and reserves no spend (it costs 0)
 (`ingress/admission.py` `Admission.admit_cached`). Its usage event (cost 0, no tokens,
 `cache_hit: true`, an event id derived from the request id so a replay is one ledger row) is
-produced to `llm.usage` before the answer is sent, like every other bill.
+handed to the producer of `llm.usage` before the answer is sent; the answer does not wait for
+the broker's ack, as a client never waits for a router's billing.
 
 Redis unreachable, an entry unreadable, the policy unreadable: the request is served as a
 miss (and its store skipped), never refused because of the cache.
@@ -64,7 +65,7 @@ log = logging.getLogger(__name__)
 
 Outcome = Literal["hit", "miss", "refresh", "bypass"]  # the response's x-switchyard-cache
 _USAGE_NAMESPACE = uuid.UUID("6f1d3c52-6b4e-4bb1-9a43-1f0c2f5a7e10")  # hit event ids
-_PRODUCE_TIMEOUT_S = 10.0
+_ENQUEUE_TIMEOUT_S = 1.0
 
 
 class CacheMetrics:
@@ -184,8 +185,11 @@ class ResponseCache:
 
     async def bill(self, owner: Principal, request_id: str, entry: Entry,
                    started_s: float) -> float:
-        """Produce the hit's usage event (durable when this returns); its latency (ms). A
-        queue that cannot take it is logged: the hit cost nothing, and it is still served."""
+        """Hand the hit's usage event to the producer; its latency (ms). The client does not
+        wait for the broker's ack (as it never waits for a router's billing): the idempotent
+        producer delivers it, a process that stops flushes it first, and only a process killed
+        within the milliseconds before the ack loses it, a row of cost 0. A queue that cannot
+        take it is logged: the hit cost nothing, and it is still served."""
         latency_ms = round((time.perf_counter() - started_s) * 1000, 3)
         now_ms = int(time.time() * 1000)
         mode = entry.metadata.get("mode")
@@ -204,13 +208,27 @@ class ResponseCache:
         if (traceparent := current_traceparent()) is not None:
             headers.append((names.H_TRACEPARENT, traceparent.encode()))
         try:
-            async with asyncio.timeout(_PRODUCE_TIMEOUT_S):
-                await self._producer.send_and_wait(names.USAGE, event.to_json(),
-                                                   key=request_id.encode(), headers=headers)
+            # Bounded: a broker that is down must not hold up answers that need none of it.
+            async with asyncio.timeout(_ENQUEUE_TIMEOUT_S):
+                delivery = await self._producer.send(names.USAGE, event.to_json(),
+                                                     key=request_id.encode(), headers=headers)
         except Exception as exc:
-            log.warning("usage event of cache hit %s not recorded (%s)", request_id,
-                        type(exc).__name__)
+            _unrecorded(request_id, exc)
+        else:
+            delivery.add_done_callback(lambda done: _delivered(request_id, done))
         return latency_ms
+
+
+def _delivered(request_id: str, delivery: asyncio.Future[Any]) -> None:
+    if delivery.cancelled():
+        _unrecorded(request_id, asyncio.CancelledError())
+    elif (exc := delivery.exception()) is not None:
+        _unrecorded(request_id, exc)
+
+
+def _unrecorded(request_id: str, exc: BaseException) -> None:
+    log.warning("usage event of cache hit %s not recorded (%s)", request_id,
+                type(exc).__name__)
 
 
 def hit_completion(entry: Entry, request_id: str, latency_ms: float) -> dict[str, Any]:
