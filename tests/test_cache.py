@@ -249,6 +249,29 @@ async def test_a_failed_stream_is_not_stored(
     assert await calls(fake) == before + 1
 
 
+async def test_a_stream_its_client_left_is_not_stored(
+        gateway: Gateway, tenant: Tenant, fake: FakeAdmin) -> None:
+    body = ask()
+    await fake.configure(tokens=40, inter_token_ms=50)
+    async with sdk(gateway, tenant) as client:
+        stream = await client.chat.completions.create(**body, stream=True, extra_headers=ON)
+        async for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                break  # the first words, then the client goes away
+        await stream.close()
+        await eventually(lambda: _no_open_streams(fake))  # the router saw the cancel
+        await fake.configure(tokens=16, inter_token_ms=0)
+        before = await calls(fake)
+        state, _ = await complete(client, body, ON)
+    assert state == "miss"
+    assert await calls(fake) == before + 1
+
+
+async def _no_open_streams(fake: FakeAdmin) -> bool:
+    stats = await fake.stats()
+    return stats["open_streams"] == 0 and stats["disconnects"] >= 1
+
+
 async def test_tenants_never_see_each_others_entries(
         gateway: Gateway, admin: Admin, fake: FakeAdmin, r: redis.Redis) -> None:
     first, second = await new_tenant(admin.http), await new_tenant(admin.http)
