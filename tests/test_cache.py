@@ -269,7 +269,7 @@ async def test_a_stream_its_client_left_is_not_stored(
 
 async def _no_open_streams(fake: FakeAdmin) -> bool:
     stats = await fake.stats()
-    return stats["open_streams"] == 0 and stats["disconnects"] >= 1
+    return bool(stats["open_streams"] == 0 and stats["disconnects"] >= 1)
 
 
 async def test_tenants_never_see_each_others_entries(
