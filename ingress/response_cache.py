@@ -79,7 +79,8 @@ class CacheMetrics:
                               registry=registry)
         self.skips = Counter(
             "switchyard_cache_store_skips", "Answers of cached requests not stored, by reason "
-            "(too_large, incomplete: failed, cut or cancelled, error: Redis unreachable)",
+            "(too_large; incomplete: a stream that ended without every choice's finish "
+            "reason; error: Redis unreachable)",
             ["reason"], registry=registry)
 
 
