@@ -11,11 +11,15 @@ completions, the translation's cost both ways (the route is the fake's OpenAI di
 each response stored as by default (`store: true`: one Redis write per request).
 
     python -m bench.ab RATE [--phase-s 20] [--rounds 2] [--warmup-s 30] [--stream] [--session]
-        [--limits on|off] [--route chat|messages|responses] [--tracing off|on]
+        [--limits on|off] [--route chat|messages|responses] [--tracing off|on] [--cache off|hit]
 
 `--tracing on`: every process traces every request (`OTEL_TRACES_SAMPLER=always_on`) and
 exports it over OTLP/HTTP to a local sink that accepts and discards (`compose/otlp_sink.py`,
 a process of its own); `off` (the default) is the gateway's default, tracing off.
+
+`--cache hit`: every chat completion is the same `temperature: 0` request with
+`x-switchyard-cache: on`, stored once before the warm-up, so each is a response-cache hit
+answered by the ingress (docs/cache.md); `off` (the default) does not use the cache.
 """
 
 from __future__ import annotations
@@ -71,10 +75,14 @@ async def _run(args: argparse.Namespace, gateway_url: str, fake_url: str, key: s
             login = await admin.post(f"{gateway_url}/v1/auth/login", json={"api_key": key})
             login.raise_for_status()
             key = login.json()["token"]
-    body = {"model": "gpt-4o-mini", "stream": args.stream,
-            "messages": [{"role": "user", "content": "bench hello there"}]}
-    gateway = (f"{gateway_url}/v1/chat/completions",
-               {"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+    body: dict[str, object] = {
+        "model": "gpt-4o-mini", "stream": args.stream,
+        "messages": [{"role": "user", "content": "bench hello there"}]}
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+    if args.cache == "hit":  # every request the same reproducible one, answered from Redis
+        body["temperature"] = 0
+        headers["x-switchyard-cache"] = "on"
+    gateway = (f"{gateway_url}/v1/chat/completions", headers)
     # The same request in the other ingresses' shapes, with their key headers, as their SDKs
     # send them: Anthropic's Messages, OpenAI's Responses.
     other = {
@@ -90,6 +98,11 @@ async def _run(args: argparse.Namespace, gateway_url: str, fake_url: str, key: s
     direct = (f"{fake_url}/v1/chat/completions", {"Content-Type": "application/json"})
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
                                      timeout=aiohttp.ClientTimeout(total=60)) as session:
+        if args.cache == "hit":  # the one miss that stores the entry
+            async with session.post(gateway[0], json=body, headers=headers) as primed:
+                await primed.read()
+                if primed.headers.get("x-switchyard-cache") not in ("miss", "hit"):
+                    raise RuntimeError(f"the cache did not take the request: {primed.status}")
         await run_open_loop(session, *gateway, body, rate=args.rate,
                             duration_s=args.warmup_s, label="warmup", stream=args.stream)
         if other is not None:
@@ -153,6 +166,11 @@ def parse() -> argparse.Namespace:
                    help="tracing off (the default), or every request traced by every process "
                    "and exported to a local OTLP sink that discards it: the A/B of tracing's "
                    "cost")
+    p.add_argument("--cache", choices=("off", "hit"), default="off",
+                   help="off: requests that do not use the response cache (the plain path); "
+                   "hit: `temperature: 0` with `x-switchyard-cache: on`, stored once before "
+                   "the warm-up, so every measured request is a hit answered by the ingress "
+                   "(docs/cache.md): the cost of the lookup against the full trip")
     p.add_argument("--session", action="store_true",
                    help="authenticate with a session token (POST /v1/auth/login) instead of "
                    "the API key")

@@ -115,20 +115,26 @@ class Admission:
                     await store.settle(self.redis, job.request_id, 0)
             raise
 
-    async def admit(self, call: Call, job: Submission) -> bool:
+    async def admit_cached(self, call: Call, job: Submission) -> None:
+        """A response-cache hit (`ingress/response_cache.py`): a request to the rate limits,
+        reserving no tokens (no provider is called), its concurrency slot freed at once;
+        no spend reserved (it costs 0). Raises the 429 (or a fail-closed 503)."""
+        await self.admit(call, job, cached=True)
+
+    async def admit(self, call: Call, job: Submission, *, cached: bool = False) -> bool:
         """True if admission ran here, whatever applied was counted (the router must not
         count it again, nor look for budgets again: without this mark it reads the tenant's
         budgets from the database for the request, as for the batch path); False only when
         Redis could not be asked. Raises the 429 or 402 (or a fail-closed 503)."""
         limits = await self._limits(job)
-        reservation = await self._reservation(job)
+        reservation = None if cached else await self._reservation(job)
         if limits is None and reservation is None:
             return True  # nothing to count: checked all the same
         owner = job.owner
         ticket = None if limits is None else LimitTicket(
             tenant_id=owner.tenant_id, key_id=owner.key_id, request_id=job.request_id,
             deadline_ms=int((time.time() + job.timeout_s) * 1000),
-            tokens=estimate_tokens(job.body), limits=limits)
+            tokens=0 if cached else estimate_tokens(job.body), limits=limits)
         budget = None if reservation is None or self.budgets is None \
             else BudgetTicket(self.budgets.ledger, reservation)
         try:
@@ -164,6 +170,9 @@ class Admission:
             raise exceeded(outcome.budget, outcome.used_nano, reservation.at)
         if verdict is not None:
             self.metrics.limit_admissions.labels("admitted").inc()
+            if cached:  # answered at once: nothing to hold its slot for
+                with contextlib.suppress(Exception):
+                    await store.settle(self.redis, job.request_id, 0)
         if outcome is not None:
             self.metrics.budget_admissions.labels("reserved").inc()
         return True

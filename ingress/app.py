@@ -24,6 +24,7 @@ from ingress.middleware import RequestIdentity
 from ingress.ops import model_listing, package_version
 from ingress.pipeline import Pipeline
 from ingress.replies import ReplyRouter
+from ingress.response_cache import ResponseCache
 from ingress.routes import ROUTES, metric_paths
 from ingress.services import Services
 from state.bandit import PosteriorStore
@@ -128,7 +129,10 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 audit=AuditLog(runtime.producer,
                                publish_timeout_s=settings.audit.publish_timeout_s,
                                registry=metrics.registry),
-                budgets=budgets)
+                budgets=budgets,
+                response_cache=ResponseCache(settings.cache, runtime.redis, runtime.producer,
+                                             pool, metrics.registry)
+                if settings.cache.enabled else None)
             settle_heap()
             log.info("ingress ready; replies on %s", replies.channel)
             # `tracing` for ingress/middleware.py, which runs outside any route.

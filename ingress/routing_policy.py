@@ -40,6 +40,7 @@ async def put_policy(call: Call) -> Response:
     policy = parse_body(RoutingPolicy, await read_body(call.request, MAX_BODY_BYTES))
     validate_against(policy, call.services.catalog)
     stored = await storage.put_policy(call.services.pool, tenant_id, policy)
+    _forget_cache_policy(call, tenant_id)
     log.info("tenant %s replaced its routing policy", tenant_id)
     await call.services.audit.record(call, "routing_policy.updated", target=tenant_id,
                                      details={"policy": policy.public()})
@@ -51,11 +52,19 @@ async def delete_policy(call: Call) -> Response:
     tenant_id = call.principal.tenant_id
     # Idempotent: deleting the default is not an error, "deleted" says what happened.
     deleted = await storage.delete_policy(call.services.pool, tenant_id)
+    _forget_cache_policy(call, tenant_id)
     if deleted:  # deleting the default changes nothing: nothing to record
         log.info("tenant %s went back to the default routing policy", tenant_id)
         await call.services.audit.record(call, "routing_policy.deleted", target=tenant_id)
     return json_response({**_view(EffectivePolicy(RoutingPolicy(), "default", None)),
                           "deleted": deleted})
+
+
+def _forget_cache_policy(call: Call, tenant_id: str) -> None:
+    # The policy's `cache` applies at once on this ingress (within
+    # SWITCHYARD_CACHE__POLICY_CACHE_TTL_S on the others).
+    if call.services.response_cache is not None:
+        call.services.response_cache.forget(tenant_id)
 
 
 def _view(effective: EffectivePolicy) -> dict[str, Any]:

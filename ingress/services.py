@@ -16,6 +16,7 @@ from ingress.auth import Authenticator, SessionVerifier
 from ingress.metrics import IngressMetrics
 from ingress.pipeline import Pipeline
 from ingress.replies import ReplyRouter
+from ingress.response_cache import ResponseCache
 from state.bandit import PosteriorStore
 from state.breakers import Breakers
 from state.limits import LimitStore
@@ -51,3 +52,5 @@ class Services:
     limits: LimitStore | None  # None: `limits.enabled` is off
     # Spend budgets: admission (reserve or 402) and the admin API's caches (`ingress/budgets.py`).
     budgets: BudgetAdmission
+    # None: `cache.enabled` is off (`ingress/response_cache.py`).
+    response_cache: ResponseCache | None = None

@@ -45,7 +45,7 @@ SELECT model,
        count(*) FILTER (WHERE started_at < $2) AS baseline_attempts,
        avg((status <> 'ok')::int) FILTER (WHERE started_at < $2)::float8 AS baseline_rate
 FROM usage_events
-WHERE tenant_id = $1 AND started_at >= $3
+WHERE tenant_id = $1 AND started_at >= $3 AND NOT cache_hit  -- no provider was called
 GROUP BY model
 """
 

@@ -22,11 +22,12 @@ from topics.messages import UsageEvent
 _COLUMNS = (
     "event_id", "request_id", "tenant_id", "key_id", "provider", "model", "category", "mode",
     "status", "error_code", "prompt_tokens", "completion_tokens", "cached_tokens", "estimated",
-    "cost_usd", "latency_ms", "ttft_ms", "attempt", "started_at", "finished_at",
+    "cost_usd", "latency_ms", "ttft_ms", "attempt", "started_at", "finished_at", "cache_hit",
 )
 _TYPES = (
     "uuid", "text", "text", "text", "text", "text", "text", "text", "text", "text", "int4",
     "int4", "int4", "bool", "numeric", "float8", "float8", "int4", "timestamptz", "timestamptz",
+    "bool",
 )
 
 # One statement: the rollup is fed only by the rows this statement really inserted, so a
@@ -76,7 +77,7 @@ async def record_usage(pool: asyncpg.Pool, events: Sequence[UsageEvent]) -> None
             e.event_id, e.request_id, e.tenant_id, e.key_id, e.provider, e.model, e.category,
             e.mode, e.status, e.error_code, e.prompt_tokens, e.completion_tokens,
             e.cached_tokens, e.estimated, e.cost_usd, e.latency_ms, e.ttft_ms, e.attempt,
-            _ts(e.started_at_ms), _ts(e.finished_at_ms),
+            _ts(e.started_at_ms), _ts(e.finished_at_ms), e.cache_hit,
         )
         for column, value in zip(columns, row, strict=True):
             column.append(value)

@@ -71,6 +71,7 @@ DEFAULT = {
     "allowed_providers": None, "allowed_models": None, "price_ceiling_per_mtok": None,
     "pinned_routes": {}, "default_mode": "auto", "allow_substitution": False,
     "judge_model": None, "council_output": "winner", "fallbacks": {},
+    "cache": {"enabled": False, "ttl_s": None, "allow_nondeterministic": False},
 }
 
 
@@ -92,6 +93,7 @@ async def test_put_get_delete_round_trip(tenant: Tenant, pg: asyncpg.Pool,
         "judge_model": "gpt-4o-mini",
         "council_output": "synthesis",
         "fallbacks": {"gpt-4o-mini": ["claude-sonnet", "codestral-latest"]},
+        "cache": {"enabled": True, "ttl_s": 600, "allow_nondeterministic": False},
     }
     # gpt-4.1 is not in the catalog: refused, and nothing is stored.
     assert_error(await tenant.http.put(POLICY, json=policy), 400, "unknown_model",

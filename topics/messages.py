@@ -202,7 +202,8 @@ UsageStatus = Literal["ok", "error", "cancelled", "timeout"]
 
 
 class UsageEvent(_Message):
-    """`llm.usage`: one event per attempt that reached a provider. JSON Schema published in
+    """`llm.usage`: one event per attempt that reached a provider, and one per request
+    answered from the response cache (`cache_hit`). JSON Schema published in
     `topics/schemas/usage.v1.json` for analytics consumers."""
 
     schema_version: Literal[1] = SCHEMA_VERSION
@@ -226,6 +227,9 @@ class UsageEvent(_Message):
     attempt: int = Field(default=1, ge=1)
     started_at_ms: int
     finished_at_ms: int
+    # Answered from the response cache by the ingress (`ingress/response_cache.py`): no
+    # provider was called; cost and tokens are 0.
+    cache_hit: bool = False
 
 
 def usage_json_schema() -> dict[str, Any]:

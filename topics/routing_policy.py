@@ -42,6 +42,7 @@ from topics.bandit import ObjectiveWeights
 from topics.catalog import Catalog, Model
 from topics.errors import Forbidden, InvalidRequest, NotFound
 from topics.messages import CouncilOutput, Mode
+from topics.response_cache import CachePolicy
 
 AUTO = "auto"  # the model name that asks the router to choose
 
@@ -142,6 +143,9 @@ class RoutingPolicy(BaseModel):
     # Per named model, what serves it, in order, when it cannot: {"gpt-4o": ["claude-opus"]}.
     # A request's own `models` list takes the place of this one.
     fallbacks: dict[Name, FallbackChain] = Field(default_factory=dict)
+    # The response cache (`topics/response_cache.py`, docs/cache.md): read by the ingress
+    # only; routers ignore it.
+    cache: CachePolicy = CachePolicy()
 
     def public(self) -> dict[str, Any]:
         """The JSON shape (what a PUT accepts): the price as a decimal string."""

@@ -508,6 +508,33 @@ class MetricsSettings(BaseModel):
         "per tenant, provider and model. Off by default: the series grow with the tenants.")
 
 
+class CacheSettings(BaseModel):
+    """The response cache (docs/cache.md): exact-match answers in Redis, opt-in per tenant
+    (its routing policy's `cache`) and per request (`x-switchyard-cache`)."""
+
+    enabled: bool = Field(
+        default=True,
+        description="Serve and store cached answers for the tenants and requests that opt in. "
+        "Off: `x-switchyard-cache` is ignored and no request is looked up.")
+    default_ttl_s: int = Field(
+        default=3600, ge=1,
+        description="An entry's lifetime when neither the request "
+        "(`x-switchyard-cache-ttl`) nor the tenant's policy (`cache.ttl_s`) names one.")
+    max_ttl_s: int = Field(
+        default=86400, ge=1,
+        description="The longest lifetime an entry gets; a longer `x-switchyard-cache-ttl` "
+        "gets 400 `invalid_header`, a longer policy `ttl_s` is capped.")
+    max_entry_bytes: int = Field(
+        default=1_048_576, ge=1024,
+        description="Largest answer stored (its JSON); a larger one is served but not cached "
+        "(`switchyard_cache_store_skips_total{reason=\"too_large\"}`).")
+    policy_cache_ttl_s: float = Field(
+        default=10.0, ge=0,
+        description="How long each ingress caches a tenant's cache policy (read from its "
+        "routing policy); a change applies at once on the ingress that took it, within this "
+        "long on the others.")
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="SWITCHYARD_", env_nested_delimiter="__", extra="ignore"
@@ -525,6 +552,7 @@ class Settings(BaseSettings):
     auth: AuthSettings = AuthSettings()
     limits: LimitsSettings = LimitsSettings()
     metrics: MetricsSettings = MetricsSettings()
+    cache: CacheSettings = CacheSettings()
     catalog_path: Path = Field(
         default=Path(__file__).with_name("catalog.toml"),
         description="The model catalog (providers, models, prices).")

@@ -303,9 +303,11 @@ MEANINGS: dict[str, str] = {
                               "says which key; never its value): the ingress does not start",
     "invalid_field": "a field fails validation; `param` names it (e.g. `messages.0.role`, "
                      "`weights.cost`, `policy.timeout_ms`, `models`)",
-    "invalid_header": "`x-switchyard-category` is not a category, or `x-switchyard-timeout-ms` "
+    "invalid_header": "`x-switchyard-category` is not a category, `x-switchyard-timeout-ms` "
                       "is not a number of milliseconds within "
-                      "(0, `SWITCHYARD_INGRESS__MAX_DEADLINE_S`]",
+                      "(0, `SWITCHYARD_INGRESS__MAX_DEADLINE_S`], `x-switchyard-cache` is not "
+                      "`on`, `off` or `refresh`, or `x-switchyard-cache-ttl` is not whole "
+                      "seconds within [1, `SWITCHYARD_CACHE__MAX_TTL_S`]",
     "invalid_json": "the body is not valid JSON, or not a JSON object",
     "invalid_query": "a query parameter is malformed or out of range (`period`, `start`, `end`, "
     "`group_by` of `GET /v1/usage` and `/v1/usage/history`); `param` names it",

@@ -18,6 +18,7 @@ def process_registries() -> dict[str, CollectorRegistry]:
     are built on are not used: nothing is started)."""
     from ingress.audit import AuditLog
     from ingress.metrics import IngressMetrics
+    from ingress.response_cache import CacheMetrics
     from workers.audit.metrics import AuditMetrics
     from workers.classifier.metrics import ClassifierMetrics
     from workers.kafka_metrics import ConsumerMetrics
@@ -30,6 +31,7 @@ def process_registries() -> dict[str, CollectorRegistry]:
                                                   "classifier")}
     IngressMetrics(out["ingress"])
     AuditLog(unused, publish_timeout_s=1.0, registry=out["ingress"])
+    CacheMetrics(out["ingress"])
     RouterMetrics(out["router"], tenant_labels=True)
     BudgetAlerts(unused, unused, out["router"])
     ClassifierMetrics(out["router"])  # when it classifies inline (the default)
