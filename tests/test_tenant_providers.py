@@ -65,12 +65,15 @@ async def test_a_registered_provider_serves_its_tenant_only_billed_at_declared_p
                                            "output_per_mtok": "8.00"}],
                                   priority=5, weight=2.5, enabled=True)
         # The seed's shape, with its JSON types; never the key.
-        assert isinstance(created["id"], str) and created["id"].startswith("tp_")
+        assert isinstance(created["id"], str)
+        assert created["id"].startswith("tp_")
         assert (created["name"], created["type"], created["models"], created["enabled"],
                 created["status"]) == ("acme", "openai-compatible", ["acme-llm"], True,
                                        "active")
-        assert created["priority"] == 5 and created["weight"] == 2.5
-        assert created["has_api_key"] is True and secret not in str(created)
+        assert created["priority"] == 5
+        assert created["weight"] == 2.5
+        assert created["has_api_key"] is True
+        assert secret not in str(created)
         provider_id = created["id"]
         listed = (await a.get("/v1/providers")).json()["providers"]
         assert [p["id"] for p in listed] == [provider_id]
@@ -100,7 +103,8 @@ async def test_a_registered_provider_serves_its_tenant_only_billed_at_declared_p
             assert row["model"] == f"{provider_id}/acme-llm"
             expected = (Decimal(row["prompt_tokens"]) * 2
                         + Decimal(row["completion_tokens"]) * 8) / 1_000_000
-            assert row["cost_usd"] == expected and row["cost_usd"] > 0
+            assert row["cost_usd"] == expected
+            assert row["cost_usd"] > 0
 
         async def usage_shows_it() -> dict[str, Any]:
             body: dict[str, Any] = (await a.get("/v1/usage")).json()
@@ -182,7 +186,8 @@ async def test_update_disable_and_delete_take_effect_on_routing(
                      409, "provider_exists")
 
         deleted = await a.delete(f"/v1/providers/{provider_id}")
-        assert deleted.status_code == 200 and deleted.json()["deleted"] is True
+        assert deleted.status_code == 200
+        assert deleted.json()["deleted"] is True
         assert provider_id not in {p["id"] for p in
                                    (await a.get("/v1/providers")).json()["providers"]}
         assert provider_id not in {k["provider"] for k in
@@ -201,18 +206,21 @@ async def test_test_and_health_probe_for_real_including_a_dead_port(
         ok = (await a.post("/v1/providers/test", json={
             "name": "probe", "type": "openai-compatible", "base_url": _fake_url(gateway),
             "api_key": "sk-probe-0000"})).json()
-        assert ok["success"] is True and isinstance(ok["latency_ms"], float)
+        assert ok["success"] is True
+        assert isinstance(ok["latency_ms"], float)
         assert "error" not in ok
         failed = (await a.post("/v1/providers/test", json={
             "name": "probe", "type": "openai-compatible", "base_url": dead})).json()
-        assert failed["success"] is False and isinstance(failed["error"], str)
+        assert failed["success"] is False
+        assert isinstance(failed["error"], str)
         assert isinstance(failed["latency_ms"], float)
 
         dead_one = await _register(a, name="dead", type="openai", base_url=dead,
                                    models=["dead-llm"])
         health = (await a.get(f"/v1/providers/{dead_one['id']}/health")).json()
         assert health["provider_id"] == dead_one["id"]
-        assert health["status"] == "unhealthy" and health["error"]
+        assert health["status"] == "unhealthy"
+        assert health["error"]
         rfc3339(health["last_check"])
 
         live = await _register(a, name="live", type="openai", base_url=_fake_url(gateway),
