@@ -78,8 +78,11 @@ async def test_a_registered_provider_serves_its_tenant_only_billed_at_declared_p
         listed = (await a.get("/v1/providers")).json()["providers"]
         assert [p["id"] for p in listed] == [provider_id]
 
-        # Routed with the official SDK, by its bare name and by provider/model.
+        # Listed with the official SDK, routed by its bare name and by provider/model.
         async with _sdk(gateway, key_a) as sdk:
+            listed_models = {m.id: m for m in (await sdk.models.list()).data}
+            assert f"{provider_id}/acme-llm" in listed_models
+            assert "gpt-4o-mini" in listed_models
             for name in ("acme-llm", "acme/acme-llm"):
                 raw = await sdk.chat.completions.with_raw_response.create(
                     model=name, messages=HELLO)  # type: ignore[arg-type]
@@ -116,6 +119,8 @@ async def test_a_registered_provider_serves_its_tenant_only_billed_at_declared_p
 
         # Another tenant: the name is unknown, the provider invisible and untouchable.
         async with _sdk(gateway, key_b) as other:
+            assert f"{provider_id}/acme-llm" not in {
+                m.id for m in (await other.models.list()).data}
             for name in ("acme-llm", "acme/acme-llm", f"{provider_id}/acme-llm"):
                 with pytest.raises(openai.NotFoundError) as refused:
                     await other.chat.completions.create(model=name, messages=HELLO)  # type: ignore[arg-type]

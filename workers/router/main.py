@@ -17,7 +17,7 @@ from state.budgets import BudgetCache, BudgetLedger
 from state.claims import Claims
 from state.degraded import Degraded
 from state.limits import LimitStore
-from state.revocations import RevocationListener
+from state.revocations import Revocable, RevocationListener
 from state.routing_policy import PolicyCache
 from state.runtime import open_runtime
 from state.tenant_providers import TenantRouteCache
@@ -135,8 +135,10 @@ async def _run_router(settings: Settings, stop: asyncio.Event, tracing: Tracing)
                                  default_fail_open=settings.limits.fail_open) \
             if settings.limits.enabled else None
         limits = None if limit_store is None else RouterLimits(client, limit_store, metrics)
-        revocations = RevocationListener(client, [access, tenant_routes] if limit_store is None
-                                         else [access, limit_store, tenant_routes],
+        caches: list[Revocable] = [access, tenant_routes, tenant_keys]
+        if limit_store is not None:
+            caches.append(limit_store)
+        revocations = RevocationListener(client, caches,
                                          check_s=settings.redis.revocation_check_s,
                                          answer_s=settings.redis.socket_timeout_s)
 
