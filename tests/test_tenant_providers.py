@@ -275,3 +275,20 @@ async def test_shapes_are_checked_and_viewers_only_read(
             "permission_denied")
         assert_error(await viewer.delete(f"/v1/providers/{named['id']}"), 403,
                      "permission_denied")
+
+
+@pytest.mark.parametrize(("dialect", "suffix"), [("anthropic", "/v1"), ("gemini", "/v1beta")])
+async def test_a_provider_of_another_dialect_is_called_in_that_dialect(
+        gateway: Gateway, pg: asyncpg.Pool, fake: FakeAdmin, dialect: str, suffix: str) -> None:
+    _, key = await _new_tenant(pg)
+    base = _fake_url(gateway).removesuffix("/v1") + suffix
+    async with _tenant_client(gateway, key) as a, _sdk(gateway, key) as sdk:
+        created = await _register(a, name=f"my-{dialect}", type=dialect, base_url=base,
+                                  api_key=f"sk-{dialect}-{uuid.uuid4().hex}",
+                                  models=[f"{dialect}-own-model"])
+        assert created["dialect"] == dialect
+        raw = await sdk.chat.completions.with_raw_response.create(
+            model=f"{dialect}-own-model", messages=HELLO)  # type: ignore[arg-type]
+        assert raw.parse().choices[0].message.content
+        assert raw.http_response.json()["metadata"]["provider"] == created["id"]
+        assert (await fake.stats())["call_log"][-1]["model"] == f"{dialect}-own-model"
