@@ -17,10 +17,14 @@ Shapes and routes: `topics/tenant_providers.py`; storage: `state/tenant_provider
 
 from __future__ import annotations
 
+import asyncio
+import ipaddress
 import logging
+import socket
 import time
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 from starlette.responses import Response
@@ -49,12 +53,33 @@ HEALTH_FRESH_S = 30.0  # a health read younger than this is answered without a n
 _ERROR_CHARS = 300
 
 
-def _dialect_and_url(catalog: Any, type_: str, base_url: str | None) -> tuple[str, str]:
+async def _dialect_and_url(call: Call, type_: str, base_url: str | None) -> tuple[str, str]:
     try:
-        return resolve_type(type_, base_url, catalog)
+        dialect, url = resolve_type(type_, base_url, call.services.catalog)
     except ValueError as exc:
         param = "base_url" if "base_url" in str(exc) else "type"
         raise InvalidRequest(str(exc), code="invalid_provider", param=param) from None
+    if not call.services.settings.ingress.provider_private_urls:
+        await _public_only(url)
+    return dialect, url
+
+
+async def _public_only(url: str) -> None:
+    """Refuse a base URL any of whose addresses is not public: a tenant must not make the
+    gateway call into its own network (`ingress.provider_private_urls` off)."""
+    host = urlsplit(url).hostname or ""
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, None,
+                                                             type=socket.SOCK_STREAM)
+    except OSError:
+        raise InvalidRequest(f"base_url: the host {host!r} does not resolve",
+                             code="invalid_provider", param="base_url") from None
+    for info in infos:
+        address = ipaddress.ip_address(str(info[4][0]).split("%")[0])
+        if not address.is_global:
+            raise InvalidRequest(f"base_url: the host {host!r} is not a public address, "
+                                 "and this gateway calls public providers only",
+                                 code="invalid_provider", param="base_url")
 
 
 async def register_provider(call: Call) -> Response:
@@ -62,7 +87,7 @@ async def register_provider(call: Call) -> Response:
     priority?, weight?, enabled?}` → 201 the provider (its models become the tenant's routes)."""
     tenant_id = call.principal.tenant_id
     body = parse_body(RegisterProvider, await read_body(call.request, MAX_BODY_BYTES))
-    dialect, base_url = _dialect_and_url(call.services.catalog, body.type, body.base_url)
+    dialect, base_url = await _dialect_and_url(call, body.type, body.base_url)
     created = await storage.create_provider(
         call.services.pool, call.services.master_keys, tenant_id, name=body.name,
         type_=body.type, dialect=dialect, base_url=base_url, models=body.models,
@@ -84,7 +109,7 @@ async def test_provider(call: Call) -> Response:
     """Probe a provider before registering it (same body as register) → `{success,
     latency_ms, error?}`; nothing is stored."""
     body = parse_body(RegisterProvider, await read_body(call.request, MAX_BODY_BYTES))
-    dialect, base_url = _dialect_and_url(call.services.catalog, body.type, body.base_url)
+    dialect, base_url = await _dialect_and_url(call, body.type, body.base_url)
     return json_response(_probe_view(await probe(dialect, base_url, body.api_key)))
 
 
@@ -105,8 +130,8 @@ async def update_provider(call: Call) -> Response:
     if "type" in given or "base_url" in given:
         current = await storage.get_provider(pool, tenant_id, provider_id)
         type_ = body.type or current.type
-        dialect, base_url = _dialect_and_url(
-            call.services.catalog, type_,
+        dialect, base_url = await _dialect_and_url(
+            call, type_,
             body.base_url if "base_url" in given else current.base_url)
         changes |= {"type": type_, "dialect": dialect, "base_url": base_url}
     key: object = body.api_key if "api_key" in given else storage.KEEP

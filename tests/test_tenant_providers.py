@@ -18,7 +18,7 @@ from compose.gateway import Gateway
 from compose.stack import free_port
 from state.keys import create_key
 from tests.conftest import FakeAdmin, eventually
-from tests.tenancy_util import assert_error, rfc3339
+from tests.tenancy_util import assert_error, ingresses, rfc3339
 from topics.identity import Role
 
 HELLO = [{"role": "user", "content": "hello from my own provider"}]
@@ -292,3 +292,24 @@ async def test_a_provider_of_another_dialect_is_called_in_that_dialect(
         assert raw.parse().choices[0].message.content
         assert raw.http_response.json()["metadata"]["provider"] == created["id"]
         assert (await fake.stats())["call_log"][-1]["model"] == f"{dialect}-own-model"
+
+
+async def test_an_ingress_for_untrusted_tenants_refuses_non_public_base_urls(
+        gateway: Gateway, pg: asyncpg.Pool, tmp_path_factory: pytest.TempPathFactory) -> None:
+    _, key = await _new_tenant(pg)
+    async with ingresses(gateway, tmp_path_factory.mktemp("public-only"),
+                         {"SWITCHYARD_INGRESS__PROVIDER_PRIVATE_URLS": "false"}) as [url], \
+            _tenant_client(gateway, key) as trusting:
+        async with httpx.AsyncClient(base_url=url, timeout=30,
+                                     headers={"Authorization": f"Bearer {key}"}) as public:
+            for base in (_fake_url(gateway), "http://10.1.2.3/v1", "http://169.254.169.254/v1",
+                         "http://localhost:9/v1"):
+                for route in ("/v1/providers/register", "/v1/providers/test"):
+                    assert_error(await public.post(route, json={
+                        "name": "inside", "type": "openai-compatible", "base_url": base}),
+                        400, "invalid_provider")
+            # A registration made elsewhere cannot be pointed inside from here either.
+            created = await _register(trusting, name="x", type="openai",
+                                      base_url=_fake_url(gateway))
+            assert_error(await public.put(f"/v1/providers/{created['id']}", json={
+                "base_url": "http://127.0.0.1:1/v1"}), 400, "invalid_provider")
