@@ -29,6 +29,11 @@ def _tenant_client(gateway: Gateway, api_key: str) -> httpx.AsyncClient:
                              headers={"Authorization": f"Bearer {api_key}"})
 
 
+def _tenant_client_at(url: str, api_key: str) -> httpx.AsyncClient:
+    return httpx.AsyncClient(base_url=url, timeout=30,
+                             headers={"Authorization": f"Bearer {api_key}"})
+
+
 def _sdk(gateway: Gateway, api_key: str) -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(base_url=f"{gateway.url}/v1", api_key=api_key, max_retries=0,
                               timeout=60)
@@ -299,17 +304,15 @@ async def test_an_ingress_for_untrusted_tenants_refuses_non_public_base_urls(
     _, key = await _new_tenant(pg)
     async with ingresses(gateway, tmp_path_factory.mktemp("public-only"),
                          {"SWITCHYARD_INGRESS__PROVIDER_PRIVATE_URLS": "false"}) as [url], \
-            _tenant_client(gateway, key) as trusting:
-        async with httpx.AsyncClient(base_url=url, timeout=30,
-                                     headers={"Authorization": f"Bearer {key}"}) as public:
-            for base in (_fake_url(gateway), "http://10.1.2.3/v1", "http://169.254.169.254/v1",
-                         "http://localhost:9/v1"):
-                for route in ("/v1/providers/register", "/v1/providers/test"):
-                    assert_error(await public.post(route, json={
-                        "name": "inside", "type": "openai-compatible", "base_url": base}),
-                        400, "invalid_provider")
-            # A registration made elsewhere cannot be pointed inside from here either.
-            created = await _register(trusting, name="x", type="openai",
-                                      base_url=_fake_url(gateway))
-            assert_error(await public.put(f"/v1/providers/{created['id']}", json={
-                "base_url": "http://127.0.0.1:1/v1"}), 400, "invalid_provider")
+            _tenant_client(gateway, key) as trusting, _tenant_client_at(url, key) as public:
+        for base in (_fake_url(gateway), "http://10.1.2.3/v1", "http://169.254.169.254/v1",
+                     "http://localhost:9/v1"):
+            for route in ("/v1/providers/register", "/v1/providers/test"):
+                assert_error(await public.post(route, json={
+                    "name": "inside", "type": "openai-compatible", "base_url": base}),
+                    400, "invalid_provider")
+        # A registration made elsewhere cannot be pointed inside from here either.
+        created = await _register(trusting, name="x", type="openai",
+                                  base_url=_fake_url(gateway))
+        assert_error(await public.put(f"/v1/providers/{created['id']}", json={
+            "base_url": "http://127.0.0.1:1/v1"}), 400, "invalid_provider")
