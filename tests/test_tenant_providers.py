@@ -9,6 +9,7 @@ import uuid
 from decimal import Decimal
 from typing import Any
 
+import anthropic
 import asyncpg
 import httpx
 import openai
@@ -316,3 +317,24 @@ async def test_an_ingress_for_untrusted_tenants_refuses_non_public_base_urls(
                                   base_url=_fake_url(gateway))
         assert_error(await public.put(f"/v1/providers/{created['id']}", json={
             "base_url": "http://127.0.0.1:1/v1"}), 400, "invalid_provider")
+
+
+async def test_the_anthropic_sdk_reaches_a_tenants_own_model_and_only_its_tenant(
+        gateway: Gateway, pg: asyncpg.Pool, fake: FakeAdmin) -> None:
+    _, key = await _new_tenant(pg)
+    _, other_key = await _new_tenant(pg)
+    async with _tenant_client(gateway, key) as a:
+        created = await _register(a, name="acme", type="openai-compatible",
+                                  base_url=_fake_url(gateway), models=["acme-llm"])
+    async with anthropic.AsyncAnthropic(base_url=gateway.url, api_key=key, max_retries=0,
+                                        timeout=60) as sdk:
+        message = await sdk.messages.create(model="acme-llm", max_tokens=50,
+                                            messages=[{"role": "user", "content": "hi"}])
+        assert message.content[0].type == "text"
+        assert (await fake.stats())["call_log"][-1]["model"] == "acme-llm"
+    async with anthropic.AsyncAnthropic(base_url=gateway.url, api_key=other_key,
+                                        max_retries=0, timeout=60) as other:
+        with pytest.raises(anthropic.NotFoundError):
+            await other.messages.create(model="acme-llm", max_tokens=50,
+                                        messages=[{"role": "user", "content": "hi"}])
+    assert created["models"] == ["acme-llm"]
