@@ -338,3 +338,18 @@ async def test_the_anthropic_sdk_reaches_a_tenants_own_model_and_only_its_tenant
             await other.messages.create(model="acme-llm", max_tokens=50,
                                         messages=[{"role": "user", "content": "hi"}])
     assert created["models"] == ["acme-llm"]
+
+
+async def test_the_responses_api_reaches_a_tenants_own_model_and_only_its_tenant(
+        gateway: Gateway, pg: asyncpg.Pool, fake: FakeAdmin) -> None:
+    _, key = await _new_tenant(pg)
+    _, other_key = await _new_tenant(pg)
+    async with _tenant_client(gateway, key) as a:
+        await _register(a, name="acme", type="openai-compatible", base_url=_fake_url(gateway),
+                        models=["acme-llm"])
+    async with _sdk(gateway, key) as sdk, _sdk(gateway, other_key) as other:
+        response = await sdk.responses.create(model="acme-llm", input="hi")
+        assert response.output_text
+        assert (await fake.stats())["call_log"][-1]["model"] == "acme-llm"
+        with pytest.raises(openai.NotFoundError):
+            await other.responses.create(model="acme-llm", input="hi")
