@@ -36,6 +36,7 @@ from state.limits import LimitStore
 from state.revocations import RevocationListener
 from state.runtime import Runtime, open_runtime
 from state.sessions import RevokedTokens
+from state.tenant_providers import TenantRouteCache
 from state.vault import MasterKeys
 from topics import names
 from topics.catalog import load_catalog
@@ -98,8 +99,11 @@ def create_app(settings: Settings | None = None) -> Starlette:
             limit_store = LimitStore(pool, ttl_s=settings.limits.cache_ttl_s,
                                      default_fail_open=settings.limits.fail_open) \
                 if settings.limits.enabled else None
+            tenant_routes = TenantRouteCache(pool, catalog,
+                                             ttl_s=settings.router.policy_cache_ttl_s)
             revocations = RevocationListener(
-                runtime.redis, [auth] if limit_store is None else [auth, limit_store],
+                runtime.redis, [auth, tenant_routes] if limit_store is None
+                else [auth, limit_store, tenant_routes],
                 on_token=None if sessions is None else sessions.revoked.add,
                 check_s=settings.redis.revocation_check_s,
                 answer_s=settings.redis.socket_timeout_s)
@@ -129,7 +133,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 audit=AuditLog(runtime.producer,
                                publish_timeout_s=settings.audit.publish_timeout_s,
                                registry=metrics.registry),
-                budgets=budgets,
+                budgets=budgets, tenant_routes=tenant_routes,
                 response_cache=ResponseCache(settings.cache, runtime.redis, runtime.producer,
                                              pool, metrics.registry)
                 if settings.cache.enabled else None)

@@ -41,7 +41,8 @@ async def chat_completions(call: Call) -> Response:
     request_id = call.request_id
     body = fold_content_parts(await pipeline.read_json(request))
     chat = validate_chat(body, pipeline.settings.max_image_bytes)
-    admitted = admit(body, call.services.catalog, "chat", owner,
+    catalog = await call.services.tenant_routes.catalog_for(owner.tenant_id)
+    admitted = admit(body, catalog, "chat", owner,
                      request.headers.get("x-tenant-id"), request.headers.get(MODE_HEADER))
     job = Submission(
         request_id=request_id, owner=owner, endpoint="chat.completions",

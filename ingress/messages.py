@@ -68,8 +68,9 @@ class _CountRequest(_Request):
 async def messages(call: Call) -> Response:
     """Anthropic Messages (`anthropic` SDK, Claude Code), `stream: false` and `stream: true`
     (Anthropic's SSE events), on any model of the catalog."""
-    request, pipeline, owner, catalog = (call.request, call.services.pipeline, call.principal,
-                                         call.services.catalog)
+    request, pipeline, owner = call.request, call.services.pipeline, call.principal
+    # The tenant's catalog: its own registered providers' models too.
+    catalog = await call.services.tenant_routes.catalog_for(owner.tenant_id)
     request_id = call.request_id
     body = await pipeline.read_json(request)
     streamed = parse_model(_Request, body).stream
@@ -115,8 +116,8 @@ async def count_tokens(call: Call) -> Response:
     chat_body = to_chat_body({**body, "max_tokens": body.get("max_tokens", 1)})
     validate_chat(chat_body, pipeline.settings.max_image_bytes)
     # The model must be one this key may use, as for the request itself.
-    admit(chat_body, call.services.catalog, "chat", call.principal,
-          request.headers.get("x-tenant-id"))
+    admit(chat_body, await call.services.tenant_routes.catalog_for(call.principal.tenant_id),
+          "chat", call.principal, request.headers.get("x-tenant-id"))
     return JSONResponse({"input_tokens": estimate_prompt_tokens(chat_body)})
 
 

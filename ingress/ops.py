@@ -23,8 +23,14 @@ from topics.catalog import Catalog
 
 async def models(call: Call) -> Response:
     """The model catalog in OpenAI's list shape (and the seed's `models`), plus prices,
-    context window, capabilities, class, aliases and `serves`."""
-    return Response(call.services.model_listing, media_type="application/json")
+    context window, capabilities, class, aliases and `serves`; the tenant's own providers'
+    models too."""
+    services = call.services
+    catalog = await services.tenant_routes.catalog_for(call.principal.tenant_id)
+    # Built per request only for a tenant with providers of its own (their models and
+    # prices are its alone); everyone else shares the listing built once.
+    body = services.model_listing if catalog is services.catalog else model_listing(catalog)
+    return Response(body, media_type="application/json")
 
 
 def model_listing(catalog: Catalog) -> bytes:

@@ -95,7 +95,9 @@ async def create_response(call: Call) -> Response:
     new = input_messages(body)
     chat_body = to_chat_body(body, history, new)
     validate_chat(chat_body, pipeline.settings.max_image_bytes)
-    admitted = admit(chat_body, services.catalog, "chat", owner,
+    # The tenant's catalog: its own registered providers' models too.
+    catalog = await services.tenant_routes.catalog_for(owner.tenant_id)
+    admitted = admit(chat_body, catalog, "chat", owner,
                      request.headers.get("x-tenant-id"), request.headers.get(MODE_HEADER))
     first, stream = await services.admission.submit(call, pipeline, Submission(
         request_id=request_id, owner=owner, endpoint="chat.completions",

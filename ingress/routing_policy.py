@@ -38,7 +38,8 @@ async def put_policy(call: Call) -> Response:
     """Replace the tenant's routing policy (fields left out take their defaults)."""
     tenant_id = call.principal.tenant_id
     policy = parse_body(RoutingPolicy, await read_body(call.request, MAX_BODY_BYTES))
-    validate_against(policy, call.services.catalog)
+    # The tenant's own providers and models may be named too (`ingress/tenant_providers.py`).
+    validate_against(policy, await call.services.tenant_routes.catalog_for(tenant_id))
     stored = await storage.put_policy(call.services.pool, tenant_id, policy)
     _forget_cache_policy(call, tenant_id)
     log.info("tenant %s replaced its routing policy", tenant_id)

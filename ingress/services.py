@@ -20,6 +20,7 @@ from ingress.response_cache import ResponseCache
 from state.bandit import PosteriorStore
 from state.breakers import Breakers
 from state.limits import LimitStore
+from state.tenant_providers import TenantRouteCache
 from state.vault import MasterKeys
 from topics.catalog import Catalog
 from topics.settings import Settings
@@ -52,5 +53,7 @@ class Services:
     limits: LimitStore | None  # None: `limits.enabled` is off
     # Spend budgets: admission (reserve or 402) and the admin API's caches (`ingress/budgets.py`).
     budgets: BudgetAdmission
+    # Each tenant's catalog with its registered providers' routes (`ingress/tenant_providers.py`).
+    tenant_routes: TenantRouteCache
     # None: `cache.enabled` is off (`ingress/response_cache.py`).
     response_cache: ResponseCache | None = None

@@ -341,6 +341,17 @@ class TenantKeys:
     def invalidate(self, tenant_id: str, provider: str) -> None:
         self._cache.invalidate((tenant_id, provider))
 
+    # The revocation broadcast's hooks (`state/revocations.py` `Revocable`): a tenant's own
+    # provider changed (`ingress/tenant_providers.py`), its key perhaps with it.
+    def drop_key(self, key_id: str) -> None:
+        pass
+
+    def drop_tenant(self, tenant_id: str) -> None:
+        self._cache.invalidate_where(lambda slot: slot[0] == tenant_id)
+
+    def drop_all(self) -> None:
+        self._cache.clear()
+
     async def _load(self, slot: tuple[str, str]) -> str | None:
         async with tenant_scope(self._pool, slot[0]) as conn:
             row = await conn.fetchrow(

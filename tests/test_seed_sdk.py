@@ -68,6 +68,8 @@ _COMPLETION: Shape = {
 _KEY: Shape = {"provider": STR, "key_id": STR, "created_at": TIME, "rotated_at": (TIME, NULL)}
 _SESSION: Shape = {"token": STR, "expires_at": TIME, "tenant_id": STR}
 _ERROR: Shape = {"error.message": STR, "error.type": STR, "error.code": (STR, NULL)}
+_PROVIDER: Shape = {"id": STR, "name": STR, "type": STR, "models": LIST, "models.*": STR,
+                    "enabled": BOOL, "status": STR, "priority": INT, "weight": NUM}
 
 
 def _each(prefix: str, shape: Shape) -> dict[str, J | tuple[J, ...]]:
@@ -88,6 +90,18 @@ SHAPES: dict[str, Shape] = {
                       "period": STR},
     "GET /v1/usage/history": {"entries": LIST, "period": STR},
     "GET /v1/providers/stats": {},  # any object
+    # A tenant's own providers, and the routing preview.
+    "POST /v1/providers/register": _PROVIDER,
+    "GET /v1/providers": {"providers": LIST, **_each("providers.*", _PROVIDER)},
+    "POST /v1/providers/test": {"success": BOOL, "latency_ms": NUM, "error?": STR},
+    "PUT /v1/providers/{provider_id}": _PROVIDER,
+    "DELETE /v1/providers/{provider_id}": {},  # nothing decoded
+    "GET /v1/providers/{provider_id}/health": {"provider_id": STR, "status": STR,
+                                               "latency_ms?": NUM, "last_check?": TIME},
+    "POST /v1/routing/preview": {
+        "selected_provider": STR, "selected_model": STR, "reason": STR, "confidence": NUM,
+        "semantic_classification.category": STR, "semantic_classification.confidence": NUM,
+        "alternatives": LIST, "estimated_cost_usd": NUM, "estimated_latency_ms": NUM},
     # Identity: a session from an API key; refresh and logout with the JWT as bearer.
     "POST /v1/auth/login": _SESSION,
     "POST /v1/auth/refresh": _SESSION,
@@ -351,6 +365,38 @@ async def test_usage_and_its_history_after_a_request(seed: SeedClient, fake: Fak
 
 async def test_provider_stats_is_an_object(seed: SeedClient) -> None:
     decoded("GET /v1/providers/stats", await seed.call("GET", "/v1/providers/stats"))
+
+
+async def test_register_list_test_update_health_delete_a_provider_as_the_sdks_do(
+        seed: SeedClient, gateway: Gateway, fake: FakeAdmin) -> None:
+    assert gateway.settings.fallback_upstream_url is not None
+    body = {"name": "own", "type": "openai", "api_key": "sk-seed-own-0000",
+            "base_url": gateway.settings.fallback_upstream_url, "models": ["own-model"],
+            "priority": 1, "weight": 0.5, "enabled": True}
+    tested = decoded("POST /v1/providers/test", await seed.call(
+        "POST", "/v1/providers/test", body))
+    assert tested["success"] is True
+    created = decoded("POST /v1/providers/register",
+                      await seed.call("POST", "/v1/providers/register", body), 201)
+    listed = decoded("GET /v1/providers", await seed.call("GET", "/v1/providers"))
+    assert [p["id"] for p in listed["providers"]] == [created["id"]]
+    answer = await seed.call("POST", "/v1/infer", seed_request("own", model="own-model"))
+    assert answer.json()["metadata"]["provider"] == created["id"]
+    updated = decoded("PUT /v1/providers/{provider_id}", await seed.call(
+        "PUT", f"/v1/providers/{created['id']}", {"priority": 2}))
+    assert updated["priority"] == 2
+    decoded("GET /v1/providers/{provider_id}/health",
+            await seed.call("GET", f"/v1/providers/{created['id']}/health"))
+    decoded("DELETE /v1/providers/{provider_id}",
+            await seed.call("DELETE", f"/v1/providers/{created['id']}"))
+
+
+async def test_routing_preview_as_the_sdks_decode_it(seed: SeedClient, fake: FakeAdmin) -> None:
+    body = {"model": "gpt-4o-mini", "messages": asked("preview"),
+            "policy": {"optimize_for": "cost"}}
+    preview = decoded("POST /v1/routing/preview",
+                      await seed.call("POST", "/v1/routing/preview", body))
+    assert preview["selected_model"] == "gpt-4o-mini"
 
 
 @pytest.mark.parametrize(("method", "path", "body", "status"), [

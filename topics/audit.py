@@ -33,6 +33,7 @@ AuditAction = Literal[
     "routing_policy.updated", "routing_policy.deleted",
     "budget.updated", "budget.alert",
     "limits.updated",
+    "provider.registered", "provider.updated", "provider.deleted",
 ]
 ACTIONS: tuple[str, ...] = get_args(AuditAction)
 

@@ -26,6 +26,8 @@ class Permission(StrEnum):
     POLICY_READ = "policy:read"
     POLICY_WRITE = "policy:write"
     VAULT_MANAGE = "vault:manage"  # the tenant's own provider keys
+    PROVIDERS_READ = "providers:read"  # the tenant's registered providers, their health
+    PROVIDERS_MANAGE = "providers:manage"  # register, test, change, delete them
     KEYS_MANAGE = "keys:manage"  # the tenant's API keys
     BUDGET_MANAGE = "budget:manage"
     LIMITS_MANAGE = "limits:manage"  # the tenant's and its keys' rate limits
@@ -48,7 +50,7 @@ ROLE_PERMISSIONS: dict[Role, frozenset[Permission]] = {
     Role.TENANT_ADMIN: frozenset(Permission) - {Permission.TENANTS_MANAGE},
     Role.MEMBER: _READ | {Permission.INFERENCE},
     Role.VIEWER: _READ | {Permission.USAGE_READ, Permission.AUDIT_READ,
-                          Permission.POLICY_READ},
+                          Permission.POLICY_READ, Permission.PROVIDERS_READ},
     Role.BILLING: _READ | {Permission.USAGE_READ, Permission.AUDIT_READ,
                            Permission.BUDGET_MANAGE},
 }

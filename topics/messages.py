@@ -56,6 +56,9 @@ class RoutingOptions(_Message):
     hedge_percentile: float | None = Field(default=None, gt=0, lt=100)
     judge_model: str | None = None  # council
     council_output: CouncilOutput | None = None
+    # POST /v1/routing/preview: the router answers with its decision and why (a `done`
+    # frame, `workers/router/preview.py`) instead of calling any provider.
+    preview: bool = False
 
 
 class ReplyTarget(_Message):

@@ -181,6 +181,12 @@ def _exclusion(policy: RoutingPolicy, model: Model, allowed_ids: set[str] | None
     return None
 
 
+def exclusion(catalog: Catalog, policy: RoutingPolicy, model: Model) -> str | None:
+    """Why the policy's provider, model and price rules exclude `model` (None: they admit
+    it): what a routing preview reports."""
+    return _exclusion(policy, model, _allowed_ids(catalog, policy))
+
+
 def admits(catalog: Catalog, policy: RoutingPolicy, model: Model) -> bool:
     """Whether the policy's provider, model and price rules let `model` through."""
     return _exclusion(policy, model, _allowed_ids(catalog, policy)) is None

@@ -141,6 +141,13 @@ class IngressSettings(BaseModel):
     auth_negative_cache_ttl_s: float = Field(
         default=2.0, ge=0,
         description="How long each ingress process caches an unknown API key as unknown.")
+    provider_private_urls: bool = Field(
+        default=True,
+        description="Whether a tenant may register a provider (`POST /v1/providers/register`) "
+        "whose base URL resolves to a loopback, private, link-local or otherwise non-public "
+        "address (a vLLM or Ollama next to the gateway). Set it false where tenants must "
+        "not reach the gateway's own network: such URLs are then refused with 400 "
+        "`invalid_provider` at registration, update and test.")
     last_used_flush_s: float = Field(
         default=5.0, gt=0,
         description="How often each ingress writes the `last_used_at` of the API keys it "

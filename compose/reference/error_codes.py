@@ -250,6 +250,13 @@ BODY_STATUS: dict[str, int] = {
 
 # One-line meanings for codes whose messages do not say it alone (none, or several).
 MEANINGS: dict[str, str] = {
+    "invalid_provider": "`POST /v1/providers/register` (or test, or a PUT) with a `type` that "
+                        "is neither a dialect, `openai-compatible` nor a provider of the "
+                        "catalog, or without the `base_url` such a type needs",
+    "provider_not_configured": "no key for the route's provider (none in the environment, "
+                               "none in the tenant's vault, no offline fallback), or a "
+                               "tenant's own provider deleted or disabled while the request "
+                               "was being routed",
     "audit_unavailable": "an audited change (a vault key, the routing policy, ...) was applied, "
                          "but Kafka did not take its audit event within "
                          "`SWITCHYARD_AUDIT__PUBLISH_TIMEOUT_S`; the event is in the ingress's "

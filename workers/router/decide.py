@@ -8,12 +8,18 @@ once per attempt however often Kafka redelivers it.
 
 Where routing uses the bandit, whose maths is `topics/bandit.py` and whose posteriors
 `state/bandit.py` stores; and the routing policy, whose model and eligibility rules are
-`topics/routing_policy.py` and whose store and cache `state/routing_policy.py`."""
+`topics/routing_policy.py` and whose store and cache `state/routing_policy.py`.
+
+A tenant's catalog (`catalogs`, `state/tenant_providers.py`) is the shared one plus the routes
+of the providers it registered: they are chosen, excluded and learnt about like any other.
+`decide(..., preview=True)` is the same decision without its side effect (the selection
+count): `workers/router/preview.py` explains it."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,6 +51,8 @@ SLO_MS = {"fast": 3_000.0, "frontier": 10_000.0, "code": 10_000.0, "reasoning": 
           "embedding": 2_000.0}
 
 log = logging.getLogger(__name__)
+
+CatalogLookup = Callable[[str], Awaitable[Catalog]]  # a tenant's catalog, by tenant id
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,8 +95,10 @@ class Decider:
                  posteriors: CachedPosteriors, sampler: ThompsonSampler, breakers: Breakers,
                  *, feedback_rate: float, defaults: ModeDefaults,
                  degraded: Degraded | None = None, tracing: Tracing | None = None,
-                 metrics: RouterMetrics | None = None) -> None:
+                 metrics: RouterMetrics | None = None,
+                 catalogs: CatalogLookup | None = None) -> None:
         self._catalog = catalog
+        self._catalogs = catalogs  # None: every tenant routes on `catalog` alone
         self._policies = policies
         self._store = store
         self._posteriors = posteriors
@@ -101,12 +111,31 @@ class Decider:
         self._tracing = tracing or Tracing()
         self._metrics = metrics
 
-    async def decide(self, env: RequestEnvelope,
-                     key_models: frozenset[str] | None = None) -> Decision:
+    @property
+    def breakers(self) -> Breakers:
+        return self._breakers
+
+    @property
+    def posteriors(self) -> CachedPosteriors:
+        return self._posteriors
+
+    @property
+    def store(self) -> PosteriorStore:
+        return self._store
+
+    async def catalog_for(self, tenant_id: str) -> Catalog:
+        """The tenant's catalog: the shared one with its registered providers' routes."""
+        return self._catalog if self._catalogs is None else await self._catalogs(tenant_id)
+
+    async def policy_for(self, tenant_id: str) -> RoutingPolicy:
+        return await self._policies.policy_for(tenant_id)
+
+    async def decide(self, env: RequestEnvelope, key_models: frozenset[str] | None = None,
+                     *, preview: bool = False) -> Decision:
         """`key_models`: the models the request's API key is limited to (None: any); the
-        routes, "auto"'s choice included, stay among them."""
+        routes, "auto"'s choice included, stay among them. `preview`: nothing is counted."""
         with self._tracing.span("route decision") as span:
-            decision = await self._decide(env, key_models, span)
+            decision = await self._decide(env, key_models, span, preview=preview)
             if span.is_recording():
                 span.set_attributes({
                     "switchyard.category": decision.category,
@@ -117,17 +146,18 @@ class Decider:
             return decision
 
     async def _decide(self, env: RequestEnvelope, key_models: frozenset[str] | None,
-                      span: Span) -> Decision:
+                      span: Span, *, preview: bool) -> Decision:
         policy = await self._policies.policy_for(env.tenant_id)
+        catalog = await self.catalog_for(env.tenant_id)
         fallbacks = env.routing.fallbacks
-        tiers = route_tiers(self._catalog, policy if key_models is None
-                            else within_key_models(self._catalog, policy, key_models),
+        tiers = route_tiers(catalog, policy if key_models is None
+                            else within_key_models(catalog, policy, key_models),
                             category=env.category,
                             requested_model=str(env.body.get("model")),
                             fallbacks=tuple(fallbacks) if fallbacks is not None else None)
         routes = [m for t in tiers for m in t]
-        peers = tuple(m for m in self._catalog.models
-                      if m.kind == routes[0].kind and admits(self._catalog, policy, m))
+        peers = tuple(m for m in catalog.models
+                      if m.kind == routes[0].kind and admits(catalog, policy, m))
         if env.routing.allowed_providers:  # the request's own pin (seed `policy.provider`)
             routes = [m for m in routes if m.provider in env.routing.allowed_providers] \
                 or routes
@@ -141,12 +171,13 @@ class Decider:
             routes = _capable(routes, env.body)
         routes = _fitting(routes, env.body)
         width = self._width(mode, env.routing.routes, len(routes))
-        judge = self._judge(env, policy) if mode == "council" else None
+        judge = self._judge(env, policy, catalog) if mode == "council" else None
         category = env.category or GENERAL_CATEGORY
         weights = _weights(env.routing.weights, policy.weights)
         routes = await self._selectable(routes)
         if len(routes) > 1:
             routes = await self._ranked(category, routes, tiers, span)
+        if len(routes) > 1 and not preview:
             if self._metrics is not None:
                 self._metrics.drawn(routes[0].id, category)
             # A stats-only counter: counted alongside the provider call, not before it.
@@ -206,14 +237,14 @@ class Decider:
                 "tenant's routing policy", code="not_enough_routes", param="routes")
         return width
 
-    def _judge(self, env: RequestEnvelope, policy: RoutingPolicy) -> Model:
+    def _judge(self, env: RequestEnvelope, policy: RoutingPolicy, catalog: Catalog) -> Model:
         name = env.routing.judge_model or policy.judge_model or self._defaults.judge_model
         if name is None:
             raise InvalidRequest("council mode needs a judge model: name one in the request "
                                  "(switchyard.judge_model), the tenant's routing policy "
                                  "(judge_model) or the router's settings",
                                  code="judge_required", param="judge_model")
-        judge = self._catalog.model(name)
+        judge = catalog.model(name)
         if judge is None or judge.kind != "chat":
             raise NotFound(f"judge model {name!r} is not a chat model of the catalog",
                            code="model_not_found", param="judge_model")

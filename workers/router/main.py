@@ -17,9 +17,10 @@ from state.budgets import BudgetCache, BudgetLedger
 from state.claims import Claims
 from state.degraded import Degraded
 from state.limits import LimitStore
-from state.revocations import RevocationListener
+from state.revocations import Revocable, RevocationListener
 from state.routing_policy import PolicyCache
 from state.runtime import open_runtime
+from state.tenant_providers import TenantRouteCache
 from state.vault import MasterKeys, TenantKeys
 from topics import names
 from topics.catalog import load_catalog
@@ -47,6 +48,7 @@ from workers.router.frames import FrameWriter
 from workers.router.latency import LatencyTracker
 from workers.router.limits import RouterLimits
 from workers.router.metrics import RouterMetrics
+from workers.router.preview import Previewer
 from workers.router.publisher import ReplyPublisher
 from workers.router.routes import RouteConfig, RouteResolver
 from workers.router.sampler import ThompsonSampler
@@ -110,26 +112,33 @@ async def _run_router(settings: Settings, stop: asyncio.Event, tracing: Tracing)
         degraded = Degraded(metrics.redis_fallback)
         breakers = Breakers(client, BreakerConfig.from_settings(cfg),
                             cache_ttl_s=cfg.breaker_cache_ttl_s, degraded=degraded)
+        # Each tenant's catalog with its registered providers; changes reach it at once over
+        # the revocation broadcast (a tenant revocation), else within the TTL.
+        tenant_routes = TenantRouteCache(pool, catalog, ttl_s=cfg.policy_cache_ttl_s)
         decider = Decider(catalog, PolicyCache(pool, ttl_s=cfg.policy_cache_ttl_s), store,
                           CachedPosteriors(store, ttl_s=cfg.posterior_cache_ttl_s,
                                            degraded=degraded),
                           ThompsonSampler(seed), breakers, feedback_rate=cfg.feedback_rate,
                           defaults=ModeDefaults.from_settings(cfg), degraded=degraded,
-                          tracing=tracing, metrics=metrics)
+                          tracing=tracing, metrics=metrics,
+                          catalogs=tenant_routes.catalog_for)
         latency = LatencyTracker()
         runner = AttemptRunner(dialects=dialects(http, metrics.malformed_event),
                                producer=producer, decider=decider,
                                breakers=breakers, latency=latency, metrics=metrics,
                                tracing=tracing)
-        resolver = RouteResolver(catalog, route_config, tenant_keys.key_for)
+        resolver = RouteResolver(catalog, route_config, tenant_keys.key_for,
+                                 tenant_routes.catalog_for)
         # Each request's key and tenant, re-checked; revocations reach the cache at once.
         access = AccessCheck(pool, ttl_s=cfg.key_cache_ttl_s)
         limit_store = LimitStore(pool, ttl_s=settings.limits.cache_ttl_s,
                                  default_fail_open=settings.limits.fail_open) \
             if settings.limits.enabled else None
         limits = None if limit_store is None else RouterLimits(client, limit_store, metrics)
-        revocations = RevocationListener(client, [access] if limit_store is None
-                                         else [access, limit_store],
+        caches: list[Revocable] = [access, tenant_routes, tenant_keys]
+        if limit_store is not None:
+            caches.append(limit_store)
+        revocations = RevocationListener(client, caches,
                                          check_s=settings.redis.revocation_check_s,
                                          answer_s=settings.redis.socket_timeout_s)
 
@@ -160,7 +169,8 @@ async def _run_router(settings: Settings, stop: asyncio.Event, tracing: Tracing)
                 BudgetCache(pool, ttl_s=cfg.budget_cache_ttl_s), BudgetLedger(client, pool),
                 catalog, {"speculative": cfg.race_routes, "hedged": cfg.hedge_routes,
                           "council": cfg.council_members},
-                runner.bill, alerts))
+                runner.bill, alerts),
+            preview=Previewer(decider, latency, tenant_routes.routes_for))
         loop = ConsumerLoop(consumer=consumer, producer=producer, topic=topic,
                             decode=RequestEnvelope.from_json, handler=worker.handle,
                             max_in_flight=cfg.max_in_flight,

@@ -2,7 +2,11 @@
 key) first, then the key configured in the environment, then the offline fallback server.
 
 Tenants' own keys come from the vault (`state/vault.py`), where they are stored over HTTP by
-`ingress/vault.py`."""
+`ingress/vault.py`.
+
+A route of a provider the tenant registered (`topics/tenant_providers.py`) is called on the
+base URL the tenant gave, with the key it stored for that provider (in the vault under the
+provider's id) or none: never the environment's keys, never the offline fallback."""
 
 from __future__ import annotations
 
@@ -11,11 +15,13 @@ from dataclasses import dataclass
 
 from topics.catalog import Catalog, Model, TimeoutOverrides
 from topics.errors import Unavailable
+from topics.tenant_providers import is_tenant_provider
 from workers.providers.base import Route, Timeouts
 
 FALLBACK_PROVIDER = "local-fallback"
 
 TenantKeyLookup = Callable[[str, str], Awaitable[str | None]]
+CatalogLookup = Callable[[str], Awaitable[Catalog]]  # a tenant's catalog, by tenant id
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,12 +34,16 @@ class RouteConfig:
 
 class RouteResolver:
     def __init__(self, catalog: Catalog, config: RouteConfig,
-                 tenant_key: TenantKeyLookup | None = None) -> None:
+                 tenant_key: TenantKeyLookup | None = None,
+                 catalogs: CatalogLookup | None = None) -> None:
         self._catalog = catalog
         self._config = config
         self._tenant_key = tenant_key
+        self._catalogs = catalogs
 
     async def resolve(self, model: Model, tenant_id: str) -> Route:
+        if is_tenant_provider(model.provider) and self._catalogs is not None:
+            return await self._registered(model, tenant_id)
         provider = self._catalog.providers[model.provider]
         base_url = self._config.base_urls.get(model.provider, provider.base_url).rstrip("/")
         key = None
@@ -53,6 +63,20 @@ class RouteResolver:
         raise Unavailable(f"provider {model.provider!r} has no API key configured "
                           f"(set {provider.api_key_env}, or store a tenant key in the vault)",
                           code="provider_not_configured")
+
+
+    async def _registered(self, model: Model, tenant_id: str) -> Route:
+        provider = (await self._catalogs(tenant_id)).providers.get(model.provider) \
+            if self._catalogs is not None else None
+        if provider is None:  # deleted or disabled since the decision
+            raise Unavailable(f"the tenant's provider {model.provider!r} is no longer "
+                              "registered or enabled", code="provider_not_configured",
+                              retryable=False)
+        key = None
+        if self._tenant_key is not None:
+            key = await self._tenant_key(tenant_id, model.provider)
+        return Route(model.provider, provider.dialect, provider.base_url, key,
+                     model.upstream_model, _timeouts(self._config.timeouts))
 
 
 def _timeouts(base: Timeouts, *overrides: TimeoutOverrides) -> Timeouts:

@@ -39,6 +39,7 @@ from workers.router.execute import Executor
 from workers.router.frames import FrameWriter
 from workers.router.limits import RouterLimits
 from workers.router.metrics import RouterMetrics
+from workers.router.preview import Previewer
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,7 @@ class RouterWorker:
                  limits: RouterLimits | None = None,
                  budgets: RouterBudgets | None = None,
                  tracing: Tracing | None = None,
+                 preview: Previewer | None = None,
                  ) -> None:
         self._decider = decider
         self._executor = executor
@@ -69,6 +71,7 @@ class RouterWorker:
         self._limits = limits  # the batch path's rate limits; None: off
         self._budgets = budgets  # spend budgets: the batch path's admission, settlement
         self._tracing = tracing or Tracing()
+        self._preview = preview  # POST /v1/routing/preview (`workers/router/preview.py`)
 
     async def handle(self, env: RequestEnvelope, record: Any) -> None:
         # The request's trace, from its traceparent header: every span below is under it
@@ -141,12 +144,20 @@ class RouterWorker:
         try:
             try:
                 caller = await self._access.check(env)
-                if self._limits is not None:
+                # A preview calls no provider: nothing to count against limits or budgets.
+                previewing = env.routing.preview and self._preview is not None
+                if self._limits is not None and not previewing:
                     await self._limits.admit(env)  # the batch path (workers/router/limits.py)
-                if self._budgets is not None:
+                if self._budgets is not None and not previewing:
                     await self._budgets.admit(env)  # the batch path: same 402 as the ingress
                 if labelling is not None:
                     env = await labelling
+                if previewing and self._preview is not None:
+                    # Everything a real request runs up to the provider call, then the
+                    # decision itself is the answer.
+                    await out.send("done", {"preview": await self._preview.explain(
+                        env, caller.allowed_models)})
+                    return
                 decision = await self._decider.decide(env, caller.allowed_models)
             except SwitchyardError as exc:
                 _discard(labelling)
@@ -183,7 +194,8 @@ class RouterWorker:
                 # After the answer and its bill are in Redis: a kill before that leaves the
                 # client answerless and unbilled (worker_lost), never billed for nothing.
                 await out.bill_published()
-                if self._budgets is not None:
+                if self._budgets is not None and not (env.routing.preview
+                                                      and self._preview is not None):
                     # Every attempt's real cost replaces the reservation (never raises).
                     await self._budgets.settle(env)
                 # Before the offset can be committed: every attempt's usage event durable.
