@@ -129,6 +129,12 @@ class Tracing:
                                                    "url.path": path})
         return span, span.get_span_context(), trace.set_span_in_context(span, ctx)
 
+    def __enter__(self) -> Tracing:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def close(self) -> None:
         """Export what is queued (bounded: a collector that does not answer costs at most
         `_FLUSH_TIMEOUT_S`) and stop the exporter."""

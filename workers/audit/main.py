@@ -58,11 +58,8 @@ class TenantTurns:
 
 
 async def run_audit(settings: Settings, stop: asyncio.Event) -> None:
-    tracing = open_tracing("audit", content=settings.trace_content)
-    try:
+    with open_tracing("audit", content=settings.trace_content) as tracing:
         await _run_audit(settings, stop, tracing)
-    finally:
-        tracing.close()
 
 
 async def _run_audit(settings: Settings, stop: asyncio.Event, tracing: Tracing) -> None:

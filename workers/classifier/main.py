@@ -25,11 +25,8 @@ log = logging.getLogger(__name__)
 
 
 async def run_classifier(settings: Settings, stop: asyncio.Event) -> None:
-    tracing = open_tracing("classifier", content=settings.trace_content)
-    try:
+    with open_tracing("classifier", content=settings.trace_content) as tracing:
         await _run_classifier(settings, stop, tracing)
-    finally:
-        tracing.close()
 
 
 async def _run_classifier(settings: Settings, stop: asyncio.Event, tracing: Tracing) -> None:

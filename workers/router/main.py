@@ -59,11 +59,8 @@ log = logging.getLogger(__name__)
 
 
 async def run_router(settings: Settings, stop: asyncio.Event) -> None:
-    tracing = open_tracing("router", content=settings.trace_content)
-    try:
+    with open_tracing("router", content=settings.trace_content) as tracing:
         await _run_router(settings, stop, tracing)
-    finally:
-        tracing.close()
 
 
 async def _run_router(settings: Settings, stop: asyncio.Event, tracing: Tracing) -> None:

@@ -27,11 +27,8 @@ log = logging.getLogger(__name__)
 
 
 async def run_usage(settings: Settings, stop: asyncio.Event) -> None:
-    tracing = open_tracing("usage", content=settings.trace_content)
-    try:
+    with open_tracing("usage", content=settings.trace_content) as tracing:
         await _run_usage(settings, stop, tracing)
-    finally:
-        tracing.close()
 
 
 async def _run_usage(settings: Settings, stop: asyncio.Event, tracing: Tracing) -> None:
