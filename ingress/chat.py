@@ -7,7 +7,6 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-import anyio
 import orjson
 from sse_starlette import EventSourceResponse
 from starlette.requests import Request
@@ -143,14 +142,7 @@ async def _relay(pipeline: Pipeline, request_id: str, frame: ReplyFrame, stream:
         finished = True  # lost frames or deadline: say so, never end cleanly
         yield sse_error_event(exc)
     finally:
-        if span.is_recording():
-            span.set_attributes({"switchyard.reply.last": frame.kind,
-                                 "switchyard.reply.finished": finished})
-            span.end()
-        pipeline.close(request_id)
-        if not finished:
-            with anyio.CancelScope(shield=True):
-                await pipeline.cancel(request_id, "client_disconnected")
+        await pipeline.end_relay(request_id, span, frame.kind, finished)
 
 
 CATEGORY_HEADER = "x-switchyard-category"

@@ -16,7 +16,6 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-import anyio
 import orjson
 from pydantic import BaseModel, ConfigDict, Field
 from sse_starlette import EventSourceResponse
@@ -176,11 +175,4 @@ async def _relay(pipeline: Pipeline, request_id: str, frame: ReplyFrame,
         finished = True  # lost frames or deadline: say so, never end cleanly
         yield anthropic_sse_error_event(exc)
     finally:
-        if span.is_recording():
-            span.set_attributes({"switchyard.reply.last": frame.kind,
-                                 "switchyard.reply.finished": finished})
-            span.end()
-        pipeline.close(request_id)
-        if not finished:
-            with anyio.CancelScope(shield=True):
-                await pipeline.cancel(request_id, "client_disconnected")
+        await pipeline.end_relay(request_id, span, frame.kind, finished)

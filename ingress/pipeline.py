@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
+import anyio
 import orjson
 import redis.asyncio as redis
 from aiokafka import AIOKafkaProducer
@@ -35,7 +36,7 @@ from topics.identity import Principal
 from topics.messages import Endpoint, ReplyFrame
 from topics.settings import IngressSettings
 from topics.tasks import Interrupted, unless
-from topics.tracing import SpanKind, Tracing, current_traceparent
+from topics.tracing import Span, SpanKind, Tracing, current_traceparent
 
 TIMEOUT_HEADER = "x-switchyard-timeout-ms"
 # Frames may trail the router's own deadline handling by a little; wait that much longer so
@@ -112,6 +113,21 @@ class Pipeline:
 
     def close(self, request_id: str) -> None:
         self._replies.close(request_id)
+
+    async def end_relay(self, request_id: str, span: Span, last_kind: str,
+                        finished: bool) -> None:
+        """What every streamed relay (chat completions, messages, responses) does when it
+        ends, however it ends: its span closed, its reply stream dropped, and, if the client
+        left before the answer's end, the router told to stop (shielded: the relay is being
+        cancelled itself)."""
+        if span.is_recording():
+            span.set_attributes({"switchyard.reply.last": last_kind,
+                                 "switchyard.reply.finished": finished})
+            span.end()
+        self.close(request_id)
+        if not finished:
+            with anyio.CancelScope(shield=True):
+                await self.cancel(request_id, "client_disconnected")
 
     async def cancel(self, request_id: str, reason: str) -> None:
         self._metrics.cancels.labels(reason).inc()

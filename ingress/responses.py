@@ -18,7 +18,6 @@ import re
 from collections.abc import AsyncIterator
 from typing import Any
 
-import anyio
 import orjson
 from pydantic import BaseModel, ConfigDict, Field
 from sse_starlette import EventSourceResponse
@@ -229,14 +228,7 @@ class _Turn:
             finished = True  # lost frames or deadline: say so, never end cleanly
             yield writer.fail(exc.to_dict())
         finally:
-            if span.is_recording():
-                span.set_attributes({"switchyard.reply.last": frame.kind,
-                                     "switchyard.reply.finished": finished})
-                span.end()
-            pipeline.close(request_id)
-            if not finished:
-                with anyio.CancelScope(shield=True):
-                    await pipeline.cancel(request_id, "client_disconnected")
+            await pipeline.end_relay(request_id, span, frame.kind, finished)
 
     async def _store(self, response: dict[str, Any]) -> None:
         if not response["store"]:
