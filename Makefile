@@ -46,11 +46,17 @@ bench-tail: bootstrap
 chaos: bootstrap
 	$(BIN)/python -m bench.chaos
 
-# Retrain the prompt classifier: rewrites workers/classifier/model/prompt-classifier-v1.onnx
-# (byte-identical for the same data and library versions) and its metadata JSON.
+# Retrain the prompt classifier. The linear model first (seconds; byte-identical for the same
+# data and library versions): workers/classifier/model/prompt-classifier-v1.*. Then the
+# encoder fine-tuned behind it (about 40 minutes on 2 cores), exported, quantized, its cascade
+# threshold and blend chosen on dev: prompt-encoder-v1.*. PyTorch from PyPI is the CUDA build
+# (~3 GB of wheels, run on the CPU): it goes into .venv-model, never into the serving venv.
 model: bootstrap
 	$(BIN)/python -m pip install -q -e '.[train]'
 	$(BIN)/python -m workers.classifier.train
+	test -x .venv-model/bin/python || python3 -m venv .venv-model
+	.venv-model/bin/python -m pip install -q -e '.[train,finetune]'
+	.venv-model/bin/python -m workers.classifier.finetune
 
 # Rewrite the generated blocks of docs/ (routes, configuration, error codes) from the code;
 # `python -m compose.reference --check` only compares (tests/test_reference_docs.py runs it).

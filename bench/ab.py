@@ -12,6 +12,7 @@ each response stored as by default (`store: true`: one Redis write per request).
 
     python -m bench.ab RATE [--phase-s 20] [--rounds 2] [--warmup-s 30] [--stream] [--session]
         [--limits on|off] [--route chat|messages|responses] [--tracing off|on] [--cache off|hit]
+        [--prompts fixed|dev] [--classifier cascade|linear]
 
 `--tracing on`: every process traces every request (`OTEL_TRACES_SAMPLER=always_on`) and
 exports it over OTLP/HTTP to a local sink that accepts and discards (`compose/otlp_sink.py`,
@@ -20,6 +21,10 @@ a process of its own); `off` (the default) is the gateway's default, tracing off
 `--cache hit`: every chat completion is the same `temperature: 0` request with
 `x-switchyard-cache: on`, stored once before the warm-up, so each is a response-cache hit
 answered by the ingress (docs/cache.md); `off` (the default) does not use the cache.
+
+`--prompts dev --classifier cascade|linear`: the dev split's prompts in turn, with the
+classifier as it ships (the encoder asked on the prompts the linear model is unsure of) or
+the linear model alone: what the cascade adds to the router.
 """
 
 from __future__ import annotations
@@ -31,19 +36,24 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import aiohttp
 import httpx
 
 from bench.loadgen import box_busy_s, cpu_seconds, run_open_loop, single_upstream_gateway
 from compose.stack import free_port
+from workers.classifier.evaluate import load_jsonl
 
+DEV = Path(__file__).resolve().parents[1] / "data/prompt-categories/dev.jsonl"
 # Processes that serve every target alike: shown, but not the gateway's cost.
 _HARNESS = frozenset(("fake-upstream", "load-generator"))
 
 
 async def main(args: argparse.Namespace) -> None:
     with _otlp_sink(args.tracing == "on") as env:
+        if args.classifier == "linear":  # the encoder unset: no cascade
+            env = {**env, "SWITCHYARD_CLASSIFIER__ENCODER_PATH": ""}
         async with single_upstream_gateway(lambda line: None, limits=args.limits == "on",
                                            env=env) as served:
             await _run(args, served.url, served.fake_url, served.api_key, served.pids)
@@ -82,6 +92,10 @@ async def _run(args: argparse.Namespace, gateway_url: str, fake_url: str, key: s
     if args.cache == "hit":  # every request the same reproducible one, answered from Redis
         body["temperature"] = 0
         headers["x-switchyard-cache"] = "on"
+    bodies: list[dict[str, object]] = [body]
+    if args.prompts == "dev":  # each request a dev prompt in turn, as the classifier meets them
+        bodies = [{**body, "messages": [{"role": "user", "content": text}]}
+                  for text in load_jsonl(DEV)[0]]
     gateway = (f"{gateway_url}/v1/chat/completions", headers)
     # The same request in the other ingresses' shapes, with their key headers, as their SDKs
     # send them: Anthropic's Messages, OpenAI's Responses.
@@ -103,19 +117,19 @@ async def _run(args: argparse.Namespace, gateway_url: str, fake_url: str, key: s
                 await primed.read()
                 if primed.headers.get("x-switchyard-cache") not in ("miss", "hit"):
                     raise RuntimeError(f"the cache did not take the request: {primed.status}")
-        await run_open_loop(session, *gateway, body, rate=args.rate,
+        await run_open_loop(session, *gateway, bodies, rate=args.rate,
                             duration_s=args.warmup_s, label="warmup", stream=args.stream)
         if other is not None:
             await run_open_loop(session, *other, rate=args.rate,
                                 duration_s=min(args.warmup_s, 10), label="warmup",
                                 stream=args.stream)
         for n in range(args.rounds):
-            base = await run_open_loop(session, *direct, body, rate=args.rate,
+            base = await run_open_loop(session, *direct, bodies, rate=args.rate,
                                        duration_s=args.phase_s, label="direct",
                                        stream=args.stream)
             before = {name: cpu_seconds(pid) for name, pid in pids.items()}
             before_box_s, before_own_s, t0 = box_busy_s(), time.process_time(), time.monotonic()
-            ours = await run_open_loop(session, *gateway, body, rate=args.rate,
+            ours = await run_open_loop(session, *gateway, bodies, rate=args.rate,
                                        duration_s=args.phase_s, label="switchyard",
                                        stream=args.stream)
             cpu_ms = {name: 1000 * (cpu_seconds(pid) - before[name]) / max(ours.sent, 1)
@@ -174,6 +188,13 @@ def parse() -> argparse.Namespace:
     p.add_argument("--session", action="store_true",
                    help="authenticate with a session token (POST /v1/auth/login) instead of "
                    "the API key")
+    p.add_argument("--prompts", choices=("fixed", "dev"), default="fixed",
+                   help="fixed: one short prompt (the linear model is sure of it); dev: the "
+                   "dev split's prompts in turn, so the classifier's encoder is asked as "
+                   "often as in real traffic (about one prompt in ten)")
+    p.add_argument("--classifier", choices=("cascade", "linear"), default="cascade",
+                   help="cascade: the classifier as it ships; linear: the linear model alone "
+                   "(`SWITCHYARD_CLASSIFIER__ENCODER_PATH` empty): the A/B of the encoder")
     p.add_argument("--route", choices=("chat", "messages", "responses"), default="chat",
                    help="messages: also Anthropic's /v1/messages each round, beside chat "
                    "completions; responses: also OpenAI's /v1/responses")

@@ -1,12 +1,15 @@
-"""Prompt classifier latency and throughput: the committed ONNX model under onnxruntime (one
-intra-op thread, as the classifier worker runs it), on the dev prompts.
+"""Prompt classifier accuracy, latency and throughput: the committed ONNX models under
+onnxruntime (one intra-op thread, as the workers run them), on the dev prompts. Three paths:
+the linear model alone, the fine-tuned encoder alone, and the cascade that serves (the linear
+model, and the encoder blended in on the prompts the linear model is unsure of).
 
     python -m bench.classifier [--rounds 3] [--seconds 3]
 
-Single-prompt latency is the wall time of one `classify([prompt])` call (Python feature
-preparation + onnxruntime), over every dev prompt `--rounds` times after a warm-up; batched
-throughput runs batches of 1, 8 and 32 consecutive dev prompts for `--seconds` each. Writes its
-section of bench/RESULTS.md (between its markers) and prints it."""
+Single-prompt latency is the wall time of one call on one prompt (tokenization or feature
+preparation included), over every dev prompt `--rounds` times after a warm-up (the encoder
+alone: one round); batched throughput runs the cascade on batches of 1, 8 and 32 consecutive
+dev prompts for `--seconds` each. Writes its section of bench/RESULTS.md (between its markers)
+and prints it."""
 
 from __future__ import annotations
 
@@ -16,39 +19,41 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
 
-from workers.classifier.evaluate import evaluate, load_jsonl
-from workers.classifier.model import PromptClassifier
+from topics.settings import ClassifierSettings
+from workers.classifier.cascade import CascadeClassifier, Unsure
+from workers.classifier.encoder import PromptEncoder
+from workers.classifier.evaluate import Report, evaluate, load_jsonl, score
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).with_name("RESULTS.md")
 START, END = "<!-- bench.classifier:start -->", "<!-- bench.classifier:end -->"
-MODEL = ROOT / "workers/classifier/model/prompt-classifier-v1.onnx"
 DEV = ROOT / "data/prompt-categories/dev.jsonl"
 BATCH_SIZES = (1, 8, 32)
 WARMUP_CALLS = 300
 
 
-def single_latencies_ms(classifier: PromptClassifier, texts: list[str],
+def single_latencies_ms(call: Callable[[list[str]], object], texts: list[str],
                         rounds: int) -> npt.NDArray[np.float64]:
     for text in texts[:WARMUP_CALLS]:
-        classifier.classify([text])
+        call([text])
     gc.collect()
     out = []
     for _ in range(rounds):
         for text in texts:
             start = time.perf_counter_ns()
-            classifier.classify([text])
+            call([text])
             out.append(time.perf_counter_ns() - start)
     return np.array(out) / 1e6
 
 
-def throughput(classifier: PromptClassifier, texts: list[str], batch: int,
+def throughput(classifier: CascadeClassifier, texts: list[str], batch: int,
                seconds: float) -> tuple[float, float, float]:
     """(prompts per second, p50 ms per batch, p99 ms per batch)."""
     batches = [texts[i:i + batch] for i in range(0, len(texts) - batch + 1, batch)]
@@ -64,31 +69,56 @@ def throughput(classifier: PromptClassifier, texts: list[str], batch: int,
             classifier.classify(chunk)
             times.append(time.perf_counter_ns() - start)
             done += len(chunk)
+            if time.perf_counter() >= deadline:
+                break
     ms = np.array(times) / 1e6
     return done / (ms.sum() / 1e3), float(np.percentile(ms, 50)), float(np.percentile(ms, 99))
 
 
-def render(args: argparse.Namespace, classifier: PromptClassifier,
-           lat: npt.NDArray[np.float64], rows: list[tuple[int, float, float, float]],
-           accuracy: float, macro_f1: float, n_prompts: int) -> str:
+def encoder_report(encoder: PromptEncoder, texts: list[str], gold: list[str]) -> Report:
+    probs = encoder.probabilities(texts)
+    return score(gold, [encoder.labels[k] for k in probs.argmax(axis=1)])
+
+
+def _latency_row(name: str, lat: npt.NDArray[np.float64]) -> str:
     p50, p95, p99, worst = np.percentile(lat, [50, 95, 99, 100])
+    return f"| {name} | {len(lat)} | {p50:.3f} | {p95:.3f} | {p99:.3f} | {worst:.3f} |"
+
+
+def render(args: argparse.Namespace, cascade: CascadeClassifier, linear: CascadeClassifier,
+           encoder: PromptEncoder, cfg: ClassifierSettings,
+           reports: dict[str, Report], share: float,
+           latencies: dict[str, npt.NDArray[np.float64]],
+           rows: list[tuple[int, float, float, float]], n_prompts: int) -> str:
     command = ("python -m bench.classifier " + " ".join(sys.argv[1:])).strip()
-    lines = [START, "## Classifier: prompt category model (ONNX)", "",
+    assert cfg.encoder_path is not None
+    sizes = (f"linear {cfg.model_path.stat().st_size / 1e6:.1f} MB, encoder "
+             f"{cfg.encoder_path.stat().st_size / 1e6:.1f} MB")
+    lines = [START, "## Classifier: prompt category models (ONNX), linear, encoder, cascade",
+             "",
              f"Command: `{command}` ({args.rounds} rounds over the {n_prompts} dev prompts "
-             f"after {WARMUP_CALLS} warm-up calls; batches for {args.seconds:g} s each).", "",
+             f"after {WARMUP_CALLS} warm-up calls, the encoder alone one round; cascade "
+             f"batches for {args.seconds:g} s each).", "",
              _machine(), "",
-             f"Model: `{classifier.version}` ({MODEL.stat().st_size / 1e6:.1f} MB); "
-             f"dev accuracy **{accuracy:.4f}**, macro-F1 **{macro_f1:.4f}** "
-             f"(`switchyard classify --eval data/prompt-categories/dev.jsonl`).", "",
-             "Single prompt, one `classify([prompt])` call (feature preparation in Python + "
-             "onnxruntime, 1 thread):", "",
-             "| calls | p50 ms | p95 ms | p99 ms | max ms |",
-             "| ---: | ---: | ---: | ---: | ---: |",
-             f"| {len(lat)} | {p50:.3f} | {p95:.3f} | {p99:.3f} | {worst:.3f} |", "",
-             "Batched (consecutive dev prompts per call, as the stage batches concurrent "
-             "messages):", "",
-             "| batch size | prompts/s | p50 ms per batch | p99 ms per batch |",
-             "| ---: | ---: | ---: | ---: |"]
+             f"Models: `{linear.version}` and `{encoder.version}` ({sizes}). The cascade asks "
+             f"the encoder when the linear model's top probability is under "
+             f"{cascade.threshold} and blends their log-probabilities with weight "
+             f"{encoder.weight} on the encoder: **{share:.1%}** of dev prompts take the "
+             f"encoder path.", "",
+             "| model | dev accuracy | macro-F1 |", "| --- | ---: | ---: |"]
+    lines += [f"| {name} | {r.accuracy:.4f} | {r.macro_f1:.4f} |"
+              for name, r in reports.items()]
+    lines += ["", "The cascade's row is `switchyard classify --eval "
+              "data/prompt-categories/dev.jsonl` (`--linear-only` for the linear model's).", "",
+              "Single prompt, one call on one prompt (tokenization or feature preparation in "
+              "Python + onnxruntime, 1 thread):", "",
+              "| path | calls | p50 ms | p95 ms | p99 ms | max ms |",
+              "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    lines += [_latency_row(name, lat) for name, lat in latencies.items()]
+    lines += ["", "The cascade, batched (consecutive dev prompts per call, as the stage "
+              "batches concurrent messages; the encoder runs on each batch's unsure share):",
+              "", "| batch size | prompts/s | p50 ms per batch | p99 ms per batch |",
+              "| ---: | ---: | ---: | ---: |"]
     lines += [f"| {b} | {rate:,.0f} | {b50:.3f} | {b99:.3f} |" for b, rate, b50, b99 in rows]
     lines.append(END)
     return "\n".join(lines)
@@ -121,12 +151,28 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=3, help="passes over the dev prompts")
     parser.add_argument("--seconds", type=float, default=3.0, help="per batch size")
     args = parser.parse_args(argv)
-    classifier = PromptClassifier(MODEL)
-    texts = load_jsonl(DEV)[0]
-    report = evaluate(classifier, DEV)
-    lat = single_latencies_ms(classifier, texts, args.rounds)
-    rows = [(b, *throughput(classifier, texts, b, args.seconds)) for b in BATCH_SIZES]
-    section = render(args, classifier, lat, rows, report.accuracy, report.macro_f1, len(texts))
+    cfg = ClassifierSettings()
+    assert cfg.encoder_path is not None
+    cascade = CascadeClassifier.from_settings(cfg)
+    linear = CascadeClassifier.from_settings(cfg.model_copy(update={"encoder_path": None}))
+    encoder = PromptEncoder(cfg.encoder_path)
+    texts, gold = load_jsonl(DEV)
+    reports = {"linear alone": evaluate(linear, DEV),
+               "encoder alone (int8)": encoder_report(encoder, texts, gold),
+               "**cascade**": evaluate(cascade, DEV)}
+    unsure = [p for p in cascade.first(texts) if isinstance(p, Unsure)]
+    latencies = {
+        "linear": single_latencies_ms(linear.classify, texts, args.rounds),
+        "linear, on the prompts it is unsure of": single_latencies_ms(
+            linear.classify, [u.text for u in unsure], args.rounds),
+        "encoder alone, every prompt": single_latencies_ms(encoder.probabilities, texts, 1),
+        "**cascade**": single_latencies_ms(cascade.classify, texts, args.rounds),
+        "cascade, on the prompts sent to the encoder": single_latencies_ms(
+            cascade.classify, [u.text for u in unsure], args.rounds),
+    }
+    rows = [(b, *throughput(cascade, texts, b, args.seconds)) for b in BATCH_SIZES]
+    section = render(args, cascade, linear, encoder, cfg, reports, len(unsure) / len(texts),
+                     latencies, rows, len(texts))
     print(section)
     write_section(section)
 

@@ -11,7 +11,7 @@ import platform
 import subprocess
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -88,12 +88,13 @@ OnSample = Callable[[Sample], None]
 
 
 async def run_open_loop(session: aiohttp.ClientSession, url: str, headers: dict[str, str],
-                        body: dict[str, Any], *, rate: float, duration_s: float, label: str,
-                        stream: bool = False, on_sample: OnSample | None = None) -> Result:
-    """Send `rate * duration_s` requests at fixed intervals; `on_sample`, if given, sees each
-    request's outcome as it completes."""
+                        body: dict[str, Any] | Sequence[dict[str, Any]], *, rate: float,
+                        duration_s: float, label: str, stream: bool = False,
+                        on_sample: OnSample | None = None) -> Result:
+    """Send `rate * duration_s` requests at fixed intervals (`body`, or each of a list of
+    bodies in turn); `on_sample`, if given, sees each request's outcome as it completes."""
     result = Result(label=label, rate=rate, duration_s=duration_s)
-    payload = orjson.dumps(body)
+    payloads = [orjson.dumps(b) for b in ([body] if isinstance(body, dict) else body)]
     # perf_counter, not loop.time(): uvloop's clock has a 1 ms resolution.
     start = time.perf_counter() + 0.05
     total = int(rate * duration_s)
@@ -104,7 +105,8 @@ async def run_open_loop(session: aiohttp.ClientSession, url: str, headers: dict[
         if delay > 0:
             await asyncio.sleep(delay)
         tasks.append(asyncio.create_task(
-            _one(session, url, headers, payload, scheduled, stream, result, on_sample)))
+            _one(session, url, headers, payloads[i % len(payloads)], scheduled, stream,
+                 result, on_sample)))
     await asyncio.gather(*tasks)
     return result
 

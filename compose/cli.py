@@ -11,7 +11,7 @@ import sys
 import threading
 from pathlib import Path
 
-from topics.settings import Settings
+from topics.settings import ClassifierSettings, Settings
 
 FAKE_UPSTREAM_PORT = 9100
 PLATFORM_TENANT = "platform"  # the tenant platform administrators' keys belong to
@@ -42,8 +42,13 @@ def main(argv: list[str] | None = None) -> None:
     classify.add_argument("--eval", type=Path, metavar="FILE.jsonl",
                           help="print accuracy, macro-F1 and per-label scores on a file of "
                           "objects with 'text' and 'label'")
-    classify.add_argument("--model", type=Path, help="ONNX model file (default: the "
+    classify.add_argument("--model", type=Path, help="ONNX linear model file (default: the "
                           "configured SWITCHYARD_CLASSIFIER__MODEL_PATH)")
+    classify.add_argument("--encoder", type=Path, help="ONNX encoder file asked when the "
+                          "linear model is unsure (default: the configured "
+                          "SWITCHYARD_CLASSIFIER__ENCODER_PATH)")
+    classify.add_argument("--linear-only", action="store_true",
+                          help="the linear model alone, without the encoder")
     sub.add_parser("router", help="run a router worker")
     sub.add_parser("usage", help="run the usage worker")
     audit = sub.add_parser("audit", help="the audit trail: its writer, and checking its chains")
@@ -99,7 +104,12 @@ def main(argv: list[str] | None = None) -> None:
 
         classifier_main()
     elif args.command == "classify":
-        _classify(args.model or settings.classifier.model_path, args.prompt, args.eval)
+        cfg = settings.classifier
+        updates: dict[str, object] = {"model_path": args.model or cfg.model_path,
+                                      "encoder_path": args.encoder or cfg.encoder_path}
+        if args.linear_only:
+            updates["encoder_path"] = None
+        _classify(cfg.model_copy(update=updates), args.prompt, args.eval)
     elif args.command == "router":
         from workers.router.main import main as router_main
 
@@ -125,13 +135,13 @@ def main(argv: list[str] | None = None) -> None:
         _new_signing_key(settings, args.id)
 
 
-def _classify(model: Path, prompts: list[str], eval_path: Path | None) -> None:
+def _classify(cfg: ClassifierSettings, prompts: list[str], eval_path: Path | None) -> None:
+    from workers.classifier.cascade import CascadeClassifier
     from workers.classifier.evaluate import evaluate
-    from workers.classifier.model import PromptClassifier
 
     if not prompts and eval_path is None:
         sys.exit("classify: give a prompt, '-' for stdin, or --eval FILE.jsonl")
-    classifier = PromptClassifier(model)
+    classifier = CascadeClassifier.from_settings(cfg)
     if eval_path is not None:
         print(f"{classifier.version} on {eval_path}")
         print(evaluate(classifier, eval_path).table())

@@ -26,6 +26,7 @@ from topics.routing_policy import (
     CATEGORIES,
     RoutingPolicy,
     eligible_routes,
+    pin_category,
     route_tiers,
     unit_price,
     validate_against,
@@ -69,8 +70,8 @@ def assert_error(response: httpx.Response, status: int, code: str, param: str | 
 DEFAULT = {
     "weights": {"cost": 1.0, "latency": 1.0, "quality": 1.0},
     "allowed_providers": None, "allowed_models": None, "price_ceiling_per_mtok": None,
-    "pinned_routes": {}, "default_mode": "auto", "allow_substitution": False,
-    "judge_model": None, "council_output": "winner", "fallbacks": {},
+    "pinned_routes": {}, "pin_min_confidence": 0.5, "default_mode": "auto",
+    "allow_substitution": False, "judge_model": None, "council_output": "winner", "fallbacks": {},
     "cache": {"enabled": False, "ttl_s": None, "allow_nondeterministic": False},
 }
 
@@ -88,6 +89,7 @@ async def test_put_get_delete_round_trip(tenant: Tenant, pg: asyncpg.Pool,
         "allowed_models": ["gpt-4o-mini", "claude-sonnet", "codestral-latest", "gpt-4.1"],
         "price_ceiling_per_mtok": 15,
         "pinned_routes": {"code": "codestral-latest", "summarization": "gpt-4o-mini"},
+        "pin_min_confidence": 0.7,
         "default_mode": "speculative",
         "allow_substitution": True,
         "judge_model": "gpt-4o-mini",
@@ -295,6 +297,27 @@ def test_a_named_model_comes_first_then_its_fallbacks_then_its_class(
     assert ids(eligible_routes(catalog, aliased, category=None,
                                requested_model="claude-opus-4-6")) == [
         "claude-opus-4-6", "gpt-4o"]
+
+
+def test_an_unsure_label_pins_nothing(catalog: Catalog) -> None:
+    """A pin serves its category only when the classifier was sure enough of the label; a
+    client's hint (no confidence) always pins; an unsure label is routed as `general`."""
+    policy = RoutingPolicy(pinned_routes={"code": "claude-sonnet-4-6"}, pin_min_confidence=0.6)
+    assert pin_category(policy, "code", 0.6) == "code"
+    assert pin_category(policy, "code", None) == "code"
+    assert pin_category(policy, "code", 0.59) is None
+    assert pin_category(policy, None, 0.99) is None
+    sure = route_tiers(catalog, policy, category=pin_category(policy, "code", 0.9),
+                       requested_model="auto")
+    unsure = route_tiers(catalog, policy, category=pin_category(policy, "code", 0.41),
+                         requested_model="auto")
+    assert [ids(t) for t in sure] == [["claude-sonnet-4-6"]]
+    assert len(unsure) == 1
+    assert len(unsure[0]) > 1
+    assert RoutingPolicy().pin_min_confidence == 0.5
+    for bad in (1.5, -0.1, "0.7", True):
+        with pytest.raises(ValidationError):
+            RoutingPolicy(pin_min_confidence=bad)
 
 
 def test_one_models_routes_at_several_providers(catalog: Catalog) -> None:

@@ -139,3 +139,49 @@ async def test_a_tenant_provider_is_previewed_and_its_disabling_explained(
         assert "acme" in entry["reason"]
         assert_error(await tenant.post("/v1/routing/preview", json={
             "model": "acme-llm", "messages": HELLO}), 404, "model_not_found")
+
+
+async def test_an_unsure_label_pins_nothing_and_preview_says_why(
+        gateway: Gateway, pg: asyncpg.Pool) -> None:
+    """The tenant pins every category to one model. With `pin_min_confidence` at 1 no label
+    of the classifier is sure enough: the request is routed as `general`, over every model;
+    a client's category hint (no confidence) still pins."""
+    _, key = await create_key(pg, f"pv-{uuid.uuid4().hex[:10]}")
+    pinned = "claude-sonnet-4-6"
+    vague = [{"role": "user", "content": "Tell me about the river and what it means."}]
+    async with httpx.AsyncClient(base_url=gateway.url, timeout=30,
+                                 headers={"Authorization": f"Bearer {key}"}) as tenant:
+        async def with_policy(threshold: float) -> dict[str, Any]:
+            put = await tenant.put("/v1/routing/policy", json={
+                "pinned_routes": dict.fromkeys(CATEGORIES, pinned),
+                "pin_min_confidence": threshold})
+            assert put.status_code == 200, put.text
+            assert put.json()["policy"]["pin_min_confidence"] == threshold
+
+            async def applied() -> dict[str, Any]:
+                answer = await _preview(tenant, model="auto", messages=vague)
+                pins = answer["selected_route"] == pinned and len(answer["eligible"]) == 1
+                return answer if pins == (threshold == 0.0) else {}
+            answer: dict[str, Any] = await eventually(applied, timeout_s=15, every_s=0.3)
+            return answer
+
+        sure = await with_policy(0.0)
+        label = sure["semantic_classification"]
+        assert label["routed_as"] == label["category"] in CATEGORIES
+        assert label["source"] == "classifier"
+        confidence = label["confidence"]
+        assert 0 < confidence < 1
+
+        unsure = await with_policy(1.0)
+        label = unsure["semantic_classification"]
+        assert label["routed_as"] == "general"
+        assert label["category"] == sure["semantic_classification"]["category"]
+        assert len(unsure["eligible"]) > 1  # the router's choice, not the pin
+        assert "pin_min_confidence 1.0" in unsure["reason"]
+        assert f"confidence {confidence}" in unsure["reason"]
+
+        hinted = await tenant.post("/v1/routing/preview", headers={
+            "x-switchyard-category": "code"}, json={"model": "auto", "messages": vague})
+        assert hinted.status_code == 200, hinted.text
+        assert hinted.json()["selected_route"] == pinned
+        assert hinted.json()["semantic_classification"]["source"] == "client"

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import orjson
-from pydantic import BaseModel, Field, SecretStr, model_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # What a request envelope adds to the body it carries (ids, deadline, routing, metadata, the
@@ -413,6 +413,22 @@ class ClassifierSettings(BaseModel):
                  / "workers/classifier/model/prompt-classifier-v1.onnx"),
         description="The ONNX prompt classifier (default: the model versioned in the "
         "repository).")
+    encoder_path: Path | None = Field(
+        default=(Path(__file__).resolve().parents[1]
+                 / "workers/classifier/model/prompt-encoder-v1.onnx"),
+        description="The fine-tuned prompt encoder the cascade asks when the linear model is "
+        "unsure (its tokenizer is the `.tokenizer.json` file beside it). Empty: the linear "
+        "model alone, which is faster and about 3 points less accurate (docs/routing.md).")
+    encoder_threshold: float | None = Field(
+        default=None, ge=0, le=1,
+        description="Below this top probability of the linear model, the encoder is asked "
+        "too. Unset: the threshold chosen on dev and stored in the encoder file. Higher "
+        "sends more prompts to the encoder (more accurate, more CPU).")
+
+    @field_validator("encoder_path", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: Any) -> Any:
+        return None if value == "" else value
     max_in_flight: int = Field(
         default=1024, ge=1,
         description="Requests the classifier stage holds at once (when it runs as its own "

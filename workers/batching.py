@@ -47,3 +47,49 @@ class MicroBatcher(Generic[T, R]):
         for (_, done), result in zip(batch, results, strict=True):
             if not done.done():
                 done.set_result(result)
+
+
+class ThreadBatcher(Generic[T, R]):
+    """Blocking batch work (the prompt encoder: milliseconds a call) kept off the event loop:
+    one call at a time in a worker thread, and what was submitted while it ran is the next
+    call's batch (at most `max_batch`). Under load the batches grow by themselves; alone, a
+    prompt waits for nothing."""
+
+    def __init__(self, run: Callable[[Sequence[T]], Sequence[R]], *, max_batch: int) -> None:
+        self._run = run
+        self._max_batch = max_batch
+        self._pending: list[tuple[T, asyncio.Future[R]]] = []
+        self._worker: asyncio.Task[None] | None = None
+
+    async def submit(self, item: T) -> R:
+        done: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        self._pending.append((item, done))
+        if self._worker is None:
+            self._worker = asyncio.create_task(self._drain())
+        return await done
+
+    async def _drain(self) -> None:
+        batch: list[tuple[T, asyncio.Future[R]]] = []
+        try:
+            while self._pending:
+                batch = self._pending[:self._max_batch]
+                del self._pending[:self._max_batch]
+                try:
+                    results = await asyncio.to_thread(self._run, [item for item, _ in batch])
+                    if len(results) != len(batch):
+                        raise ValueError(f"a batch of {len(batch)} got {len(results)} results")
+                except Exception as exc:  # every waiter hears about it; the next batch runs
+                    for _, done in batch:
+                        if not done.done():
+                            done.set_exception(exc)
+                    continue
+                for (_, done), result in zip(batch, results, strict=True):
+                    if not done.done():
+                        done.set_result(result)
+        except asyncio.CancelledError:  # shutting down: no waiter is left waiting
+            for _, done in [*batch, *self._pending]:
+                done.cancel()
+            self._pending.clear()
+            raise
+        finally:
+            self._worker = None

@@ -13,8 +13,8 @@ from topics.kafka import group_members
 from topics.messages import RequestEnvelope
 from topics.settings import KafkaSettings, Settings
 from topics.tracing import Tracing, open_tracing
+from workers.classifier.cascade import CascadeClassifier
 from workers.classifier.metrics import ClassifierMetrics
-from workers.classifier.model import PromptClassifier
 from workers.classifier.stage import ClassifierStage, Labeller
 from workers.consumer import ConsumerLoop
 from workers.kafka_metrics import ConsumerMetrics
@@ -31,13 +31,13 @@ async def run_classifier(settings: Settings, stop: asyncio.Event) -> None:
 
 async def _run_classifier(settings: Settings, stop: asyncio.Event, tracing: Tracing) -> None:
     cfg = settings.classifier
-    classifier = PromptClassifier(cfg.model_path)
+    classifier = CascadeClassifier.from_settings(cfg)
     registry = process_registry()
     async with open_runtime(settings, Needs(redis=False, postgres=False)) as runtime:
         probes = await serve_probes(runtime, registry, cfg.metrics_host, cfg.metrics_port)
         producer = runtime.producer
         consumer = await runtime.consumer(names.REQUESTS_GROUP)
-        stage = ClassifierStage(Labeller(classifier.classify, max_batch=cfg.max_batch,
+        stage = ClassifierStage(Labeller(classifier, max_batch=cfg.max_batch,
                                          tracing=tracing,
                                          metrics=ClassifierMetrics(registry)), producer,
                                 tracing)

@@ -18,6 +18,15 @@ class ClassifierMetrics:
             "switchyard_classifier_labels_total", "Prompts labelled, by the category given",
             ["category"], registry=registry)
         self._children: dict[str, Counter] = {}
+        self.encoder_duration = Histogram(
+            "switchyard_classifier_encoder_duration_seconds", "One call of the prompt encoder "
+            "(the prompts the linear model was unsure of, batched while the previous call "
+            "ran)", buckets=_BUCKETS_S, registry=registry)
+        paths = Counter(
+            "switchyard_classifier_prompts_total", "Prompts labelled, by the path that "
+            "labelled them: the linear model alone, or blended with the encoder's opinion",
+            ["path"], registry=registry)
+        self.linear_path, self.encoder_path = paths.labels("linear"), paths.labels("encoder")
 
     def labelled(self, category: str) -> None:
         child = self._children.get(category)

@@ -9,65 +9,76 @@ the stage as its own process (`llm.requests` in, `llm.classified` out); a router
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaProducer
+from prometheus_client import Histogram
 
 from topics import names
 from topics.messages import RequestEnvelope
 from topics.tracing import SpanKind, Tracing, current_traceparent, with_header
-from workers.batching import MicroBatcher
+from workers.batching import MicroBatcher, ThreadBatcher
+from workers.classifier.cascade import CascadeClassifier, Unsure
 from workers.classifier.metrics import ClassifierMetrics
+from workers.classifier.model import Prediction
 
 # Long passages carry little extra signal for the label and cost time.
 _MAX_CHARS = 4000
+A = TypeVar("A")
+B = TypeVar("B")
 _PUBLISH = {"messaging.system": "kafka", "messaging.operation.type": "send",
             "messaging.destination.name": names.CLASSIFIED}
 
 
-class Prediction(Protocol):
-    @property
-    def label(self) -> str: ...
-    @property
-    def confidence(self) -> float: ...
-    @property
-    def version(self) -> str: ...
-
-
 class Labeller:
-    """Labels requests, batching the ONNX calls of everything labelled in one loop turn."""
+    """Labels requests with the cascade (`cascade.py`): the linear model on the event loop,
+    batching everything labelled in one loop turn into one ONNX call; the encoder, for the
+    prompts the linear model is unsure of, in a worker thread (milliseconds a call: the loop
+    keeps serving meanwhile), batching what queued while its previous call ran."""
 
-    def __init__(self, classify: Callable[[Sequence[str]], Sequence[Prediction]], *,
-                 max_batch: int, tracing: Tracing | None = None,
+    def __init__(self, cascade: CascadeClassifier, *, max_batch: int,
+                 tracing: Tracing | None = None,
                  metrics: ClassifierMetrics | None = None) -> None:
         self._metrics = metrics
+        first: Callable[[Sequence[str]], Sequence[Prediction | Unsure]] = cascade.first
+        second: Callable[[Sequence[Unsure]], Sequence[Prediction]] = cascade.second
         if metrics is not None:
-            classify = _timed(classify, metrics)
-        self._batcher: MicroBatcher[str, Prediction] = MicroBatcher(classify,
-                                                                    max_batch=max_batch)
+            first, second = _timed(first, metrics.duration), _timed(second,
+                                                                   metrics.encoder_duration)
+        self._first: MicroBatcher[str, Prediction | Unsure] = MicroBatcher(
+            first, max_batch=max_batch)
+        self._second: ThreadBatcher[Unsure, Prediction] = ThreadBatcher(
+            second, max_batch=max_batch)
         self._tracing = tracing or Tracing()
 
     async def label(self, env: RequestEnvelope) -> RequestEnvelope:
         if not needs_label(env):
             return env
         with self._tracing.span("classify") as span:
-            prediction = await self._batcher.submit(prompt_text(env.body))
+            first = await self._first.submit(prompt_text(env.body))
+            prediction = (await self._second.submit(first) if isinstance(first, Unsure)
+                          else first)
             if span.is_recording():
                 span.set_attributes({"switchyard.category": prediction.label,
                                      "switchyard.category.confidence": prediction.confidence,
-                                     "switchyard.classifier.version": prediction.version})
+                                     "switchyard.classifier.version": prediction.version,
+                                     "switchyard.classifier.encoder": isinstance(first,
+                                                                                 Unsure)})
             if self._metrics is not None:
                 self._metrics.labelled(prediction.label)
+                path = self._metrics.encoder_path if isinstance(first, Unsure) \
+                    else self._metrics.linear_path
+                path.inc()
         return env.model_copy(update={"category": prediction.label,
                                       "confidence": round(prediction.confidence, 4),
                                       "classifier_version": prediction.version})
 
 
-def _timed(classify: Callable[[Sequence[str]], Sequence[Prediction]],
-           metrics: ClassifierMetrics) -> Callable[[Sequence[str]], Sequence[Prediction]]:
-    def timed(prompts: Sequence[str]) -> Sequence[Prediction]:
-        with metrics.duration.time():
-            return classify(prompts)
+def _timed(run: Callable[[Sequence[A]], Sequence[B]],
+           histogram: Histogram) -> Callable[[Sequence[A]], Sequence[B]]:
+    def timed(items: Sequence[A]) -> Sequence[B]:
+        with histogram.time():
+            return run(items)
     return timed
 
 

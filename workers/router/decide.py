@@ -37,6 +37,7 @@ from topics.routing_policy import (
     GENERAL_CATEGORY,
     RoutingPolicy,
     admits,
+    pin_category,
     route_tiers,
     within_key_models,
 )
@@ -150,9 +151,11 @@ class Decider:
         policy = await self._policies.policy_for(env.tenant_id)
         catalog = await self.catalog_for(env.tenant_id)
         fallbacks = env.routing.fallbacks
+        # An unsure label neither pins a route nor teaches its category's posteriors.
+        routed_as = pin_category(policy, env.category, env.confidence)
         tiers = route_tiers(catalog, policy if key_models is None
                             else within_key_models(catalog, policy, key_models),
-                            category=env.category,
+                            category=routed_as,
                             requested_model=str(env.body.get("model")),
                             fallbacks=tuple(fallbacks) if fallbacks is not None else None)
         routes = [m for t in tiers for m in t]
@@ -172,7 +175,7 @@ class Decider:
         routes = _fitting(routes, env.body)
         width = self._width(mode, env.routing.routes, len(routes))
         judge = self._judge(env, policy, catalog) if mode == "council" else None
-        category = env.category or GENERAL_CATEGORY
+        category = routed_as or GENERAL_CATEGORY
         weights = _weights(env.routing.weights, policy.weights)
         routes = await self._selectable(routes)
         if len(routes) > 1:

@@ -27,8 +27,8 @@ from topics.catalog import load_catalog
 from topics.messages import RequestEnvelope
 from topics.settings import Settings
 from topics.tracing import Tracing, open_tracing
+from workers.classifier.cascade import CascadeClassifier
 from workers.classifier.metrics import ClassifierMetrics
-from workers.classifier.model import PromptClassifier
 from workers.classifier.stage import Labeller
 from workers.consumer import ConsumerLoop
 from workers.kafka_metrics import ConsumerMetrics
@@ -76,8 +76,8 @@ async def _run_router(settings: Settings, stop: asyncio.Event, tracing: Tracing)
     metrics = RouterMetrics(registry, tenant_labels=settings.metrics.tenant_labels)
     labeller, topic, group_id = None, names.CLASSIFIED, names.CLASSIFIED_GROUP
     if cfg.classify_inline:
-        classifier = PromptClassifier(settings.classifier.model_path)
-        labeller = Labeller(classifier.classify, max_batch=settings.classifier.max_batch,
+        classifier = CascadeClassifier.from_settings(settings.classifier)
+        labeller = Labeller(classifier, max_batch=settings.classifier.max_batch,
                             tracing=tracing, metrics=ClassifierMetrics(registry))
         topic, group_id = names.REQUESTS, names.REQUESTS_GROUP
     worker_id = f"router-{uuid.uuid4().hex[:12]}"

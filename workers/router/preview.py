@@ -26,7 +26,13 @@ from typing import Any
 from topics.catalog import Catalog, Model
 from topics.errors import SwitchyardError
 from topics.messages import RequestEnvelope
-from topics.routing_policy import AUTO, GENERAL_CATEGORY, RoutingPolicy, exclusion
+from topics.routing_policy import (
+    AUTO,
+    GENERAL_CATEGORY,
+    RoutingPolicy,
+    exclusion,
+    pin_category,
+)
 from topics.tenant_providers import TenantRoutes, route_id
 from workers.router.decide import (
     SLO_MS,
@@ -57,7 +63,7 @@ class Previewer:
         routes = (await self._tenant_routes(env.tenant_id) if self._tenant_routes is not None
                   else TenantRoutes(await self._decider.catalog_for(env.tenant_id)))
         catalog = routes.catalog
-        category = env.category or GENERAL_CATEGORY
+        category = pin_category(policy, env.category, env.confidence) or GENERAL_CATEGORY
         decision: Decision | None = None
         refusal: SwitchyardError | None = None
         try:
@@ -72,13 +78,13 @@ class Previewer:
             "object": "routing.preview",
             "model": str(env.body.get("model")),
             "semantic_classification": self._classification(env, category),
-            "category": category,
+            "category": env.category or GENERAL_CATEGORY,
             "confidence": 1.0 if env.confidence is None else env.confidence,
             "mode": decision.mode if decision is not None else None,
             "eligible": eligible,
             "alternatives": eligible[1:],
             "excluded": excluded,
-            "reason": _reason(env, decision, eligible, refusal, catalog),
+            "reason": _reason(env, policy, decision, eligible, refusal, catalog),
         }
         if eligible:
             chosen = eligible[0]
@@ -92,10 +98,10 @@ class Previewer:
             out["error"] = refusal.to_frame_data()
         return out
 
-    def _classification(self, env: RequestEnvelope, category: str) -> dict[str, Any]:
+    def _classification(self, env: RequestEnvelope, routed_as: str) -> dict[str, Any]:
         source = ("classifier" if env.classifier_version is not None
                   else "client" if env.category is not None else "none")
-        return {"category": category,
+        return {"category": env.category or GENERAL_CATEGORY, "routed_as": routed_as,
                 "confidence": 1.0 if env.confidence is None else env.confidence,
                 "source": source, "classifier_version": env.classifier_version}
 
@@ -214,8 +220,9 @@ def _token_estimate(body: dict[str, Any]) -> tuple[int, int]:
             output if isinstance(output, int) and output > 0 else DEFAULT_OUTPUT_TOKENS)
 
 
-def _reason(env: RequestEnvelope, decision: Decision | None, eligible: list[dict[str, Any]],
-            refusal: SwitchyardError | None, catalog: Catalog) -> str:
+def _reason(env: RequestEnvelope, policy: RoutingPolicy, decision: Decision | None,
+            eligible: list[dict[str, Any]], refusal: SwitchyardError | None,
+            catalog: Catalog) -> str:
     if refusal is not None or decision is None or not eligible:
         return (f"no route: {refusal.message}" if refusal is not None
                 else "no route can serve this request")
@@ -223,6 +230,9 @@ def _reason(env: RequestEnvelope, decision: Decision | None, eligible: list[dict
     requested = str(env.body.get("model"))
     how = (f"{requested!r} was named" if requested != AUTO
            else f"'auto' for category {decision.category!r}")
+    if requested == AUTO and env.category is not None and decision.category != env.category:
+        how += (f" (the label {env.category!r} at confidence {env.confidence} is under the "
+                f"policy's pin_min_confidence {policy.pin_min_confidence}: it pins nothing)")
     if len(eligible) == 1:
         return f"{how}; {chosen['route']} is the only eligible route"
     if requested != AUTO and not catalog.is_shared_name(requested) \

@@ -1,0 +1,112 @@
+"""The prompt encoder at serving time: a fine-tuned small sentence encoder (all-MiniLM-L6-v2,
+int8) with a classification head, in one ONNX file, and the WordPiece tokenizer that ships
+with it. It is the cascade's second opinion (`cascade.py`): it runs only on the prompts the
+linear model is unsure of.
+
+`encode` is the one way a prompt becomes the encoder's input, shared by training
+(`finetune.py`) and serving: the instruction and the pasted passage (`features.split_prompt`)
+as a sentence pair, so a long passage is cut before the instruction that decides the label."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import onnxruntime as ort
+from tokenizers import Tokenizer
+
+from workers.classifier import features
+
+MAX_TOKENS = 128  # the fine-tuning length; longer costs quadratically and adds little
+INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
+PROBABILITIES = "probabilities"
+
+Inputs = dict[str, npt.NDArray[np.int64]]
+
+
+def load_tokenizer(path: Path | str) -> Tokenizer:
+    """The tokenizer file as shipped pads every prompt to 128 tokens; here it pads a batch to
+    its longest prompt (one prompt: not at all) and truncates the longer part of a pair."""
+    tokenizer = Tokenizer.from_file(str(path))
+    tokenizer.no_padding()
+    tokenizer.enable_truncation(max_length=MAX_TOKENS, strategy="longest_first")
+    return tokenizer
+
+
+def encode(tokenizer: Tokenizer, texts: Sequence[str]) -> Inputs:
+    pairs = [features.split_prompt(text) for text in texts]
+    # A prompt without a passage is one sequence, not a pair with an empty second half.
+    batch = tokenizer.encode_batch([(head, tail) if tail else head for head, tail in pairs])
+    width = max(len(e.ids) for e in batch)
+    out = {name: np.zeros((len(batch), width), dtype=np.int64) for name in INPUT_NAMES}
+    for row, e in enumerate(batch):
+        n = len(e.ids)
+        out["input_ids"][row, :n] = e.ids
+        out["attention_mask"][row, :n] = e.attention_mask
+        out["token_type_ids"][row, :n] = e.type_ids
+    return out
+
+
+def tokenizer_path(model_path: Path | str) -> Path:
+    """The tokenizer ships beside the model: `prompt-encoder-v1.tokenizer.json`."""
+    path = Path(model_path)
+    return path.with_name(f"{path.stem}.tokenizer.json")
+
+
+class PromptEncoder:
+    """Loads `model_path` and its tokenizer (nothing happens at import)."""
+
+    def __init__(self, model_path: Path | str) -> None:
+        path = Path(model_path)
+        data = path.read_bytes()
+        self._version = f"{path.stem}+{hashlib.sha256(data).hexdigest()[:12]}"
+        options = ort.SessionOptions()
+        # One thread: the worker shares a small box with its peers, and the cascade sends
+        # the encoder a few prompts at a time.
+        options.intra_op_num_threads = 1
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        self._session = ort.InferenceSession(data, options,
+                                             providers=["CPUExecutionProvider"])
+        meta = self._session.get_modelmeta().custom_metadata_map
+        self._labels: tuple[str, ...] = tuple(json.loads(meta["labels"]))
+        self._cascade: dict[str, float] = json.loads(meta["cascade"])
+        self._tokenizer = load_tokenizer(tokenizer_path(path))
+
+    @property
+    def version(self) -> str:
+        return self._version
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return self._labels
+
+    @property
+    def threshold(self) -> float:
+        """Below this linear-model confidence the cascade asks the encoder (chosen on dev)."""
+        return float(self._cascade["threshold"])
+
+    @property
+    def weight(self) -> float:
+        """The encoder's share of the blended log-probabilities (chosen on dev)."""
+        return float(self._cascade["encoder_weight"])
+
+    def probabilities(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
+        """(len(texts), len(labels)) float32 probabilities, columns in `labels` order.
+        Sorted by length so each batch pads little; returned in the caller's order."""
+        out = np.zeros((len(texts), len(self._labels)), dtype=np.float32)
+        if not texts:
+            return out
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        for start in range(0, len(order), _BATCH):
+            rows = order[start:start + _BATCH]
+            feed = encode(self._tokenizer, [texts[i] for i in rows])
+            out[rows] = np.asarray(self._session.run([PROBABILITIES], feed)[0])
+        return out
+
+
+_BATCH = 16  # padding waste grows with the batch; 16 sorted prompts pad little
