@@ -294,6 +294,11 @@ class CachedPosteriors:
     def invalidate(self) -> None:
         self._entries.clear()
 
+    async def drain(self) -> None:
+        """Wait for the refreshes in flight: before the Redis client closes, so none of them
+        opens a connection on a closed client."""
+        await asyncio.gather(*self._pending.values(), return_exceptions=True)
+
     def _start(self, key: _CacheKey) -> asyncio.Task[dict[str, Posterior]]:
         task = asyncio.create_task(self._refresh(key))
         # A background refresh may fail with nobody awaiting it: retrieve the error so asyncio

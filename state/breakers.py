@@ -413,6 +413,11 @@ class Breakers:
         self._degraded.note("circuit breakers", "outcome not counted", exc)
         return self._known.get(route, _CLOSED).state
 
+    async def drain(self) -> None:
+        """Wait for the reads in flight: before the Redis client closes, so none of them
+        opens a connection on a closed client."""
+        await asyncio.gather(*set(self._pending.values()), return_exceptions=True)
+
     async def views(self, routes: Sequence[str]) -> list[BreakerView]:
         """Every route's breaker, in order, read now (uncached). One round trip."""
         raw = await self._read(keys=_keys(routes), args=self._read_args(full=True))

@@ -5,6 +5,7 @@ stops what it starts. And what a hung asyncio test reports when pytest-timeout s
 from __future__ import annotations
 
 import asyncio
+import gc
 import signal
 import traceback
 from collections.abc import AsyncIterator, Generator, Iterator
@@ -108,6 +109,15 @@ class FakeAdmin:
 
     async def aclose(self) -> None:
         await self._http.aclose()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _leaks_show_in_their_module() -> Iterator[None]:
+    """Collect garbage as each module ends: an unclosed connection or socket it left behind
+    is then reported (ResourceWarning, an error here) against that module, not against
+    whichever later test the collector happened to run in."""
+    yield
+    gc.collect()
 
 
 @pytest.fixture(scope="session")

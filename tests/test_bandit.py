@@ -372,6 +372,7 @@ async def test_cache_serves_within_ttl_and_refreshes_after(r: redis.Redis) -> No
     await asyncio.sleep(0.05)
     assert store.reads == reads + 2
     assert not cache._degraded.down
+    await cache.drain()
 
 
 async def test_stats(r: redis.Redis) -> None:

@@ -265,6 +265,14 @@ class Decider:
                               retry_after_s=max(1.0, self._breakers.cooldown_s))
         return selectable
 
+    async def drain(self) -> None:
+        """Wait for the Redis work a decision started in the background (selection counts,
+        posterior and breaker refreshes): the router's lifespan does it before the Redis
+        client closes, so nothing opens a connection on a closed client."""
+        await asyncio.gather(*self._counting, return_exceptions=True)
+        await self._posteriors.drain()
+        await self._breakers.drain()
+
     def _counted(self, task: asyncio.Task[None]) -> None:
         self._counting.discard(task)
         if not task.cancelled() and task.exception() is not None:

@@ -119,6 +119,7 @@ async def _run_router(settings: Settings, stop: asyncio.Event, tracing: Tracing)
                           defaults=ModeDefaults.from_settings(cfg), degraded=degraded,
                           tracing=tracing, metrics=metrics,
                           catalogs=tenant_routes.catalog_for)
+        runtime.on_close(decider.drain, name="decisions' background work", quiet=True)
         latency = LatencyTracker()
         runner = AttemptRunner(dialects=dialects(http, metrics.malformed_event),
                                producer=producer, decider=decider,
