@@ -43,7 +43,7 @@ import torch
 from onnxruntime.quantization import QuantType, quantize_dynamic
 from transformers import AutoModel
 
-from workers.classifier.cascade import CascadeClassifier
+from workers.classifier.cascade import CascadeClassifier, asks_encoder
 from workers.classifier.encoder import (
     INPUT_NAMES,
     PROBABILITIES,
@@ -133,16 +133,17 @@ def predict(model: Classifier, tokenizer: Any, texts: Sequence[str]) -> npt.NDAr
     return out
 
 
-def blend(linear: npt.NDArray[Any], encoder: npt.NDArray[Any], weight: float,
-          threshold: float) -> npt.NDArray[np.int64]:
-    """The cascade's labels: the linear model's where it is confident, else the blend."""
+def blend(texts: Sequence[str], linear: npt.NDArray[Any], encoder: npt.NDArray[Any],
+          weight: float, threshold: float) -> npt.NDArray[np.int64]:
+    """The cascade's labels: the linear model's where it answers alone, else the blend."""
     mixed = weight * np.log(encoder + 1e-9) + (1 - weight) * np.log(linear + 1e-9)
-    confident = linear.max(axis=1) >= threshold
-    return np.asarray(np.where(confident, linear.argmax(axis=1), mixed.argmax(axis=1)),
+    asked = np.array([asks_encoder(t, float(p), threshold)
+                      for t, p in zip(texts, linear.max(axis=1), strict=True)])
+    return np.asarray(np.where(asked, mixed.argmax(axis=1), linear.argmax(axis=1)),
                       dtype=np.int64)
 
 
-def choose(linear: npt.NDArray[Any], encoder: npt.NDArray[Any],
+def choose(texts: Sequence[str], linear: npt.NDArray[Any], encoder: npt.NDArray[Any],
            y: npt.NDArray[np.int64]) -> tuple[float, float, float]:
     """(accuracy, threshold, weight): the best on dev; ties go to the lower threshold (fewer
     prompts sent to the encoder), then the weight nearest one half."""
@@ -150,7 +151,7 @@ def choose(linear: npt.NDArray[Any], encoder: npt.NDArray[Any],
     key_best: tuple[float, float, float] | None = None
     for threshold in THRESHOLDS:
         for weight in WEIGHTS:
-            acc = float((blend(linear, encoder, weight, threshold) == y).mean())
+            acc = float((blend(texts, linear, encoder, weight, threshold) == y).mean())
             key = (round(acc, 6), -threshold, -abs(weight - 0.5))
             if key_best is None or key > key_best:
                 key_best, best = key, (acc, threshold, weight)
@@ -246,37 +247,40 @@ def finetune(train_path: Path, dev_path: Path, out_dir: Path, *, epochs_to_run: 
         train_s = round(time.monotonic() - started)
         if checkpoint is not None:
             torch.save({"epochs": epochs, "train_seconds": train_s}, checkpoint)
-    scored, per_epoch = [], []
-    for number, (_, dev) in enumerate(epochs, 1):
-        acc, threshold, weight = choose(dev_linear, dev, dev_y)
-        alone = float((dev.argmax(1) == dev_y).mean())
-        log(f"epoch {number}: encoder alone {alone:.4f}; cascade {acc:.4f} "
-            f"(threshold {threshold}, encoder weight {weight})")
-        scored.append((acc, -number, number))
-        per_epoch.append({"epoch": number, "encoder_fp32": round(alone, 4),
-                          "cascade_fp32": round(acc, 4)})
-    _, _, best_epoch = max(scored)
+    # Each epoch exported and quantized: the int8 file is what serves, so its own dev
+    # probabilities choose the epoch, the threshold and the weight.
     tokenizer = load_tokenizer(folder / "tokenizer.json")
     model = Classifier(AutoModel.from_pretrained(str(folder)), len(labels))
-    model.load_state_dict(epochs[best_epoch - 1][0])
-
     out_dir.mkdir(parents=True, exist_ok=True)
     model_path = out_dir / f"{NAME}.onnx"
     shutil.copyfile(folder / "tokenizer.json", tokenizer_path(model_path))
-    # The int8 file is what serves, so its own dev probabilities choose the cascade.
-    export(model, tokenizer, model_path)
     metadata = {"labels": json.dumps(labels), "name": NAME,
                 "train_sha256": hashlib.sha256(train_path.read_bytes()).hexdigest()}
-    set_metadata(model_path, {**metadata, "cascade": json.dumps(
-        {"threshold": 0.0, "encoder_weight": 0.5})})
-    int8_dev = PromptEncoder(model_path).probabilities(dev_texts).astype(np.float64)
-    _, threshold, weight = choose(dev_linear, int8_dev, dev_y)
+    scored, per_epoch = [], []
+    for number, (weights, dev) in enumerate(epochs, 1):
+        model.load_state_dict(weights)
+        export(model, tokenizer, model_path)
+        set_metadata(model_path, {**metadata, "cascade": json.dumps(
+            {"threshold": 0.0, "encoder_weight": 0.5})})
+        int8 = PromptEncoder(model_path).probabilities(dev_texts).astype(np.float64)
+        acc, threshold, weight = choose(dev_texts, dev_linear, int8, dev_y)
+        alone = float((dev.argmax(1) == dev_y).mean())
+        log(f"epoch {number}: encoder alone {alone:.4f} (int8 "
+            f"{(int8.argmax(1) == dev_y).mean():.4f}); cascade {acc:.4f} (threshold "
+            f"{threshold}, encoder weight {weight})")
+        scored.append((acc, -number, number, threshold, weight, int8))
+        per_epoch.append({"epoch": number, "encoder_fp32": round(alone, 4),
+                          "cascade_int8": round(acc, 4)})
+    _, _, best_epoch, threshold, weight, int8_dev = max(scored, key=lambda s: s[:2])
+    model.load_state_dict(epochs[best_epoch - 1][0])
+    export(model, tokenizer, model_path)
     set_metadata(model_path, {**metadata, "cascade": json.dumps(
         {"threshold": threshold, "encoder_weight": weight})})
     encoder = PromptEncoder(model_path)
     # Scored as it serves: the cascade, in evaluate's batches.
     acc = evaluate(CascadeClassifier(linear, encoder), dev_path).accuracy
-    share = float((dev_linear.max(1) < threshold).mean())
+    share = float(np.mean([asks_encoder(t, float(p), threshold)
+                           for t, p in zip(dev_texts, dev_linear.max(1), strict=True)]))
     int8_alone = float((int8_dev.argmax(1) == dev_y).mean())
     log(f"int8 on dev: encoder alone {int8_alone:.4f}; cascade {acc:.4f} (threshold "
         f"{threshold}, encoder weight {weight}, {share:.1%} of dev sent to the encoder)")
