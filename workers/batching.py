@@ -36,17 +36,9 @@ class MicroBatcher(Generic[T, R]):
         if not batch:
             return
         try:
-            results = self._run([item for item, _ in batch])
-            if len(results) != len(batch):
-                raise ValueError(f"a batch of {len(batch)} got {len(results)} results")
+            _settle(batch, self._run([item for item, _ in batch]))
         except Exception as exc:  # every waiter hears about it; the loop goes on
-            for _, done in batch:
-                if not done.done():
-                    done.set_exception(exc)
-            return
-        for (_, done), result in zip(batch, results, strict=True):
-            if not done.done():
-                done.set_result(result)
+            _fail(batch, exc)
 
 
 class ThreadBatcher(Generic[T, R]):
@@ -75,17 +67,10 @@ class ThreadBatcher(Generic[T, R]):
                 batch = self._pending[:self._max_batch]
                 del self._pending[:self._max_batch]
                 try:
-                    results = await asyncio.to_thread(self._run, [item for item, _ in batch])
-                    if len(results) != len(batch):
-                        raise ValueError(f"a batch of {len(batch)} got {len(results)} results")
+                    _settle(batch, await asyncio.to_thread(self._run,
+                                                           [item for item, _ in batch]))
                 except Exception as exc:  # every waiter hears about it; the next batch runs
-                    for _, done in batch:
-                        if not done.done():
-                            done.set_exception(exc)
-                    continue
-                for (_, done), result in zip(batch, results, strict=True):
-                    if not done.done():
-                        done.set_result(result)
+                    _fail(batch, exc)
         except asyncio.CancelledError:  # shutting down: no waiter is left waiting
             for _, done in [*batch, *self._pending]:
                 done.cancel()
@@ -93,3 +78,19 @@ class ThreadBatcher(Generic[T, R]):
             raise
         finally:
             self._worker = None
+
+
+def _settle(batch: Sequence[tuple[T, asyncio.Future[R]]], results: Sequence[R]) -> None:
+    """Each waiter its own result; a count that does not match is an error, never a wrong
+    answer."""
+    if len(results) != len(batch):
+        raise ValueError(f"a batch of {len(batch)} got {len(results)} results")
+    for (_, done), result in zip(batch, results, strict=True):
+        if not done.done():  # a waiter's cancellation is its own business
+            done.set_result(result)
+
+
+def _fail(batch: Sequence[tuple[T, asyncio.Future[R]]], exc: Exception) -> None:
+    for _, done in batch:
+        if not done.done():
+            done.set_exception(exc)

@@ -9,17 +9,16 @@ as a sentence pair, so a long passage is cut before the instruction that decides
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
-import onnxruntime as ort
 from tokenizers import Tokenizer
 
 from workers.classifier import features
+from workers.classifier.model import open_model
 
 MAX_TOKENS = 128  # the fine-tuning length; longer costs quadratically and adds little
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
@@ -62,17 +61,7 @@ class PromptEncoder:
 
     def __init__(self, model_path: Path | str) -> None:
         path = Path(model_path)
-        data = path.read_bytes()
-        self._version = f"{path.stem}+{hashlib.sha256(data).hexdigest()[:12]}"
-        options = ort.SessionOptions()
-        # One thread: the worker shares a small box with its peers, and the cascade sends
-        # the encoder a few prompts at a time.
-        options.intra_op_num_threads = 1
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        self._session = ort.InferenceSession(data, options,
-                                             providers=["CPUExecutionProvider"])
-        meta = self._session.get_modelmeta().custom_metadata_map
+        self._session, self._version, meta = open_model(path)
         self._labels: tuple[str, ...] = tuple(json.loads(meta["labels"]))
         self._cascade: dict[str, float] = json.loads(meta["cascade"])
         self._tokenizer = load_tokenizer(tokenizer_path(path))

@@ -23,24 +23,27 @@ class Prediction:
     version: str
 
 
+def open_model(path: Path) -> tuple[ort.InferenceSession, str, dict[str, str]]:
+    """A versioned model file's onnxruntime session, its version and its metadata. The
+    version: the file name says which model line, the digest which exact weights."""
+    data = path.read_bytes()
+    version = f"{path.stem}+{hashlib.sha256(data).hexdigest()[:12]}"
+    options = ort.SessionOptions()
+    # One thread, sequential: the worker is one of many processes on a 2-core box, and a
+    # few prompts are far too small to gain from intra-op parallelism.
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+    return session, version, dict(session.get_modelmeta().custom_metadata_map)
+
+
 class PromptClassifier:
     """Loads `model_path` (nothing happens at import). Thread-safe: onnxruntime sessions
     may be run concurrently."""
 
     def __init__(self, model_path: Path | str) -> None:
-        path = Path(model_path)
-        data = path.read_bytes()
-        # The file name says which model line, the digest which exact weights.
-        self._version = f"{path.stem}+{hashlib.sha256(data).hexdigest()[:12]}"
-        options = ort.SessionOptions()
-        # One thread, sequential: the worker is one of many processes on a 2-core box and a
-        # single prompt is far too small to gain from intra-op parallelism.
-        options.intra_op_num_threads = 1
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        self._session = ort.InferenceSession(data, options,
-                                             providers=["CPUExecutionProvider"])
-        meta = self._session.get_modelmeta().custom_metadata_map
+        self._session, self._version, meta = open_model(Path(model_path))
         self._labels: tuple[str, ...] = tuple(json.loads(meta["labels"]))
 
     @property
