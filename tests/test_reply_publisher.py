@@ -14,6 +14,7 @@ import redis.asyncio as redis
 from aiokafka import AIOKafkaProducer
 
 from compose.stack import LocalStack
+from state.pubsub import close_pubsub
 from topics.kafka import make_producer
 from topics.messages import ReplyFrame, ReplyTarget, encode_frame, parse_frames
 from workers.router.frames import FrameWriter
@@ -35,7 +36,7 @@ class Channel:
         return self
 
     async def __aexit__(self, *_: object) -> None:
-        await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+        await close_pubsub(self._pubsub)
 
     async def message(self, within_s: float = 2.0) -> list[ReplyFrame]:
         async with asyncio.timeout(within_s):
