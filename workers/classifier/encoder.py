@@ -18,11 +18,12 @@ import numpy.typing as npt
 from tokenizers import Tokenizer
 
 from workers.classifier import features
-from workers.classifier.model import open_model
+from workers.classifier.model import OnnxModel
 
 MAX_TOKENS = 128  # the fine-tuning length; longer costs quadratically and adds little
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 PROBABILITIES = "probabilities"
+_BATCH = 16  # padding waste grows with the batch; 16 sorted prompts pad little
 
 Inputs = dict[str, npt.NDArray[np.int64]]
 
@@ -56,23 +57,13 @@ def tokenizer_path(model_path: Path | str) -> Path:
     return path.with_name(f"{path.stem}.tokenizer.json")
 
 
-class PromptEncoder:
+class PromptEncoder(OnnxModel):
     """Loads `model_path` and its tokenizer (nothing happens at import)."""
 
     def __init__(self, model_path: Path | str) -> None:
-        path = Path(model_path)
-        self._session, self._version, meta = open_model(path)
-        self._labels: tuple[str, ...] = tuple(json.loads(meta["labels"]))
-        self._cascade: dict[str, float] = json.loads(meta["cascade"])
-        self._tokenizer = load_tokenizer(tokenizer_path(path))
-
-    @property
-    def version(self) -> str:
-        return self._version
-
-    @property
-    def labels(self) -> tuple[str, ...]:
-        return self._labels
+        super().__init__(model_path)
+        self._cascade: dict[str, float] = json.loads(self._meta["cascade"])
+        self._tokenizer = load_tokenizer(tokenizer_path(model_path))
 
     @property
     def threshold(self) -> float:
@@ -97,5 +88,3 @@ class PromptEncoder:
             out[rows] = np.asarray(self._session.run([PROBABILITIES], feed)[0])
         return out
 
-
-_BATCH = 16  # padding waste grows with the batch; 16 sorted prompts pad little

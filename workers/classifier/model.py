@@ -23,28 +23,24 @@ class Prediction:
     version: str
 
 
-def open_model(path: Path) -> tuple[ort.InferenceSession, str, dict[str, str]]:
-    """A versioned model file's onnxruntime session, its version and its metadata. The
-    version: the file name says which model line, the digest which exact weights."""
-    data = path.read_bytes()
-    version = f"{path.stem}+{hashlib.sha256(data).hexdigest()[:12]}"
-    options = ort.SessionOptions()
-    # One thread, sequential: the worker is one of many processes on a 2-core box, and a
-    # few prompts are far too small to gain from intra-op parallelism.
-    options.intra_op_num_threads = 1
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
-    return session, version, dict(session.get_modelmeta().custom_metadata_map)
-
-
-class PromptClassifier:
-    """Loads `model_path` (nothing happens at import). Thread-safe: onnxruntime sessions
-    may be run concurrently."""
+class OnnxModel:
+    """A versioned model file, loaded (nothing happens at import): its onnxruntime session,
+    its version and its labels. The version: the file name says which model line, the digest
+    which exact weights. Thread-safe: onnxruntime sessions may be run concurrently."""
 
     def __init__(self, model_path: Path | str) -> None:
-        self._session, self._version, meta = open_model(Path(model_path))
-        self._labels: tuple[str, ...] = tuple(json.loads(meta["labels"]))
+        path = Path(model_path)
+        data = path.read_bytes()
+        self._version = f"{path.stem}+{hashlib.sha256(data).hexdigest()[:12]}"
+        options = ort.SessionOptions()
+        # One thread, sequential: the worker is one of many processes on a 2-core box, and a
+        # few prompts are far too small to gain from intra-op parallelism.
+        options.intra_op_num_threads = 1
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        self._session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+        self._meta: dict[str, str] = dict(self._session.get_modelmeta().custom_metadata_map)
+        self._labels: tuple[str, ...] = tuple(json.loads(self._meta["labels"]))
 
     @property
     def version(self) -> str:
@@ -53,6 +49,10 @@ class PromptClassifier:
     @property
     def labels(self) -> tuple[str, ...]:
         return self._labels
+
+
+class PromptClassifier(OnnxModel):
+    """The linear model: n-gram features and the linear layer in one graph."""
 
     def probabilities(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
         """(len(texts), len(labels)) float32 probabilities, columns in `labels` order."""
