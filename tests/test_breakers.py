@@ -16,9 +16,13 @@ from state.breakers import BreakerConfig, Breakers, BreakerState
 from state.redis_client import make_redis
 from tests.conftest import eventually
 
-# Thresholds far apart so each test exercises one rule; a short cool-down keeps the suite fast.
+# Thresholds far apart so each test exercises one rule. A cool-down no loaded CI box can
+# outlast mid-test where a test says "still cooling down", and a short one (QUICK) where a
+# test waits it out: that one still holds for a second, so the assertions made right after a
+# route (re)opens do not race it.
 CFG = BreakerConfig(window_s=10.0, min_calls=100, failure_rate=0.5, consecutive_failures=3,
-                    cooldown_s=0.2, probes=1, probe_timeout_s=30.0)
+                    cooldown_s=60.0, probes=1, probe_timeout_s=30.0)
+QUICK = dataclasses.replace(CFG, cooldown_s=1.0)
 
 
 @pytest.fixture
@@ -42,7 +46,7 @@ async def _open(breakers: Breakers, route: str) -> None:
 async def _past_cooldown(breakers: Breakers, route: str) -> None:
     async def candidate() -> bool:
         return route in await breakers.closed_or_probing([route])
-    await eventually(candidate, timeout_s=breakers.config.cooldown_s + 1.0, every_s=0.01)
+    await eventually(candidate, timeout_s=breakers.config.cooldown_s + 10.0, every_s=0.01)
 
 
 # -- opening -----------------------------------------------------------------------------------
@@ -57,7 +61,7 @@ async def test_opens_after_consecutive_failures(r: redis.Redis) -> None:
     assert view.consecutive_failures == 3
     assert view.opened_at_ms is not None
     assert view.retry_at_ms is not None
-    assert view.retry_at_ms - view.opened_at_ms == 200
+    assert view.retry_at_ms - view.opened_at_ms == CFG.cooldown_s * 1000
 
 
 async def test_successes_reset_the_consecutive_count(r: redis.Redis) -> None:
@@ -94,7 +98,7 @@ async def test_outcomes_leave_the_window(r: redis.Redis) -> None:
     async def emptied() -> bool:
         [v] = await b.views([route])
         return v.calls_in_window == 0 and v.failures_in_window == 0
-    await eventually(emptied, timeout_s=1.0, every_s=0.02)
+    await eventually(emptied, timeout_s=10.0, every_s=0.02)
     # the consecutive count is not a windowed figure
     assert (await b.views([route]))[0].consecutive_failures == 0
 
@@ -132,13 +136,13 @@ async def test_cache_bounds_staleness(r: redis.Redis, r2: redis.Redis) -> None:
 
     async def excluded() -> bool:
         return route not in await a.closed_or_probing([route])
-    await eventually(excluded, timeout_s=ttl + 0.15, every_s=0.005)
+    await eventually(excluded, timeout_s=ttl + 10.0, every_s=0.005)
     await a.drain()  # a refresh may still be in flight: not after the client closes
 
 
 async def test_concurrent_misses_share_one_read(r: redis.Redis, stack: LocalStack) -> None:
     # A cool-down that cannot pass mid-test: the opened route must stay out of the burst.
-    b = Breakers(r, dataclasses.replace(CFG, cooldown_s=60.0), cache_ttl_s=60.0)
+    b = Breakers(r, CFG, cache_ttl_s=60.0)
     route, other = _route(), _route()
     await b.views([_route()])  # load the read script: a NOSCRIPT retry would count twice
 
@@ -171,7 +175,7 @@ async def test_concurrent_misses_share_one_read(r: redis.Redis, stack: LocalStac
 # -- half-open -----------------------------------------------------------------------------------
 
 async def test_exactly_probes_callers_get_a_slot(r: redis.Redis, r2: redis.Redis) -> None:
-    cfg = BreakerConfig(min_calls=100, consecutive_failures=3, cooldown_s=0.2, probes=2)
+    cfg = dataclasses.replace(QUICK, probes=2)
     a, b = Breakers(r, cfg), Breakers(r2, cfg)
     route = _route()
     await _open(a, route)
@@ -188,7 +192,7 @@ async def test_exactly_probes_callers_get_a_slot(r: redis.Redis, r2: redis.Redis
 
 
 async def test_probe_success_closes_and_resets_the_window(r: redis.Redis) -> None:
-    b, route = Breakers(r, CFG), _route()
+    b, route = Breakers(r, QUICK), _route()
     await _open(b, route)
     await _past_cooldown(b, route)
     assert await b.acquire_probe(route)
@@ -202,7 +206,7 @@ async def test_probe_success_closes_and_resets_the_window(r: redis.Redis) -> Non
 
 
 async def test_probe_failure_reopens_with_a_new_cooldown(r: redis.Redis) -> None:
-    b, route = Breakers(r, CFG), _route()
+    b, route = Breakers(r, QUICK), _route()
     await _open(b, route)
     [before] = await b.views([route])
     await _past_cooldown(b, route)
@@ -214,14 +218,14 @@ async def test_probe_failure_reopens_with_a_new_cooldown(r: redis.Redis) -> None
     assert after.retry_at_ms is not None
     assert before.retry_at_ms is not None
     assert after.opened_at_ms > before.opened_at_ms
-    assert after.retry_at_ms == after.opened_at_ms + 200 > before.retry_at_ms
+    assert after.retry_at_ms == after.opened_at_ms + QUICK.cooldown_s * 1000 > \
+        before.retry_at_ms
     assert not await b.acquire_probe(route)
     assert route not in await b.closed_or_probing([route])
 
 
 async def test_unreported_probe_slot_is_freed(r: redis.Redis, r2: redis.Redis) -> None:
-    cfg = BreakerConfig(min_calls=100, consecutive_failures=3, cooldown_s=0.2,
-                        probe_timeout_s=0.2)
+    cfg = dataclasses.replace(QUICK, probe_timeout_s=1.0)
     a, b = Breakers(r, cfg), Breakers(r2, cfg)
     route = _route()
     await _open(a, route)
@@ -231,7 +235,7 @@ async def test_unreported_probe_slot_is_freed(r: redis.Redis, r2: redis.Redis) -
 
     async def b_gets_slot() -> bool:
         return await b.acquire_probe(route)
-    await eventually(b_gets_slot, timeout_s=cfg.probe_timeout_s + 0.5, every_s=0.02)
+    await eventually(b_gets_slot, timeout_s=cfg.probe_timeout_s + 10.0, every_s=0.02)
 
     # the timed-out probe's late answer is no longer the probe's: it decides nothing
     assert await a.record(route, success=True) is BreakerState.HALF_OPEN
@@ -266,7 +270,7 @@ async def test_views_of_unknown_routes(r: redis.Redis) -> None:
 
 
 async def test_keys_expire(r: redis.Redis) -> None:
-    b, route = Breakers(r, CFG), _route()
+    b, route = Breakers(r, QUICK), _route()
     await _open(b, route)
     await _past_cooldown(b, route)
     assert await b.acquire_probe(route)
