@@ -331,8 +331,11 @@ class _CountingStore(PosteriorStore):
 
 
 async def test_cache_serves_within_ttl_and_refreshes_after(r: redis.Redis) -> None:
+    # The cache's own clock, moved by the test: what is checked is ages against the TTL, and a
+    # loaded box's scheduling must not age anything behind the test's back.
+    now = [0.0]
     store = _CountingStore(r, prior=(1.0, 1.0), half_life_s=math.inf)
-    cache = CachedPosteriors(store, ttl_s=0.3, refresh_after_s=0.15)
+    cache = CachedPosteriors(store, ttl_s=0.3, refresh_after_s=0.15, clock=lambda: now[0])
     cat, routes = _cat(), ["a", "b", "c"]
     # concurrent misses share one read
     first = await asyncio.gather(*(cache.get(cat, routes) for _ in range(20)))
@@ -342,37 +345,33 @@ async def test_cache_serves_within_ttl_and_refreshes_after(r: redis.Redis) -> No
     assert (await cache.get(cat, list(reversed(routes))))["a"] == Posterior(1.0, 1.0)
     assert store.reads == 1  # same route set, any order: still cached
     # past refresh_after: still the cached value, and a refresh starts in the background
-    await asyncio.sleep(0.18)
+    now[0] = 0.18
     assert (await cache.get(cat, routes))["a"] == Posterior(1.0, 1.0)
-    for _ in range(50):  # the background read lands in a few ms
-        if (await cache.get(cat, routes))["a"] == Posterior(2.0, 1.0):
-            break
-        await asyncio.sleep(0.005)
+    await cache.drain()
     assert (await cache.get(cat, routes))["a"] == Posterior(2.0, 1.0)
     assert store.reads == 2
     # past the TTL: the caller waits for a fresh read
     await store.update(_eid(), cat, "a", 1.0, success=True, latency_ms=10.0)
-    await asyncio.sleep(0.35)
+    now[0] = 0.18 + 0.35
     assert (await cache.get(cat, routes))["a"] == Posterior(3.0, 1.0)
     assert store.reads == 3
     # Redis down: the last value is served stale rather than failing the decision, and a key
     # never read gets the prior
-    await asyncio.sleep(0.35)
+    now[0] += 0.35
     store.broken = True
     assert (await cache.get(cat, routes))["a"] == Posterior(3.0, 1.0)
     assert (await cache.get(_cat(), routes))["a"] == Posterior(1.0, 1.0)
-    await asyncio.sleep(0.01)  # the background read that started has failed too
+    await cache.drain()  # the background read that started has failed too
     reads = store.reads
     # ...at once from then on (no wait for Redis), retrying in the background until it answers
     assert (await cache.get(cat, routes))["a"] == Posterior(3.0, 1.0)
-    await asyncio.sleep(0.01)
+    await cache.drain()
     assert store.reads == reads + 1
     store.broken = False
     assert (await cache.get(cat, routes))["a"] == Posterior(3.0, 1.0)
-    await asyncio.sleep(0.05)
+    await cache.drain()
     assert store.reads == reads + 2
     assert not cache._degraded.down
-    await cache.drain()
 
 
 async def test_stats(r: redis.Redis) -> None:
