@@ -49,6 +49,10 @@ def main(argv: list[str] | None = None) -> None:
                           "SWITCHYARD_CLASSIFIER__ENCODER_PATH)")
     classify.add_argument("--linear-only", action="store_true",
                           help="the linear model alone, without the encoder")
+    classify.add_argument("--errors", type=int, default=0, metavar="N",
+                          help="with --eval: also print N of the rows it got wrong (gold -> "
+                          "predicted (confidence): text), drawn with --seed")
+    classify.add_argument("--seed", type=int, default=0, help="the draw of --errors")
     sub.add_parser("router", help="run a router worker")
     sub.add_parser("usage", help="run the usage worker")
     audit = sub.add_parser("audit", help="the audit trail: its writer, and checking its chains")
@@ -109,7 +113,8 @@ def main(argv: list[str] | None = None) -> None:
                                       "encoder_path": args.encoder or cfg.encoder_path}
         if args.linear_only:
             updates["encoder_path"] = None
-        _classify(cfg.model_copy(update=updates), args.prompt, args.eval)
+        _classify(cfg.model_copy(update=updates), args.prompt, args.eval, args.errors,
+                  args.seed)
     elif args.command == "router":
         from workers.router.main import main as router_main
 
@@ -135,16 +140,23 @@ def main(argv: list[str] | None = None) -> None:
         _new_signing_key(settings, args.id)
 
 
-def _classify(cfg: ClassifierSettings, prompts: list[str], eval_path: Path | None) -> None:
+def _classify(cfg: ClassifierSettings, prompts: list[str], eval_path: Path | None,
+              errors: int, seed: int) -> None:
     from workers.classifier.cascade import CascadeClassifier
-    from workers.classifier.evaluate import evaluate
+    from workers.classifier.evaluate import label_file
 
     if not prompts and eval_path is None:
         sys.exit("classify: give a prompt, '-' for stdin, or --eval FILE.jsonl")
+    if errors and eval_path is None:
+        sys.exit("classify: --errors needs --eval FILE.jsonl")
     classifier = CascadeClassifier.from_settings(cfg)
     if eval_path is not None:
         print(f"{classifier.version} on {eval_path}")
-        print(evaluate(classifier, eval_path).table())
+        labelled = label_file(classifier, eval_path)
+        print(labelled.report().table())
+        if errors > 0:
+            print(f"\n{errors} of the rows it got wrong (seed {seed}):")
+            print("\n".join(miss.line() for miss in labelled.misses(errors, seed)))
     texts = [sys.stdin.read() if p == "-" else p for p in prompts]
     for prediction in classifier.classify(texts):
         print(f"{prediction.label}\t{prediction.confidence:.4f}")

@@ -19,7 +19,7 @@ from topics.messages import RequestEnvelope
 from topics.settings import ClassifierSettings
 from workers.classifier.cascade import MIN_ENCODER_WORDS, CascadeClassifier, Unsure
 from workers.classifier.encoder import MAX_TOKENS, PromptEncoder, encode, load_tokenizer
-from workers.classifier.evaluate import evaluate, load_jsonl
+from workers.classifier.evaluate import evaluate, label_file, load_jsonl
 from workers.classifier.metrics import ClassifierMetrics
 from workers.classifier.stage import Labeller
 
@@ -167,14 +167,32 @@ def test_cli_evaluates_the_cascade_and_the_linear_model_alone(
             {"text": "What is 17 times 23?", "label": "code"}]  # wrong on purpose
     path = tmp_path / "small.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    main(["classify", "--eval", str(path)])
+    main(["classify", "--eval", str(path), "--errors", "5"])
     out = capsys.readouterr().out
     assert out.startswith(f"{cascade.version} on ")
     assert "rows 2  accuracy 0.5000" in out
+    # Only the one row it got wrong, however many are asked for.
+    _, misses = out.split("5 of the rows it got wrong (seed 0):\n")
+    [miss] = misses.splitlines()
+    gold, predicted = miss.split(" (")[0].split(" -> ")
+    assert (gold, predicted != "code") == ("code", True)
+    assert miss.endswith("): What is 17 times 23?")
     main(["classify", "--linear-only", "Write a haiku about snow."])
     label, confidence = capsys.readouterr().out.split()
     assert label == "creative_writing"
     assert 0.0 < float(confidence) <= 1.0
+
+
+def test_the_sample_of_misses_is_drawn_by_its_seed(cascade: CascadeClassifier) -> None:
+    labelled = label_file(cascade, DEV)
+    misses = labelled.misses(40, seed=1)
+    assert misses == labelled.misses(40, seed=1)
+    assert misses != labelled.misses(40, seed=2)
+    assert len(misses) == 40
+    assert all(m.gold != m.predicted for m in misses)
+    rows = [labelled.texts.index(m.text) for m in misses]
+    assert rows == sorted(rows)  # in file order
+    assert all(labelled.gold[row] == m.gold for row, m in zip(rows, misses, strict=True))
 
 
 def test_metadata_matches_the_encoder(cascade: CascadeClassifier) -> None:

@@ -1,9 +1,11 @@
 """Scoring a classifier on a labelled JSON Lines file (objects with `text` and `label`):
-accuracy, macro-F1, per-label precision / recall / F1 and the confusion counts."""
+accuracy, macro-F1, per-label precision / recall / F1 and the confusion counts; and a seeded
+sample of the rows it got wrong, to read (`switchyard classify --eval F --errors N`)."""
 
 from __future__ import annotations
 
 import json
+import random
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,6 +18,9 @@ BATCH = 64
 class _Labelled(Protocol):
     @property
     def label(self) -> str: ...
+
+    @property
+    def confidence(self) -> float: ...
 
 
 class Classifier(Protocol):
@@ -93,9 +98,45 @@ def score(gold: Sequence[str], predicted: Sequence[str]) -> Report:
                   confusion=dict(sorted(confusion.items())))
 
 
-def evaluate(classifier: Classifier, path: Path | str) -> Report:
+@dataclass(frozen=True, slots=True)
+class Miss:
+    text: str
+    gold: str
+    predicted: str
+    confidence: float
+
+    def line(self, width: int = 160) -> str:
+        text = " | ".join(self.text.split("\n"))
+        cut = text if len(text) <= width else text[:width - 1] + "…"
+        return f"{self.gold} -> {self.predicted} ({self.confidence:.2f}): {cut}"
+
+
+@dataclass(frozen=True, slots=True)
+class Labelled:
+    """A file's rows as the classifier labelled them."""
+    texts: list[str]
+    gold: list[str]
+    predicted: list[_Labelled]
+
+    def report(self) -> Report:
+        return score(self.gold, [p.label for p in self.predicted])
+
+    def misses(self, count: int, seed: int = 0) -> list[Miss]:
+        """`count` of the wrongly labelled rows, drawn with `seed`, in file order."""
+        wrong = [i for i, (g, p) in enumerate(zip(self.gold, self.predicted, strict=True))
+                 if g != p.label]
+        chosen = sorted(random.Random(seed).sample(wrong, min(count, len(wrong))))
+        return [Miss(self.texts[i], self.gold[i], self.predicted[i].label,
+                     self.predicted[i].confidence) for i in chosen]
+
+
+def label_file(classifier: Classifier, path: Path | str) -> Labelled:
     texts, gold = load_jsonl(Path(path))
-    predicted: list[str] = []
+    predicted: list[_Labelled] = []
     for start in range(0, len(texts), BATCH):
-        predicted += [p.label for p in classifier.classify(texts[start:start + BATCH])]
-    return score(gold, predicted)
+        predicted += classifier.classify(texts[start:start + BATCH])
+    return Labelled(texts, gold, predicted)
+
+
+def evaluate(classifier: Classifier, path: Path | str) -> Report:
+    return label_file(classifier, path).report()
