@@ -4,7 +4,7 @@
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: up test lint bench bench-latency bench-fault bench-tail bench-failover chaos bootstrap clean model docs
+.PHONY: up test lint lock bench bench-latency bench-fault bench-tail bench-failover chaos bootstrap clean model docs
 
 bootstrap:
 	@bash compose/bootstrap.sh
@@ -19,6 +19,15 @@ lint: bootstrap
 	$(BIN)/ruff check .
 	$(BIN)/mypy .
 	$(BIN)/lint-imports
+
+# Move compose/constraints.txt (the versions bootstrap installs) to the newest releases: a
+# throwaway venv, unconstrained, frozen. Then `make test`, and commit the file if it passes.
+lock:
+	rm -rf .venv-lock && python3 -m venv .venv-lock
+	.venv-lock/bin/python -m pip install -q -e '.[dev]'
+	{ sed -n '/^#/p' compose/constraints.txt; .venv-lock/bin/python -m pip freeze --exclude-editable \
+	  | grep -v -E '^(pip|setuptools|wheel)=='; } > compose/constraints.txt.new
+	mv compose/constraints.txt.new compose/constraints.txt && rm -rf .venv-lock
 
 # Switchyard against LiteLLM proxy, alternately in one run (installs LiteLLM in its own venv).
 bench: bootstrap

@@ -120,9 +120,13 @@ if [ ! -x "${VENV}/bin/python" ]; then
   say "creating ${VENV}"
   python3 -m venv "${VENV}"
 fi
-if [ ! -f "${STAMP}" ] || [ "${ROOT}/pyproject.toml" -nt "${STAMP}" ]; then
+# At the versions compose/constraints.txt pins (`make lock` moves them), so every run installs
+# what was last tested.
+CONSTRAINTS="${ROOT}/compose/constraints.txt"
+if [ ! -f "${STAMP}" ] || [ "${ROOT}/pyproject.toml" -nt "${STAMP}" ] \
+    || [ "${CONSTRAINTS}" -nt "${STAMP}" ]; then
   say "installing Switchyard and its dev tools into ${VENV}"
-  (cd "${ROOT}" && "${VENV}/bin/python" -m pip install -q -e '.[dev]')
+  (cd "${ROOT}" && "${VENV}/bin/python" -m pip install -q -c "${CONSTRAINTS}" -e '.[dev]')
   touch "${STAMP}"
 fi
 
