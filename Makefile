@@ -22,7 +22,7 @@ lint: bootstrap
 
 # Move compose/constraints.txt (the versions bootstrap installs) to the newest releases: a
 # throwaway venv, unconstrained, frozen. Then `make test`, and commit the file if it passes.
-lock:
+lock: bootstrap
 	rm -rf .venv-lock && python3 -m venv .venv-lock
 	.venv-lock/bin/python -m pip install -q -e '.[dev]'
 	{ sed -n '/^#/p' compose/constraints.txt; .venv-lock/bin/python -m pip freeze --exclude-editable \
