@@ -30,11 +30,12 @@ METADATA = ENCODER.with_suffix(".json")
 DEV = ROOT / "data/prompt-categories/dev.jsonl"
 TRAIN = ROOT / "data/prompt-categories/train.jsonl"
 
-# The committed cascade scores 0.8703 on dev (the linear model 0.8606); issue 21's target of
-# 0.89 is not reached yet (docs/routing.md#the-classifier). These floors guard against
-# regressions; the sealed split is the final judge.
-DEV_ACCURACY_FLOOR = 0.865
-DEV_MACRO_F1_FLOOR = 0.855
+# The committed cascade scores 0.8679 on dev, macro-F1 0.8554 (the linear model 0.8606 and
+# 0.8503); issue 21's target of 0.89 is not reached (docs/routing.md#the-classifier). These
+# floors guard against regressions (above the linear model alone); the sealed split is the
+# final judge.
+DEV_ACCURACY_FLOOR = 0.864
+DEV_MACRO_F1_FLOOR = 0.852
 
 
 @pytest.fixture(scope="module")
@@ -96,17 +97,21 @@ def test_a_short_prompt_is_the_linear_models_however_unsure(
 
 
 def test_a_batch_labels_like_one_by_one(cascade: CascadeClassifier, dev: list[str]) -> None:
-    # Mixed lengths, some sent to the encoder: padding in a batch must not leak across rows.
+    """A prompt's label must not depend on what it was batched with (the routing preview
+    and the request it explains go through different batches). Mixed lengths, some sent to
+    the encoder, whose int8 activations are quantized per call: it runs prompt by prompt."""
     texts = [*dev[:64], "", "   ", "x" * 20_000]
+    asked = [t for t, p in zip(texts, cascade.first(texts), strict=True)
+             if isinstance(p, Unsure)]
+    assert len(asked) >= 3
     batch = cascade.classify(texts)
     single = [cascade.classify([t])[0] for t in texts]
-    assert [p.version for p in batch] == [p.version for p in single]
-    # int8 activations are quantized with each call's own range: the blend may move by a
-    # little between a batch and a single call, never the label of a clear prompt.
-    agree = sum(b.label == s.label for b, s in zip(batch, single, strict=True))
-    assert agree >= len(texts) - 1
-    for b, s in zip(batch, single, strict=True):
-        assert b.confidence == pytest.approx(s.confidence, abs=0.05)
+    reversed_batch = cascade.classify(texts[::-1])[::-1]
+    for b, s, r in zip(batch, single, reversed_batch, strict=True):
+        assert b.label == s.label == r.label
+        assert b.version == s.version == r.version
+        assert b.confidence == pytest.approx(s.confidence, abs=1e-6)
+        assert r.confidence == pytest.approx(s.confidence, abs=1e-6)
     assert cascade.classify([]) == []
 
 

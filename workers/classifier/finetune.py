@@ -305,7 +305,8 @@ def finetune(train_path: Path, dev_path: Path, out_dir: Path, *, epochs_to_run: 
                     "chosen_on": "dev", "dev_share_to_encoder": round(share, 4)},
         "dev": {"path": _rel(dev_path), "linear": round(float(
                     (dev_linear.argmax(1) == dev_y).mean()), 4),
-                "encoder_int8": round(int8_alone, 4), "cascade_int8": round(acc, 4)},
+                "encoder_int8": round(int8_alone, 4), "cascade_int8": round(acc, 4),
+                "scored": "prompt by prompt, as served"},
         "train_seconds": train_s,  # fine-tuning and scoring dev after each epoch
         "built_with": {name: importlib.metadata.version(name) for name in
                        ("torch", "transformers", "onnx", "onnxruntime", "tokenizers")},
