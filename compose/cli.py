@@ -11,6 +11,7 @@ import sys
 import threading
 from pathlib import Path
 
+from compose.children import stop_with_launcher
 from topics.settings import ClassifierSettings, Settings
 
 FAKE_UPSTREAM_PORT = 9100
@@ -90,6 +91,7 @@ def main(argv: list[str] | None = None) -> None:
                    add_help=False)
 
     args, rest = parser.parse_known_args(argv)
+    stop_with_launcher(os.environ)  # a gateway's child: not left running if its launcher dies
     if args.command == "fake-upstream":
         from compose.fake_upstream import main as fake_main
 

@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from compose.children import Children, wait_http
+from compose.children import LAUNCHER_PID_ENV, Children, wait_http
 from topics.settings import Settings
 
 # The operations contract's metrics ports (docs/operations.md): the first router 9101, the
@@ -143,7 +143,8 @@ class Gateway(Children):
 
     def _popen(self, name: str, command: tuple[str, ...],
                env: dict[str, str] | None) -> subprocess.Popen[bytes]:
-        full_env = {**os.environ, **self.settings.to_env(), **self._extra_env, **(env or {})}
+        full_env = {**os.environ, **self.settings.to_env(), **self._extra_env, **(env or {}),
+                    LAUNCHER_PID_ENV: str(os.getpid())}  # they stop if this process dies
         with (self._log_dir / f"{name}.log").open("ab") as out:
             # Own session: a terminal's Ctrl-C reaches only the launcher, whose stop() then
             # signals each child once, front door first. A child that got the terminal's

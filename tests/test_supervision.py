@@ -215,6 +215,61 @@ def test_switchyard_up_restarts_a_killed_router_and_stops_on_ctrl_c(tmp_path: Pa
     assert "exiting now" not in router_log, router_log[-3000:]
 
 
+_LAUNCHER = """
+import sys, time
+from pathlib import Path
+from compose.gateway import Gateway
+from topics.settings import Settings
+gateway = Gateway(Settings(), Path(sys.argv[1]), fake_upstream_port=int(sys.argv[2]),
+                  log=lambda line: None)
+gateway.start()
+print(" ".join(str(p.pid) for p in gateway.processes.values()), flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_gateways_processes_stop_when_their_launcher_is_killed(
+        own_stack: LocalStack, tmp_path: Path) -> None:
+    """A launcher SIGKILLed (by the OOM killer, or a CI job's timeout) cannot stop its
+    children; they notice it is gone and stop themselves, draining (SIGTERM), instead of
+    running on as orphans that hold ports and CPU."""
+    fake_port = free_port()
+    settings = _settings(own_stack, fake_port)
+    launcher = subprocess.Popen(
+        [sys.executable, "-c", _LAUNCHER, str(tmp_path), str(fake_port)],
+        env={**os.environ, **settings.to_env()}, stdout=subprocess.PIPE, text=True)
+    assert launcher.stdout is not None
+    try:
+        children = [int(pid) for pid in launcher.stdout.readline().split()]
+    finally:
+        launcher.kill()
+        launcher.wait()
+        launcher.stdout.close()
+    assert len(children) == 5  # fake upstream, usage, audit, router, ingress
+
+    def all_gone() -> bool:
+        return not any(_running(pid) for pid in children)
+    deadline = time.monotonic() + GRACE_S + BOUND_S + 10
+    while not all_gone() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = [pid for pid in children if _running(pid)]
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"still running after their launcher died: {left}"
+    router_log = (tmp_path / "router-0.log").read_text()
+    assert "stopping within" in router_log, router_log[-3000:]  # a drain, not a kill
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan's exit is reaped by whoever adopted it, maybe
+    nobody in a container)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
 class _Lines:
     """A child's output, read in a thread, waited on line by line."""
 
