@@ -6,8 +6,9 @@ log-probabilities. The blend beats either model alone: the linear model's probab
 carry what the n-grams know, the encoder's what the words mean.
 
 Split in two steps so the stage can run them differently (`stage.Labeller`): `first` on the
-event loop, batched per loop turn; `second` in a worker thread, batched across whatever
-queued while the previous call ran. `classify` runs both, for the CLI and the benchmarks."""
+event loop, batched per loop turn; `second` in a worker thread, on whatever queued while
+the previous call ran (the encoder itself takes them one by one: a label must not depend on
+its batch). `classify` runs both, for the CLI and the benchmarks."""
 
 from __future__ import annotations
 

@@ -29,7 +29,8 @@ Inputs = dict[str, npt.NDArray[np.int64]]
 
 def load_tokenizer(path: Path | str) -> Tokenizer:
     """The tokenizer file as shipped pads every prompt to 128 tokens; here it pads a batch to
-    its longest prompt (one prompt: not at all) and truncates the longer part of a pair."""
+    its longest prompt (training's batches; serving encodes one prompt, not padded at all)
+    and truncates the longer part of a pair."""
     tokenizer = Tokenizer.from_file(str(path))
     tokenizer.no_padding()
     tokenizer.enable_truncation(max_length=MAX_TOKENS, strategy="longest_first")

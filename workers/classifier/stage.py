@@ -34,7 +34,8 @@ class Labeller:
     """Labels requests with the cascade (`cascade.py`): the linear model on the event loop,
     batching everything labelled in one loop turn into one ONNX call; the encoder, for the
     prompts the linear model is unsure of, in a worker thread (milliseconds a call: the loop
-    keeps serving meanwhile), batching what queued while its previous call ran."""
+    keeps serving meanwhile), taking what queued while its previous call ran in one thread
+    hop (the encoder then labels those prompts one by one: `encoder.PromptEncoder`)."""
 
     def __init__(self, cascade: CascadeClassifier, *, max_batch: int,
                  tracing: Tracing | None = None,
