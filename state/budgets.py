@@ -199,16 +199,52 @@ redis.call('HSET', KEYS[2], ARGV[2], rec)
 redis.call('ZADD', KEYS[1], ARGV[3], ARGV[2])
 return {'ok'}
 """
+# The alert levels (percent) budgets reached for the first time this period: for budget i,
+# KEYS[o + 2i - 1] its spent counter, KEYS[o + 2i] the highest level already sent,
+# ARGV[a + 2i - 1] its limit, ARGV[a + 2i] its levels; {i, level, spent, …}.
+_ALERTS_LUA_BODY = """
+local alerts = {}
+for i = 1, n do
+  local spent = KEYS[o + 2 * i - 1]
+  local total = tonumber(redis.call('GET', spent) or '-1')
+  local limit = tonumber(ARGV[a + 2 * i - 1])
+  if total >= 0 and limit > 0 then
+    local sent = tonumber(redis.call('GET', KEYS[o + 2 * i]) or '0')
+    local top = sent
+    for level in string.gmatch(ARGV[a + 2 * i], '%d+') do
+      local l = tonumber(level)
+      if l > sent and total * 100 >= limit * l then
+        table.insert(alerts, i); table.insert(alerts, l); table.insert(alerts, total)
+        if l > top then top = l end
+      end
+    end
+    if top > sent then
+      redis.call('SET', KEYS[o + 2 * i], top)
+      redis.call('PEXPIRE', KEYS[o + 2 * i], redis.call('PTTL', spent))
+    end
+  end
+end
+"""
+_ALERTS_LUA = """
+local n, o, a = #KEYS / 2, 0, 0
+""" + _ALERTS_LUA_BODY + """
+return alerts
+"""
 # Once per request id (KEYS[3]): releases the reservation, adds ARGV[2] nano-dollars to
 # the spent counters (those that exist: a missing one is seeded from the ledger, which has
-# this cost too); returns {i, level, spent, …} for each alert level (percent) a budget of
-# KEYS reached for the first time this period.
+# this cost too); returns {stale, i, level, spent, …}: the alerts of the budgets in KEYS,
+# and stale = 1 when the reservation was made in a budget that is not among them (the
+# caller's view of the budgets is older than the ingress's: it looks again and asks
+# `_ALERTS_LUA`).
 _SETTLE_LUA = """
-if not redis.call('SET', KEYS[3], '1', 'NX', 'EX', ARGV[3]) then return {} end
-local n = (#KEYS - 3) / 2
+if not redis.call('SET', KEYS[3], '1', 'NX', 'EX', ARGV[3]) then return {0} end
+local n, o, a = (#KEYS - 3) / 2, 3, 3
+local stale = 0
 local rec = redis.call('HGET', KEYS[2], ARGV[1])
 if rec then
   -- The budgets the request reserved in: their spent counters take its cost.
+  local known = {}
+  for i = 1, n do known[KEYS[3 + 2 * i - 1]] = true end
   local amount = nil
   for part in string.gmatch(rec, '[^|]+') do
     if amount == nil then amount = part
@@ -216,6 +252,7 @@ if rec then
       if redis.call('DECRBY', part, amount) < 0 then redis.call('SET', part, 0, 'KEEPTTL') end
       local spent = string.gsub(part, ':r:', ':s:', 1)
       if redis.call('EXISTS', spent) == 1 then redis.call('INCRBY', spent, ARGV[2]) end
+      if not known[spent] then stale = 1 end
     end
   end
   redis.call('HDEL', KEYS[2], ARGV[1])
@@ -229,27 +266,8 @@ else
   end
 end
 redis.call('ZREM', KEYS[1], ARGV[1])
-local alerts = {}
-for i = 1, n do
-  local spent = KEYS[3 + 2 * i - 1]
-  local total = tonumber(redis.call('GET', spent) or '-1')
-  local limit = tonumber(ARGV[3 + 2 * i - 1])
-  if total >= 0 and limit > 0 then
-    local sent = tonumber(redis.call('GET', KEYS[3 + 2 * i]) or '0')
-    local top = sent
-    for level in string.gmatch(ARGV[3 + 2 * i], '%d+') do
-      local l = tonumber(level)
-      if l > sent and total * 100 >= limit * l then
-        table.insert(alerts, i); table.insert(alerts, l); table.insert(alerts, total)
-        if l > top then top = l end
-      end
-    end
-    if top > sent then
-      redis.call('SET', KEYS[3 + 2 * i], top)
-      redis.call('PEXPIRE', KEYS[3 + 2 * i], redis.call('PTTL', spent))
-    end
-  end
-end
+""" + _ALERTS_LUA_BODY + """
+table.insert(alerts, 1, stale)
 return alerts
 """
 
@@ -281,6 +299,24 @@ class Alert:
     spent_nano: int
 
 
+@dataclass(frozen=True, slots=True)
+class Settled:
+    alerts: list[Alert]
+    stale: bool  # the reservation was made in a budget the caller did not name
+
+
+def _alert_keys(budgets: Sequence[Budget], at: datetime, keys: list[str],
+                args: list[Any]) -> None:
+    for b in budgets:
+        keys += [counter_key("s", b, at), counter_key("a", b, at)]
+        args += [to_nano(b.limit_usd), ",".join(str(level) for level in b.levels())]
+
+
+def _alerts(budgets: Sequence[Budget], result: Sequence[Any]) -> list[Alert]:
+    return [Alert(budgets[int(result[i]) - 1], int(result[i + 1]), int(result[i + 2]))
+            for i in range(0, len(result), 3)]
+
+
 class BudgetLedger:
     """The Redis side: reserve (queued into the caller's pipeline, one round trip for all of
     admission), seed from the ledger, settle."""
@@ -292,6 +328,7 @@ class BudgetLedger:
         self._done_ttl_s = done_ttl_s
         self._reserve_sha = hashlib.sha1(_RESERVE_LUA.encode()).hexdigest()  # its name in Redis
         self._settle = client.register_script(_SETTLE_LUA)
+        self._alerts = client.register_script(_ALERTS_LUA)
 
     def queue_reserve(self, pipe: Any, r: Reservation) -> None:
         """Queue the reservation's EVALSHA into `pipe` (`parse` reads its result)."""
@@ -347,18 +384,23 @@ class BudgetLedger:
         return Outcome("ok")  # seeded and loaded twice over: admit rather than loop
 
     async def settle(self, tenant_id: str, request_id: str, budgets: Sequence[Budget],
-                     at: datetime, cost_nano: int) -> list[Alert]:
+                     at: datetime, cost_nano: int) -> Settled:
         """Release the request's reservation and add its real cost (once per request id);
-        the alert levels its spend reached for the first time."""
+        the alert levels the spend of `budgets` reached for the first time."""
         keys = [f"{_prefix(tenant_id)}:rz", f"{_prefix(tenant_id)}:rh",
                 f"{_prefix(tenant_id)}:done:{request_id}"]
         args: list[Any] = [request_id, str(cost_nano), self._done_ttl_s]
-        for b in budgets:
-            keys += [counter_key("s", b, at), counter_key("a", b, at)]
-            args += [to_nano(b.limit_usd), ",".join(str(level) for level in b.levels())]
+        _alert_keys(budgets, at, keys, args)
         result = await self._settle(keys=keys, args=args)
-        return [Alert(budgets[int(result[i]) - 1], int(result[i + 1]), int(result[i + 2]))
-                for i in range(0, len(result), 3)]
+        return Settled(_alerts(budgets, result[1:]), stale=bool(int(result[0])))
+
+    async def alerts(self, budgets: Sequence[Budget], at: datetime) -> list[Alert]:
+        """The alert levels the spend of `budgets` reached for the first time, spending
+        nothing: after a `settle` that found the caller's budgets `stale`."""
+        keys: list[str] = []
+        args: list[Any] = []
+        _alert_keys(budgets, at, keys, args)
+        return _alerts(budgets, await self._alerts(keys=keys, args=args)) if keys else []
 
     async def reserved(self, tenant_id: str, request_id: str) -> bool:
         """Whether the request holds a reservation (what an ingress's admission leaves)."""

@@ -13,13 +13,17 @@ from collections.abc import AsyncIterator
 from decimal import ROUND_DOWN, Decimal
 from typing import Any
 
+import aiohttp
 import asyncpg
 import httpx
+import orjson
 import pytest
 import redis.asyncio as redis
+from aiokafka import AIOKafkaProducer
+from prometheus_client import CollectorRegistry
 
 from compose.gateway import Gateway
-from state.budgets import BudgetLedger, Reservation, arrival, counter_key
+from state.budgets import BudgetCache, BudgetLedger, Reservation, arrival, counter_key
 from state.limits import lift_limits
 from state.tenancy import tenant_scope
 from tests.conftest import eventually
@@ -34,6 +38,11 @@ from tests.tenancy_util import (
     platform,
 )
 from topics.budgets import Budget, to_nano
+from topics.catalog import load_catalog
+from topics.kafka import make_producer
+from topics.messages import ReplyTarget, RequestEnvelope, UsageEvent
+from topics.settings import Settings
+from workers.router.budgets import BudgetAlerts, RouterBudgets
 
 # A dear model and a long prompt: a request costs far more than the budgets' resolution (a
 # millionth of a dollar). max_tokens bounds the reservation: the fake's answers are short.
@@ -175,6 +184,61 @@ async def test_usage_reports_the_budget_used_and_remaining_as_numbers(
 
 async def _equals(r: redis.Redis, key: str, value: int) -> bool:
     return int(await r.get(key) or 0) == value
+
+
+async def test_a_budget_set_a_moment_ago_alerts_at_once_where_a_routers_cache_lags(
+        admin: Admin, gateway: Gateway, r: redis.Redis, app_pg: asyncpg.Pool,
+        pg: asyncpg.Pool) -> None:
+    """A router caches budgets for seconds; the ingress reads them fresh. The first request
+    that reserved in a new budget must raise its alerts when it settles, even on a router
+    that has not seen the budget yet: with its hard cap reached, no later request settles."""
+    tenant = await new_tenant(admin.http, tier="growth")
+    cache = BudgetCache(app_pg, ttl_s=3600)  # a router's, loaded before the budget existed
+    assert await cache.budgets(tenant.id, "k") == []
+    assert (await set_budget(admin.http, tenant.id, monthly_budget_usd="1",
+                             hard_cap=True)).status_code == 200
+    budget = Budget(tenant.id, None, "month", Decimal(1), True)
+    ledger = BudgetLedger(r, app_pg)
+    now_ms = int(time.time() * 1000)
+    request_id = f"req_{uuid.uuid4().hex}"
+    # What the ingress's admission does: reserve in the budget as it is now.
+    assert (await ledger.reserve(Reservation(
+        tenant.id, request_id, now_ms + 60_000, to_nano(Decimal("0.95")), [budget],
+        arrival(now_ms)))).kind == "ok"
+
+    producer: AIOKafkaProducer = make_producer(gateway.settings.kafka)
+    await producer.start()
+    try:
+        async with aiohttp.ClientSession() as http:
+            alerts = BudgetAlerts(producer, http, CollectorRegistry())
+            cost = Decimal("0.92")  # 92 % of the budget: 75 and 90 % reached
+            router = RouterBudgets(cache, ledger, load_catalog(Settings().catalog_path), {},
+                                   lambda _: [_spent(tenant.id, request_id, cost)], alerts)
+            await router.settle(RequestEnvelope(
+                request_id=request_id, tenant_id=tenant.id, key_id="k",
+                received_at_ms=now_ms, deadline_ms=now_ms + 60_000,
+                body=CHAT, reply=ReplyTarget(channel="c"), admitted=True))
+            await alerts.drain()
+    finally:
+        await producer.stop()
+
+    async def levels() -> list[int] | None:
+        rows = await pg.fetch("SELECT details FROM audit_events WHERE tenant_id = $1"
+                              " AND action = 'budget.alert'", tenant.id)
+        got = sorted(orjson.loads(row["details"])["level_pct"] for row in rows)
+        return got if len(got) >= 2 else None
+
+    assert await eventually(levels, timeout_s=30) == [75, 90]
+    # And once: the alert levels are marked sent in Redis.
+    assert await ledger.alerts([budget], arrival(now_ms)) == []
+
+
+def _spent(tenant_id: str, request_id: str, cost: Decimal) -> UsageEvent:
+    now_ms = int(time.time() * 1000)
+    return UsageEvent(event_id=str(uuid.uuid4()), request_id=request_id, tenant_id=tenant_id,
+                      key_id="k", provider="openai", model="gpt-5.5", status="ok",
+                      cost_usd=cost, latency_ms=1.0, started_at_ms=now_ms - 1,
+                      finished_at_ms=now_ms)
 
 
 async def test_a_dead_requests_reservation_is_released_after_its_deadline(

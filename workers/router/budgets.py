@@ -153,10 +153,22 @@ class RouterBudgets:
             # stale) are for a request without one, and for the alerts.
             budgets = await self._cache.budgets(env.tenant_id, env.key_id)
             cost = sum((e.cost_usd for e in self._bill(env.request_id)), start=from_nano(0))
-            alerts = await self._ledger.settle(env.tenant_id, env.request_id, budgets,
-                                               arrival(env.received_at_ms), to_nano(cost))
+            at = arrival(env.received_at_ms)
+            settled = await self._ledger.settle(env.tenant_id, env.request_id, budgets, at,
+                                                to_nano(cost))
         except Exception as exc:
             log.warning("request %s: budgets not settled: %r", env.request_id, exc)
             return
-        for alert in alerts:
+        for alert in settled.alerts:
             self._alerts.send(alert, env.request_id)
+        if not settled.stale:
+            return
+        # The ingress reserved in a budget this router's cache does not hold yet (set a
+        # moment ago): its alerts are due now, not at the first settlement after the cache
+        # expires (with its hard cap reached, there may be none).
+        try:
+            budgets = await self._cache.fresh(env.tenant_id, env.key_id)
+            for alert in await self._ledger.alerts(budgets, at):
+                self._alerts.send(alert, env.request_id)
+        except Exception as exc:
+            log.warning("request %s: budget alerts not checked: %r", env.request_id, exc)
