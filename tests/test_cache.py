@@ -127,11 +127,16 @@ async def test_a_tenant_policy_caches_without_a_header_and_off_opts_a_request_ou
         assert state is None
         assert off["metadata"]["cache_hit"] is False
     assert await calls(fake) == before + 2
-    # The change is the tenant's routing policy: audited like any other.
+    # The change is the tenant's routing policy: audited like any other (the audit worker
+    # writes the trail a hop behind the answer).
     async with httpx.AsyncClient(base_url=gateway.url, timeout=30, headers={
             "Authorization": f"Bearer {tenant.admin_key}"}) as http:
-        audit = await http.get("/v1/audit", params={"action": "routing_policy.updated"})
-    entries = audit.json()["entries"]
+        async def audited() -> list[dict[str, Any]]:
+            audit = await http.get("/v1/audit", params={"action": "routing_policy.updated"})
+            entries: list[dict[str, Any]] = audit.json()["entries"]
+            return entries
+
+        entries = await eventually(audited)
     assert [e["details"]["policy"]["cache"]["enabled"] for e in entries] == [True]
 
 
