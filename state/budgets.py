@@ -201,17 +201,17 @@ return {'ok'}
 """
 # The alert levels (percent) budgets reached for the first time this period: for budget i,
 # KEYS[o + 2i - 1] its spent counter, KEYS[o + 2i] the highest level already sent,
-# ARGV[a + 2i - 1] its limit, ARGV[a + 2i] its levels; {i, level, spent, …}.
+# ARGV[o + 2i - 1] its limit, ARGV[o + 2i] its levels; {i, level, spent, …}.
 _ALERTS_LUA_BODY = """
 local alerts = {}
 for i = 1, n do
   local spent = KEYS[o + 2 * i - 1]
   local total = tonumber(redis.call('GET', spent) or '-1')
-  local limit = tonumber(ARGV[a + 2 * i - 1])
+  local limit = tonumber(ARGV[o + 2 * i - 1])
   if total >= 0 and limit > 0 then
     local sent = tonumber(redis.call('GET', KEYS[o + 2 * i]) or '0')
     local top = sent
-    for level in string.gmatch(ARGV[a + 2 * i], '%d+') do
+    for level in string.gmatch(ARGV[o + 2 * i], '%d+') do
       local l = tonumber(level)
       if l > sent and total * 100 >= limit * l then
         table.insert(alerts, i); table.insert(alerts, l); table.insert(alerts, total)
@@ -226,7 +226,7 @@ for i = 1, n do
 end
 """
 _ALERTS_LUA = """
-local n, o, a = #KEYS / 2, 0, 0
+local n, o = #KEYS / 2, 0
 """ + _ALERTS_LUA_BODY + """
 return alerts
 """
@@ -238,7 +238,7 @@ return alerts
 # `_ALERTS_LUA`).
 _SETTLE_LUA = """
 if not redis.call('SET', KEYS[3], '1', 'NX', 'EX', ARGV[3]) then return {0} end
-local n, o, a = (#KEYS - 3) / 2, 3, 3
+local n, o = (#KEYS - 3) / 2, 3
 local stale = 0
 local rec = redis.call('HGET', KEYS[2], ARGV[1])
 if rec then
